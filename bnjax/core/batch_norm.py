@@ -1,0 +1,337 @@
+"""Batch normalization as a pure function with an explicit state pytree.
+
+Training (statistics of the batch, per channel c, over every axis but the feature axes):
+
+    mu_c, var_c = mean and biased variance of the valid x[..., c] in the batch
+    y = scale * (x - mu) / sqrt(var + epsilon) + bias
+
+Evaluation uses the running statistics of the state instead and returns the state unchanged.
+
+Running statistics (the conventions of flax and Keras; PyTorch's momentum=0.1 is our 0.9):
+
+    running = momentum * running + (1 - momentum) * batch        (momentum in [0, 1])
+    running = running + (batch - running) / (count + 1)          (momentum=None: plain average
+                                                                  of every batch seen, as
+                                                                  PyTorch's momentum=None)
+
+The stored variance is the biased batch variance (flax, Keras 3) unless
+`use_unbiased_running_var=True`, which stores ``var * n / (n - 1)`` as PyTorch does. The
+normalization itself always uses the biased variance, in every framework.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax.core import checks, stats
+from bnjax.core.batch_normalize import KernelConfig, normalize
+
+Array = jax.Array
+
+
+class BatchNormState(NamedTuple):
+    """Running statistics of a batch-norm layer (a pytree; pass it in, get it back).
+
+    Attributes:
+      mean: running mean, shape = the feature shape (e.g. (C,)), float32 (float64 under x64).
+      var: running variance, same shape; biased unless the layer stores the unbiased one.
+      count: int32 scalar, number of batches folded into the running statistics.
+      skipped: int32 scalar, number of training batches whose statistics were not finite (or
+        had no valid value) and were therefore left out of the running statistics.
+    """
+
+    mean: Array
+    var: Array
+    count: Array
+    skipped: Array
+
+
+def batch_norm_state(num_features: int | Sequence[int], dtype=None) -> BatchNormState:
+    """A fresh state: mean 0, variance 1, nothing counted.
+
+    Args:
+      num_features: channels C, or the feature shape for several feature axes.
+      dtype: statistics dtype; default float32 (float64 when x64 is enabled).
+
+    Example:
+      >>> state = batch_norm_state(64)
+      >>> state.mean.shape, state.var.dtype
+      ((64,), dtype('float32'))
+    """
+    shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+    if dtype is None:
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+    return BatchNormState(
+        mean=jnp.zeros(shape, dtype),
+        var=jnp.ones(shape, dtype),
+        count=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+class _Layout(NamedTuple):
+    """Where the features sit in the (ghost, batch, ...) view of the input."""
+
+    feature_axes: tuple[int, ...]  # of the original input
+    feature_shape: tuple[int, ...]
+    grouped_shape: tuple[int, ...]  # (num_ghost, ghost_size, *x.shape[1:])
+    reduction_axes: tuple[int, ...]  # of the grouped view: everything but ghost and features
+    param_shape: tuple[int, ...]  # scale/bias/statistics broadcast shape in the grouped view
+
+
+def _layout(x, axis, ghost_batch_size) -> _Layout:
+    feature_axes = checks.normalize_axes(axis, x.ndim, "axis")
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    batch = x.shape[0]
+    if ghost_batch_size is None:
+        num_ghost = 1
+    else:
+        if 0 in feature_axes:
+            raise ValueError("`ghost_batch_size` splits axis 0, so `axis` must not include 0.")
+        if not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
+            raise ValueError(f"`ghost_batch_size` must be a positive int, got {ghost_batch_size!r}.")
+        if batch % ghost_batch_size:
+            raise ValueError(
+                f"`ghost_batch_size`={ghost_batch_size} does not divide the batch of {batch} "
+                f"(x.shape={tuple(x.shape)}); pick a divisor of {batch} or pad the batch and mask."
+            )
+        num_ghost = batch // ghost_batch_size
+    grouped_shape = (num_ghost, batch // num_ghost, *x.shape[1:])
+    grouped_features = tuple(a + 1 for a in feature_axes)
+    reduction_axes = tuple(a for a in range(1, x.ndim + 1) if a not in grouped_features)
+    param_shape = tuple(
+        grouped_shape[a] if a in grouped_features else 1 for a in range(len(grouped_shape))
+    )
+    return _Layout(feature_axes, feature_shape, grouped_shape, reduction_axes, param_shape)
+
+
+def _grouped_mask(mask, x, layout: _Layout) -> Array | None:
+    """Brings a per-example (N,) or elementwise mask into the grouped view, as booleans."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.ndim == 1:
+        if mask.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"A 1-D `mask` marks examples and must have shape ({x.shape[0]},), "
+                f"got {tuple(mask.shape)}."
+            )
+        mask = mask.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+    elif mask.ndim != x.ndim:
+        raise ValueError(
+            f"`mask` must have shape ({x.shape[0]},) (one flag per example) or {x.ndim} "
+            f"dimensions broadcastable to x.shape={tuple(x.shape)}, got {tuple(mask.shape)}."
+        )
+    try:
+        mask = jnp.broadcast_to(mask.astype(bool), x.shape)
+    except ValueError as error:
+        raise ValueError(
+            f"`mask` of shape {tuple(mask.shape)} does not broadcast to x.shape={tuple(x.shape)}."
+        ) from error
+    return mask.reshape(layout.grouped_shape)
+
+
+def _check_state(state: BatchNormState, feature_shape, axis) -> None:
+    if not isinstance(state, BatchNormState):
+        raise TypeError(
+            f"`state` must be a BatchNormState (from bnjax.batch_norm_state), got {type(state)}."
+        )
+    for field in ("mean", "var"):
+        shape = tuple(jnp.shape(getattr(state, field)))
+        if shape != feature_shape:
+            raise ValueError(
+                f"`state.{field}` has shape {shape} but the input has {feature_shape} features "
+                f"along axis={axis!r}; create it with bnjax.batch_norm_state({feature_shape}) or "
+                f"fix `axis` (NHWC uses axis=-1, NCHW uses axis=1)."
+            )
+
+
+def _as_param(param, layout: _Layout, fill: float, dtype) -> Array:
+    if param is None:
+        return jnp.full(layout.param_shape, fill, dtype)
+    return param.astype(dtype).reshape(layout.param_shape)
+
+
+def _running_update(
+    state: BatchNormState,
+    batch_mean: Array,
+    batch_var: Array,
+    momentum: float | None,
+) -> BatchNormState:
+    """Folds one batch's statistics into the state, unless they are not finite."""
+    dtype = state.mean.dtype
+    batch_mean = batch_mean.astype(dtype)
+    batch_var = batch_var.astype(dtype)
+    if momentum is None:
+        weight = 1.0 / (state.count + 1).astype(dtype)
+        new_mean = state.mean + weight * (batch_mean - state.mean)
+        new_var = state.var + weight * (batch_var - state.var)
+    else:
+        new_mean = momentum * state.mean + (1.0 - momentum) * batch_mean
+        new_var = momentum * state.var + (1.0 - momentum) * batch_var
+    finite = jnp.all(jnp.isfinite(new_mean)) & jnp.all(jnp.isfinite(new_var))
+    return BatchNormState(
+        mean=jnp.where(finite, new_mean, state.mean),
+        var=jnp.where(finite, new_var, state.var),
+        count=state.count + finite.astype(jnp.int32),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+
+
+def batch_statistics_for_update(
+    mean: Array,
+    var: Array,
+    count: Array,
+    layout: _Layout,
+    *,
+    use_unbiased_running_var: bool,
+    axis_name=None,
+    axis_index_groups=None,
+) -> tuple[Array, Array]:
+    """One (mean, var) per feature from per-ghost-batch statistics.
+
+    Ghost batches are averaged with equal weight, so the update equals the average of what each
+    ghost batch would give on its own (local mode = independent devices). Ghost batches with no
+    valid value (or a single one, for the unbiased variance) are left out; if none is left, the
+    result is NaN and the update is skipped. With `axis_name`, the average runs over the ghost
+    batches of every device so the replicated state stays identical.
+    """
+    if use_unbiased_running_var:
+        var = var * count / (count - 1)
+    usable = count > (1 if use_unbiased_running_var else 0)
+    weight = usable.astype(mean.dtype)
+    sums = (
+        jnp.sum(weight, axis=0),
+        jnp.sum(jnp.where(usable, mean, 0), axis=0),
+        jnp.sum(jnp.where(usable, var, 0), axis=0),
+    )
+    if axis_name is not None:
+        sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+    total, mean_sum, var_sum = sums
+    feature_shape = layout.feature_shape
+    return (mean_sum / total).reshape(feature_shape), (var_sum / total).reshape(feature_shape)
+
+
+def batch_norm(
+    x: Array,
+    state: BatchNormState,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    axis: int | Sequence[int] = -1,
+    axis_name=None,
+    axis_index_groups=None,
+    ghost_batch_size: int | None = None,
+    mask: Array | None = None,
+    use_unbiased_running_var: bool = False,
+) -> tuple[Array, BatchNormState]:
+    """Batch normalization: ``y = scale * (x - mu) / sqrt(var + epsilon) + bias``.
+
+    Args:
+      x: input, e.g. (N, H, W, C) with `axis=-1`, (N, C, H, W) with `axis=1`, or (N, D).
+        Any floating dtype; statistics are computed in float32 (float64 for float64 inputs)
+        with a two-pass variance, and `y` has `x`'s dtype.
+      state: BatchNormState whose mean/var have the feature shape (see `batch_norm_state`).
+      scale, bias: optional (C,) parameters (the feature shape); None means 1 and 0.
+      training: True normalizes with the batch's statistics and updates the state; False uses
+        the running statistics and returns `state` unchanged. Required, on purpose.
+      momentum: decay of the running average (flax/Keras convention, PyTorch 0.1 == ours 0.9);
+        None for a cumulative average of all batches seen.
+      epsilon: added to the variance before the square root.
+      axis: feature axis or axes (statistics are per feature, reduced over the others).
+      axis_name: inside `pmap`/`shard_map`, the mapped axis whose devices share statistics
+        (exact merge of (count, mean, m2), so ragged or masked shards are handled). None gives
+        per-device statistics.
+      axis_index_groups: sub-groups of devices that share statistics (pmap only).
+      ghost_batch_size: normalize each consecutive group of this many examples with its own
+        statistics (ghost batch norm / local statistics); the running statistics take the mean
+        of the groups' statistics. With `axis_name`, groups stay local; only that mean is synced.
+      mask: (N,) per-example or elementwise (broadcastable to x) booleans; False entries are left
+        out of the statistics but still normalized. They may hold NaN or padding garbage.
+      use_unbiased_running_var: store ``var * n / (n - 1)`` in the state, like PyTorch.
+
+    Returns:
+      (y, new_state). In training mode a batch whose statistics are not finite leaves the
+      running statistics untouched and increments `state.skipped` (y may then be non-finite).
+
+    Example:
+      >>> x = jnp.arange(12.0).reshape(4, 3)
+      >>> y, state = batch_norm(x, batch_norm_state(3), training=True)
+      >>> y.mean(axis=0).round(6).tolist(), state.count.item()
+      ([0.0, 0.0, 0.0], 1)
+    """
+    x = jnp.asarray(x)
+    checks.check_floating(x, "x")
+    checks.check_epsilon(epsilon)
+    checks.check_momentum(momentum)
+    checks.check_axis_name(axis_name, axis_index_groups)
+    if x.ndim < 2:
+        raise ValueError(
+            f"`x` must have a batch axis and a feature axis, got shape {tuple(x.shape)}; "
+            f"for a single feature vector use x[None]."
+        )
+    layout = _layout(x, axis, ghost_batch_size)
+    _check_state(state, layout.feature_shape, axis)
+    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis")
+    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis")
+    dtype = stats.stats_dtype(x.dtype)
+    feature_view = [1] * x.ndim
+    for a in layout.feature_axes:
+        feature_view[a] = x.shape[a]
+
+    if not training:
+        inv = lax.rsqrt(state.var.astype(dtype) + epsilon)
+        if scale is not None:
+            inv = inv * scale.astype(dtype)
+        y = (x.astype(dtype) - state.mean.astype(dtype).reshape(feature_view)) * inv.reshape(
+            feature_view
+        )
+        if bias is not None:
+            y = y + bias.astype(dtype).reshape(feature_view)
+        return y.astype(x.dtype), state
+
+    values_per_statistic = math.prod(layout.grouped_shape[a] for a in layout.reduction_axes)
+    if axis_name is None or ghost_batch_size is not None:
+        checks.check_not_single_value(
+            values_per_statistic,
+            f"batch_norm in training mode on x of shape {tuple(x.shape)} with axis={axis!r}"
+            + (f" and ghost_batch_size={ghost_batch_size}" if ghost_batch_size else ""),
+            "Use training=False (running statistics), a larger batch, or axis_name to share "
+            "statistics across devices.",
+        )
+    if axis_name is not None:
+        stats.check_axis_name_bound(axis_name)
+    groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+    config = KernelConfig(
+        reduction_axes=layout.reduction_axes,
+        epsilon=float(epsilon),
+        axis_name=None if ghost_batch_size is not None else axis_name,
+        axis_index_groups=None if ghost_batch_size is not None else groups,
+    )
+    grouped_y, mean, var, count = normalize(
+        x.reshape(layout.grouped_shape),
+        _as_param(scale, layout, 1.0, dtype),
+        _as_param(bias, layout, 0.0, dtype),
+        _grouped_mask(mask, x, layout),
+        config,
+    )
+    batch_mean, batch_var = batch_statistics_for_update(
+        lax.stop_gradient(mean),
+        lax.stop_gradient(var),
+        count,
+        layout,
+        use_unbiased_running_var=use_unbiased_running_var,
+        axis_name=axis_name if ghost_batch_size is not None else None,
+        axis_index_groups=groups if ghost_batch_size is not None else None,
+    )
+    new_state = _running_update(state, batch_mean, batch_var, momentum)
+    return grouped_y.reshape(x.shape), new_state
