@@ -1,8 +1,8 @@
 """bnjax: pure-functional normalization for JAX/Flax, and a study of batch composition.
 
-    >>> import bnjax
-    >>> state = bnjax.batch_norm_state(64)
-    >>> # y, state = bnjax.batch_norm(x, state, scale, bias, training=True)
+>>> import bnjax
+>>> state = bnjax.batch_norm_state(64)
+>>> # y, state = bnjax.batch_norm(x, state, scale, bias, training=True)
 """
 
 from bnjax.core import (

@@ -95,7 +95,9 @@ def _layout(x, axis, ghost_batch_size) -> _Layout:
         if 0 in feature_axes:
             raise ValueError("`ghost_batch_size` splits axis 0, so `axis` must not include 0.")
         if not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
-            raise ValueError(f"`ghost_batch_size` must be a positive int, got {ghost_batch_size!r}.")
+            raise ValueError(
+                f"`ghost_batch_size` must be a positive int, got {ghost_batch_size!r}."
+            )
         if batch % ghost_batch_size:
             raise ValueError(
                 f"`ghost_batch_size`={ghost_batch_size} does not divide the batch of {batch} "

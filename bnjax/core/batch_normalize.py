@@ -53,7 +53,8 @@ def batch_moments(x: Array, mask: Array | None, config: KernelConfig) -> stats.M
 
 def _sum_to_shape(value: Array, shape: tuple[int, ...]) -> Array:
     """Sums `value` over the axes where `shape` has size 1 (undoes broadcasting)."""
-    axes = tuple(i for i, (have, want) in enumerate(zip(value.shape, shape)) if want == 1 != have)
+    pairs = enumerate(zip(value.shape, shape, strict=True))
+    axes = tuple(i for i, (have, want) in pairs if want == 1 != have)
     return jnp.sum(value, axis=axes, keepdims=True) if axes else value
 
 

@@ -72,7 +72,9 @@ def check_momentum(momentum) -> None:
 
 def check_axis_name(axis_name, axis_index_groups) -> None:
     if axis_index_groups is not None and axis_name is None:
-        raise ValueError("`axis_index_groups` needs `axis_name`: name the mapped axis to group over.")
+        raise ValueError(
+            "`axis_index_groups` needs `axis_name`: name the mapped axis to group over."
+        )
 
 
 def check_not_single_value(num_values: int, where: str, hint: str) -> None:

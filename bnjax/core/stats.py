@@ -90,9 +90,7 @@ def combine(stacked: Moments, axis: int = 0) -> Moments:
     return Moments(count, mean, m2)
 
 
-def merge_across_devices(
-    local: Moments, axis_name, axis_index_groups=None
-) -> Moments:
+def merge_across_devices(local: Moments, axis_name, axis_index_groups=None) -> Moments:
     """Exact global moments from per-device moments inside `pmap`/`shard_map`.
 
     Two small collectives of the statistics' size (not the data's): the global mean first, then
