@@ -75,7 +75,7 @@ def batch_norm_state(num_features: int | Sequence[int], dtype=None) -> BatchNorm
     )
 
 
-class _Layout(NamedTuple):
+class BatchLayout(NamedTuple):
     """Where the features sit in the (ghost, batch, ...) view of the input."""
 
     feature_axes: tuple[int, ...]  # of the original input
@@ -85,7 +85,7 @@ class _Layout(NamedTuple):
     param_shape: tuple[int, ...]  # scale/bias/statistics broadcast shape in the grouped view
 
 
-def _layout(x, axis, ghost_batch_size) -> _Layout:
+def batch_layout(x, axis, ghost_batch_size) -> BatchLayout:
     feature_axes = checks.normalize_axes(axis, x.ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     batch = x.shape[0]
@@ -110,10 +110,10 @@ def _layout(x, axis, ghost_batch_size) -> _Layout:
     param_shape = tuple(
         grouped_shape[a] if a in grouped_features else 1 for a in range(len(grouped_shape))
     )
-    return _Layout(feature_axes, feature_shape, grouped_shape, reduction_axes, param_shape)
+    return BatchLayout(feature_axes, feature_shape, grouped_shape, reduction_axes, param_shape)
 
 
-def _grouped_mask(mask, x, layout: _Layout) -> Array | None:
+def grouped_mask(mask, x, layout: BatchLayout) -> Array | None:
     """Brings a per-example (N,) or elementwise mask into the grouped view, as booleans."""
     if mask is None:
         return None
@@ -139,7 +139,7 @@ def _grouped_mask(mask, x, layout: _Layout) -> Array | None:
     return mask.reshape(layout.grouped_shape)
 
 
-def _check_state(state: BatchNormState, feature_shape, axis) -> None:
+def check_state(state: BatchNormState, feature_shape, axis) -> None:
     if not isinstance(state, BatchNormState):
         raise TypeError(
             f"`state` must be a BatchNormState (from bnjax.batch_norm_state), got {type(state)}."
@@ -154,13 +154,13 @@ def _check_state(state: BatchNormState, feature_shape, axis) -> None:
             )
 
 
-def _as_param(param, layout: _Layout, fill: float, dtype) -> Array:
+def as_param(param, layout: BatchLayout, fill: float, dtype) -> Array:
     if param is None:
         return jnp.full(layout.param_shape, fill, dtype)
     return param.astype(dtype).reshape(layout.param_shape)
 
 
-def _running_update(
+def running_update(
     state: BatchNormState,
     batch_mean: Array,
     batch_var: Array,
@@ -190,7 +190,7 @@ def batch_statistics_for_update(
     mean: Array,
     var: Array,
     count: Array,
-    layout: _Layout,
+    layout: BatchLayout,
     *,
     use_unbiased_running_var: bool,
     axis_name=None,
@@ -281,8 +281,8 @@ def batch_norm(
             f"`x` must have a batch axis and a feature axis, got shape {tuple(x.shape)}; "
             f"for a single feature vector use x[None]."
         )
-    layout = _layout(x, axis, ghost_batch_size)
-    _check_state(state, layout.feature_shape, axis)
+    layout = batch_layout(x, axis, ghost_batch_size)
+    check_state(state, layout.feature_shape, axis)
     checks.check_param_shape(scale, layout.feature_shape, "scale", "axis")
     checks.check_param_shape(bias, layout.feature_shape, "bias", "axis")
     dtype = stats.stats_dtype(x.dtype)
@@ -321,9 +321,9 @@ def batch_norm(
     )
     grouped_y, mean, var, count = normalize(
         x.reshape(layout.grouped_shape),
-        _as_param(scale, layout, 1.0, dtype),
-        _as_param(bias, layout, 0.0, dtype),
-        _grouped_mask(mask, x, layout),
+        as_param(scale, layout, 1.0, dtype),
+        as_param(bias, layout, 0.0, dtype),
+        grouped_mask(mask, x, layout),
         config,
     )
     batch_mean, batch_var = batch_statistics_for_update(
@@ -335,5 +335,5 @@ def batch_norm(
         axis_name=axis_name if ghost_batch_size is not None else None,
         axis_index_groups=groups if ghost_batch_size is not None else None,
     )
-    new_state = _running_update(state, batch_mean, batch_var, momentum)
+    new_state = running_update(state, batch_mean, batch_var, momentum)
     return grouped_y.reshape(x.shape), new_state
