@@ -258,7 +258,9 @@ def batch_norm(
         statistics (ghost batch norm / local statistics); the running statistics take the mean
         of the groups' statistics. With `axis_name`, groups stay local; only that mean is synced.
       mask: (N,) per-example or elementwise (broadcastable to x) booleans; False entries are left
-        out of the statistics but still normalized. They may hold NaN or padding garbage.
+        out of the statistics but still normalized. Their values never reach the statistics or
+        the state, even NaN; keep them finite if you differentiate (0 * NaN is NaN in any
+        backward pass, so a NaN there makes the batch's gradients NaN).
       use_unbiased_running_var: store ``var * n / (n - 1)`` in the state, like PyTorch.
 
     Returns:

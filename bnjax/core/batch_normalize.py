@@ -1,4 +1,4 @@
-"""Normalization with batch statistics, with a hand-written VJP that keeps only the input.
+"""Normalization with batch statistics, with a hand-written derivative that keeps only the input.
 
 Forward, per statistics group (a channel of a ghost batch, synced over devices if asked):
 
@@ -6,18 +6,27 @@ Forward, per statistics group (a channel of a ghost batch, synced over devices i
     x_hat = (x - mu) * inv
     y = scale * x_hat + bias
 
-Backward. Let m_j be 1 for values that entered the statistics and 0 for masked ones, n the
-(global) number of valid values, and g_mu, g_var the cotangents of the returned statistics.
-Every output depends on mu and var, masked outputs included, so the sums run over all values:
+Derivative. Let m_j be 1 for values that entered the statistics and 0 for masked ones, and n
+the (global) number of valid values. The tangent map (JVP) is
 
-    A = sum_i scale * inv * dy_i - g_mu
-    B = sum_i scale * inv * dy_i * x_hat_i - 2 * g_var * sqrt(var + eps)
+    t_mu = sum_j m_j t_x_j / n,          u = sum_j m_j x_hat_j t_x_j / n
+    t_var = 2 u / inv
+    t_y = scale * inv * (t_x - t_mu - x_hat * u) + t_scale * x_hat + t_bias
+
+and its transpose, which JAX derives for reverse mode, is the classic batch-norm backward
+
     dx_j = scale * inv * dy_j - m_j * (A + x_hat_j * B) / n
-    dscale = sum_j dy_j * x_hat_j,   dbias = sum_j dy_j          (local sums, as autodiff gives)
+    A = sum_i scale * inv * dy_i,   B = sum_i scale * inv * dy_i * x_hat_i
 
-With `axis_name`, A and B are `psum`ed (one collective of 2 x channels), because each device's
-values moved the global statistics. Residuals are the input itself plus per-channel vectors:
-autodiff of the plain formula also keeps `x - mu` (a second full-size float32 array).
+(every output, masked ones included, depends on mu and var, so A and B sum over all values).
+With `axis_name` the two sums are `psum`ed: one collective of 2 x channels per direction.
+
+Why a custom JVP and not a custom VJP: the rule is linear in the tangents, so one rule serves
+forward mode (jvp, jacfwd, Hessian-vector products, which a custom_vjp refuses) and reverse mode
+(by transposition), at every order. `jax.checkpoint` with a names policy then keeps only the
+input and the per-channel statistics for the backward pass; x_hat is recomputed inside the
+backward's fused loops instead of being stored as a second full-size float32 array, which is
+what autodiff of the plain formula keeps.
 """
 
 from __future__ import annotations
@@ -28,10 +37,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from bnjax.core import stats
 
 Array = jax.Array
+
+_SAVED_NAMES = ("bnjax_batch_mean", "bnjax_batch_inv", "bnjax_batch_count")
 
 
 class KernelConfig(NamedTuple):
@@ -51,25 +63,64 @@ def batch_moments(x: Array, mask: Array | None, config: KernelConfig) -> stats.M
     return stats.merge_across_devices(local, config.axis_name, config.axis_index_groups)
 
 
-def _sum_to_shape(value: Array, shape: tuple[int, ...]) -> Array:
-    """Sums `value` over the axes where `shape` has size 1 (undoes broadcasting)."""
-    pairs = enumerate(zip(value.shape, shape, strict=True))
-    axes = tuple(i for i, (have, want) in pairs if want == 1 != have)
-    return jnp.sum(value, axis=axes, keepdims=True) if axes else value
-
-
-def _forward(x, scale, bias, mask, config):
+def _statistics(x, mask, config):
     batch = batch_moments(x, mask, config)
     var = batch.m2 / jnp.maximum(batch.count, 1)
     inv = lax.rsqrt(var + config.epsilon)
+    names = _SAVED_NAMES
+    return (
+        checkpoint_name(batch.mean, names[0]),
+        var,
+        checkpoint_name(inv, names[1]),
+        checkpoint_name(batch.count, names[2]),
+    )
+
+
+def _normalized(x, mean, inv):
     # (x - mu) first: x and mu are close when |mu| >> std, so the difference is exact in float32,
     # whereas folding mu into the bias would round it at the scale of |mu|.
-    y = (x.astype(inv.dtype) - batch.mean) * (scale * inv) + bias
-    return y.astype(x.dtype), batch.mean, var, batch.count, inv
+    return (x.astype(inv.dtype) - mean) * inv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def normalize_with_batch_stats(x, scale, bias, mask, config: KernelConfig):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _normalize_with_batch_stats(x, scale, bias, mask, config: KernelConfig):
+    mean, var, inv, count = _statistics(x, mask, config)
+    y = _normalized(x, mean, inv) * scale + bias
+    return y.astype(x.dtype), mean, var, count
+
+
+@_normalize_with_batch_stats.defjvp
+def _normalize_jvp(config, primals, tangents):
+    x, scale, bias, mask = primals
+    t_x, t_scale, t_bias, _ = tangents
+    mean, var, inv, count = _statistics(x, mask, config)
+    x_hat = _normalized(x, mean, inv)
+    y = (x_hat * scale + bias).astype(x.dtype)
+
+    t_x = t_x.astype(inv.dtype)
+    t_valid = t_x if mask is None else jnp.where(mask, t_x, 0)
+    # A second x_hat from barrier-separated statistics: in the transposed (backward) program
+    # one copy feeds a reduction and the other an elementwise loop, so XLA fuses each into its
+    # consumer instead of storing one full-size x_hat for both.
+    x_hat_for_sums = _normalized(x, *lax.optimization_barrier((mean, inv)))
+    axes = config.reduction_axes
+    sums = (
+        jnp.sum(t_valid, axis=axes, keepdims=True),
+        jnp.sum(t_valid * x_hat_for_sums, axis=axes, keepdims=True),
+    )
+    if config.axis_name is not None:
+        sums = lax.psum(sums, config.axis_name, axis_index_groups=config.axis_index_groups)
+    safe_count = jnp.maximum(count, 1)
+    t_mean, u = sums[0] / safe_count, sums[1] / safe_count
+    gain = scale * inv
+    # x_hat enters once, through a per-channel coefficient, so the backward needs a single
+    # reduction sum(dy * x_hat) for both dscale and the statistics term.
+    t_y = x_hat * (t_scale - gain * u) + gain * (t_x - t_mean) + t_bias
+    t_var = 2 * u / inv
+    return (y, mean, var, count), (t_y.astype(x.dtype), t_mean, t_var, jnp.zeros_like(count))
+
+
+def normalize(x, scale, bias, mask, config: KernelConfig):
     """Normalizes `x` with its own (masked, possibly cross-device) statistics.
 
     Args:
@@ -82,68 +133,14 @@ def normalize_with_batch_stats(x, scale, bias, mask, config: KernelConfig):
       (y, mean, var, count): y has x's dtype; mean, biased var and count have x's shape with
       size 1 on the reduction axes, in float32 (float64 for float64 x).
     """
-    y, mean, var, count, _ = _forward(x, scale, bias, mask, config)
-    return y, mean, var, count
+    return _remat(x, scale, bias, mask, config)
 
 
-def _fwd(x, scale, bias, mask, config):
-    y, mean, var, count, inv = _forward(x, scale, bias, mask, config)
-    return (y, mean, var, count), (x, scale, bias, mask, mean, inv, count)
-
-
-def _bwd(config, residuals, cotangents):
-    x, scale, bias, mask, mean, inv, count = residuals
-    dy, g_mean, g_var, _ = cotangents
-    dtype = inv.dtype
-    dy = dy.astype(dtype)
-    x_hat = (x.astype(dtype) - mean) * inv
-    axes = config.reduction_axes
-    sum_dy = jnp.sum(dy, axis=axes, keepdims=True)
-    sum_dy_xhat = jnp.sum(dy * x_hat, axis=axes, keepdims=True)
-    gain = scale * inv
-    a_term = gain * sum_dy - g_mean
-    b_term = gain * sum_dy_xhat - 2 * g_var / inv
-    if config.axis_name is not None:
-        a_term, b_term = lax.psum(
-            (a_term, b_term), config.axis_name, axis_index_groups=config.axis_index_groups
-        )
-    correction = (a_term + x_hat * b_term) / jnp.maximum(count, 1)
-    if mask is not None:
-        correction = jnp.where(mask, correction, 0)
-    dx = gain * dy - correction
-    d_scale = _sum_to_shape(sum_dy_xhat, scale.shape).astype(scale.dtype)
-    d_bias = _sum_to_shape(sum_dy, bias.shape).astype(bias.dtype)
-    return dx.astype(x.dtype), d_scale, d_bias, None
-
-
-normalize_with_batch_stats.defvjp(_fwd, _bwd)
-
-
-def _varying_axes(value: Array) -> frozenset:
-    """Mesh axes `value` varies over inside `shard_map` (empty outside it)."""
-    aval = jax.typeof(value)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
-    if manual is not None:
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", ()))  # older jax
-
-
-def _vary_like(value: Array, like: Array) -> Array:
-    """Marks `value` as varying over the mesh axes `like` varies over (shard_map typing).
-
-    Inside `shard_map`, a replicated scale is "invariant" while the input shard is "varying";
-    the custom VJP must return a cotangent of its primal's type, but the local dscale varies.
-    Casting first gives the kernel varying parameters, and the transpose of the cast sums
-    dscale over devices, exactly what autodiff of the plain formula gives.
-    """
-    missing = tuple(sorted(_varying_axes(like) - _varying_axes(value), key=str))
-    if not missing:
-        return value
-    if hasattr(lax, "pcast"):
-        return lax.pcast(value, missing, to="varying")
-    return lax.pvary(value, missing)
-
-
-def normalize(x, scale, bias, mask, config: KernelConfig):
-    """`normalize_with_batch_stats`, with parameters typed like `x` for `shard_map`."""
-    return normalize_with_batch_stats(x, _vary_like(scale, x), _vary_like(bias, x), mask, config)
+@functools.partial(
+    jax.checkpoint,
+    policy=jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES),
+    static_argnums=(4,),
+    prevent_cse=False,
+)
+def _remat(x, scale, bias, mask, config):
+    return _normalize_with_batch_stats(x, scale, bias, mask, config)
