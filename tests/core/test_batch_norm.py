@@ -182,9 +182,12 @@ def test_mean_a_thousand_times_the_std_is_within_float32_rounding():
     np.testing.assert_allclose(state.var, var, rtol=1e-4)
     expected = (np.asarray(x, np.float64) - mean) / np.sqrt(var + 1e-5)
     np.testing.assert_allclose(y, expected, atol=1e-3)
-    # The one-pass E[x^2] - E[x]^2 that this guards against is off by far more:
+    # The one-pass E[x^2] - E[x]^2 that this guards against (flax's default) is off by far more:
     naive = np.mean(np.square(x), axes) - np.square(np.mean(x, axes))
     assert np.max(np.abs(naive - var) / var) > 1e-2
+    module = nn.BatchNorm(use_running_average=False, momentum=0.0)
+    flax_stats = module.apply(module.init(jax.random.key(0), x), x, mutable=["batch_stats"])[1]
+    assert np.max(np.abs(flax_stats["batch_stats"]["var"] - var) / var) > 1e-2
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -217,6 +220,11 @@ def test_non_finite_batch_skips_the_update_and_is_counted():
     inf_batch = _random((8, 3), 2).at[0, 0].set(jnp.inf)
     _, after_inf = bnjax.batch_norm(inf_batch, new_state, training=True)
     assert int(after_inf.skipped) == 2 and bool(jnp.all(jnp.isfinite(after_inf.var)))
+    # flax.linen.BatchNorm, for the README's comparison, has no such guard:
+    module = nn.BatchNorm(use_running_average=False)
+    variables = module.init(jax.random.key(0), poisoned)
+    flax_stats = module.apply(variables, poisoned, mutable=["batch_stats"])[1]["batch_stats"]
+    assert not bool(jnp.all(jnp.isfinite(flax_stats["var"])))
 
 
 def test_masked_entries_are_left_out_even_when_they_hold_nan():
