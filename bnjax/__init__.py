@@ -7,9 +7,13 @@
 
 from bnjax.core import (
     BatchNormState,
+    BatchRenormState,
     Moments,
+    RenormSchedule,
     batch_norm,
     batch_norm_state,
+    batch_renorm,
+    batch_renorm_state,
     group_norm,
     instance_norm,
     layer_norm,
@@ -19,9 +23,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNormState",
+    "BatchRenormState",
     "Moments",
+    "RenormSchedule",
     "batch_norm",
     "batch_norm_state",
+    "batch_renorm",
+    "batch_renorm_state",
     "group_norm",
     "instance_norm",
     "layer_norm",

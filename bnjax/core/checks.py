@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,15 +56,22 @@ def check_param_shape(param, expected: tuple[int, ...], name: str, axes_name: st
         )
 
 
+def _is_concrete_scalar(value) -> bool:
+    """A Python or NumPy number (or 0-d array) whose value is known at trace time."""
+    if isinstance(value, jax.core.Tracer):
+        return False
+    return np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number)
+
+
 def check_epsilon(epsilon) -> None:
-    if isinstance(epsilon, (int, float)) and epsilon < 0:
+    if _is_concrete_scalar(epsilon) and float(epsilon) < 0:
         raise ValueError(f"`epsilon` must be >= 0, got {epsilon}.")
 
 
 def check_momentum(momentum) -> None:
     if momentum is None:
         return
-    if isinstance(momentum, (int, float)) and not 0.0 <= momentum <= 1.0:
+    if _is_concrete_scalar(momentum) and not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(
             f"`momentum` is the decay of the running average and must be in [0, 1] or None "
             f"(cumulative average), got {momentum}. PyTorch's momentum=0.1 is bnjax's 0.9."

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bnjax.core import checks, stats
@@ -89,6 +90,9 @@ def group_norm(
             f"Give exactly one of `num_groups` and `group_size` (got num_groups={num_groups}, "
             f"group_size={group_size}); e.g. group_size=None to use num_groups."
         )
+    for name, value in (("num_groups", num_groups), ("group_size", group_size)):
+        if value is not None and not isinstance(value, (int, np.integer)):
+            raise TypeError(f"`{name}` must be an int, got {value!r}.")
     if group_size is not None:
         if group_size < 1 or channels % group_size:
             raise ValueError(

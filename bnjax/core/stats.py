@@ -80,13 +80,18 @@ def moments(x: Array, reduction_axes: tuple[int, ...], mask: Array | None = None
         count = 1
         for axis in reduction_axes:
             count *= x.shape[axis]
-        mean = jnp.mean(x, axis=reduction_axes, keepdims=True)
+        # sum / max(count, 1), not jnp.mean: an empty reduction (a ragged last shard of size 0)
+        # must give mean 0 with count 0, which merges as a neutral element instead of NaN.
+        mean = jnp.sum(x, axis=reduction_axes, keepdims=True) / max(count, 1)
         m2 = jnp.sum(jnp.square(x - mean), axis=reduction_axes, keepdims=True)
         return Moments(jnp.full(mean.shape, count, dtype), _decoupled(mean), m2)
     mask = jnp.broadcast_to(mask, x.shape)
+    # Select masked entries away before any arithmetic: `where` after `square` would still
+    # send 0 * NaN = NaN into the gradient of every entry through the mean.
+    x = jnp.where(mask, x, 0)
     count = jnp.sum(mask, axis=reduction_axes, keepdims=True, dtype=dtype)
     safe_count = jnp.maximum(count, 1)
-    mean = jnp.sum(jnp.where(mask, x, 0), axis=reduction_axes, keepdims=True) / safe_count
+    mean = jnp.sum(x, axis=reduction_axes, keepdims=True) / safe_count
     m2 = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0), axis=reduction_axes, keepdims=True)
     return Moments(count, _decoupled(mean), m2)
 

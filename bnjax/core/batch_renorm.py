@@ -1,0 +1,320 @@
+"""Batch renormalization (Ioffe, 2017) as a pure function with an explicit state pytree.
+
+Batch norm trains with the statistics of each batch but evaluates with running statistics; with
+small or non-i.i.d. batches the two disagree. Batch renorm corrects the batch statistics towards
+running ones with per-channel factors r and d that carry no gradient:
+
+    mu_B, var_B = batch mean and biased variance,      sigma_B = sqrt(var_B + epsilon)
+    sigma = sqrt(renorm_var + epsilon)                  (renorm_mean, renorm_var: running)
+    r = clip(sigma_B / sigma, 1 / r_max, r_max)
+    d = clip((mu_B - renorm_mean) / sigma, -d_max, d_max)
+    y = scale * ((x - mu_B) / sigma_B * r + d) + bias
+
+Unclipped, y = scale * (x - renorm_mean) / sigma + bias: normalization with running statistics,
+as in evaluation, while the gradient still flows through mu_B and sigma_B. With r_max = 1 and
+d_max = 0 it is batch norm. Because r and d are constants for the gradient,
+y = (scale * r) * x_hat + (scale * d + bias) is the batch-norm kernel with an effective scale
+and bias, and autodiff outside the kernel gives dscale = sum dy * (x_hat * r + d), dbias = sum dy.
+
+The state keeps two sets of running statistics, as Keras does: (mean, var) for evaluation,
+updated with `momentum` exactly as `batch_norm` updates its state, and (renorm_mean, renorm_var)
+for r and d, updated with `renorm_momentum` and always biased, so that r -> 1 and d -> 0 once
+they track the batches. (The paper keeps one set and averages sigma itself; averaging the
+variance keeps the state in batch norm's terms. Pass renorm_momentum=momentum for one set.)
+r and d use the renorm statistics from before this batch's update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax.core import checks, stats
+from bnjax.core.batch_norm import (
+    BatchNormState,
+    as_param,
+    batch_layout,
+    batch_norm,
+    batch_norm_state,
+    batch_statistics_for_update,
+    grouped_mask,
+    running_update,
+)
+from bnjax.core.batch_normalize import KernelConfig, batch_moments, normalize
+
+Array = jax.Array
+
+
+class BatchRenormState(NamedTuple):
+    """Running statistics of a batch-renorm layer (a pytree; pass it in, get it back).
+
+    Attributes:
+      mean, var: evaluation statistics (feature shape, float32), as in BatchNormState.
+      renorm_mean, renorm_var: statistics r and d are measured against (biased variance).
+      count: int32 scalar, batches folded into the running statistics.
+      skipped: int32 scalar, training batches left out because their statistics were not finite.
+      step: int32 scalar, finite training batches seen; drives the warm-up schedule. Separate
+        from `count` so that resetting or recalibrating statistics does not restart the warm-up.
+    """
+
+    mean: Array
+    var: Array
+    renorm_mean: Array
+    renorm_var: Array
+    count: Array
+    skipped: Array
+    step: Array
+
+    def as_batch_norm_state(self) -> BatchNormState:
+        """The evaluation statistics as a BatchNormState (for folding, recalibration, ...)."""
+        return BatchNormState(self.mean, self.var, self.count, self.skipped)
+
+
+def batch_renorm_state(num_features: int | Sequence[int], dtype=None) -> BatchRenormState:
+    """A fresh state: means 0, variances 1, step 0.
+
+    Example:
+      >>> state = batch_renorm_state(8)
+      >>> state.renorm_var.shape, state.step.item()
+      ((8,), 0)
+    """
+    fresh = batch_norm_state(num_features, dtype)
+    return BatchRenormState(
+        fresh.mean, fresh.var, fresh.mean, fresh.var, fresh.count, fresh.skipped, fresh.count
+    )
+
+
+class RenormSchedule(NamedTuple):
+    """Warm-up of the clipping bounds, driven by `BatchRenormState.step`.
+
+    Plain batch norm (r_max = 1, d_max = 0) up to step `warmup_steps`, while the renorm
+    statistics settle; then each bound moves linearly to its final value over its relax steps
+    (reached at step warmup_steps + relax_steps; relax_steps=0 jumps there right away).
+    The defaults are the paper's ImageNet run: r_max 1 -> 3 between steps 5k and 40k, d_max
+    0 -> 5 between 5k and 25k. Scale the three step counts with the length of your run.
+    """
+
+    warmup_steps: int = 5_000
+    r_max: float = 3.0
+    r_relax_steps: int = 35_000
+    d_max: float = 5.0
+    d_relax_steps: int = 20_000
+
+    def bounds(self, step, dtype=jnp.float32) -> tuple[Array, Array]:
+        """(r_max, d_max) at `step` (a traced int is fine)."""
+        step = jnp.asarray(step, dtype)
+
+        def progress(relax_steps):
+            fraction = (step - self.warmup_steps) / jnp.maximum(relax_steps, 1)
+            done = step >= self.warmup_steps + relax_steps
+            return jnp.where(done, 1.0, jnp.clip(fraction, 0.0, 1.0)).astype(dtype)
+
+        r_max = 1.0 + (self.r_max - 1.0) * progress(self.r_relax_steps)
+        return r_max, self.d_max * progress(self.d_relax_steps)
+
+
+def renorm_correction(batch_mean, batch_var, renorm_mean, renorm_var, r_max, d_max, epsilon):
+    """(r, d) of the module docstring, with no gradient, broadcast like the inputs."""
+    batch_mean, batch_var, renorm_mean, renorm_var = map(
+        lax.stop_gradient, (batch_mean, batch_var, renorm_mean, renorm_var)
+    )
+    inv_sigma = lax.rsqrt(renorm_var + epsilon)
+    r = jnp.clip(jnp.sqrt(batch_var + epsilon) * inv_sigma, 1.0 / r_max, r_max)
+    d = jnp.clip((batch_mean - renorm_mean) * inv_sigma, -d_max, d_max)
+    return r, d
+
+
+def _check_bound(value, name: str, low: float, why: str = "") -> None:
+    # Python numbers only: traced bounds (a user's own schedule) cannot be checked at trace time.
+    if isinstance(value, (int, float)) and not value >= low:  # also rejects NaN
+        raise ValueError(f"`{name}` must be >= {low}{why}, got {value}.")
+
+
+def _bounds(state, r_max, d_max, schedule, dtype) -> tuple[Array, Array]:
+    if (r_max is None) != (d_max is None):
+        raise ValueError(
+            "Pass both `r_max` and `d_max` (fixed bounds; float('inf') leaves one unclipped) or "
+            f"neither (the warm-up `schedule`), got r_max={r_max!r}, d_max={d_max!r}."
+        )
+    if r_max is not None:
+        if schedule is not None:
+            raise ValueError("Pass either fixed `r_max`/`d_max` or a `schedule`, not both.")
+        _check_bound(r_max, "r_max", 1.0, " (1 is batch norm)")
+        _check_bound(d_max, "d_max", 0.0, " (0 is batch norm)")
+        return jnp.asarray(r_max, dtype), jnp.asarray(d_max, dtype)
+    schedule = RenormSchedule() if schedule is None else schedule
+    if not isinstance(schedule, RenormSchedule):
+        raise TypeError(f"`schedule` must be a RenormSchedule, got {type(schedule)}.")
+    _check_bound(schedule.r_max, "schedule.r_max", 1.0, " (1 is batch norm)")
+    _check_bound(schedule.d_max, "schedule.d_max", 0.0, " (0 is batch norm)")
+    for name in ("warmup_steps", "r_relax_steps", "d_relax_steps"):
+        _check_bound(getattr(schedule, name), f"schedule.{name}", 0)
+    return schedule.bounds(state.step, dtype)
+
+
+def _check_state(state, feature_shape, axis) -> None:
+    if not isinstance(state, BatchRenormState):
+        raise TypeError(
+            "`state` must be a BatchRenormState (from bnjax.batch_renorm_state), got "
+            f"{type(state).__name__}."
+        )
+    for field in ("mean", "var", "renorm_mean", "renorm_var"):
+        shape = tuple(jnp.shape(getattr(state, field)))
+        if shape != feature_shape:
+            raise ValueError(
+                f"`state.{field}` has shape {shape} but the input has {feature_shape} features "
+                f"along axis={axis!r}; create it with bnjax.batch_renorm_state({feature_shape}) "
+                f"or fix `axis` (NHWC uses axis=-1, NCHW uses axis=1)."
+            )
+
+
+def batch_renorm(
+    x: Array,
+    state: BatchRenormState,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    training: bool,
+    momentum: float | None = 0.99,
+    renorm_momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    r_max: float | Array | None = None,
+    d_max: float | Array | None = None,
+    schedule: RenormSchedule | None = None,
+    axis: int | Sequence[int] = -1,
+    axis_name=None,
+    axis_index_groups=None,
+    ghost_batch_size: int | None = None,
+    mask: Array | None = None,
+    use_unbiased_running_var: bool = False,
+) -> tuple[Array, BatchRenormState]:
+    """Batch renormalization: ``y = scale * (x_hat * r + d) + bias`` (see the module docstring).
+
+    Args:
+      x, scale, bias, epsilon, axis, axis_name, axis_index_groups, mask,
+      use_unbiased_running_var: as in `batch_norm` (stats in float32, y in x's dtype).
+      state: BatchRenormState with the feature shape (see `batch_renorm_state`).
+      training: True normalizes with the corrected batch statistics and updates the state;
+        False is exactly `batch_norm` evaluation with (state.mean, state.var), state unchanged.
+      momentum: decay of the evaluation statistics (flax/Keras convention; None = cumulative).
+      renorm_momentum: decay of the renorm statistics r and d are measured against (Keras).
+      r_max, d_max: fixed clipping bounds (r_max >= 1, d_max >= 0; floats or traced scalars).
+        Leave both None to follow `schedule`.
+      schedule: a RenormSchedule evaluated at `state.step`; default `RenormSchedule()`.
+      ghost_batch_size: r and d per ghost batch, each against the same renorm statistics; the
+        updates take the mean of the ghost batches' statistics, as in `batch_norm`.
+
+    Returns:
+      (y, new_state). A training batch whose statistics are not finite updates nothing but
+      `state.skipped` (neither the statistics, `count` nor `step`).
+
+    Example:
+      >>> x = jnp.arange(12.0).reshape(4, 3)
+      >>> state = batch_renorm_state(3)
+      >>> y, state = batch_renorm(x, state, training=True, r_max=3.0, d_max=5.0)
+      >>> state.step.item(), y.shape
+      (1, (4, 3))
+    """
+    x = jnp.asarray(x)
+    checks.check_floating(x, "x")
+    checks.check_epsilon(epsilon)
+    checks.check_momentum(momentum)
+    if renorm_momentum is None or (
+        isinstance(renorm_momentum, (int, float)) and not 0.0 <= renorm_momentum <= 1.0
+    ):
+        raise ValueError(f"`renorm_momentum` must be in [0, 1], got {renorm_momentum!r}.")
+    checks.check_axis_name(axis_name, axis_index_groups)
+    if x.ndim < 2:
+        raise ValueError(
+            f"`x` must have a batch axis and a feature axis, got shape {tuple(x.shape)}; "
+            f"for a single feature vector use x[None]."
+        )
+    layout = batch_layout(x, axis, ghost_batch_size)
+    _check_state(state, layout.feature_shape, axis)
+    dtype = stats.stats_dtype(x.dtype)
+    r_bound, d_bound = _bounds(state, r_max, d_max, schedule, dtype)
+    if not training:
+        y, _ = batch_norm(
+            x, state.as_batch_norm_state(), scale, bias, training=False, epsilon=epsilon,
+            axis=axis, ghost_batch_size=ghost_batch_size,
+        )  # fmt: skip
+        return y, state
+    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis")
+    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis")
+
+    values_per_statistic = math.prod(layout.grouped_shape[a] for a in layout.reduction_axes)
+    if axis_name is None or ghost_batch_size is not None:
+        checks.check_not_single_value(
+            values_per_statistic,
+            f"batch_renorm in training mode on x of shape {tuple(x.shape)} with axis={axis!r}"
+            + (f" and ghost_batch_size={ghost_batch_size}" if ghost_batch_size else ""),
+            "Use training=False (running statistics), a larger batch, or axis_name to share "
+            "statistics across devices.",
+        )
+    if axis_name is not None:
+        stats.check_axis_name_bound(axis_name)
+    groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+    config = KernelConfig(
+        reduction_axes=layout.reduction_axes,
+        epsilon=float(epsilon),
+        axis_name=None if ghost_batch_size is not None else axis_name,
+        axis_index_groups=None if ghost_batch_size is not None else groups,
+    )
+    grouped_x = x.reshape(layout.grouped_shape)
+    grouped_mask_ = grouped_mask(mask, x, layout)
+    # r and d must enter the kernel, which computes the batch moments itself, so they are
+    # computed here too. Under jit XLA merges the duplicates (same ops on the same operands):
+    # the compiled step reduces x, and all-reduces, as often as batch_norm's does.
+    moments = batch_moments(lax.stop_gradient(grouped_x), grouped_mask_, config)
+    r, d = renorm_correction(
+        moments.mean,
+        moments.m2 / jnp.maximum(moments.count, 1),
+        as_param(state.renorm_mean, layout, 0.0, dtype),
+        as_param(state.renorm_var, layout, 1.0, dtype),
+        r_bound,
+        d_bound,
+        epsilon,
+    )
+    scale = as_param(scale, layout, 1.0, dtype)
+    grouped_y, mean, var, count = normalize(
+        grouped_x, scale * r, scale * d + as_param(bias, layout, 0.0, dtype), grouped_mask_, config
+    )
+
+    def update(current: BatchNormState, unbiased: bool, decay) -> BatchNormState:
+        batch_mean, batch_var = batch_statistics_for_update(
+            lax.stop_gradient(mean),
+            lax.stop_gradient(var),
+            count,
+            layout,
+            use_unbiased_running_var=unbiased,
+            # Ghost batches stay local; only the mean of their statistics is synced.
+            axis_name=axis_name if ghost_batch_size is not None else None,
+            axis_index_groups=groups if ghost_batch_size is not None else None,
+        )
+        return running_update(current, batch_mean, batch_var, decay)
+
+    evaluation = update(state.as_batch_norm_state(), use_unbiased_running_var, momentum)
+    renorm = update(
+        BatchNormState(state.renorm_mean, state.renorm_var, state.count, state.skipped),
+        False,
+        renorm_momentum,
+    )
+    # running_update guards each set on its own; skip the batch for both when either is not
+    # finite (e.g. the unbiased variance of single-value batches), so the sets stay in step.
+    finite = (evaluation.skipped == state.skipped) & (renorm.skipped == state.skipped)
+    keep = finite.astype(jnp.int32)
+    new_state = BatchRenormState(
+        mean=jnp.where(finite, evaluation.mean, state.mean),
+        var=jnp.where(finite, evaluation.var, state.var),
+        renorm_mean=jnp.where(finite, renorm.mean, state.renorm_mean),
+        renorm_var=jnp.where(finite, renorm.var, state.renorm_var),
+        count=state.count + keep,
+        skipped=state.skipped + 1 - keep,
+        step=state.step + keep,
+    )
+    return grouped_y.reshape(x.shape), new_state
