@@ -186,15 +186,54 @@ def running_update(
     )
 
 
+class TrainingPlan(NamedTuple):
+    """Where a training call's statistics come from and where its state update is synced.
+
+    Without ghost batches the kernel merges statistics over `axis_name` and the update needs no
+    traffic (its inputs are already global). With ghost batches the statistics stay local and
+    only the update's average runs over `axis_name`, so the replicated state stays identical.
+    """
+
+    kernel: KernelConfig
+    update_axis_name: object
+    update_axis_index_groups: tuple[tuple[int, ...], ...] | None
+
+
+def plan_training(
+    x, layout: BatchLayout, *, function: str, axis, epsilon, axis_name, axis_index_groups,
+    ghost_batch_size,
+) -> TrainingPlan:  # fmt: skip
+    """Checks a training call's statistics are well defined and says how to compute them."""
+    local = ghost_batch_size is not None
+    if axis_name is None or local:
+        values_per_statistic = math.prod(layout.grouped_shape[a] for a in layout.reduction_axes)
+        checks.check_not_single_value(
+            values_per_statistic,
+            f"{function} in training mode on x of shape {tuple(x.shape)} with axis={axis!r}"
+            + (f" and ghost_batch_size={ghost_batch_size}" if local else ""),
+            "Use training=False (running statistics), a larger batch, or axis_name to share "
+            "statistics across devices.",
+        )
+    if axis_name is not None:
+        stats.check_axis_name_bound(axis_name)
+    groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+    kernel = KernelConfig(
+        reduction_axes=layout.reduction_axes,
+        epsilon=float(epsilon),
+        axis_name=None if local else axis_name,
+        axis_index_groups=None if local else groups,
+    )
+    return TrainingPlan(kernel, axis_name if local else None, groups if local else None)
+
+
 def batch_statistics_for_update(
     mean: Array,
     var: Array,
     count: Array,
     layout: BatchLayout,
+    plan: TrainingPlan,
     *,
     use_unbiased_running_var: bool,
-    axis_name=None,
-    axis_index_groups=None,
 ) -> tuple[Array, Array]:
     """One (mean, var) per feature from per-ghost-batch statistics.
 
@@ -213,8 +252,10 @@ def batch_statistics_for_update(
         jnp.sum(jnp.where(usable, mean, 0), axis=0),
         jnp.sum(jnp.where(usable, var, 0), axis=0),
     )
-    if axis_name is not None:
-        sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+    if plan.update_axis_name is not None:
+        sums = lax.psum(
+            sums, plan.update_axis_name, axis_index_groups=plan.update_axis_index_groups
+        )
     total, mean_sum, var_sum = sums
     feature_shape = layout.feature_shape
     return (mean_sum / total).reshape(feature_shape), (var_sum / total).reshape(feature_shape)
@@ -303,39 +344,24 @@ def batch_norm(
             y = y + bias.astype(dtype).reshape(feature_view)
         return y.astype(x.dtype), state
 
-    values_per_statistic = math.prod(layout.grouped_shape[a] for a in layout.reduction_axes)
-    if axis_name is None or ghost_batch_size is not None:
-        checks.check_not_single_value(
-            values_per_statistic,
-            f"batch_norm in training mode on x of shape {tuple(x.shape)} with axis={axis!r}"
-            + (f" and ghost_batch_size={ghost_batch_size}" if ghost_batch_size else ""),
-            "Use training=False (running statistics), a larger batch, or axis_name to share "
-            "statistics across devices.",
-        )
-    if axis_name is not None:
-        stats.check_axis_name_bound(axis_name)
-    groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-    config = KernelConfig(
-        reduction_axes=layout.reduction_axes,
-        epsilon=float(epsilon),
-        axis_name=None if ghost_batch_size is not None else axis_name,
-        axis_index_groups=None if ghost_batch_size is not None else groups,
-    )
+    plan = plan_training(
+        x, layout, function="batch_norm", axis=axis, epsilon=epsilon, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size,
+    )  # fmt: skip
     grouped_y, mean, var, count = normalize(
         x.reshape(layout.grouped_shape),
         as_param(scale, layout, 1.0, dtype),
         as_param(bias, layout, 0.0, dtype),
         grouped_mask(mask, x, layout),
-        config,
+        plan.kernel,
     )
     batch_mean, batch_var = batch_statistics_for_update(
         lax.stop_gradient(mean),
         lax.stop_gradient(var),
         count,
         layout,
+        plan,
         use_unbiased_running_var=use_unbiased_running_var,
-        axis_name=axis_name if ghost_batch_size is not None else None,
-        axis_index_groups=groups if ghost_batch_size is not None else None,
     )
     new_state = running_update(state, batch_mean, batch_var, momentum)
     return grouped_y.reshape(x.shape), new_state

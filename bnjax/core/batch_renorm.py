@@ -26,7 +26,6 @@ r and d use the renorm statistics from before this batch's update.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -43,9 +42,10 @@ from bnjax.core.batch_norm import (
     batch_norm_state,
     batch_statistics_for_update,
     grouped_mask,
+    plan_training,
     running_update,
 )
-from bnjax.core.batch_normalize import KernelConfig, batch_moments, normalize
+from bnjax.core.batch_normalize import batch_moments, normalize
 
 Array = jax.Array
 
@@ -247,30 +247,16 @@ def batch_renorm(
     checks.check_param_shape(scale, layout.feature_shape, "scale", "axis")
     checks.check_param_shape(bias, layout.feature_shape, "bias", "axis")
 
-    values_per_statistic = math.prod(layout.grouped_shape[a] for a in layout.reduction_axes)
-    if axis_name is None or ghost_batch_size is not None:
-        checks.check_not_single_value(
-            values_per_statistic,
-            f"batch_renorm in training mode on x of shape {tuple(x.shape)} with axis={axis!r}"
-            + (f" and ghost_batch_size={ghost_batch_size}" if ghost_batch_size else ""),
-            "Use training=False (running statistics), a larger batch, or axis_name to share "
-            "statistics across devices.",
-        )
-    if axis_name is not None:
-        stats.check_axis_name_bound(axis_name)
-    groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-    config = KernelConfig(
-        reduction_axes=layout.reduction_axes,
-        epsilon=float(epsilon),
-        axis_name=None if ghost_batch_size is not None else axis_name,
-        axis_index_groups=None if ghost_batch_size is not None else groups,
-    )
+    plan = plan_training(
+        x, layout, function="batch_renorm", axis=axis, epsilon=epsilon, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size,
+    )  # fmt: skip
     grouped_x = x.reshape(layout.grouped_shape)
     grouped_mask_ = grouped_mask(mask, x, layout)
     # r and d must enter the kernel, which computes the batch moments itself, so they are
     # computed here too. Under jit XLA merges the duplicates (same ops on the same operands):
     # the compiled step reduces x, and all-reduces, as often as batch_norm's does.
-    moments = batch_moments(lax.stop_gradient(grouped_x), grouped_mask_, config)
+    moments = batch_moments(lax.stop_gradient(grouped_x), grouped_mask_, plan.kernel)
     r, d = renorm_correction(
         moments.mean,
         moments.m2 / jnp.maximum(moments.count, 1),
@@ -281,8 +267,9 @@ def batch_renorm(
         epsilon,
     )
     scale = as_param(scale, layout, 1.0, dtype)
+    bias = as_param(bias, layout, 0.0, dtype)
     grouped_y, mean, var, count = normalize(
-        grouped_x, scale * r, scale * d + as_param(bias, layout, 0.0, dtype), grouped_mask_, config
+        grouped_x, scale * r, scale * d + bias, grouped_mask_, plan.kernel
     )
 
     def update(current: BatchNormState, unbiased: bool, decay) -> BatchNormState:
@@ -291,10 +278,8 @@ def batch_renorm(
             lax.stop_gradient(var),
             count,
             layout,
+            plan,
             use_unbiased_running_var=unbiased,
-            # Ghost batches stay local; only the mean of their statistics is synced.
-            axis_name=axis_name if ghost_batch_size is not None else None,
-            axis_index_groups=groups if ghost_batch_size is not None else None,
         )
         return running_update(current, batch_mean, batch_var, decay)
 
