@@ -114,8 +114,10 @@ def _normalize_jvp(config, primals, tangents):
     t_mean, u = sums[0] / safe_count, sums[1] / safe_count
     gain = scale * inv
     # x_hat enters once, through a per-channel coefficient, so the backward needs a single
-    # reduction sum(dy * x_hat) for both dscale and the statistics term.
-    t_y = x_hat * (t_scale - gain * u) + gain * (t_x - t_mean) + t_bias
+    # reduction sum(dy * x_hat) for both dscale and the statistics term. gain is distributed
+    # over (t_x - t_mean) so that the transpose reduces dy itself (shared with dbias) instead
+    # of a full-size gain * dy that XLA:CPU would store and reduce separately.
+    t_y = x_hat * (t_scale - gain * u) + (gain * t_x - gain * t_mean) + t_bias
     t_var = 2 * u / inv
     return (y, mean, var, count), (t_y.astype(x.dtype), t_mean, t_var, jnp.zeros_like(count))
 

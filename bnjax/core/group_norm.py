@@ -119,7 +119,28 @@ def group_norm(
         f"group_norm on x of shape {tuple(x.shape)} with {num_groups} groups",
         "Use fewer groups, or layer_norm for inputs without spatial axes.",
     )
-    y = _standardize(x.reshape(grouped_shape), reduction_axes, epsilon).reshape(x.shape)
+    spatial = tuple(a for a in range(1, x.ndim) if a != channel_axis)
+    if spatial:
+        # Per-channel two-pass moments over the spatial axes of the plain (N, ..., C) view,
+        # then an exact (Chan) merge of the channels of each group on the small arrays, and
+        # the group statistics repeated back to channels: every full-size pass is a plain
+        # per-channel reduction or elementwise loop, which XLA:CPU runs well.
+        per_channel = stats.moments(x, spatial)  # fields shaped like x with spatial dims 1
+        small = list(grouped_shape)
+        for a in spatial:
+            small[a if a < channel_axis else a + 1] = 1
+        merged = stats.combine(
+            stats.Moments(*(f.reshape(small) for f in per_channel)), axis=channel_axis + 1
+        )
+        inv = lax.rsqrt(merged.m2 / merged.count + epsilon)
+
+        def to_channels(v):
+            v = jnp.broadcast_to(jnp.expand_dims(v, channel_axis + 1), small)
+            return v.reshape(per_channel.mean.shape)
+
+        y = (x.astype(per_channel.mean.dtype) - to_channels(merged.mean)) * to_channels(inv)
+    else:
+        y = _standardize(x.reshape(grouped_shape), reduction_axes, epsilon).reshape(x.shape)
     return _affine(y, scale, bias, (channel_axis,), x.dtype)
 
 

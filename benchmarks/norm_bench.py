@@ -1,0 +1,701 @@
+"""Speed and compiled memory of bnjax's normalizers against flax.linen, in one process.
+
+What is measured, per input shape (NHWC, channels last) and dtype:
+
+  bn train fwd      batch norm in training mode: y and the updated running statistics.
+  bn train fwd+bwd  jit of jax.value_and_grad of loss = sum(y * cotangent) with respect to x,
+                    scale and bias; the running-statistics update is returned as aux, so
+                    neither side can drop it.
+  bn eval fwd       batch norm with the running statistics.
+  gn fwd            group norm, 32 groups.
+  ln fwd            layer norm over the last axis.
+
+bnjax (``bnjax.batch_norm``, ``bnjax.group_norm``, ``bnjax.layer_norm``) is compared with the
+flax.linen modules at their defaults: ``BatchNorm(momentum=0.99, epsilon=1e-5)``,
+``GroupNorm(num_groups=32)``, ``LayerNorm()`` (bnjax gets the same epsilon). For a non-float32
+``--dtype`` the flax modules get ``dtype=<that dtype>`` so both sides return the input dtype.
+
+How:
+
+  * Every function is compiled ahead of time (``jax.jit(f).lower(*args).compile()``), and that
+    executable is both timed and asked for ``memory_analysis()``: ``temp_size_in_bytes`` is the
+    scratch XLA allocates beyond arguments and outputs (full-size temporaries such as saved
+    residuals show up there; one that XLA places in an output's buffer before the output is
+    written does not, so ``--dump_hlo`` is the way to count full-size passes).
+  * Before anything is timed, bnjax and flax are run once and their outputs compared (y,
+    running mean and variance, loss and gradients): the run aborts if the normalized maximum
+    difference ``max|a - b| / max(1, max|b|)`` exceeds 1e-3 (2e-2 for 16-bit dtypes), so the two
+    columns always time the same computation.
+  * Timing: warm-up calls, then ``--repeats`` rounds; in each round bnjax, flax (and torch, when
+    present) and a jitted ``x * 2`` each run once, in an order rotated from round to round to
+    spread drift evenly. Each call is timed to ``jax.block_until_ready``; the table reports
+    medians. "x copy" divides each median by the median of ``x * 2`` on the same array (one
+    read and one write of x: the memory-bandwidth floor of an elementwise op).
+  * If ``import torch`` works, batch norm is also timed with
+    ``torch.nn.functional.batch_norm`` on a channels-last tensor (float32 only) and shown in a
+    second table; without torch that part is skipped.
+
+Exact command (defaults: shapes 128x32x32x64 and 32x56x56x128, float32, 30 repeats, all ops;
+``--ops`` picks ops, ``--no_torch`` skips PyTorch; about 40 s on 2 CPU cores):
+
+    python benchmarks/norm_bench.py
+    python benchmarks/norm_bench.py --repeats 50 --shapes 128x32x32x64 --dtype bfloat16 \
+        --out bench.md --dump_hlo /tmp/hlo
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bnjax
+
+MOMENTUM = 0.99
+BN_EPSILON = 1e-5
+GN_GROUPS = 32
+MIB = 2.0**20
+OPS = ("bn_train", "bn_train_grad", "bn_eval", "gn", "ln")
+OP_LABELS = {
+    "bn_train": "bn train fwd",
+    "bn_train_grad": "bn train fwd+bwd",
+    "bn_eval": "bn eval fwd",
+    "gn": f"gn fwd ({GN_GROUPS} groups)",
+    "ln": "ln fwd (last axis)",
+}
+DEFAULT_SHAPES = ("128x32x32x64", "32x56x56x128")
+
+
+@dataclasses.dataclass
+class Impl:
+    """One side of a comparison: a function, its arguments, and (for jax) its executable."""
+
+    name: str
+    fn: Callable[..., Any]
+    args: tuple
+    compiled: Any = None
+    memory: Any = None
+    hlo: str = ""
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    def __call__(self):
+        if self.compiled is not None:
+            return jax.block_until_ready(self.compiled(*self.args))
+        return self.fn(*self.args)  # torch: synchronous on CPU
+
+    @property
+    def median_ms(self) -> float:
+        return 1e3 * statistics.median(self.times)
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    impls: list[Impl]
+    # (label, bnjax value, reference value) triples from the outputs of impls[0] and impls[1].
+    compare: Callable[[Any, Any], list[tuple[str, Any, Any]]]
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    parts = text.replace(",", "x").lower().split("x")
+    try:
+        shape = tuple(int(p) for p in parts if p)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"shape must look like 128x32x32x64, got {text!r}"
+        ) from error
+    if len(shape) < 2 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"shape needs >= 2 positive dims, got {text!r}")
+    return shape
+
+
+def shape_label(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def compile_impl(impl: Impl, dump_dir: str | None, tag: str) -> None:
+    compiled = jax.jit(impl.fn).lower(*impl.args).compile()
+    impl.compiled = compiled
+    impl.memory = compiled.memory_analysis()
+    impl.hlo = compiled.as_text() or ""
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+        with open(os.path.join(dump_dir, f"{tag}_{impl.name}.hlo.txt"), "w") as f:
+            f.write(impl.hlo)
+
+
+def fusion_count(hlo: str) -> int:
+    """Number of kernels launched by the entry computation (fusions plus unfused ops)."""
+    lines = hlo.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
+    except StopIteration:
+        return 0
+    count = 0
+    for line in lines[start + 1 :]:
+        if line.startswith("}"):
+            break
+        if " fusion(" in line or "custom-call(" in line or " reduce(" in line:
+            count += 1
+    return count
+
+
+def mem_field(impl: Impl, field: str) -> float | None:
+    if impl.memory is None:
+        return None
+    value = getattr(impl.memory, field, None)
+    return None if value is None else value / MIB
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(
+        jnp.asarray(value, jnp.float32) if not isinstance(value, np.ndarray) else value
+    )
+
+
+def flax_dtype(dtype):
+    return None if jnp.dtype(dtype) == jnp.float32 else dtype
+
+
+def build_cases(shape, dtype, ops, key) -> list[Case]:
+    channels = shape[-1]
+    k_x, k_ct, k_s, k_b, k_m, k_v = jax.random.split(key, 6)
+    # Mean 1, std 2: off-centre enough to exercise the mean, tame enough for flax's E[x^2]-E[x]^2.
+    x = (1.0 + 2.0 * jax.random.normal(k_x, shape, jnp.float32)).astype(dtype)
+    ct = jax.random.normal(k_ct, shape, jnp.float32).astype(dtype)
+    scale = 1.0 + 0.1 * jax.random.normal(k_s, (channels,), jnp.float32)
+    bias = 0.1 * jax.random.normal(k_b, (channels,), jnp.float32)
+    run_mean = 0.5 * jax.random.normal(k_m, (channels,), jnp.float32)
+    run_var = jax.random.uniform(k_v, (channels,), jnp.float32, 0.5, 2.0)
+    state = bnjax.batch_norm_state(channels)._replace(mean=run_mean, var=run_var)
+    params = {"scale": scale, "bias": bias}
+    batch_stats = {"mean": run_mean, "var": run_var}
+    fdt = flax_dtype(dtype)
+    cases = []
+
+    bn = nn.BatchNorm(momentum=MOMENTUM, epsilon=BN_EPSILON, dtype=fdt)
+
+    def bn_stats_pairs(b_state, f_stats):
+        return [
+            ("running mean", b_state.mean, f_stats["mean"]),
+            ("running var", b_state.var, f_stats["var"]),
+        ]
+
+    if "bn_train" in ops:
+
+        def bnjax_train(x, state, scale, bias):
+            return bnjax.batch_norm(
+                x, state, scale, bias, training=True, momentum=MOMENTUM, epsilon=BN_EPSILON
+            )
+
+        def flax_train(variables, x):
+            y, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+            return y, updates["batch_stats"]
+
+        cases.append(
+            Case(
+                "bn_train",
+                [
+                    Impl("bnjax", bnjax_train, (x, state, scale, bias)),
+                    Impl("flax", flax_train, ({"params": params, "batch_stats": batch_stats}, x)),
+                ],
+                lambda b, f: [("y", b[0], f[0]), *bn_stats_pairs(b[1], f[1])],
+            )
+        )
+
+    if "bn_train_grad" in ops:
+
+        def bnjax_loss(x, scale, bias, state, ct):
+            y, new_state = bnjax.batch_norm(
+                x, state, scale, bias, training=True, momentum=MOMENTUM, epsilon=BN_EPSILON
+            )
+            return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32)), new_state
+
+        def flax_loss(params, x, batch_stats, ct):
+            y, updates = bn.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                use_running_average=False,
+                mutable=["batch_stats"],
+            )
+            loss = jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32))
+            return loss, updates["batch_stats"]
+
+        bnjax_grad = jax.value_and_grad(bnjax_loss, argnums=(0, 1, 2), has_aux=True)
+        flax_grad = jax.value_and_grad(flax_loss, argnums=(0, 1), has_aux=True)
+
+        def grad_pairs(b, f):
+            (b_loss, b_state), (b_dx, b_dscale, b_dbias) = b
+            (f_loss, f_stats), (f_dparams, f_dx) = f
+            return [
+                ("loss", b_loss, f_loss),
+                *bn_stats_pairs(b_state, f_stats),
+                ("dx", b_dx, f_dx),
+                ("dscale", b_dscale, f_dparams["scale"]),
+                ("dbias", b_dbias, f_dparams["bias"]),
+            ]
+
+        cases.append(
+            Case(
+                "bn_train_grad",
+                [
+                    Impl("bnjax", bnjax_grad, (x, scale, bias, state, ct)),
+                    Impl("flax", flax_grad, (params, x, batch_stats, ct)),
+                ],
+                grad_pairs,
+            )
+        )
+
+    if "bn_eval" in ops:
+
+        def bnjax_eval(x, state, scale, bias):
+            return bnjax.batch_norm(x, state, scale, bias, training=False, epsilon=BN_EPSILON)
+
+        def flax_eval(variables, x):
+            return bn.apply(variables, x, use_running_average=True)
+
+        cases.append(
+            Case(
+                "bn_eval",
+                [
+                    Impl("bnjax", bnjax_eval, (x, state, scale, bias)),
+                    Impl("flax", flax_eval, ({"params": params, "batch_stats": batch_stats}, x)),
+                ],
+                lambda b, f: [("y", b[0], f), *bn_stats_pairs(b[1], batch_stats)],
+            )
+        )
+
+    if "gn" in ops:
+        gn = nn.GroupNorm(num_groups=GN_GROUPS, dtype=fdt)
+        if channels % GN_GROUPS:
+            print(
+                f"  skipping gn for {shape_label(shape)}: {channels} channels, {GN_GROUPS} groups"
+            )
+        else:
+
+            def bnjax_gn(x, scale, bias):
+                return bnjax.group_norm(x, scale, bias, num_groups=GN_GROUPS, epsilon=gn.epsilon)
+
+            def flax_gn(params, x):
+                return gn.apply({"params": params}, x)
+
+            cases.append(
+                Case(
+                    "gn",
+                    [
+                        Impl("bnjax", bnjax_gn, (x, scale, bias)),
+                        Impl("flax", flax_gn, (params, x)),
+                    ],
+                    lambda b, f: [("y", b, f)],
+                )
+            )
+
+    if "ln" in ops:
+        ln = nn.LayerNorm(dtype=fdt)
+
+        def bnjax_ln(x, scale, bias):
+            return bnjax.layer_norm(x, scale, bias, epsilon=ln.epsilon)
+
+        def flax_ln(params, x):
+            return ln.apply({"params": params}, x)
+
+        cases.append(
+            Case(
+                "ln",
+                [Impl("bnjax", bnjax_ln, (x, scale, bias)), Impl("flax", flax_ln, (params, x))],
+                lambda b, f: [("y", b, f)],
+            )
+        )
+    return cases
+
+
+# ----------------------------------------------------------------------------- torch (optional)
+
+
+def torch_cases(shape, dtype, ops, key, torch) -> dict[str, tuple[Impl, Impl, Callable]]:
+    """bnjax vs torch.nn.functional.batch_norm (channels-last NCHW == NHWC in memory).
+
+    Returns {op: (bnjax impl, torch impl, compare)}; running variance is the unbiased one in
+    torch, so bnjax runs with use_unbiased_running_var=True here.
+    """
+    functional = torch.nn.functional
+    channels = shape[-1]
+    k_x, k_ct, k_s, k_b = jax.random.split(key, 4)
+    x = 1.0 + 2.0 * jax.random.normal(k_x, shape, jnp.float32)
+    ct = jax.random.normal(k_ct, shape, jnp.float32)
+    scale = 1.0 + 0.1 * jax.random.normal(k_s, (channels,), jnp.float32)
+    bias = 0.1 * jax.random.normal(k_b, (channels,), jnp.float32)
+    state = bnjax.batch_norm_state(channels)
+    perm = (0, x.ndim - 1, *range(1, x.ndim - 1))  # NHWC -> NCHW view
+
+    def nchw(a):
+        t = torch.from_numpy(np.array(a)).permute(*perm)
+        fmt = torch.channels_last if a.ndim == 4 else torch.contiguous_format
+        return t.contiguous(memory_format=fmt)
+
+    def nhwc(t):
+        inverse = tuple(int(i) for i in np.argsort(perm))
+        return t.detach().permute(*inverse).numpy()
+
+    tx, tct = nchw(x), nchw(ct)
+    tw = torch.from_numpy(np.array(scale))
+    tb = torch.from_numpy(np.array(bias))
+    torch_momentum = 1.0 - MOMENTUM
+
+    def fresh_stats():
+        return torch.zeros(channels), torch.ones(channels)
+
+    kw = dict(momentum=MOMENTUM, epsilon=BN_EPSILON, use_unbiased_running_var=True)
+    out = {}
+
+    if "bn_train" in ops:
+        rm, rv = fresh_stats()
+
+        def torch_train(x, rm, rv, w, b):
+            with torch.no_grad():
+                return functional.batch_norm(
+                    x, rm, rv, w, b, training=True, momentum=torch_momentum, eps=BN_EPSILON
+                )
+
+        def bnjax_train(x, state, scale, bias):
+            return bnjax.batch_norm(x, state, scale, bias, training=True, **kw)
+
+        def compare(b, _):
+            rm0, rv0 = fresh_stats()
+            y = torch_train(tx, rm0, rv0, tw, tb)
+            return [
+                ("y", b[0], nhwc(y)),
+                ("running mean", b[1].mean, rm0.numpy()),
+                ("running var", b[1].var, rv0.numpy()),
+            ]
+
+        out["bn_train"] = (
+            Impl("bnjax", bnjax_train, (x, state, scale, bias)),
+            Impl("torch", torch_train, (tx, rm, rv, tw, tb)),
+            compare,
+        )
+
+    if "bn_train_grad" in ops:
+        rm, rv = fresh_stats()
+        gx = tx.detach().clone().requires_grad_(True)
+        gw = tw.detach().clone().requires_grad_(True)
+        gb = tb.detach().clone().requires_grad_(True)
+
+        def torch_grad(x, rm, rv, w, b, ct):
+            y = functional.batch_norm(
+                x, rm, rv, w, b, training=True, momentum=torch_momentum, eps=BN_EPSILON
+            )
+            loss = (y * ct).sum()
+            grads = torch.autograd.grad(loss, (x, w, b))
+            return loss.detach(), grads
+
+        def bnjax_loss(x, scale, bias, state, ct):
+            y, new_state = bnjax.batch_norm(x, state, scale, bias, training=True, **kw)
+            return jnp.sum(y * ct), new_state
+
+        def compare(b, _):
+            (b_loss, _), (b_dx, b_dscale, b_dbias) = b
+            rm0, rv0 = fresh_stats()
+            loss, (dx, dw, db) = torch_grad(gx, rm0, rv0, gw, gb, tct)
+            return [
+                ("loss", b_loss, loss.numpy()),
+                ("dx", b_dx, nhwc(dx)),
+                ("dscale", b_dscale, dw.numpy()),
+                ("dbias", b_dbias, db.numpy()),
+            ]
+
+        out["bn_train_grad"] = (
+            Impl(
+                "bnjax",
+                jax.value_and_grad(bnjax_loss, argnums=(0, 1, 2), has_aux=True),
+                (x, scale, bias, state, ct),
+            ),
+            Impl("torch", torch_grad, (gx, rm, rv, gw, gb, tct)),
+            compare,
+        )
+
+    if "bn_eval" in ops:
+        rm, rv = fresh_stats()
+
+        def torch_eval(x, rm, rv, w, b):
+            with torch.no_grad():
+                return functional.batch_norm(x, rm, rv, w, b, training=False, eps=BN_EPSILON)
+
+        def bnjax_eval(x, state, scale, bias):
+            return bnjax.batch_norm(x, state, scale, bias, training=False, epsilon=BN_EPSILON)
+
+        out["bn_eval"] = (
+            Impl("bnjax", bnjax_eval, (x, state, scale, bias)),
+            Impl("torch", torch_eval, (tx, rm, rv, tw, tb)),
+            lambda b, _: [("y", b[0], nhwc(torch_eval(tx, *fresh_stats(), tw, tb)))],
+        )
+    return out
+
+
+def import_torch(disabled: bool):
+    if disabled:
+        return None, "disabled (--no_torch)"
+    try:
+        import torch  # optional dependency
+    except Exception as error:  # ImportError, or a broken install
+        return None, f"not available ({type(error).__name__}: {error})"
+    return torch, f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+# ----------------------------------------------------------------------------- checks, timing
+
+
+def max_error(a, b) -> float:
+    a, b = to_numpy(a), to_numpy(b)
+    if a.shape != b.shape:
+        raise SystemExit(f"shape mismatch: {a.shape} vs {b.shape}")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return float("inf")
+    return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
+
+
+def check_agreement(tag: str, pairs, tolerance: float, reference: str) -> float:
+    worst = 0.0
+    failures = []
+    for label, a, b in pairs:
+        err = max_error(a, b)
+        worst = max(worst, err)
+        if not err <= tolerance:
+            failures.append(f"{label}: normalized max diff {err:.3g} > {tolerance:g}")
+    if failures:
+        raise SystemExit(
+            f"ABORT: bnjax and {reference} disagree on {tag}, so timing them would compare "
+            "different computations:\n  " + "\n  ".join(failures)
+        )
+    return worst
+
+
+def check_dtypes(tag: str, b_out, f_out) -> None:
+    b_leaves = [getattr(v, "dtype", None) for v in jax.tree.leaves(b_out)]
+    f_leaves = [getattr(v, "dtype", None) for v in jax.tree.leaves(f_out)]
+    if b_leaves and f_leaves and b_leaves[0] != f_leaves[0]:
+        raise SystemExit(f"ABORT: {tag}: bnjax returns {b_leaves[0]}, flax {f_leaves[0]}")
+
+
+def time_interleaved(impls: Sequence[Impl], repeats: int, warmup: int) -> None:
+    for impl in impls:
+        for _ in range(warmup):
+            impl()
+    n = len(impls)
+    for r in range(repeats):
+        for i in range(n):
+            impl = impls[(i + r) % n]
+            start = time.perf_counter()
+            impl()
+            impl.times.append(time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def fmt_ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None:
+        return "n/a"
+    if b == 0:
+        return "n/a (flax 0)" if a else "n/a (both 0)"
+    return f"{a / b:.2f}x"
+
+
+def fmt_memory_ratio(a: float | None, b: float | None, negligible: float) -> str:
+    """Ratio of temp sizes; scratch below `negligible` MiB on both sides has no meaningful ratio."""
+    if a is not None and b is not None and max(a, b) < negligible:
+        return "n/a (both ~0)"
+    return fmt_ratio(a, b)
+
+
+def fmt_mib(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def environment_lines(dtype, repeats, torch_note) -> list[str]:
+    device = jax.devices()[0]
+    return [
+        f"- jax {jax.__version__}, jaxlib {package_version('jaxlib')}, flax {flax.__version__}, "
+        f"bnjax {bnjax.__version__}, numpy {np.__version__}",
+        f"- backend: {jax.default_backend()}, device: {device.device_kind} ({device}), "
+        f"{jax.device_count()} device(s); host: {platform.machine()}, {os.cpu_count()} CPU(s), "
+        f"Python {platform.python_version()}",
+        f"- dtype {jnp.dtype(dtype).name}, {repeats} timed rounds (median), "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+        f"- torch: {torch_note}",
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds per op (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per function")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        type=parse_shape,
+        default=[parse_shape(s) for s in DEFAULT_SHAPES],
+        help="NHWC shapes such as 128x32x32x64 (channels last)",
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    parser.add_argument("--out", help="also write the Markdown report to this path")
+    parser.add_argument("--dump_hlo", help="directory for the compiled HLO of every function")
+    parser.add_argument("--no_torch", action="store_true", help="skip PyTorch even if present")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    dtype = jnp.dtype(args.dtype)
+    tolerance = 1e-3 if dtype.itemsize >= 4 else 2e-2
+    torch, torch_note = import_torch(args.no_torch or dtype != jnp.float32)
+    if torch is None and dtype != jnp.float32 and not args.no_torch:
+        torch_note = "skipped (float32 only)"
+    started = time.perf_counter()
+    key = jax.random.key(args.seed)
+
+    rows, details, torch_rows, copy_lines = [], [], [], []
+    for shape in args.shapes:
+        label = shape_label(shape)
+        print(f"== {label} {dtype.name}", flush=True)
+        key, k_case = jax.random.split(key)
+        cases = build_cases(shape, dtype, args.ops, k_case)
+        x = cases[0].impls[0].args[0] if cases else jnp.zeros(shape, dtype)
+        copy = Impl("copy", lambda x: x * 2, (x,))
+        compile_impl(copy, args.dump_hlo, f"{label}_copy")
+        tcases = torch_cases(shape, dtype, args.ops, k_case, torch) if torch else {}
+
+        for case in cases:
+            tag = f"{label} {OP_LABELS[case.op]}"
+            for impl in case.impls:
+                compile_impl(impl, args.dump_hlo, f"{label}_{case.op}")
+            b_out, f_out = case.impls[0](), case.impls[1]()
+            check_dtypes(tag, b_out, f_out)
+            worst = check_agreement(tag, case.compare(b_out, f_out), tolerance, "flax")
+            timed = [*case.impls, copy]
+            if case.op in tcases:
+                t_bnjax, t_torch, t_compare = tcases[case.op]
+                compile_impl(t_bnjax, None, "")
+                check_agreement(tag, t_compare(t_bnjax(), None), tolerance, "torch")
+                timed.append(t_torch)
+            print(
+                f"  {OP_LABELS[case.op]}: agree (max normalized diff {worst:.1e}); timing",
+                flush=True,
+            )
+            time_interleaved(timed, args.repeats, args.warmup)
+            b, f = case.impls
+            rows.append((label, case.op, b, f, copy))
+            details.append((label, case.op, b, f))
+            if case.op in tcases:
+                t_bnjax, t_torch, _ = tcases[case.op]
+                # The bnjax executable for torch's conventions is b's computation plus an
+                # unbiased-variance rescale; compare against b's own (interleaved) timing.
+                torch_rows.append((label, case.op, b, t_torch))
+        copy_lines.append((label, copy))
+
+    table = [
+        "| shape | op | bnjax ms | flax ms | time ratio | bnjax temp MiB | flax temp MiB "
+        "| memory ratio | x copy (bnjax / flax) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, op, b, f, copy in rows:
+        b_temp, f_temp = mem_field(b, "temp_size_in_bytes"), mem_field(f, "temp_size_in_bytes")
+        # Below 1% of the input's size, temp is a few per-channel vectors: no ratio worth reading.
+        negligible = 0.01 * copy.args[0].size * copy.args[0].dtype.itemsize / MIB
+        c = copy.median_ms
+        table.append(
+            f"| {label} | {OP_LABELS[op]} | {b.median_ms:.2f} | {f.median_ms:.2f} "
+            f"| {fmt_ratio(b.median_ms, f.median_ms)} | {fmt_mib(b_temp)} | {fmt_mib(f_temp)} "
+            f"| {fmt_memory_ratio(b_temp, f_temp, negligible)} "
+            f"| {b.median_ms / c:.1f} / {f.median_ms / c:.1f} |"
+        )
+    copy_table = ["| shape | x * 2 ms | GB/s (read + write) |", "|---|---:|---:|"]
+    for label, copy in copy_lines:
+        nbytes = 2 * copy.args[0].size * copy.args[0].dtype.itemsize
+        copy_table.append(
+            f"| {label} | {copy.median_ms:.2f} | {nbytes / copy.median_ms / 1e6:.1f} |"
+        )
+    detail_table = [
+        "| shape | op | impl | args MiB | out MiB | temp MiB | peak MiB | kernels | min ms "
+        "| median ms | max ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, op, *impls in details:
+        for impl in impls:
+            detail_table.append(
+                f"| {label} | {OP_LABELS[op]} | {impl.name} "
+                f"| {fmt_mib(mem_field(impl, 'argument_size_in_bytes'))} "
+                f"| {fmt_mib(mem_field(impl, 'output_size_in_bytes'))} "
+                f"| {fmt_mib(mem_field(impl, 'temp_size_in_bytes'))} "
+                f"| {fmt_mib(mem_field(impl, 'peak_memory_in_bytes'))} "
+                f"| {fusion_count(impl.hlo)} | {1e3 * min(impl.times):.2f} "
+                f"| {impl.median_ms:.2f} | {1e3 * max(impl.times):.2f} |"
+            )
+    report = [
+        f"## bnjax vs flax.linen normalization ({dtype.name}, NHWC)",
+        "",
+        *environment_lines(dtype, args.repeats, torch_note),
+        "",
+        *table,
+        "",
+        "Time and memory ratios are bnjax / flax (lower is better for bnjax); temp is XLA's "
+        "scratch beyond arguments and outputs; x copy is each median over that of a jitted "
+        "`x * 2` on the same array:",
+        "",
+        *copy_table,
+        "",
+        "Details (kernels = fusions, reductions and custom calls in the entry computation):",
+        "",
+        *detail_table,
+    ]
+    if torch_rows:
+        report += [
+            "",
+            "PyTorch (torch.nn.functional.batch_norm, channels-last, float32):",
+            "",
+            "| shape | op | bnjax ms | torch ms | time ratio |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for label, op, b, t in torch_rows:
+            report.append(
+                f"| {label} | {OP_LABELS[op]} | {b.median_ms:.2f} | {t.median_ms:.2f} "
+                f"| {fmt_ratio(b.median_ms, t.median_ms)} |"
+            )
+    elapsed = time.perf_counter() - started
+    report += ["", f"Total benchmark time: {elapsed:.0f} s."]
+    text = "\n".join(report) + "\n"
+    print()
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
