@@ -67,9 +67,13 @@ def _statistics(x, mask, config):
     batch = batch_moments(x, mask, config)
     var = batch.m2 / jnp.maximum(batch.count, 1)
     inv = lax.rsqrt(var + config.epsilon)
+    # The output's x - mean must not be the very value the variance pass reduced: XLA:CPU
+    # would then compute that full-size broadcast once and store it for both users, an extra
+    # float32 copy of x. The barrier costs nothing at run time; each loop fuses its own.
+    mean = lax.optimization_barrier(batch.mean)
     names = _SAVED_NAMES
     return (
-        checkpoint_name(batch.mean, names[0]),
+        checkpoint_name(mean, names[0]),
         var,
         checkpoint_name(inv, names[1]),
         checkpoint_name(batch.count, names[2]),

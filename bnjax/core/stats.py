@@ -51,17 +51,6 @@ def stats_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _decoupled(mean: Array) -> Array:
-    """The same mean, as a value XLA cannot merge with the one the variance pass used.
-
-    Callers normalize with ``x - mean``. If that broadcast were the very value the variance
-    reduction ``sum((x - mean)^2)`` consumed, XLA:CPU would compute the full-size broadcast once
-    and store it for both users: a whole extra float32 copy of the input. The barrier costs
-    nothing at run time; it only keeps each loop fusing its own broadcast.
-    """
-    return lax.optimization_barrier(mean)
-
-
 def moments(x: Array, reduction_axes: tuple[int, ...], mask: Array | None = None) -> Moments:
     """Per-channel moments of `x` over `reduction_axes`, in float32 (float64 for float64 `x`).
 
@@ -84,7 +73,7 @@ def moments(x: Array, reduction_axes: tuple[int, ...], mask: Array | None = None
         # must give mean 0 with count 0, which merges as a neutral element instead of NaN.
         mean = jnp.sum(x, axis=reduction_axes, keepdims=True) / max(count, 1)
         m2 = jnp.sum(jnp.square(x - mean), axis=reduction_axes, keepdims=True)
-        return Moments(jnp.full(mean.shape, count, dtype), _decoupled(mean), m2)
+        return Moments(jnp.full(mean.shape, count, dtype), mean, m2)
     mask = jnp.broadcast_to(mask, x.shape)
     # Select masked entries away before any arithmetic: `where` after `square` would still
     # send 0 * NaN = NaN into the gradient of every entry through the mean.
@@ -93,7 +82,7 @@ def moments(x: Array, reduction_axes: tuple[int, ...], mask: Array | None = None
     safe_count = jnp.maximum(count, 1)
     mean = jnp.sum(x, axis=reduction_axes, keepdims=True) / safe_count
     m2 = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0), axis=reduction_axes, keepdims=True)
-    return Moments(count, _decoupled(mean), m2)
+    return Moments(count, mean, m2)
 
 
 def combine(stacked: Moments, axis: int = 0) -> Moments:
