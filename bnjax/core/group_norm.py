@@ -192,8 +192,8 @@ def layer_norm(
       feature_axes: axes along which scale and bias vary (default -1, as flax).
 
     Example:
-      >>> layer_norm(jnp.array([[1.0, 2.0, 3.0]])).round(4).tolist()
-      [[-1.2247, 0.0, 1.2247]]
+      >>> print(layer_norm(jnp.array([[1.0, 2.0, 3.0]])))
+      [[-1.224744  0.        1.224744]]
     """
     x = jnp.asarray(x)
     checks.check_floating(x, "x")

@@ -1,0 +1,48 @@
+"""The documentation's code stays true: docstring examples and the README's renorm snippet."""
+
+import doctest
+import importlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import bnjax
+
+MODULES = [
+    "bnjax",
+    "bnjax.core.batch_norm",
+    "bnjax.core.batch_renorm",
+    "bnjax.core.group_norm",
+    "bnjax.core.stats",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, extraglobs={"jnp": jnp, "bnjax": bnjax}, verbose=False)
+    assert result.failed == 0
+
+
+def test_readme_snippets_run():
+    x = jax.random.normal(jax.random.key(0), (8, 4, 4, 64))
+    scale, bias = jnp.ones(64), jnp.zeros(64)
+    state = bnjax.batch_norm_state(64)
+    y, state = bnjax.batch_norm(x, state, scale, bias, training=True)
+    y, _ = bnjax.batch_norm(x, state, scale, bias, training=False)
+    y = bnjax.group_norm(x, scale, bias, num_groups=32)
+    state = bnjax.batch_renorm_state(64)
+    y, state = bnjax.batch_renorm(x, state, scale, bias, training=True)
+    schedule = bnjax.RenormSchedule(warmup_steps=500, r_relax_steps=3_500, d_relax_steps=2_000)
+    y, state = bnjax.batch_renorm(x, state, scale, bias, training=True, schedule=schedule)
+    y, state = bnjax.batch_renorm(x, state, scale, bias, training=True, r_max=3.0, d_max=5.0)
+    y, _ = bnjax.batch_renorm(x, state, scale, bias, training=False)
+    assert y.shape == x.shape and int(state.step) == 3
+    # The README's PyTorch translation: BatchNorm2d(C, momentum=0.1) on NCHW.
+    nchw = jnp.transpose(x, (0, 3, 1, 2))
+    _, torch_like = bnjax.batch_norm(
+        nchw, bnjax.batch_norm_state(64), training=True, momentum=0.9, axis=1,
+        use_unbiased_running_var=True,
+    )  # fmt: skip
+    assert torch_like.var.shape == (64,)
