@@ -15,13 +15,20 @@ MODULES = [
     "bnjax.core.batch_renorm",
     "bnjax.core.group_norm",
     "bnjax.core.stats",
+    "bnjax.linen",
+    "bnjax.nnx",
+    "bnjax.models.mlp",
+    "bnjax.models.cnn",
+    "bnjax.models.resnet",
 ]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)
-    result = doctest.testmod(module, extraglobs={"jnp": jnp, "bnjax": bnjax}, verbose=False)
+    result = doctest.testmod(
+        module, extraglobs={"jax": jax, "jnp": jnp, "bnjax": bnjax}, verbose=False
+    )
     assert result.failed == 0
 
 

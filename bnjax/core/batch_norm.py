@@ -324,7 +324,8 @@ def batch_norm(
             f"`x` must have a batch axis and a feature axis, got shape {tuple(x.shape)}; "
             f"for a single feature vector use x[None]."
         )
-    layout = batch_layout(x, axis, ghost_batch_size)
+    # Ghost batches only shape training statistics; evaluation ignores them.
+    layout = batch_layout(x, axis, ghost_batch_size if training else None)
     check_state(state, layout.feature_shape, axis)
     checks.check_param_shape(scale, layout.feature_shape, "scale", "axis")
     checks.check_param_shape(bias, layout.feature_shape, "bias", "axis")

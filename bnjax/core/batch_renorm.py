@@ -234,7 +234,8 @@ def batch_renorm(
             f"`x` must have a batch axis and a feature axis, got shape {tuple(x.shape)}; "
             f"for a single feature vector use x[None]."
         )
-    layout = batch_layout(x, axis, ghost_batch_size)
+    # Ghost batches only shape training statistics; evaluation ignores them.
+    layout = batch_layout(x, axis, ghost_batch_size if training else None)
     _check_state(state, layout.feature_shape, axis)
     dtype = stats.stats_dtype(x.dtype)
     r_bound, d_bound = _bounds(state, r_max, d_max, schedule, dtype)

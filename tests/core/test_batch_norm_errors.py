@@ -61,3 +61,9 @@ def test_one_example_per_device_is_allowed_when_statistics_are_synced():
     x = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 1, 3)
     y = jax.pmap(per_device, axis_name="batch")(x)
     assert bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_ghost_batch_size_is_ignored_in_evaluation_mode():
+    # A model configured for ghost batches of 4 must still evaluate batches of any size.
+    y, _ = _call(x=jnp.ones((3, 3)), training=False, ghost_batch_size=4)
+    assert y.shape == (3, 3)

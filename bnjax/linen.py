@@ -1,0 +1,393 @@
+"""flax.linen modules over the bnjax core: swap ``flax.linen.BatchNorm`` for ``BatchNorm``.
+
+Each module creates its parameters and state, then calls one core function (the math lives
+there: `bnjax.batch_norm`, `bnjax.batch_renorm`, `bnjax.group_norm`, `bnjax.layer_norm`,
+`bnjax.instance_norm`). Options keep flax's names, defaults and meanings, and the variables
+keep flax's collections and names, so flax checkpoints load unchanged:
+
+- ``'params'``: ``'scale'`` and ``'bias'`` (feature shape, `param_dtype`).
+- ``'batch_stats'``: ``'mean'`` and ``'var'`` (feature shape, float32), exactly flax's.
+- ``'bn_counters'`` (bnjax only): int32 ``'count'`` (batches folded in) and ``'skipped'``
+  (non-finite batches left out). Created by ``init``, read when present, written only when the
+  collection is mutable, so ``mutable=['batch_stats']`` keeps working; add ``'bn_counters'``
+  to keep the counts. Variables without it (a flax checkpoint) read fresh zero counters.
+
+What differs from flax, on purpose:
+
+- Statistics are always float32 (float64 for float64 input), two-pass: `use_fast_variance`
+  and `force_float32_reductions` are accepted for compatibility and ignored.
+- A training batch with non-finite statistics leaves ``batch_stats`` untouched (flax stores
+  NaN) and counts the batch in ``bn_counters/skipped``.
+- Statistics from a single value (a batch of one in training, outside ``init``) raise an error
+  instead of silently returning the bias.
+- `GroupNorm`/`LayerNorm`/`InstanceNorm` do not take `axis_name` or `mask` yet (they raise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax.typing import Axes, Dtype, Initializer
+from jax.nn import initializers
+
+from bnjax.core import (
+    BatchNormState,
+    BatchRenormState,
+    RenormSchedule,
+    batch_norm,
+    batch_renorm,
+    layer_norm,
+)
+from bnjax.core.checks import normalize_axes
+from bnjax.module_common import group_norm_flax_axes, instance_norm_flax_axes, promote, refuse
+
+__all__ = ["COUNTERS", "BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm"]
+
+COUNTERS = "bn_counters"
+"""The collection of the int32 counters 'count' and 'skipped' (not in flax's 'batch_stats')."""
+_COUNTER_NAMES = ("count", "skipped")
+
+
+def _feature_shape(x, axes, name: str) -> tuple[int, ...]:
+    return tuple(x.shape[a] for a in normalize_axes(axes, x.ndim, name))
+
+
+def _values_per_statistic(shape, feature_axes, ghost_batch_size) -> int:
+    values = math.prod(s for a, s in enumerate(shape) if a not in feature_axes)
+    return values // shape[0] * ghost_batch_size if ghost_batch_size else values
+
+
+class _AffineMixin:
+    """'scale' and 'bias' params as flax creates them (None when switched off)."""
+
+    def _scale_and_bias(self, shape: tuple[int, ...]):
+        def make(name, used):
+            init = getattr(self, f"{name}_init")
+            return self.param(name, init, shape, self.param_dtype) if used else None
+
+        return make("scale", self.use_scale), make("bias", self.use_bias)
+
+
+class _RunningStats(_AffineMixin, nn.Module):
+    """BatchNorm's fields (flax's, in flax's order, then bnjax's) and the plumbing it shares
+    with BatchRenorm: mode, counters, call options."""
+
+    use_running_average: bool | None = None
+    axis: int | Sequence[int] = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    ghost_batch_size: int | None = None
+    use_unbiased_running_var: bool = False
+
+    def _training(self, use_running_average) -> bool:
+        return not nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+
+    def _counters(self, training: bool):
+        """(count, skipped) variables, or None for variables without them (flax's), and values."""
+        mutable = self.is_mutable_collection(COUNTERS)
+        if self.momentum is None and training and not mutable:
+            raise ValueError(
+                f"momentum=None (cumulative average) weighs each batch by the batch count: "
+                f"train with mutable=['batch_stats', '{COUNTERS}'] (and keep the '{COUNTERS}' "
+                f"collection that init returns)."
+            )
+        if not (mutable or self.has_variable(COUNTERS, "count")):
+            return None, (jnp.zeros((), jnp.int32),) * 2
+        counters = [self.variable(COUNTERS, n, jnp.zeros, (), jnp.int32) for n in _COUNTER_NAMES]
+        return counters, tuple(c.value for c in counters)
+
+    def _core_options(self, x, training: bool) -> tuple[bool, dict]:
+        """(effective training flag, keyword options for the core call)."""
+        initializing = self.is_initializing()
+        feature_axes = normalize_axes(self.axis, x.ndim, "axis")
+        if initializing and _values_per_statistic(x.shape, feature_axes, self.ghost_batch_size) < 2:
+            # The usual `init(key, jnp.ones((1, D)))`: only shapes matter, and batch statistics
+            # of one value are undefined, so init runs on the fresh running statistics.
+            training = False
+        return training, dict(
+            training=training,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis=self.axis,
+            # Like flax: init runs outside pmap/shard_map, where axis_name is not bound.
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=None if initializing else self.axis_index_groups,
+            ghost_batch_size=self.ghost_batch_size if training else None,
+            use_unbiased_running_var=self.use_unbiased_running_var,
+        )
+
+    def _store_counters(self, counters, new_state) -> None:
+        if counters is not None and self.is_mutable_collection(COUNTERS):
+            for counter, name in zip(counters, _COUNTER_NAMES, strict=True):
+                counter.value = getattr(new_state, name)
+
+
+class BatchNorm(_RunningStats):
+    """Batch normalization (`bnjax.batch_norm`), a drop-in for ``flax.linen.BatchNorm``.
+
+    ``y = scale * (x - mean) / sqrt(var + epsilon) + bias`` with the batch's statistics in
+    training (``use_running_average=False``; updates ``batch_stats`` unless initializing) and
+    the running ones in evaluation. Running update:
+    ``running = momentum * running + (1 - momentum) * batch`` (biased variance by default).
+
+    Attributes:
+      use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
+      bias_init, scale_init, axis_name, axis_index_groups: as in flax. `momentum=None` keeps a
+        cumulative average (needs the 'bn_counters' collection, see the module docstring).
+        `dtype` is the output dtype (None: promote x and params); statistics are float32.
+      use_fast_variance, force_float32_reductions: accepted, ignored (always two-pass float32).
+      ghost_batch_size: statistics per group of this many examples (see `bnjax.batch_norm`).
+      use_unbiased_running_var: store the unbiased variance, like PyTorch.
+
+    Shapes: x (N, ..., C) with axis=-1; params and batch_stats (C,) (the feature shape).
+
+    Example:
+      >>> bn = BatchNorm(use_running_average=False)
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> variables = bn.init(jax.random.key(1), x)
+      >>> jax.tree.map(jnp.shape, variables["batch_stats"])
+      {'mean': (3,), 'var': (3,)}
+      >>> y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+      >>> sorted(updates), y.shape
+      (['batch_stats'], (8, 3))
+    """
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        """Normalizes `x`; `use_running_average` here or as a field (exactly one of them).
+
+        `mask`: (N,) per example or broadcastable to x; False entries stay out of the
+        statistics (they are still normalized).
+        """
+        training = self._training(use_running_average)
+        x = jnp.asarray(x)
+        feature_shape = _feature_shape(x, self.axis, "axis")
+        mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, jnp.float32)
+        var = self.variable("batch_stats", "var", jnp.ones, feature_shape, jnp.float32)
+        counters, (count, skipped) = self._counters(training)
+        scale, bias = self._scale_and_bias(feature_shape)
+        x, out_dtype = promote(x, scale, bias, self.dtype)
+        training, options = self._core_options(x, training)
+        state = BatchNormState(mean.value, var.value, count, skipped)
+        y, new_state = batch_norm(x, state, scale, bias, mask=mask, **options)
+        if training and not self.is_initializing():
+            mean.value, var.value = new_state.mean, new_state.var
+            self._store_counters(counters, new_state)
+        return y.astype(out_dtype)
+
+
+class BatchRenorm(_RunningStats):
+    """Batch renormalization (`bnjax.batch_renorm`, Ioffe 2017), with BatchNorm's options.
+
+    Training normalizes with the batch statistics corrected toward running ones,
+    ``y = scale * (x_hat * r + d) + bias``; evaluation is BatchNorm's, on 'mean' and 'var'.
+
+    'batch_stats' holds 'mean', 'var' (evaluation), 'renorm_mean', 'renorm_var' (what r and d
+    are measured against) and the int32 'step' that drives the warm-up `schedule`. 'step' lives
+    in 'batch_stats', not 'bn_counters', so the usual ``mutable=['batch_stats']`` advances the
+    schedule; 'count' and 'skipped' are in 'bn_counters' as for BatchNorm.
+
+    Attributes:
+      (all of BatchNorm's, with the same meanings), then:
+      renorm_momentum: decay of 'renorm_mean'/'renorm_var'.
+      r_max, d_max: fixed clipping bounds (both or neither); None follows `schedule`.
+      schedule: a `bnjax.RenormSchedule` (default: the paper's, plain BN until step 5k).
+
+    Example:
+      >>> layer = BatchRenorm(use_running_average=False, r_max=3.0, d_max=5.0)
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> sorted(variables["batch_stats"])
+      ['mean', 'renorm_mean', 'renorm_var', 'step', 'var']
+      >>> _, updates = layer.apply(variables, x, mutable=["batch_stats"])
+      >>> int(updates["batch_stats"]["step"])
+      1
+    """
+
+    renorm_momentum: float = 0.99
+    r_max: float | None = None
+    d_max: float | None = None
+    schedule: RenormSchedule | None = None
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        """Normalizes `x` (see BatchNorm.__call__)."""
+        training = self._training(use_running_average)
+        x = jnp.asarray(x)
+        feature_shape = _feature_shape(x, self.axis, "axis")
+
+        def stat(name, init, shape=feature_shape, dtype=jnp.float32):
+            return self.variable("batch_stats", name, init, shape, dtype)
+
+        mean, var = stat("mean", jnp.zeros), stat("var", jnp.ones)
+        renorm_mean, renorm_var = stat("renorm_mean", jnp.zeros), stat("renorm_var", jnp.ones)
+        step = stat("step", jnp.zeros, (), jnp.int32)
+        counters, (count, skipped) = self._counters(training)
+        scale, bias = self._scale_and_bias(feature_shape)
+        x, out_dtype = promote(x, scale, bias, self.dtype)
+        training, options = self._core_options(x, training)
+        state = BatchRenormState(
+            mean.value, var.value, renorm_mean.value, renorm_var.value, count, skipped,
+            step.value,
+        )  # fmt: skip
+        y, new_state = batch_renorm(
+            x, state, scale, bias, mask=mask, renorm_momentum=self.renorm_momentum,
+            r_max=self.r_max, d_max=self.d_max, schedule=self.schedule, **options,
+        )  # fmt: skip
+        if training and not self.is_initializing():
+            mean.value, var.value = new_state.mean, new_state.var
+            renorm_mean.value, renorm_var.value = new_state.renorm_mean, new_state.renorm_var
+            step.value = new_state.step
+            self._store_counters(counters, new_state)
+        return y.astype(out_dtype)
+
+
+class GroupNorm(_AffineMixin, nn.Module):
+    """Group normalization (`bnjax.group_norm`), a drop-in for ``flax.linen.GroupNorm``.
+
+    Statistics per example and group of channels (the last axis), over `reduction_axes`.
+
+    Attributes:
+      num_groups, group_size, epsilon, dtype, param_dtype, use_bias, use_scale, bias_init,
+      scale_init: as in flax (give exactly one of num_groups and group_size).
+      reduction_axes: None (every axis but the first) or trailing axes ending with the last,
+        e.g. (2, 3, 4) for (B, T, H, W, C) to normalize each (b, t) separately.
+      axis_name, axis_index_groups: not supported yet (raise if set).
+      use_fast_variance, force_float32_reductions: accepted, ignored.
+
+    Example:
+      >>> x = jnp.arange(2 * 4 * 8, dtype=jnp.float32).reshape(2, 4, 8)
+      >>> GroupNorm(num_groups=2).init_with_output(jax.random.key(0), x)[0].shape
+      (2, 4, 8)
+    """
+
+    num_groups: int | None = 32
+    group_size: int | None = None
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    reduction_axes: Axes | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x, *, mask=None):
+        """Normalizes x of shape (N, ..., C); `mask` is not supported yet."""
+        refuse("GroupNorm", axis_name=self.axis_name, mask=mask)
+        x = jnp.asarray(x)
+        scale, bias = self._scale_and_bias((x.shape[-1],))
+        x, out_dtype = promote(x, scale, bias, self.dtype)
+        y = group_norm_flax_axes(
+            x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
+            epsilon=self.epsilon, reduction_axes=self.reduction_axes,
+        )  # fmt: skip
+        return y.astype(out_dtype)
+
+
+class LayerNorm(_AffineMixin, nn.Module):
+    """Layer normalization (`bnjax.layer_norm`), a drop-in for ``flax.linen.LayerNorm``.
+
+    Statistics per example over `reduction_axes`; scale and bias vary along `feature_axes`.
+
+    Attributes:
+      epsilon, dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, reduction_axes,
+      feature_axes: as in flax. axis_name, axis_index_groups: not supported yet (raise if set).
+      use_fast_variance, force_float32_reductions: accepted, ignored.
+
+    Example:
+      >>> x = jnp.array([[1.0, 2.0, 3.0]])
+      >>> print(LayerNorm().init_with_output(jax.random.key(0), x)[0])
+      [[-1.224744  0.        1.224744]]
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    reduction_axes: Axes = -1
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x, *, mask=None):
+        """Normalizes `x`; `mask` is not supported yet."""
+        refuse("LayerNorm", axis_name=self.axis_name, mask=mask)
+        x = jnp.asarray(x)
+        scale, bias = self._scale_and_bias(_feature_shape(x, self.feature_axes, "feature_axes"))
+        x, out_dtype = promote(x, scale, bias, self.dtype)
+        y = layer_norm(
+            x, scale, bias, epsilon=self.epsilon, reduction_axes=self.reduction_axes,
+            feature_axes=self.feature_axes,
+        )  # fmt: skip
+        return y.astype(out_dtype)
+
+
+class InstanceNorm(_AffineMixin, nn.Module):
+    """Instance normalization (`bnjax.instance_norm`), a drop-in for ``flax.linen.InstanceNorm``.
+
+    Statistics per example and feature over every other non-batch axis (e.g. H, W of NHWC).
+
+    Attributes:
+      epsilon, dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, feature_axes: as
+      in flax (several feature axes go through `bnjax.layer_norm`, the same statistics).
+      axis_name, axis_index_groups: not supported yet (raise if set).
+      use_fast_variance, force_float32_reductions: accepted, ignored.
+
+    Example:
+      >>> x = jnp.arange(16.0).reshape(1, 2, 2, 4)
+      >>> InstanceNorm().init_with_output(jax.random.key(0), x)[0].std(axis=(1, 2)).round(3)
+      Array([[1., 1., 1., 1.]], dtype=float32)
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x, *, mask=None):
+        """Normalizes x of shape (N, ..., C); `mask` is not supported yet."""
+        refuse("InstanceNorm", axis_name=self.axis_name, mask=mask)
+        x = jnp.asarray(x)
+        scale, bias = self._scale_and_bias(_feature_shape(x, self.feature_axes, "feature_axes"))
+        x, out_dtype = promote(x, scale, bias, self.dtype)
+        y = instance_norm_flax_axes(
+            x, scale, bias, epsilon=self.epsilon, feature_axes=self.feature_axes
+        )
+        return y.astype(out_dtype)

@@ -1,0 +1,50 @@
+"""A small convolutional network: the quick model for studies and tests."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bnjax.models.norms import make_norm, uses_bias_before_norm
+
+
+class SmallCNN(nn.Module):
+    """(N, H, W, C) -> [conv3x3 -> norm -> relu -> avg-pool 2x2] per stage -> mean over space
+    -> dense -> (N, classes). The penultimate features are sown as 'intermediates/features'.
+
+    Example:
+      >>> model = SmallCNN(features=(8, 16), num_classes=10)
+      >>> x = jnp.ones((4, 8, 8, 1))
+      >>> variables = model.init(jax.random.key(0), x, train=False)
+      >>> model.apply(variables, x, train=False).shape
+      (4, 10)
+    """
+
+    features: Sequence[int] = (32, 64)
+    num_classes: int = 10
+    norm: str = "batch"
+    norm_groups: int = 8
+    norm_options: Mapping[str, Any] | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = x.astype(self.dtype)
+        for i, width in enumerate(self.features):
+            x = nn.Conv(
+                width, (3, 3), use_bias=uses_bias_before_norm(self.norm), dtype=self.dtype,
+                name=f"conv{i}",
+            )(x)  # fmt: skip
+            x = make_norm(
+                self.norm, train=train, spatial=True, groups=self.norm_groups,
+                dtype=self.dtype, options=self.norm_options, name=f"norm{i}",
+            )(x)  # fmt: skip
+            x = nn.relu(x)
+            if x.shape[1] > 1 and x.shape[2] > 1:
+                x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        features = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "features", features)
+        return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(features)

@@ -1,0 +1,46 @@
+"""A multilayer perceptron with a norm after every hidden dense layer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bnjax.models.norms import make_norm, uses_bias_before_norm
+
+
+class MLP(nn.Module):
+    """(N, ...) -> flatten -> [dense -> norm -> relu] x len(features) -> dense -> (N, classes).
+
+    Example:
+      >>> model = MLP(features=(32,), num_classes=10)
+      >>> x = jnp.ones((4, 8, 8, 1))
+      >>> variables = model.init(jax.random.key(0), x, train=False)
+      >>> logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+      >>> logits.shape
+      (4, 10)
+    """
+
+    features: Sequence[int] = (256, 256)
+    num_classes: int = 10
+    norm: str = "batch"
+    norm_groups: int = 8
+    norm_options: Mapping[str, Any] | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = x.reshape((x.shape[0], -1)).astype(self.dtype)
+        for i, width in enumerate(self.features):
+            x = nn.Dense(
+                width, use_bias=uses_bias_before_norm(self.norm), dtype=self.dtype,
+                name=f"dense{i}",
+            )(x)  # fmt: skip
+            x = make_norm(
+                self.norm, train=train, spatial=False, groups=self.norm_groups,
+                dtype=self.dtype, options=self.norm_options, name=f"norm{i}",
+            )(x)  # fmt: skip
+            x = nn.relu(x)
+        return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)

@@ -1,0 +1,79 @@
+"""The `norm` choice every bundled model takes, turned into a Flax module.
+
+    'batch'         bnjax.linen.BatchNorm      statistics over batch and space, per channel
+    'batch_renorm'  bnjax.linen.BatchRenorm    same, corrected toward running statistics
+    'group'         bnjax.linen.GroupNorm      per example, `groups` channel groups + space
+    'layer'         bnjax.linen.LayerNorm      per example, over every non-batch axis
+    'instance'      bnjax.linen.InstanceNorm   per example and channel, over space
+    'none'          identity                   (layers before it then carry a bias)
+
+Models call ``make_norm(...)(x)`` after each conv/dense; in training mode batch-statistics
+norms update 'batch_stats', so apply with ``mutable=['batch_stats']`` as with flax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from bnjax import linen as bnn
+
+NORMS = ("batch", "batch_renorm", "group", "layer", "instance", "none")
+BATCH_STATISTICS_NORMS = ("batch", "batch_renorm")
+
+
+def check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"`norm`={norm!r} is not one of {NORMS}.")
+
+
+def uses_bias_before_norm(norm: str) -> bool:
+    """A layer followed by a norm needs no bias: the norm's shift (or mean removal) absorbs it."""
+    return norm == "none"
+
+
+def make_norm(
+    norm: str,
+    *,
+    train: bool,
+    spatial: bool,
+    groups: int = 8,
+    zero_scale: bool = False,
+    dtype: Any = None,
+    options: Mapping[str, Any] | None = None,
+    name: str | None = None,
+):
+    """A norm layer for activations of shape (N, H, W, C) (`spatial=True`) or (N, C).
+
+    Args:
+      norm: one of NORMS.
+      train: training mode; batch-statistics norms then use and update batch statistics.
+      spatial: whether the input has spatial axes (instance norm needs them).
+      groups: channel groups for 'group' (must divide the channels).
+      zero_scale: initialise the scale to 0 (last norm of a residual branch: the block starts
+        as the identity, Goyal et al. 2017).
+      dtype: computation/output dtype of the layer (None: from the input).
+      options: extra keyword options for the norm module (e.g. momentum, axis_name).
+      name: module name.
+    """
+    check_norm(norm)
+    if norm == "none":
+        return lambda x: x
+    options = dict(options or {})
+    if zero_scale:
+        options["scale_init"] = nn.initializers.zeros
+    common = dict(dtype=dtype, name=name, **options)
+    if norm == "batch":
+        return bnn.BatchNorm(use_running_average=not train, **common)
+    if norm == "batch_renorm":
+        return bnn.BatchRenorm(use_running_average=not train, **common)
+    if norm == "group":
+        return bnn.GroupNorm(num_groups=groups, **common)
+    if norm == "layer":
+        axes = (1, 2, 3) if spatial else -1
+        return bnn.LayerNorm(reduction_axes=axes, feature_axes=-1, **common)
+    if not spatial:
+        raise ValueError("`norm`='instance' needs spatial axes; use 'layer' for an MLP.")
+    return bnn.InstanceNorm(**common)

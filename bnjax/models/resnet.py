@@ -1,0 +1,117 @@
+"""CIFAR-style residual networks (He et al., 2016) with a choice of normalization.
+
+ResNet-20 is the paper's CIFAR network: a 3x3 stem with 16 channels, then three stages of 3
+basic blocks with 16, 32 and 64 channels (stride 2 between stages). ResNet-18 here is the usual
+CIFAR adaptation of the ImageNet model: a 3x3 stride-1 stem without max-pooling, then four stages
+of 2 basic blocks with 64-512 channels.
+
+Flax conventions of the field: convolutions carry no bias when a norm follows, kernels use He
+(fan-out) initialisation, projection shortcuts (1x1 conv + norm) when the shape changes, and
+`zero_init_residual=True` starts the last norm scale of every block at 0 (each block then
+begins as the identity, which helps large-batch training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bnjax.models.norms import check_norm, make_norm, uses_bias_before_norm
+
+_HE_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class _NormSettings(nn.Module):
+    """Fields every block shares (kept in one place so blocks and networks agree)."""
+
+    norm: str = "batch"
+    norm_groups: int = 8
+    norm_options: Mapping[str, Any] | None = None
+    dtype: Any = jnp.float32
+
+    def conv(self, features, kernel, strides=1, name=None):
+        return nn.Conv(
+            features, (kernel, kernel), strides=(strides, strides), padding="SAME",
+            use_bias=uses_bias_before_norm(self.norm), kernel_init=_HE_INIT, dtype=self.dtype,
+            name=name,
+        )  # fmt: skip
+
+    def make_norm(self, train: bool, name: str, zero_scale: bool = False):
+        return make_norm(
+            self.norm, train=train, spatial=True, groups=self.norm_groups,
+            zero_scale=zero_scale, dtype=self.dtype, options=self.norm_options, name=name,
+        )  # fmt: skip
+
+
+class BasicBlock(_NormSettings):
+    """x -> conv3x3 -> norm -> relu -> conv3x3 -> norm, plus the (projected) input, -> relu."""
+
+    features: int = 16
+    strides: int = 1
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        y = self.conv(self.features, 3, self.strides, name="conv1")(x)
+        y = nn.relu(self.make_norm(train, "norm1")(y))
+        y = self.conv(self.features, 3, name="conv2")(y)
+        y = self.make_norm(train, "norm2", zero_scale=self.zero_init_residual)(y)
+        if x.shape != y.shape:
+            x = self.conv(self.features, 1, self.strides, name="shortcut_conv")(x)
+            x = self.make_norm(train, "shortcut_norm")(x)
+        return nn.relu(x + y)
+
+
+class ResNet(_NormSettings):
+    """(N, H, W, C) images -> (N, num_classes) logits; features sown as 'intermediates'.
+
+    Example:
+      >>> model = resnet20(num_classes=10, norm="group")
+      >>> x = jnp.ones((2, 8, 8, 3))
+      >>> variables = model.init(jax.random.key(0), x, train=False)
+      >>> model.apply(variables, x, train=False).shape
+      (2, 10)
+    """
+
+    stage_sizes: Sequence[int] = (3, 3, 3)
+    stage_features: Sequence[int] = (16, 32, 64)
+    num_classes: int = 10
+    zero_init_residual: bool = False
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        check_norm(self.norm)
+        if len(self.stage_sizes) != len(self.stage_features):
+            raise ValueError(
+                f"`stage_sizes` {tuple(self.stage_sizes)} and `stage_features` "
+                f"{tuple(self.stage_features)} must have the same length (one per stage)."
+            )
+        x = x.astype(self.dtype)
+        x = self.conv(self.stage_features[0], 3, name="stem_conv")(x)
+        x = nn.relu(self.make_norm(train, "stem_norm")(x))
+        for stage, (blocks, width) in enumerate(
+            zip(self.stage_sizes, self.stage_features, strict=True)
+        ):
+            for block in range(blocks):
+                x = BasicBlock(
+                    features=width, strides=2 if stage > 0 and block == 0 else 1,
+                    zero_init_residual=self.zero_init_residual, norm=self.norm,
+                    norm_groups=self.norm_groups, norm_options=self.norm_options,
+                    dtype=self.dtype, name=f"stage{stage}_block{block}",
+                )(x, train=train)  # fmt: skip
+        features = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "features", features)
+        return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(features)
+
+
+def resnet20(**options) -> ResNet:
+    """ResNet-20 for 32x32 images: 3 stages x 3 blocks, 16/32/64 channels, 0.27M parameters."""
+    return ResNet(stage_sizes=(3, 3, 3), stage_features=(16, 32, 64), **options)
+
+
+def resnet18(**options) -> ResNet:
+    """CIFAR ResNet-18: 4 stages x 2 blocks, 64/128/256/512 channels, 11M parameters."""
+    return ResNet(stage_sizes=(2, 2, 2, 2), stage_features=(64, 128, 256, 512), **options)

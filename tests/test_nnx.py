@@ -1,0 +1,278 @@
+"""bnjax.nnx: each module equals its core function and is a drop-in for flax.nnx's.
+
+One input shape for the whole file (as in test_linen.py), so eager operations compile once.
+"""
+
+import doctest
+import inspect
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx, serialization
+
+import bnjax
+from bnjax import nnx as bnx
+
+SHAPE = (4, 2, 2, 32)
+C = SHAPE[-1]
+NAMES = ["BatchNorm", "GroupNorm", "LayerNorm", "InstanceNorm"]
+
+
+def _random(shape=SHAPE, key=1, loc=2.0, scale=3.0):
+    return jax.random.normal(jax.random.key(key), shape) * scale + loc
+
+
+def _randomize_affine(module, key=2):
+    module.scale[...] = _random((C,), key, 1.0, 1.0)
+    module.bias[...] = _random((C,), key + 1, 0.0, 1.0)
+    return {"scale": module.scale[...], "bias": module.bias[...]}
+
+
+def _close(a, b, tol=1e-5):
+    chex.assert_trees_all_close(a, b, atol=tol, rtol=tol)
+
+
+def _values(module, kind):
+    return jax.tree.map(lambda v: v[...], nnx.to_pure_dict(nnx.state(module, kind)))
+
+
+# --- each module is its core function ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"axis": 1}, {"momentum": None}, {"ghost_batch_size": 2}, {"mask": True}],
+    ids=["default", "nchw", "cumulative", "ghost", "mask"],
+)
+def test_batch_norm_equals_core(options):
+    options = dict(options)
+    mask = _random((SHAPE[0],), 5) > 2.0 if options.pop("mask", False) else None
+    x = jnp.moveaxis(_random(), -1, 1) if options.get("axis") == 1 else _random()
+    bn = bnx.BatchNorm(C, rngs=nnx.Rngs(0), **options)
+    params, state = _randomize_affine(bn), bnjax.batch_norm_state(C)
+    for _ in range(2):
+        y = bn(x, mask=mask)
+        expected_y, state = bnjax.batch_norm(
+            x, state, **params, training=True, mask=mask, **options
+        )
+        _close(y, expected_y, 1e-6)
+        _close((bn.mean[...], bn.var[...]), (state.mean, state.var), 1e-6)
+        assert (int(bn.count[...]), int(bn.skipped[...])) == (state.count, state.skipped)
+    bn.eval()
+    _close(bn(x), bnjax.batch_norm(x, state, **params, training=False, **options)[0], 1e-6)
+    assert int(bn.count[...]) == 2  # evaluation leaves the state alone
+
+
+def test_batch_renorm_equals_core():
+    schedule = bnjax.RenormSchedule(1, 2.0, 2, 1.0, 2)
+    layer = bnx.BatchRenorm(C, schedule=schedule, rngs=nnx.Rngs(0))
+    params, state = _randomize_affine(layer), bnjax.batch_renorm_state(C)
+    for step in range(3):
+        x = _random(key=10 + step)
+        y = layer(x)
+        expected_y, state = bnjax.batch_renorm(x, state, **params, training=True, schedule=schedule)
+        _close(y, expected_y, 1e-6)
+        for name in ("mean", "var", "renorm_mean", "renorm_var", "step", "count", "skipped"):
+            _close(getattr(layer, name)[...], getattr(state, name), 1e-6)
+    layer.eval()
+    _close(layer(x), bnjax.batch_renorm(x, state, **params, training=False)[0], 1e-6)
+
+
+@pytest.mark.parametrize(
+    "module, function",
+    [(bnx.GroupNorm, lambda x, **p: bnjax.group_norm(x, **p, num_groups=32)),
+     (bnx.LayerNorm, lambda x, **p: bnjax.layer_norm(x, **p)),
+     (bnx.InstanceNorm, lambda x, **p: bnjax.instance_norm(x, **p))],
+    ids=["group", "layer", "instance"],
+)  # fmt: skip
+def test_stateless_modules_equal_core(module, function):
+    layer = module(C, rngs=nnx.Rngs(0))
+    params = _randomize_affine(layer)
+    _close(layer(_random()), function(_random(), **params), 1e-6)
+
+
+# --- drop-in for flax ----------------------------------------------------------------------------
+
+NOT_ATTRIBUTES = {"self", "num_features", "rngs", "promote_dtype", "bias_metadata",
+                  "scale_metadata", "bias_init", "scale_init"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_constructor_arguments_are_flax_arguments_with_flax_defaults(name):
+    flax_cls, our_cls = getattr(nnx, name), getattr(bnx, name)
+    theirs, ours = flax_cls(C, rngs=nnx.Rngs(0)), our_cls(C, rngs=nnx.Rngs(0))
+    for argument in inspect.signature(flax_cls.__init__).parameters:
+        if argument not in NOT_ATTRIBUTES:
+            assert getattr(ours, argument) == getattr(theirs, argument), argument
+    positional = [p for p in inspect.signature(flax_cls).parameters.values() if p.kind == 1]
+    ours_positional = [p for p in inspect.signature(our_cls).parameters.values() if p.kind == 1]
+    assert [(p.name, p.default) for p in ours_positional] == [
+        (p.name, p.default) for p in positional
+    ]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_module_matches_flax(name):
+    """Same Param and BatchStat variables; same outputs and statistics, train and eval."""
+    theirs = getattr(nnx, name)(C, use_fast_variance=False, rngs=nnx.Rngs(0))
+    ours = getattr(bnx, name)(C, rngs=nnx.Rngs(0))
+    for kind in (nnx.Param, nnx.BatchStat):
+        _close(_values(ours, kind), _values(theirs, kind), 0)
+    _randomize_affine(ours)
+    _randomize_affine(theirs)
+    for step in range(2):
+        x = _random(key=20 + step)
+        _close(ours(x), theirs(x))
+        _close(_values(ours, nnx.BatchStat), _values(theirs, nnx.BatchStat))
+    ours.eval()
+    theirs.eval()
+    _close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize(
+    "x_dtype, dtype",
+    [(jnp.bfloat16, None), (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)],
+    ids=["bf16-promoted", "f32-to-bf16", "bf16-to-f32"],
+)
+@pytest.mark.parametrize("name", ["BatchNorm", "GroupNorm"])
+def test_dtype_follows_flax(name, x_dtype, dtype):
+    x = _random().astype(x_dtype)
+    y_flax = getattr(nnx, name)(C, dtype=dtype, rngs=nnx.Rngs(0))(x)
+    y_ours = getattr(bnx, name)(C, dtype=dtype, rngs=nnx.Rngs(0))(x)
+    assert y_ours.dtype == y_flax.dtype
+    _close(y_ours.astype(jnp.float32), y_flax.astype(jnp.float32), 2e-2)
+
+
+class _Net(nnx.Module):
+    def __init__(self, norm, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(3, C, rngs=rngs)
+        self.norm = norm.BatchNorm(C, rngs=rngs)
+        self.out = nnx.Linear(C, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.norm(self.linear(x))))
+
+
+def _inputs():
+    return _random((SHAPE[0], 3)), _random((SHAPE[0], 2), key=3, loc=0.0, scale=1.0)
+
+
+def test_swapped_model_initialises_and_toggles_like_flax():
+    """One rngs key per scale/bias as flax, so the layers around get the same init."""
+    theirs, ours = _Net(nnx, nnx.Rngs(0)), _Net(bnx, nnx.Rngs(0))
+    _close(_values(ours, nnx.Param), _values(theirs, nnx.Param), 0)
+    x, _ = _inputs()
+    for mode in ("train", "eval", "train"):
+        getattr(ours, mode)()
+        getattr(theirs, mode)()
+        assert ours.norm.use_running_average == theirs.norm.use_running_average
+        _close(ours(x), theirs(x))
+        _close(_values(ours, nnx.BatchStat), _values(theirs, nnx.BatchStat))
+    assert int(ours.norm.count[...]) == 2  # two training calls, eval left the state alone
+    assert nnx.view(ours, use_running_average=True).norm.use_running_average
+    assert not ours.norm.use_running_average
+    ours.norm(ours.linear(x), use_running_average=True)  # the call argument wins
+    assert int(ours.norm.count[...]) == 2
+
+
+def test_training_step_under_nnx_jit_equals_eager():
+    x, target = _inputs()
+
+    def step(model, optimizer):
+        def loss(model):
+            return jnp.mean((model(x) - target) ** 2)
+
+        value, grads = nnx.value_and_grad(loss)(model)
+        optimizer.update(model, grads)
+        return value
+
+    models = [_Net(bnx, nnx.Rngs(0)) for _ in range(2)]
+    optimizers = [nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.Param) for m in models]
+    jitted = nnx.jit(step)
+    for _ in range(2):
+        _close(jitted(models[0], optimizers[0]), step(models[1], optimizers[1]))
+    _close(nnx.to_pure_dict(nnx.state(models[0])), nnx.to_pure_dict(nnx.state(models[1])))
+    assert int(models[0].norm.count[...]) == 2
+    for model in models:
+        model.eval()
+    _close(nnx.jit(lambda m: m(x))(models[0]), models[1](x))
+
+
+def test_counters_are_not_batch_stats():
+    bn = bnx.BatchNorm(C, rngs=nnx.Rngs(0))
+    assert set(nnx.to_pure_dict(nnx.state(bn, nnx.BatchStat))) == {"mean", "var"}
+    assert set(nnx.to_pure_dict(nnx.state(bn, bnx.BatchCounter))) == {"count", "skipped"}
+
+
+@pytest.mark.parametrize("name", ["BatchNorm", "BatchRenorm"])
+def test_non_finite_batch_leaves_the_statistics_untouched(name):
+    layer = getattr(bnx, name)(C, rngs=nnx.Rngs(0))
+    before = _values(layer, nnx.BatchStat)
+    y = layer(_random().at[2, 0, 1, 1].set(jnp.nan))
+    _close(_values(layer, nnx.BatchStat), before, 0)
+    assert int(layer.skipped[...]) == 1 and bool(jnp.isfinite(y[..., 0]).all())
+
+
+def test_flax_state_restores_into_bnjax_model_and_back():
+    x, _ = _inputs()
+    theirs, ours = _Net(nnx, nnx.Rngs(0)), _Net(bnx, nnx.Rngs(1))
+    theirs(x)  # one training step of statistics
+    nnx.update(ours, nnx.state(theirs))
+    ours.eval()
+    theirs.eval()
+    _close(ours(x), theirs(x), 0)
+    back = _Net(nnx, nnx.Rngs(2))
+    back.eval()
+    nnx.update(back, nnx.state(ours, nnx.Not(bnx.BatchCounter)))
+    _close(back(x), ours(x), 0)
+
+
+def _trained():
+    model = _Net(bnx, nnx.Rngs(0))
+    model(_inputs()[0])
+    return model
+
+
+def test_state_round_trips_through_flax_serialization():
+    model, fresh = _trained(), _Net(bnx, nnx.Rngs(5))
+    data = serialization.to_bytes(nnx.to_pure_dict(nnx.state(model)))
+    state = nnx.state(fresh)
+    nnx.replace_by_pure_dict(state, serialization.from_bytes(nnx.to_pure_dict(state), data))
+    nnx.update(fresh, state)
+    chex.assert_trees_all_equal(
+        nnx.to_pure_dict(nnx.state(fresh)), nnx.to_pure_dict(nnx.state(model))
+    )
+
+
+def test_state_round_trips_through_orbax(tmp_path):
+    model = _trained()
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "net", nnx.state(model))
+    checkpointer.wait_until_finished()
+    abstract = nnx.eval_shape(lambda: _Net(bnx, nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    restored = nnx.merge(graphdef, checkpointer.restore(tmp_path / "net", abstract_state))
+    chex.assert_trees_all_equal(
+        nnx.to_pure_dict(nnx.state(restored)), nnx.to_pure_dict(nnx.state(model))
+    )
+    assert restored.norm.count[...].dtype == jnp.int32
+
+
+def test_unsupported_options_raise():
+    with pytest.raises(NotImplementedError, match="promote_dtype"):
+        bnx.BatchNorm(C, promote_dtype=lambda args, dtype: args, rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="axis_name"):
+        bnx.GroupNorm(C, axis_name="batch", rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="mask"):
+        bnx.LayerNorm(C, rngs=nnx.Rngs(0))(_random(), mask=jnp.ones(SHAPE, bool))
+    with pytest.raises(ValueError, match="divide"):
+        bnx.GroupNorm(C, num_groups=5, rngs=nnx.Rngs(0))
+
+
+def test_docstring_examples_run():
+    result = doctest.testmod(bnx, extraglobs={"jax": jax, "jnp": jnp, "nnx": nnx})
+    assert result.attempted > 0 and result.failed == 0
