@@ -53,3 +53,13 @@ def test_readme_snippets_run():
         use_unbiased_running_var=True,
     )  # fmt: skip
     assert torch_like.var.shape == (64,)
+
+
+def test_readme_models_snippet_runs():
+    from bnjax import models
+
+    images = jnp.ones((2, 8, 8, 3))
+    model = models.resnet20(num_classes=10, norm="batch", zero_init_residual=True)
+    variables = model.init(jax.random.key(0), images, train=False)
+    logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    assert logits.shape == (2, 10) and "batch_stats" in updates
