@@ -17,6 +17,7 @@ MODULES = [
     "bnjax.core.stats",
     "bnjax.linen",
     "bnjax.nnx",
+    "bnjax.parallel",
     "bnjax.models.mlp",
     "bnjax.models.cnn",
     "bnjax.models.resnet",
