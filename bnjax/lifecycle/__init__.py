@@ -1,0 +1,62 @@
+"""The batch-norm lifecycle: the tools for when BN goes wrong between training and serving.
+
+- `recalibrate`: running statistics recomputed as exact population statistics over a data set
+  (precise BN; AdaBN on target-domain data), for linen and nnx models and the functional core.
+- `reset_statistics`, `freeze` / `frozen_statistics` / `unfreeze`, `freeze_optimizer`,
+  `trainable_filter`: fresh statistics; fine-tuning with batch norm frozen.
+- `fold`: evaluation-mode batch norm folded into the Conv/Dense before it, for serving.
+- `validate_statistics`, `load_checkpoint` and ``python -m bnjax.lifecycle validate DIR``:
+  missing, non-finite, negative, never-updated or mis-shaped statistics.
+
+Per-layer telemetry (batch statistics, drift from the running ones) is in `bnjax.diagnostics`.
+"""
+
+from bnjax.lifecycle.folding import fold, fold_into, layer_epsilons, pair_by_name
+from bnjax.lifecycle.freezing import (
+    bn_param_labels,
+    freeze,
+    freeze_optimizer,
+    frozen_statistics,
+    reset_statistics,
+    trainable_filter,
+    unfreeze,
+)
+from bnjax.lifecycle.population import (
+    LayerInput,
+    Total,
+    accumulate,
+    empty_totals,
+    population_state,
+)
+from bnjax.lifecycle.recalibration import layer_input_moments, recalibrate
+from bnjax.lifecycle.validation import (
+    LayerReport,
+    ValidationReport,
+    load_checkpoint,
+    validate_statistics,
+)
+
+__all__ = [
+    "LayerInput",
+    "LayerReport",
+    "Total",
+    "ValidationReport",
+    "accumulate",
+    "bn_param_labels",
+    "empty_totals",
+    "fold",
+    "fold_into",
+    "freeze",
+    "freeze_optimizer",
+    "frozen_statistics",
+    "layer_epsilons",
+    "layer_input_moments",
+    "load_checkpoint",
+    "pair_by_name",
+    "population_state",
+    "recalibrate",
+    "reset_statistics",
+    "trainable_filter",
+    "unfreeze",
+    "validate_statistics",
+]

@@ -1,0 +1,244 @@
+"""The three front ends of `recalibrate`: per-batch input moments, and writing the result.
+
+Each backend has ``moments(current, batch, index) -> {layer_key: Moments}`` (pure, jittable),
+``write(current, totals, final=...) -> current`` and ``statistics(current)`` (for the
+fixpoint test of ``mode="full_batch"``); `current` is linen variables, an nnx state or a
+pytree of functional states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+from flax import nnx, traverse_util
+
+from bnjax.core import stats
+from bnjax.lifecycle import _layers as L
+from bnjax.lifecycle.population import LayerInput, population, population_state
+
+MODES = ("train", "full_batch")
+SOW_NAME = "bnjax_input_moments"
+
+# --------------------------------------------------------------------------- linen
+
+
+def _linen_interceptor(training: bool, unbiased: dict):
+    def interceptor(next_fun, args, kwargs, context):
+        if not L.is_linen_batch_norm_call(context):
+            return next_fun(*args, **kwargs)
+        module = context.module
+        unbiased[tuple(module.path)] = L.unbiased_of(module)
+        module.sow(SOW_NAME, "moments", L.feature_moments(args[0], module.axis, kwargs.get("mask")))
+        return L.call_in_mode(next_fun, module, args, kwargs, use_running_average=not training)
+
+    return interceptor
+
+
+def layer_input_moments(
+    model: nn.Module,
+    variables,
+    *inputs,
+    mode: str = "train",
+    axis_name=None,
+    axis_index_groups=None,
+    rngs=None,
+    _unbiased: dict | None = None,
+    **apply_kwargs,
+) -> dict[L.Path, stats.Moments]:
+    """Per-layer moments of every linen batch norm's input for one batch (pure, jittable).
+
+    Runs ``model.apply(variables, *inputs, **apply_kwargs)`` with each batch norm switched to
+    training (``mode="train"``) or evaluation (``"full_batch"``) and returns
+    ``{module_path: Moments}`` (feature-shaped; merged over the calls of a layer called more
+    than once). Inside ``pmap``/``shard_map``, `axis_name` merges them over devices, exactly.
+
+    Example:
+      >>> model = nn.BatchNorm(use_running_average=True)
+      >>> x = jnp.array([[1.0], [3.0]])
+      >>> moments = layer_input_moments(model, model.init(jax.random.key(0), x), x)
+      >>> moments[()].mean.tolist(), moments[()].m2.tolist()
+      ([2.0], [2.0])
+    """
+    if mode not in MODES:
+        raise ValueError(f"`mode`={mode!r} is not one of {MODES}.")
+    unbiased = {} if _unbiased is None else _unbiased
+    with nn.intercept_methods(_linen_interceptor(mode == "train", unbiased)):
+        _, updates = model.apply(variables, *inputs, mutable=True, rngs=rngs, **apply_kwargs)
+    sown = traverse_util.flatten_dict(L.to_dict(updates.get(SOW_NAME, {})))
+    moments = {path[:-1]: L.merge_calls(calls) for path, calls in sown.items()}
+    if axis_name is not None:
+        moments = {
+            key: stats.merge_across_devices(value, axis_name, axis_index_groups)
+            for key, value in moments.items()
+        }
+    return moments
+
+
+class Linen:
+    """linen: `current` is the variables dict; layers are keyed by module path."""
+
+    def __init__(self, model, variables, apply_kwargs, rngs, axis_name):
+        if L.STATS not in variables:
+            raise ValueError(
+                f"`variables` has no '{L.STATS}' collection (keys: {sorted(variables)}); pass "
+                f"the full variables from model.init, not just the params."
+            )
+        self.model, self.apply_kwargs, self.rngs = model, dict(apply_kwargs or {}), rngs
+        self.axis_name, self.unbiased, self.mode = axis_name, {}, "train"
+        self.all_layers = L.stats_layer_paths(variables[L.STATS])
+
+    def moments(self, current, batch, index):
+        rngs = None
+        if self.rngs is not None:
+            rngs = {name: jax.random.fold_in(key, index) for name, key in self.rngs.items()}
+        inputs = batch if isinstance(batch, tuple) else (batch,)
+        return layer_input_moments(
+            self.model, current, *inputs, mode=self.mode, axis_name=self.axis_name, rngs=rngs,
+            _unbiased=self.unbiased, **self.apply_kwargs,
+        )  # fmt: skip
+
+    def write(self, current, totals, *, final: bool):
+        new = L.to_dict(current)
+        counters = new.get(L.COUNTERS)
+        for path, total in totals.items():
+            layer = dict(L.get_path(new[L.STATS], path))
+            unbiased = final and self.unbiased.get(path, False)
+            layer["mean"], layer["var"] = population(
+                total.moments, layer["mean"], layer["var"], unbiased
+            )
+            if all(name in layer for name in L.RENORM_STATS):
+                layer["renorm_mean"], layer["renorm_var"] = population(
+                    total.moments, layer["renorm_mean"], layer["renorm_var"], False
+                )
+            L.set_path(new[L.STATS], path, layer)
+            if isinstance(L.get_path(counters, path), Mapping):
+                L.set_path(counters, path, {"count": total.batches, "skipped": total.skipped})
+        return new
+
+    def statistics(self, current):
+        return {path: L.get_path(current[L.STATS], path) for path in self.all_layers}
+
+
+# --------------------------------------------------------------------------- nnx
+
+
+def _recording_call(use_running_average: bool):
+    def __call__(self, x, use_running_average_=None, *, mask=None):
+        self.sow(nnx.Intermediate, SOW_NAME, L.feature_moments(x, self.axis, mask))
+        return L.call_parent(self, __call__, x, use_running_average, mask=mask)
+
+    return __call__
+
+
+_RECORDING_CALLS = {True: _recording_call(False), False: _recording_call(True)}
+
+
+class Nnx:
+    """nnx: `current` is the model's ``nnx.State``; each batch runs on a merged copy whose
+    batch norms record their inputs (a subclass swapped in on the copy only)."""
+
+    def __init__(self, model, forward, axis_name):
+        self.model, self.axis_name, self.mode = model, axis_name, "train"
+        self.forward = forward or (lambda m, b: m(*b) if isinstance(b, tuple) else m(b))
+        self.graphdef, self.state = nnx.split(model)
+        self.unbiased = {p: L.unbiased_of(m) for p, m in L.nnx_batch_norms(model).items()}
+        self.all_layers = list(self.unbiased)
+
+    def moments(self, current, batch, index):
+        del index
+        copy = nnx.merge(self.graphdef, current)
+        call = _RECORDING_CALLS[self.mode == "train"]
+        for module in L.nnx_batch_norms(copy).values():
+            base = L.original_class(type(module))  # recalibrate frozen layers too
+            L.swap_class(module, L.subclass(base, "Recording", call))
+        _, captured = nnx.capture(self.forward, nnx.Intermediate)(copy, batch)
+        flat = traverse_util.flatten_dict(nnx.to_pure_dict(captured))
+        moments = {p[:-1]: L.merge_calls(v) for p, v in flat.items() if p[-1] == SOW_NAME}
+        if self.axis_name is not None:
+            moments = {k: stats.merge_across_devices(v, self.axis_name) for k, v in moments.items()}
+        return moments
+
+    def write(self, current, totals, *, final: bool):
+        copy = nnx.merge(self.graphdef, current)
+        layers = L.nnx_batch_norms(copy)
+        for path, total in totals.items():
+            module = layers[path]
+            unbiased = final and self.unbiased[path]
+            for mean_name, var_name, use_unbiased in (
+                ("mean", "var", unbiased),
+                ("renorm_mean", "renorm_var", False),
+            ):
+                if not isinstance(getattr(module, var_name, None), nnx.Variable):
+                    continue
+                mean_var, var_var = getattr(module, mean_name), getattr(module, var_name)
+                mean, var = population(
+                    total.moments, L.read_variable(mean_var), L.read_variable(var_var),
+                    use_unbiased,
+                )  # fmt: skip
+                L.write_variable(mean_var, mean)
+                L.write_variable(var_var, var)
+            for name, value in (("count", total.batches), ("skipped", total.skipped)):
+                if isinstance(getattr(module, name, None), nnx.Variable):
+                    L.write_variable(getattr(module, name), value)
+        return nnx.state(copy)
+
+    def statistics(self, current):
+        copy = nnx.merge(self.graphdef, current)
+        return {
+            path: (L.read_variable(module.mean), L.read_variable(module.var))
+            for path, module in L.nnx_batch_norms(copy).items()
+        }
+
+
+# --------------------------------------------------------------------------- functional
+
+
+class Functional:
+    """Functional core: `current` is the pytree of states; layers are keyed by leaf position."""
+
+    def __init__(self, layer_inputs, states, unbiased, axis_name):
+        self.layer_inputs, self.axis_name, self.mode = layer_inputs, axis_name, "train"
+        leaves, self.treedef = jax.tree.flatten(states, is_leaf=L.is_state)
+        self.positions = [i for i, leaf in enumerate(leaves) if L.is_state(leaf)]
+        if not self.positions:
+            raise ValueError("`states` holds no BatchNormState or BatchRenormState.")
+        self.unbiased = unbiased
+        self.all_layers = self.positions
+
+    def moments(self, current, batch, index):
+        del index
+        inputs = self.layer_inputs(current, batch, self.mode == "train")
+
+        def is_input(node):
+            return node is None or isinstance(node, LayerInput)
+
+        flat, _ = jax.tree.flatten(inputs, is_leaf=is_input)
+        if len(flat) != len(self.positions):
+            raise ValueError(
+                f"`layer_inputs` returned {len(flat)} inputs for {len(self.positions)} states: "
+                f"return the states' structure with each state replaced by its layer's input."
+            )
+        moments = {}
+        for position, item in zip(self.positions, flat, strict=True):
+            if item is None:
+                continue
+            item = item if isinstance(item, LayerInput) else LayerInput(item)
+            moments[position] = L.feature_moments(item.x, item.axis, item.mask)
+            if self.axis_name is not None:
+                moments[position] = stats.merge_across_devices(moments[position], self.axis_name)
+        return moments
+
+    def write(self, current, totals, *, final: bool):
+        leaves = jax.tree.flatten(current, is_leaf=L.is_state)[0]
+        for position, total in totals.items():
+            leaves[position] = population_state(
+                total.moments, leaves[position], unbiased=final and self.unbiased,
+                batches=total.batches, skipped=total.skipped,
+            )  # fmt: skip
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def statistics(self, current):
+        leaves = jax.tree.flatten(current, is_leaf=L.is_state)[0]
+        return {p: (leaves[p].mean, leaves[p].var) for p in self.positions}

@@ -1,0 +1,164 @@
+"""Fold evaluation-mode batch norm into the convolution or dense layer before it.
+
+In evaluation a batch norm is an affine map per output channel c,
+
+    BN(z)_c = g_c * (z_c - mean_c) + beta_c,      g_c = scale_c / sqrt(var_c + epsilon),
+
+and the layer before it is linear, ``z = x * W + b`` (W: (..., C_in, C) for Conv and Dense,
+b = 0 when it has none), so their composition is one layer with
+
+    W'[..., c] = W[..., c] * g_c,                  b'_c = (b_c - mean_c) * g_c + beta_c.
+
+`fold` applies this to every (layer, norm) pair of a linen variables tree and returns params
+for the same model built with ``norm='none'`` (whose convolutions and dense layers carry a
+bias): serving then skips the norm's memory pass, and the two models agree in evaluation mode to
+float32 rounding. The pairs of the bundled models are found by name: a norm ``norm{i}`` /
+``stem_norm`` / ``shortcut_norm`` follows the sibling ``conv{i}`` or ``dense{i}`` /
+``stem_conv`` / ``shortcut_conv``; pass `pairs` for other naming schemes. Only a norm over the
+last axis (channels last) that directly follows a Conv or Dense can be folded.
+
+For nnx or the functional core, `fold_into` folds one pair of arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnjax.lifecycle import _layers as L
+
+__all__ = ["fold", "fold_into", "layer_epsilons", "pair_by_name"]
+
+
+def fold_into(kernel, bias, mean, var, scale=None, norm_bias=None, *, epsilon: float = 1e-5):
+    """(kernel', bias') of the layer equal to ``layer`` then evaluation-mode batch norm.
+
+    Args:
+      kernel: (..., C) with the output channels last (Conv (kh, kw, C_in, C), Dense (D, C)).
+      bias: (C,) or None (no bias). mean, var: (C,) running statistics of the norm.
+      scale, norm_bias: (C,) norm parameters, None for 1 and 0. epsilon: the norm's.
+
+    Example:
+      >>> kernel, bias = fold_into(jnp.ones((2, 1)), None, jnp.array([1.0]), jnp.array([4.0]),
+      ...                          epsilon=0.0)
+      >>> kernel.ravel().tolist(), bias.tolist()      # (x1 + x2 - 1) / 2
+      ([0.5, 0.5], [-0.5])
+    """
+    dtype = jnp.promote_types(jnp.asarray(kernel).dtype, jnp.float32)
+    channels = kernel.shape[-1]
+    for name, value in (("mean", mean), ("var", var), ("scale", scale), ("norm_bias", norm_bias)):
+        if value is not None and tuple(jnp.shape(value)) != (channels,):
+            raise ValueError(
+                f"`{name}` has shape {tuple(jnp.shape(value))}; the kernel's {channels} output "
+                f"channels (its last axis) need ({channels},). Only a norm over the channels of "
+                f"the layer right before it can be folded."
+            )
+    gain = jax.lax.rsqrt(jnp.asarray(var, dtype) + epsilon)
+    if scale is not None:
+        gain = gain * jnp.asarray(scale, dtype)
+    shift = -jnp.asarray(mean, dtype) if bias is None else jnp.asarray(bias, dtype) - mean
+    new_bias = shift * gain
+    if norm_bias is not None:
+        new_bias = new_bias + jnp.asarray(norm_bias, dtype)
+    new_kernel = (jnp.asarray(kernel, dtype) * gain).astype(kernel.dtype)
+    bias_dtype = kernel.dtype if bias is None else jnp.asarray(bias).dtype
+    return new_kernel, new_bias.astype(bias_dtype)
+
+
+def pair_by_name(variables) -> dict[L.Path, L.Path]:
+    """{norm_path: layer_path} by the bundled models' naming (see the module docstring)."""
+    params = variables[L.PARAMS]
+    pairs = {}
+    for path in L.stats_layer_paths(variables[L.STATS]):
+        parent, name = path[:-1], str(path[-1])
+        for layer in (name.replace("norm", "conv"), name.replace("norm", "dense")):
+            sibling = L.get_path(params, (*parent, layer))
+            if layer != name and isinstance(sibling, Mapping) and "kernel" in sibling:
+                pairs[path] = (*parent, layer)
+                break
+    return pairs
+
+
+def _as_path(path) -> L.Path:
+    return tuple(path.split("/")) if isinstance(path, str) else tuple(path)
+
+
+def layer_epsilons(model: nn.Module, variables, *inputs, **apply_kwargs) -> dict[L.Path, float]:
+    """{norm_path: epsilon} read from the modules of ``model.apply(variables, *inputs, ...)``.
+
+    Only traces the model (``jax.eval_shape``), nothing is computed.
+    """
+    found = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        if L.is_linen_batch_norm_call(context):
+            found[tuple(context.module.path)] = float(context.module.epsilon)
+        return next_fun(*args, **kwargs)
+
+    def run(variables, *inputs):
+        with nn.intercept_methods(interceptor):
+            return model.apply(variables, *inputs, mutable=True, **apply_kwargs)
+
+    jax.eval_shape(run, variables, *inputs)
+    return found
+
+
+def fold(variables, *, epsilon: float | Mapping = 1e-5, pairs: Mapping | None = None) -> dict:
+    """Params of the norm-free model equal (in evaluation) to `variables`' model.
+
+    Args:
+      variables: linen variables with 'params' and 'batch_stats' (the running statistics
+        are what evaluation uses; recalibrate first if they are stale).
+      epsilon: every norm's epsilon, or {norm_path: epsilon} (paths as tuples or 'a/b'
+        strings), e.g. from ``layer_epsilons(model, variables, x, train=False)``.
+      pairs: {norm_path: layer_path}; default `pair_by_name`. Every batch norm must be paired.
+
+    Returns:
+      ``{'params': ...}`` for the same architecture with ``norm='none'``: each paired layer
+      has 'kernel' and 'bias', the norms' parameters are gone, and there is no 'batch_stats'.
+
+    Example:
+      >>> from bnjax import models
+      >>> model = models.SmallCNN(features=(4,))
+      >>> x = jnp.ones((2, 8, 8, 1))
+      >>> folded = fold(model.init(jax.random.key(0), x, train=False))
+      >>> sorted(folded["params"]["conv0"]), "norm0" in folded["params"]
+      (['bias', 'kernel'], False)
+    """
+    if L.STATS not in variables or L.PARAMS not in variables:
+        raise ValueError("`variables` needs 'params' and 'batch_stats' (the full model.init tree).")
+    pairs = pair_by_name(variables) if pairs is None else {
+        _as_path(norm): _as_path(layer) for norm, layer in pairs.items()
+    }  # fmt: skip
+    norms = L.stats_layer_paths(variables[L.STATS])
+    unpaired = [L.path_str(p) for p in norms if p not in pairs]
+    if unpaired:
+        raise ValueError(
+            f"No Conv/Dense layer found before the batch norm(s) {unpaired}; pass `pairs` "
+            f"{{norm_path: layer_path}} (a norm after an addition or a pooling cannot be folded)."
+        )
+    if isinstance(epsilon, Mapping):
+        epsilon = {_as_path(path): value for path, value in epsilon.items()}
+    params = L.to_dict(variables[L.PARAMS])
+    for norm, layer in pairs.items():
+        statistics = L.get_path(variables[L.STATS], norm)
+        norm_params = L.get_path(params, norm, {})
+        layer_params = L.get_path(params, layer)
+        if not isinstance(layer_params, Mapping) or "kernel" not in layer_params:
+            raise ValueError(f"`pairs` maps {L.path_str(norm)} to {L.path_str(layer)}, which "
+                             f"has no 'kernel' in params.")  # fmt: skip
+        eps = epsilon.get(norm) if isinstance(epsilon, Mapping) else epsilon
+        if eps is None:
+            raise ValueError(f"`epsilon` has no entry for {L.path_str(norm)}.")
+        kernel, bias = fold_into(
+            layer_params["kernel"], layer_params.get("bias"), statistics["mean"],
+            statistics["var"], norm_params.get("scale"), norm_params.get("bias"), epsilon=eps,
+        )  # fmt: skip
+        L.set_path(params, layer, {**layer_params, "kernel": kernel, "bias": bias})
+        if L.get_path(params, norm) is not None:
+            parent = L.get_path(params, norm[:-1]) if norm[:-1] else params
+            del parent[norm[-1]]
+    return {L.PARAMS: params}

@@ -1,0 +1,237 @@
+"""Reset and freeze batch norm: fresh statistics, and fine-tuning without touching them.
+
+The fine-tuning trap: a pretrained network fine-tuned in training mode normalizes with the
+statistics of small, new batches and overwrites its running statistics with them, so it
+forgets the normalization it was trained with (and evaluation then disagrees with training).
+Keras asks for ``layer.trainable = False`` *and* ``training=False``; PyTorch for ``bn.eval()``
+after every ``model.train()`` and ``requires_grad_(False)``; detectron2 swaps in a
+FrozenBatchNorm. Here a frozen batch norm, in training mode as in evaluation:
+
+    y = scale * (x - running_mean) / sqrt(running_var + epsilon) + bias
+
+with the state left bit-identical (no update, no counter change), while the rest of the network
+trains normally (dropout stays on). Its scale and bias remain parameters: train them or freeze
+them too with `freeze_optimizer` (linen, optax) or `trainable_filter` (nnx).
+
+    apply_fn = freeze(model.apply)                       # linen: every BN frozen
+    tx = freeze_optimizer(optax.adam(1e-3), variables)   # and their scale/bias as well
+    freeze(nnx_model); nnx.Optimizer(nnx_model, tx, wrt=trainable_filter(nnx_model))
+
+In the functional core freezing is simply ``bnjax.batch_norm(..., training=False)``.
+
+`layers` everywhere selects a subset: None (all), a predicate on the module path tuple, or a
+collection of paths ("stage0_block0/norm1" strings or tuples), e.g. to freeze only the stem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from bnjax.lifecycle import _layers as L
+
+__all__ = [
+    "bn_param_labels",
+    "freeze",
+    "freeze_optimizer",
+    "frozen_statistics",
+    "reset_statistics",
+    "trainable_filter",
+    "unfreeze",
+]
+
+_FRESH = {"mean": 0.0, "var": 1.0, "renorm_mean": 0.0, "renorm_var": 1.0}
+
+
+def _fresh(name: str, value):
+    return jnp.full(jnp.shape(value), _FRESH[name], jnp.asarray(value).dtype)
+
+
+def _key_names(key_path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in key_path)
+
+
+def reset_statistics(target, layers=None):
+    """Resets statistics to mean 0, variance 1 (and BatchRenorm's renorm ones), counters 0.
+
+    BatchRenorm's warm-up 'step' is kept, so the schedule does not restart.
+
+    Args:
+      target: linen variables (a dict with 'batch_stats'; returns a new dict), an nnx model
+        (updated in place and returned), or any pytree of `BatchNormState` /
+        `BatchRenormState` (returns a new pytree).
+      layers: which layers (see the module docstring); None: all.
+
+    Example:
+      >>> state = reset_statistics({"layer": bnjax.BatchNormState(
+      ...     jnp.ones(2), jnp.zeros(2), jnp.array(5), jnp.array(1))})["layer"]
+      >>> state.mean.tolist(), state.var.tolist(), int(state.count), int(state.skipped)
+      ([0.0, 0.0], [1.0, 1.0], 0, 0)
+    """
+    select = L.layer_filter(layers)
+    if isinstance(target, nnx.Module):
+        for path, module in L.nnx_batch_norms(target).items():
+            if not select(path):
+                continue
+            for name in (*_FRESH, "count", "skipped"):
+                variable = getattr(module, name, None)
+                if isinstance(variable, nnx.Variable):
+                    value = L.read_variable(variable)
+                    fresh = _fresh(name, value) if name in _FRESH else jnp.zeros_like(value)
+                    L.write_variable(variable, fresh)
+        return target
+    if isinstance(target, Mapping) and L.STATS in target:
+        new = L.to_dict(target)
+        for path in L.stats_layer_paths(new[L.STATS]):
+            if not select(path):
+                continue
+            layer = L.get_path(new[L.STATS], path)
+            L.set_path(new[L.STATS], path, {
+                name: _fresh(name, value) if name in _FRESH else value
+                for name, value in layer.items()
+            })  # fmt: skip
+            counters = L.get_path(new.get(L.COUNTERS), path)
+            if isinstance(counters, Mapping):
+                L.set_path(new[L.COUNTERS], path, jax.tree.map(jnp.zeros_like, dict(counters)))
+        return new
+
+    def reset(key_path, state):
+        if not L.is_state(state) or not select(_key_names(key_path)):
+            return state
+        fields = {n: _fresh(n, getattr(state, n)) for n in _FRESH if hasattr(state, n)}
+        zero = jnp.zeros((), jnp.int32)
+        return state._replace(**fields, count=zero, skipped=zero)
+
+    return jax.tree_util.tree_map_with_path(reset, target, is_leaf=L.is_state)
+
+
+# --------------------------------------------------------------------------- linen
+
+
+@contextlib.contextmanager
+def frozen_statistics(layers=None):
+    """Within this context, linen batch norms run on their running statistics, never updating.
+
+    Affects every ``apply`` traced inside it (bnjax BatchNorm/BatchRenorm and flax BatchNorm),
+    whatever `train` / `use_running_average` says; enter it inside your jitted step, or wrap
+    the apply function with `freeze`.
+    """
+    select = L.layer_filter(layers)
+
+    def interceptor(next_fun, args, kwargs, context):
+        if L.is_linen_batch_norm_call(context) and select(tuple(context.module.path)):
+            return L.call_in_mode(next_fun, context.module, args, kwargs, use_running_average=True)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def _frozen_call(self, x, use_running_average=None, *, mask=None):
+    del use_running_average  # frozen: always the running statistics
+    return L.call_parent(self, _frozen_call, x, True, mask=mask)
+
+
+def freeze(target, layers=None):
+    """Freezes batch norm: running statistics in training mode too, and no state update.
+
+    Args:
+      target: a linen apply function (``model.apply``): returns one that runs under
+        `frozen_statistics`; or an nnx model: its batch norms are replaced in place by frozen
+        subclasses (``model.train()`` no longer unfreezes them; `unfreeze` does) and the model
+        is returned.
+      layers: which layers (see the module docstring); None: all.
+
+    Example:
+      >>> model = nn.BatchNorm(use_running_average=False)
+      >>> x = jnp.array([[1.0], [3.0]])
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> y, updates = freeze(model.apply)(variables, x, mutable=["batch_stats"])
+      >>> bool(jnp.allclose(y, x / jnp.sqrt(1.0 + 1e-5))), updates["batch_stats"]["mean"].tolist()
+      (True, [0.0])
+    """
+    if isinstance(target, nnx.Module):
+        select = L.layer_filter(layers)
+        for path, module in L.nnx_batch_norms(target).items():
+            if select(path) and not getattr(type(module), "_bnjax_frozen", False):
+                frozen = L.subclass(type(module), "Frozen", _frozen_call)
+                frozen._bnjax_frozen = True
+                L.swap_class(module, frozen)
+        return target
+    if isinstance(target, nn.Module) or not callable(target):
+        raise TypeError(
+            f"`target` must be a linen apply function (e.g. `model.apply`) or an nnx model, "
+            f"got {type(target).__name__}."
+        )
+
+    @functools.wraps(target)
+    def frozen_apply(*args, **kwargs):
+        with frozen_statistics(layers):
+            return target(*args, **kwargs)
+
+    return frozen_apply
+
+
+def unfreeze(target):
+    """Undoes `freeze`: restores an nnx model's classes (in place), or unwraps an apply fn."""
+    if isinstance(target, nnx.Module):
+        for module in L.nnx_batch_norms(target).values():
+            if getattr(type(module), "_bnjax_frozen", False):
+                L.swap_class(module, L.original_class(type(module)))
+        return target
+    return getattr(target, "__wrapped__", target)
+
+
+def bn_param_labels(variables, layers=None, *, frozen: str = "frozen",
+                    trainable: str = "trainable"):  # fmt: skip
+    """A tree like ``variables['params']`` labelling batch-norm 'scale'/'bias' `frozen`.
+
+    Batch-norm layers are the paths holding 'mean' and 'var' in ``variables['batch_stats']``
+    (the same module path in 'params'). Use with ``optax.multi_transform``.
+    """
+    if L.STATS not in variables or L.PARAMS not in variables:
+        raise ValueError("`variables` needs both 'params' and 'batch_stats' (from model.init).")
+    select = L.layer_filter(layers)
+    norms = {path for path in L.stats_layer_paths(variables[L.STATS]) if select(path)}
+
+    def label(key_path, _):
+        path = _key_names(key_path)
+        return frozen if path[:-1] in norms and path[-1] in ("scale", "bias") else trainable
+
+    return jax.tree_util.tree_map_with_path(label, L.to_dict(variables[L.PARAMS]))
+
+
+def freeze_optimizer(
+    tx: optax.GradientTransformation, variables, layers=None
+) -> optax.GradientTransformation:
+    """`tx` for every parameter but batch-norm scale/bias, which get no update at all."""
+    labels = bn_param_labels(variables, layers)
+    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+# --------------------------------------------------------------------------- nnx
+
+
+def trainable_filter(model, layers=None, *, freeze_scale_and_bias: bool = True) -> Callable:
+    """An nnx filter of the parameters to train (``nnx.Optimizer(..., wrt=...)``).
+
+    With `freeze_scale_and_bias` the selected batch norms' scale and bias are left out;
+    otherwise every ``nnx.Param``.
+    """
+    select = L.layer_filter(layers)
+    norms = {path for path in L.nnx_batch_norms(model) if select(path)}
+
+    def is_trainable(path, value) -> bool:
+        if not isinstance(value, nnx.Param):
+            return False
+        path = tuple(path)
+        return not (freeze_scale_and_bias and path[:-1] in norms and path[-1] in ("scale", "bias"))
+
+    return is_trainable

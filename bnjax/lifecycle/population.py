@@ -1,0 +1,120 @@
+"""Exact population statistics from per-batch moments: accumulate, then write a state.
+
+Each batch is summarised per channel by ``Moments(count, mean, m2)`` (``m2 = sum (x - mean)^2``)
+and merged exactly into a running total (`bnjax.core.stats.combine`, Chan et al.), so the
+result is the mean and variance of all the values, not an average of per-batch variances:
+
+    mean = sum_i x_i / n,      var = m2 / n  (biased)   or   m2 / (n - 1)  (unbiased)
+
+Pure and jittable: `accumulate` runs inside a jitted loop body or a ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from bnjax.core import BatchNormState, BatchRenormState, batch_norm_state, stats
+from bnjax.lifecycle import _layers as L
+
+__all__ = ["LayerInput", "Total", "accumulate", "empty_totals", "population_state"]
+
+
+class LayerInput(NamedTuple):
+    """A functional layer's input for `recalibrate`: x, its feature axis (or axes), a mask."""
+
+    x: jax.Array
+    axis: int | tuple[int, ...] = -1
+    mask: jax.Array | None = None
+
+
+class Total(NamedTuple):
+    """A layer's accumulated statistics: exact moments, batches merged, batches left out."""
+
+    moments: stats.Moments
+    batches: jax.Array
+    skipped: jax.Array
+
+
+def accumulate(totals: Mapping[Any, Total], new: Mapping[Any, stats.Moments]) -> dict:
+    """Merges one batch's per-layer moments into running totals, exactly (pure, jittable).
+
+    A layer whose new moments are not finite keeps its total and counts the batch as skipped.
+    """
+    merged = {}
+    for key, total in totals.items():
+        moments = new[key]
+        finite = jnp.all(jnp.isfinite(moments.mean)) & jnp.all(jnp.isfinite(moments.m2))
+        combined = L.merge_calls((total.moments, moments))
+        merged[key] = Total(
+            jax.tree.map(functools.partial(jnp.where, finite), combined, total.moments),
+            total.batches + finite.astype(jnp.int32),
+            total.skipped + (~finite).astype(jnp.int32),
+        )
+    return merged
+
+
+def empty_totals(shapes: Mapping[Any, stats.Moments]) -> dict:
+    """Zero totals (the neutral element of `accumulate`) for moments of these shapes, e.g.
+    ``empty_totals(jax.eval_shape(layer_input_moments, model, variables, batch))``."""
+    zero = jnp.zeros((), jnp.int32)
+    return {
+        key: Total(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), moments), zero, zero)
+        for key, moments in shapes.items()
+    }
+
+
+def population(moments: stats.Moments, old_mean, old_var, unbiased: bool):
+    """(mean, var) from moments; channels without enough values keep the old statistics."""
+    ddof = 1 if unbiased else 0
+    usable = moments.count > ddof
+    var = moments.m2 / jnp.maximum(moments.count - ddof, 1)
+    old_mean, old_var = jnp.asarray(old_mean), jnp.asarray(old_var)
+    return (
+        jnp.where(usable, moments.mean, old_mean).astype(old_mean.dtype),
+        jnp.where(usable, var, old_var).astype(old_var.dtype),
+    )
+
+
+def population_state(
+    moments: stats.Moments,
+    state: BatchNormState | BatchRenormState | None = None,
+    *,
+    unbiased: bool = False,
+    batches=None,
+    skipped=None,
+):
+    """A batch-norm state holding the statistics summarised by `moments` (pure, jittable).
+
+    Args:
+      moments: per-feature `Moments` of a layer's inputs (e.g. merged over a data set).
+      state: the state to update (its dtype and, for BatchRenormState, its renorm statistics
+        and step); None starts from ``batch_norm_state(moments.mean.shape)``.
+      unbiased: store ``m2 / (n - 1)`` instead of ``m2 / n``, as the layer is configured.
+      batches, skipped: the new counters (None keeps the state's).
+
+    Features with no value (or one, when unbiased) keep the state's statistics.
+
+    Example:
+      >>> x = jnp.array([[0.0], [2.0], [4.0], [6.0]])      # two batches of two
+      >>> totals = {"bn": Total(L.feature_moments(x[:2], -1), 1, 0)}
+      >>> totals = accumulate(totals, {"bn": L.feature_moments(x[2:], -1)})
+      >>> population_state(totals["bn"].moments).var.tolist()  # batch variances are 1 and 1
+      [5.0]
+    """
+    if state is None:
+        state = batch_norm_state(tuple(moments.mean.shape))
+    mean, var = population(moments, state.mean, state.var, unbiased)
+    updates = dict(mean=mean, var=var)
+    if isinstance(state, BatchRenormState):
+        renorm = population(moments, state.renorm_mean, state.renorm_var, False)
+        updates.update(renorm_mean=renorm[0], renorm_var=renorm[1])
+    if batches is not None:
+        updates["count"] = jnp.asarray(batches, jnp.int32)
+    if skipped is not None:
+        updates["skipped"] = jnp.asarray(skipped, jnp.int32)
+    return state._replace(**updates)

@@ -1,0 +1,289 @@
+"""Check the batch-norm statistics of a checkpoint or variables tree before serving it.
+
+The failures this catches are silent at load time and ruin evaluation: a checkpoint of the
+params alone (the running statistics dropped), statistics never updated because training never
+ran with ``mutable=['batch_stats']`` (count 0, or exactly the initial mean 0 / var 1), NaN or
+infinite statistics from a diverged run, a negative variance from a buggy update or a bad
+merge, and statistics whose shape does not match the layer's.
+
+    report = validate_statistics(variables)              # or load_checkpoint(path)
+    print(report); assert report.ok
+
+    $ python -m bnjax.lifecycle validate CHECKPOINT_DIR  # exit 0 ok, 1 problems, 2 unreadable
+
+Where the statistics are looked for: every 'batch_stats' collection anywhere in the tree (with
+its sibling 'params' for scale/bias and 'bn_counters' for count/skipped, at the same module
+path), and every dict (or `BatchNormState`) holding 'mean'/'var' directly (functional states,
+nnx states: ``nnx.state(model)``). Train states (``flax.struct`` dataclasses) are read through
+``flax.serialization.to_state_dict``; 'opt_state' subtrees are skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax.serialization
+import numpy as np
+from flax import nnx
+
+from bnjax.lifecycle import _layers as L
+
+__all__ = ["LayerReport", "ValidationReport", "load_checkpoint", "validate_statistics"]
+
+_STAT_NAMES = ("mean", "var", "renorm_mean", "renorm_var")
+_SKIP = ("opt_state",)
+
+
+class LayerReport(NamedTuple):
+    """One batch-norm layer: its path, statistics shape, counters, problems and notes."""
+
+    path: str
+    features: tuple[int, ...] | None
+    count: int | None
+    skipped: int | None
+    problems: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    """Per-layer results and problems of the tree as a whole; ``ok`` when there are none."""
+
+    layers: list[LayerReport]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not any(layer.problems for layer in self.layers)
+
+    def format(self, only_problems: bool = False) -> str:
+        """A table, one line per layer (or per failing layer), then a summary line."""
+        rows = [("layer", "features", "count", "skipped", "status")]
+        for layer in self.layers:
+            if only_problems and not layer.problems:
+                continue
+            status = "FAIL " + "; ".join(layer.problems) if layer.problems else "ok"
+            if layer.notes:
+                status += " (" + "; ".join(layer.notes) + ")"
+            rows.append((
+                layer.path,
+                "-" if layer.features is None else str(layer.features),
+                "-" if layer.count is None else str(layer.count),
+                "-" if layer.skipped is None else str(layer.skipped),
+                status,
+            ))  # fmt: skip
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+                 for row in rows]  # fmt: skip
+        lines += [f"problem: {problem}" for problem in self.problems]
+        failing = sum(bool(layer.problems) for layer in self.layers)
+        lines.append(
+            f"{len(self.layers)} batch-norm layer(s), {failing} with problems"
+            + (f", {len(self.problems)} problem(s) overall" if self.problems else "")
+            + (": OK" if self.ok else ": FAILED")
+        )
+        return "\n".join(lines)
+
+    __str__ = format
+
+
+def _plain(tree):
+    """Dicts all the way down: nnx states/modules, train states and NamedTuples converted."""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree)
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    return flax.serialization.to_state_dict(tree)
+
+
+def _is_layer(node) -> bool:
+    return isinstance(node, Mapping) and any(
+        name in node and not isinstance(node[name], Mapping) for name in _STAT_NAMES
+    )
+
+
+def _stat_layers(collection) -> list[L.Path]:
+    found = []
+
+    def visit(node, path):
+        if _is_layer(node):
+            found.append(path)
+        elif isinstance(node, Mapping):
+            for key, value in node.items():
+                visit(value, (*path, key))
+
+    visit(collection, ())
+    return found
+
+
+def _find(tree) -> dict[L.Path, tuple[Mapping, Mapping, Mapping]]:
+    """{path: (statistics, params, counters)} for every batch-norm layer in a plain tree."""
+    layers = {}
+
+    def visit(node, path):
+        if not isinstance(node, Mapping):
+            return
+        if isinstance(node.get(L.STATS), Mapping):
+            for sub in _stat_layers(node[L.STATS]):
+                layers[(*path, *sub)] = (
+                    L.get_path(node[L.STATS], sub),
+                    L.get_path(node.get(L.PARAMS), sub, {}),
+                    L.get_path(node.get(L.COUNTERS), sub, {}),
+                )
+            skip = (L.STATS, L.PARAMS, L.COUNTERS, *_SKIP)
+        elif _is_layer(node):
+            layers[path] = (node, node, node)
+            return
+        else:
+            skip = _SKIP
+        for key, value in node.items():
+            if key not in skip:
+                visit(value, (*path, key))
+
+    visit(tree, ())
+    return layers
+
+
+def _shape(value) -> tuple[int, ...]:
+    return tuple(np.shape(value))
+
+
+def _check(statistics, params, counters, expected_shape) -> tuple:
+    """(shape, count, skipped, problems, notes) of one layer."""
+    problems, notes = [], []
+    for name in ("mean", "var"):
+        if name not in statistics:
+            problems.append(f"missing {name}")
+    present = {n: statistics[n] for n in _STAT_NAMES if n in statistics}
+    shape = _shape(present.get("mean", present.get("var"))) if present else None
+    for name, value in present.items():
+        array = np.asarray(value)
+        if not np.issubdtype(array.dtype, np.floating):
+            problems.append(f"{name} has dtype {array.dtype}, not floating")
+            continue
+        if _shape(array) != shape:
+            problems.append(f"{name} shape {_shape(array)} != {shape}")
+        bad = int(np.sum(~np.isfinite(array)))
+        if bad:
+            problems.append(f"{name} non-finite in {bad} channel(s)")
+        if name.endswith("var") and bad < array.size:
+            negative = int(np.sum(array < 0))
+            if negative:
+                problems.append(
+                    f"negative {name} in {negative} channel(s) (min {np.nanmin(array):.3g})"
+                )
+            zero = int(np.sum(array == 0))
+            if zero:
+                notes.append(f"{name} 0 in {zero} channel(s)")
+    for name in ("scale", "bias"):
+        value = params.get(name) if isinstance(params, Mapping) else None
+        if value is not None and shape is not None and _shape(value) != shape:
+            problems.append(f"{name} shape {_shape(value)} != statistics {shape}")
+    if expected_shape is not None and shape is not None and shape != expected_shape:
+        problems.append(f"shape {shape} != the model's {expected_shape}")
+    count = counters.get("count") if isinstance(counters, Mapping) else None
+    skipped = counters.get("skipped") if isinstance(counters, Mapping) else None
+    count = None if count is None else int(np.asarray(count))
+    skipped = None if skipped is None else int(np.asarray(skipped))
+    if count == 0:
+        problems.append("never updated (count 0)")
+    elif count is None and "mean" in present and "var" in present and _initial(present):
+        problems.append("never updated? (mean 0, var 1 exactly: the initial values)")
+    if skipped:
+        notes.append(f"{skipped} non-finite batch(es) skipped")
+    return shape, count, skipped, tuple(problems), tuple(notes)
+
+
+def _initial(present) -> bool:
+    mean, var = np.asarray(present["mean"]), np.asarray(present["var"])
+    return mean.size > 0 and bool(np.all(mean == 0) and np.all(var == 1))
+
+
+def validate_statistics(tree: Any, *, expected: Any = None) -> ValidationReport:
+    """Checks every batch-norm layer's statistics in `tree`; see the module docstring.
+
+    Args:
+      tree: linen variables, a train state, a restored checkpoint, an nnx model or state, or
+        any pytree of batch-norm states.
+      expected: optionally the model's variables or their shapes, e.g.
+        ``jax.eval_shape(model.init, key, x, train=False)``: layers it has and `tree` lacks
+        are reported missing, and shapes must match it.
+
+    Problems (``report.ok`` is False): missing mean/var, non-finite values, negative variance,
+    count 0 (or, without counters, exactly the initial mean 0 / var 1), shapes that disagree
+    (mean, var, scale, bias, the model), and no batch-norm statistics at all. Notes (not
+    failures): skipped non-finite batches, channels with variance exactly 0.
+
+    Example:
+      >>> ok = {"batch_stats": {"bn": {"mean": np.ones(2), "var": np.ones(2)}}}
+      >>> validate_statistics(ok).ok
+      True
+      >>> bad = {"batch_stats": {"bn": {"mean": np.ones(2), "var": np.array([1.0, -1.0])}}}
+      >>> validate_statistics(bad).layers[0].problems
+      ('negative var in 1 channel(s) (min -1)',)
+    """
+    found = _find(_plain(tree))
+    want = {}
+    if expected is not None:
+        want = {
+            p: _shape(s[0].get("mean", s[0].get("var"))) for p, s in _find(_plain(expected)).items()
+        }
+    reports, problems = [], []
+    for path, (statistics, params, counters) in found.items():
+        shape, count, skipped, layer_problems, notes = _check(
+            statistics, params, counters, want.get(path)
+        )
+        if want and path not in want:
+            notes = (*notes, "not in the model")
+        reports.append(LayerReport(L.path_str(path), shape, count, skipped, layer_problems, notes))
+    for path, shape in want.items():
+        if path not in found:
+            reports.append(LayerReport(L.path_str(path), shape, None, None, ("missing",)))
+    if not reports:
+        problems.append(
+            "no batch-norm statistics found (a checkpoint of the params alone? save the whole "
+            "variables dict, 'batch_stats' included)"
+        )
+    return ValidationReport(reports, problems)
+
+
+def _is_pytree_dir(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "_METADATA"))
+
+
+def load_checkpoint(path: str, step: int | None = None) -> Any:
+    """Restores a checkpoint without knowing its structure (no target), as numpy-backed dicts.
+
+    `path` may be an orbax PyTree checkpoint directory, a step directory of a
+    ``CheckpointManager`` (its PyTree items are restored into {item: tree}, or the tree itself
+    when there is one, e.g. the default item), a manager's root
+    (the latest step, or `step`), or a flax msgpack file. Raises FileNotFoundError or
+    ValueError when there is nothing to restore.
+    """
+    import orbax.checkpoint as ocp
+
+    if os.path.isfile(path):
+        with open(path, "rb") as file:
+            return flax.serialization.msgpack_restore(file.read())
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No checkpoint at {path!r}.")
+    if _is_pytree_dir(path):
+        return ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    steps = sorted(int(name) for name in os.listdir(path) if name.isdigit())
+    if steps:
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"No step {step} in {path!r}; steps: {steps}.")
+        return load_checkpoint(os.path.join(path, str(step if step is not None else steps[-1])))
+    items = {
+        name: os.path.join(path, name)
+        for name in sorted(os.listdir(path))
+        if _is_pytree_dir(os.path.join(path, name))
+    }
+    if not items:
+        raise ValueError(f"{path!r} holds no orbax PyTree checkpoint (no _METADATA file).")
+    trees = {name: ocp.StandardCheckpointer().restore(os.path.abspath(item))
+             for name, item in items.items()}  # fmt: skip
+    return next(iter(trees.values())) if len(trees) == 1 else trees
