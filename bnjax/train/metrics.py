@@ -1,0 +1,201 @@
+"""Training metrics as JSON lines and TensorBoard event files, without TensorFlow.
+
+Files written in `logdir` (by process 0 only when there are several processes):
+
+- ``metrics.jsonl``: one JSON object per `write_scalars` call, one per line, e.g.
+  ``{"step": 120, "time": 1718000000.25, "loss": 0.31, "accuracy": 0.9}``; ``time`` is the
+  Unix wall time. Strict JSON: non-finite values are written as the strings ``"NaN"``,
+  ``"Infinity"``, ``"-Infinity"`` (``float()`` parses them; `read_metrics` returns floats).
+- ``events.out.tfevents.*``: the same scalars for TensorBoard (``tensorboard --logdir
+  LOGDIR``), one new file per writer; format in `bnjax.train.event_file`.
+
+Every write is flushed to the operating system, so a killed process loses nothing it had
+written (`flush` and `close` also fsync, for power loss).
+
+Resuming: ``MetricWriter(logdir, resume_step=s)``, with s the step of the restored checkpoint,
+keeps the lines with ``step <= s`` (and drops a partial last line), then appends: the steps the
+killed run logged after its checkpoint are logged again by the resumed run, once. It also marks
+a restart at s + 1 in the event file, so TensorBoard drops the orphaned events with step > s.
+``resume_step=None`` starts a new log: an existing ``metrics.jsonl`` is emptied. For the log to
+be complete after a kill, write the metrics of step s before saving the checkpoint of step s.
+
+    with MetricWriter(workdir, resume_step=restored_step) as writer:
+        writer.write_scalars(step, {"loss": loss, "lr": lr})   # numbers or 1-element arrays
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from bnjax.train.event_file import EventFileWriter
+
+__all__ = ["JSONL_NAME", "MetricWriter", "read_metrics"]
+
+JSONL_NAME = "metrics.jsonl"
+_RESERVED = ("step", "time")
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _number(name: str, value: Any) -> int | float:
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if hasattr(value, "shape") and hasattr(value, "dtype") and np.size(value) == 1:
+        return _number(name, np.asarray(value).reshape(()).item())
+    raise TypeError(
+        f"metric {name!r}: expected a number or a one-element array, got {type(value).__name__}"
+        + (f" of shape {np.shape(value)}" if hasattr(value, "shape") else "")
+    )
+
+
+def _json_value(value: int | float) -> int | float | str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def _line_step(line: str) -> int | None:
+    """The step of a complete JSONL line, None for a partial or unreadable one."""
+    if not line.endswith("\n"):
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def _keep_through(path: str, last_step: int | None) -> None:
+    """Rewrites `path` (atomically) without the lines after `last_step` (all when None)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as file:
+        lines = file.readlines()
+    kept = [
+        line
+        for line in lines
+        if last_step is not None and (step := _line_step(line)) is not None and step <= last_step
+    ]
+    if len(kept) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as file:
+        file.writelines(kept)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file (or of `path`/metrics.jsonl for a directory).
+
+    Non-finite values come back as floats; a partial last line is skipped.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, JSONL_NAME)
+    records = []
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            if _line_step(line) is None:
+                continue
+            record = json.loads(line)
+            records.append({
+                key: _NON_FINITE.get(value, value) if isinstance(value, str) else value
+                for key, value in record.items()
+            })  # fmt: skip
+    return records
+
+
+class MetricWriter:
+    """Writes scalar metrics to ``metrics.jsonl`` and TensorBoard event files in `logdir`.
+
+    Args:
+      logdir: the directory (created if needed), typically the run's ``--workdir``.
+      resume_step: the step of the checkpoint the run resumed from, or None for a new run;
+        see the module docstring.
+      tensorboard: also write TensorBoard event files.
+      active: whether this process writes; default ``jax.process_index() == 0``. An inactive
+        writer creates no file and ignores every call.
+    """
+
+    def __init__(
+        self,
+        logdir: str,
+        *,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        active: bool | None = None,
+    ):
+        if active is None:
+            import jax
+
+            active = jax.process_index() == 0
+        self.logdir = os.fspath(logdir)
+        self.active = active
+        self.jsonl_path = os.path.join(self.logdir, JSONL_NAME)
+        self._jsonl = self._events = None
+        if not active:
+            return
+        os.makedirs(self.logdir, exist_ok=True)
+        _keep_through(self.jsonl_path, resume_step)
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        if tensorboard:
+            self._events = EventFileWriter(self.logdir)
+            self._events.write_session_start(0 if resume_step is None else resume_step + 1)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Appends one record: `scalars` ({name: number or one-element array}) at `step`.
+
+        Raises ValueError for a reserved name ('step', 'time') and TypeError for a value that
+        is not a single number, naming the metric.
+        """
+        values = {}
+        for name, value in scalars.items():
+            if not isinstance(name, str) or not name or name in _RESERVED:
+                raise ValueError(f"metric name {name!r} is reserved or not a non-empty string")
+            values[name] = _number(name, value)
+        if not self.active:
+            return
+        if self._jsonl is None:
+            raise ValueError("MetricWriter is closed")
+        wall_time = time.time()
+        record = {"step": int(step), "time": wall_time}
+        record.update((name, _json_value(value)) for name, value in values.items())
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+        self._jsonl.flush()
+        if self._events is not None:
+            self._events.write_scalars(int(step), values, wall_time=wall_time)
+
+    def flush(self) -> None:
+        """Flushes and fsyncs both files."""
+        if self._jsonl is not None:
+            self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
+        if self._events is not None:
+            self._events.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self.flush()
+            self._jsonl.close()
+            self._jsonl = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
