@@ -1,0 +1,156 @@
+"""The training loop end to end: short runs, determinism, resume after SIGKILL, fail-fast
+configs, the non-finite stop, and the parallel modes agreeing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from bnjax.train import loop
+from bnjax.train.checkpoints import Checkpointer
+from bnjax.train.defaults import base_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _tiny(**overrides):
+    config = base_config()
+    config.update(
+        model_features=(8, 16), batch_size=32, eval_batch_size=200, num_steps=12,
+        warmup_steps=2, log_every=4, eval_every=6, checkpoint_every=4, num_devices=1,
+    )  # fmt: skip
+    config.update(overrides)
+    return config
+
+
+def _final_state(workdir):
+    with Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
+        step = checkpointer.latest_step()
+        return step, checkpointer.restore(step)
+
+
+def test_short_run_writes_metrics_checkpoints_and_learns(tmp_path):
+    final = loop.train_and_evaluate(_tiny(num_steps=40, eval_every=20), str(tmp_path))
+    assert final["eval/accuracy_running_stats"] > 0.25  # 10 classes: chance is 0.1
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records if "loss" in r] == [4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+    assert "bn/norm0/drift" in records[0] and "eval/accuracy_batch_stats" in records[4]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+    assert _final_state(tmp_path)[0] == 40
+
+
+def test_same_seed_same_metrics_and_state(tmp_path):
+    first = loop.train_and_evaluate(_tiny(), str(tmp_path / "a"))
+    second = loop.train_and_evaluate(_tiny(), str(tmp_path / "b"))
+    assert first == second
+    chex.assert_trees_all_equal(_final_state(tmp_path / "a"), _final_state(tmp_path / "b"))
+
+
+def test_rerun_of_a_finished_run_resumes_and_changes_nothing(tmp_path):
+    loop.train_and_evaluate(_tiny(), str(tmp_path))
+    before = _final_state(tmp_path)
+    loop.train_and_evaluate(_tiny(), str(tmp_path))
+    chex.assert_trees_all_equal(_final_state(tmp_path), before)
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        (dict(norm="batchnorm"), r"config.norm='batchnorm' is invalid"),
+        (dict(batch_size=30, num_devices=None), r"config.batch_size=30 must divide evenly"),
+        (dict(sampler="stratified"), r"config.sampler='stratified' is invalid"),
+        (dict(learning_rate=-1.0), r"config.learning_rate=-1.0 is invalid"),
+        (dict(ghost_batch_size=5), r"config.ghost_batch_size=5 must be a positive int"),
+        (dict(warmup_steps=12), r"config.warmup_steps=12 must be below"),
+    ],
+)
+def test_invalid_configs_fail_fast_naming_the_key(tmp_path, override, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        loop.train_and_evaluate(_tiny(**override), str(tmp_path))
+    assert not os.listdir(tmp_path)  # nothing was written
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = _tiny(learning_rate=1e30, warmup_steps=0, schedule="constant", optimizer="sgd")
+    with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint is step"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    with Checkpointer(os.path.join(tmp_path, "checkpoints")) as checkpointer:
+        for step in checkpointer.all_steps():
+            state = checkpointer.restore(step)
+            assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state)
+                       if np.issubdtype(np.asarray(leaf).dtype, np.floating))  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_parallel_modes_match_jit(tmp_path, mode):
+    reference = loop.train_and_evaluate(_tiny(num_devices=None), str(tmp_path / "jit"))
+    other = loop.train_and_evaluate(_tiny(num_devices=None, parallel=mode), str(tmp_path / mode))
+    assert other["eval/accuracy_running_stats"] == pytest.approx(
+        reference["eval/accuracy_running_stats"], abs=0.01
+    )
+    chex.assert_trees_all_close(
+        _final_state(tmp_path / mode), _final_state(tmp_path / "jit"), atol=2e-4, rtol=2e-4
+    )
+
+
+def _command(workdir, steps):
+    return [
+        sys.executable, os.path.join(ROOT, "scripts", "train.py"),
+        "--config=" + os.path.join(ROOT, "configs", "default.py"), f"--workdir={workdir}",
+        "--config.model_features=(8, 16)", "--config.batch_size=32", f"--config.num_steps={steps}",
+        "--config.warmup_steps=2", "--config.checkpoint_every=3", "--config.eval_every=1000",
+        "--config.log_every=5", "--config.num_devices=1",
+    ]  # fmt: skip
+
+
+def test_killed_runs_resume_to_the_bit_identical_final_state(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)  # fmt: skip
+    steps = 30
+    subprocess.run(_command(tmp_path / "whole", steps), env=env, check=True, timeout=300,
+                   capture_output=True)  # fmt: skip
+    rng = np.random.default_rng(0)
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    killed, logs = 0, []
+    # Two attempts are killed at a random moment after they start writing a new checkpoint
+    # (so mid-training or mid-save, never only at start-up); each resumes from what the
+    # previous one left. The third attempt runs to the end.
+    for attempt in range(3):
+        seen = set(os.listdir(checkpoints)) if checkpoints.exists() else set()
+        logs.append(tmp_path / f"attempt{attempt}.log")
+        with open(logs[-1], "w") as log:
+            process = subprocess.Popen(
+                _command(tmp_path / "killed", steps), env=env, stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        if attempt < 2:
+            deadline = time.monotonic() + 120
+            while process.poll() is None and time.monotonic() < deadline:
+                if checkpoints.exists() and set(os.listdir(checkpoints)) - seen:
+                    time.sleep(float(rng.uniform(0.0, 1.0)))
+                    break
+                time.sleep(0.02)
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                killed += 1
+        process.wait(timeout=300)
+        if attempt == 2:
+            assert process.returncode == 0, logs[-1].read_text()[-2000:]
+    assert killed >= 1, "no attempt was killed: lower the kill delays"
+    # The resume path really ran: a later attempt started from a killed one's checkpoint.
+    assert any("resumed from" in log.read_text() for log in logs[1:]), "nothing to resume"
+    whole_step, whole = _final_state(tmp_path / "whole")
+    killed_step, resumed = _final_state(tmp_path / "killed")
+    assert whole_step == killed_step == steps
+    chex.assert_trees_all_equal(resumed, whole)  # bitwise
+    steps_logged = [
+        json.loads(line)["step"] for line in open(tmp_path / "killed" / "metrics.jsonl")
+    ]
+    assert steps_logged == sorted(set(steps_logged))  # no step logged twice after resumes
