@@ -47,5 +47,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every = 200
     config.checkpoint_every = 200
     config.keep_checkpoints = 3
+    config.progress = True  # a progress bar when stderr is a terminal
     config.telemetry = True  # per-layer BN drift in the metrics (jit mode)
     return config

@@ -112,6 +112,27 @@ def _training_batches(train, sampler, start_step: int):
         yield {"image": batch["image"], "label": batch["label"]}
 
 
+class _Progress:
+    """A rich progress bar on an interactive terminal; silent otherwise (logs carry on)."""
+
+    def __init__(self, enabled: bool, start: int, total: int):
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=True)
+            self._task = self._bar.add_task("training", total=total, completed=start)
+            self._bar.start()
+
+    def update(self, step: int, loss: float) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, description=f"loss {loss:.4f}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
 def _print_line(step: int, num_steps: int, scalars: dict, started: float) -> None:
     shown = " ".join(
         f"{name.split('/')[-1] if name.startswith('eval/') else name}={value:.4f}"
@@ -150,10 +171,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     writer = MetricWriter(workdir, resume_step=start_step if restored else None)
     started = time.perf_counter()
     final: dict[str, float] = {}
+    progress = _Progress(config.get("progress", True), start_step, config.num_steps)
+    # Many processes: each read only its rows; jit/shard_map take the assembled global batch.
+    assemble = mesh is not None and jax.process_count() > 1
     try:
         batches = _training_batches(train, sampler, start_step)
         for step in range(start_step + 1, config.num_steps + 1):
-            state, metrics = run(state, next(batches))
+            batch = next(batches)
+            if assemble:
+                batch = parallel.local_batch_to_global(batch, mesh)
+            state, metrics = run(state, batch)
             scalars = {name: float(value) for name, value in jax.device_get(metrics).items()}
             if not math.isfinite(scalars["loss"]):
                 raise NonFiniteLossError(
@@ -161,6 +188,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     f"last good checkpoint is step {checkpointer.latest_step()} in "
                     f"{checkpointer.directory}. Lower config.learning_rate or check the data."
                 )
+            progress.update(step, scalars["loss"])
             if step % config.log_every == 0 or step == config.num_steps:
                 scalars["learning_rate"] = float(schedule(step - 1))
                 final.update(scalars)
@@ -174,8 +202,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                 writer.write_scalars(step, scalars)
             checkpointer.save(step, state, force=step == config.num_steps)
     finally:
+        progress.close()
         checkpointer.wait_until_finished()
         checkpointer.close()
         writer.close()
+    if not final:  # resumed from the last step: nothing left to train, report where it stands
+        final = evaluate(eval_step, state, test, config.eval_batch_size)
+        print(f"already finished: step {start_step} of {config.num_steps}", flush=True)
     sys.stdout.flush()
     return final

@@ -53,6 +53,15 @@ def test_same_seed_same_metrics_and_state(tmp_path):
     chex.assert_trees_all_equal(_final_state(tmp_path / "a"), _final_state(tmp_path / "b"))
 
 
+def test_mixed_precision_keeps_params_and_statistics_in_float32(tmp_path):
+    final = loop.train_and_evaluate(_tiny(mixed_precision=True), str(tmp_path))
+    assert np.isfinite(final["loss"])
+    state = _final_state(tmp_path)[1]
+    for collection in ("params", "batch_stats"):
+        dtypes = {np.asarray(leaf).dtype for leaf in jax.tree.leaves(state[collection])}
+        assert dtypes == {np.dtype(np.float32)}, (collection, dtypes)
+
+
 def test_rerun_of_a_finished_run_resumes_and_changes_nothing(tmp_path):
     loop.train_and_evaluate(_tiny(), str(tmp_path))
     before = _final_state(tmp_path)
