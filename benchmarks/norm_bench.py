@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import os
 import platform
 import statistics
@@ -61,6 +60,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import fmt_mib, fmt_ratio, fusion_count, package_version
 
 import bnjax
 
@@ -135,22 +135,6 @@ def compile_impl(impl: Impl, dump_dir: str | None, tag: str) -> None:
         os.makedirs(dump_dir, exist_ok=True)
         with open(os.path.join(dump_dir, f"{tag}_{impl.name}.hlo.txt"), "w") as f:
             f.write(impl.hlo)
-
-
-def fusion_count(hlo: str) -> int:
-    """Number of kernels launched by the entry computation (fusions plus unfused ops)."""
-    lines = hlo.splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.startswith("ENTRY"))
-    except StopIteration:
-        return 0
-    count = 0
-    for line in lines[start + 1 :]:
-        if line.startswith("}"):
-            break
-        if " fusion(" in line or "custom-call(" in line or " reduce(" in line:
-            count += 1
-    return count
 
 
 def mem_field(impl: Impl, field: str) -> float | None:
@@ -511,30 +495,11 @@ def time_interleaved(impls: Sequence[Impl], repeats: int, warmup: int) -> None:
 # ----------------------------------------------------------------------------- reporting
 
 
-def fmt_ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None:
-        return "n/a"
-    if b == 0:
-        return "n/a (flax 0)" if a else "n/a (both 0)"
-    return f"{a / b:.2f}x"
-
-
 def fmt_memory_ratio(a: float | None, b: float | None, negligible: float) -> str:
     """Ratio of temp sizes; scratch below `negligible` MiB on both sides has no meaningful ratio."""
     if a is not None and b is not None and max(a, b) < negligible:
         return "n/a (both ~0)"
     return fmt_ratio(a, b)
-
-
-def fmt_mib(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.1f}"
-
-
-def package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
 
 
 def environment_lines(dtype, repeats, torch_note) -> list[str]:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.metadata
 import os
 import platform
 import statistics
@@ -65,6 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import fmt_mib, fmt_ratio, fusion_count, package_version
 
 import bnjax
 from bnjax import models
@@ -228,41 +228,9 @@ def time_interleaved(sides: Sequence[Side], images, labels, steps: int, warmup: 
             side.times.append(time.perf_counter() - start)
 
 
-def fusion_count(hlo: str) -> int:
-    """Kernels launched by the entry computation (fusions, reductions, custom calls)."""
-    lines = hlo.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("ENTRY")), None)
-    if start is None:
-        return 0
-    count = 0
-    for line in lines[start + 1 :]:
-        if line.startswith("}"):
-            break
-        if " fusion(" in line or "custom-call(" in line or " reduce(" in line:
-            count += 1
-    return count
-
-
 def mem_mib(side: Side, field: str) -> float | None:
     value = getattr(side.memory, field, None) if side.memory is not None else None
     return None if value is None else value / MIB
-
-
-def fmt_mib(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.1f}"
-
-
-def fmt_ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None or b == 0:
-        return "n/a"
-    return f"{a / b:.2f}x"
-
-
-def package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
 
 
 def environment_lines(args) -> list[str]:
