@@ -32,7 +32,7 @@ def promote(x, scale, bias, dtype) -> tuple[jax.Array, Any]:
 def refuse(module: str, **options) -> None:
     for name, value in options.items():
         if value is not None:
-            raise NotImplementedError(
+            raise ValueError(
                 f"bnjax {module} does not support `{name}` yet (its statistics are per example "
                 f"on one device); use flax's {module} for it, or leave `{name}` unset."
             )

@@ -59,7 +59,7 @@ class _Affine(nnx.Module):
     def _init_affine(self, shape, *, use_scale, use_bias, scale_init, bias_init, param_dtype,
                      rngs, scale_metadata, bias_metadata, promote_dtype):  # fmt: skip
         if promote_dtype is not None:
-            raise NotImplementedError(
+            raise ValueError(
                 "bnjax modules do not take `promote_dtype`: `dtype` is the output dtype "
                 "(None promotes x and the parameters) and statistics are always float32."
             )
