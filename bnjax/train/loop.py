@@ -181,23 +181,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             if assemble:
                 batch = parallel.local_batch_to_global(batch, mesh)
             state, metrics = run(state, batch)
-            scalars = {name: float(value) for name, value in jax.device_get(metrics).items()}
-            if not math.isfinite(scalars["loss"]):
+            step_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not math.isfinite(step_metrics["loss"]):
                 raise NonFiniteLossError(
-                    f"the training loss is {scalars['loss']} at step {step}; stopping. The "
-                    f"last good checkpoint is step {checkpointer.latest_step()} in "
+                    f"the training loss is {step_metrics['loss']} at step {step}; stopping. "
+                    f"The last good checkpoint is step {checkpointer.latest_step()} in "
                     f"{checkpointer.directory}. Lower config.learning_rate or check the data."
                 )
-            progress.update(step, scalars["loss"])
+            progress.update(step, step_metrics["loss"])
+            scalars = {}
             if step % config.log_every == 0 or step == config.num_steps:
-                scalars["learning_rate"] = float(schedule(step - 1))
-                final.update(scalars)
-            else:
-                scalars = {}
+                scalars.update(step_metrics, learning_rate=float(schedule(step - 1)))
             if step % config.eval_every == 0 or step == config.num_steps:
                 scalars.update(evaluate(eval_step, state, test, config.eval_batch_size))
-                final.update(scalars)
-                _print_line(step, config.num_steps, scalars | {"loss": final["loss"]}, started)
+                _print_line(step, config.num_steps, scalars | {"loss": step_metrics["loss"]},
+                            started)  # fmt: skip
+            final.update(scalars)
             if scalars:
                 writer.write_scalars(step, scalars)
             checkpointer.save(step, state, force=step == config.num_steps)

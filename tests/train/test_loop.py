@@ -53,6 +53,14 @@ def test_same_seed_same_metrics_and_state(tmp_path):
     chex.assert_trees_all_equal(_final_state(tmp_path / "a"), _final_state(tmp_path / "b"))
 
 
+def test_evaluation_off_the_logging_grid(tmp_path):
+    final = loop.train_and_evaluate(_tiny(num_steps=6, log_every=4, eval_every=3), str(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [3, 4, 6]
+    assert "loss" not in records[0] and "eval/accuracy_running_stats" in records[0]
+    assert "loss" in final and "eval/accuracy_batch_stats" in final
+
+
 def test_mixed_precision_keeps_params_and_statistics_in_float32(tmp_path):
     final = loop.train_and_evaluate(_tiny(mixed_precision=True), str(tmp_path))
     assert np.isfinite(final["loss"])
