@@ -1,0 +1,53 @@
+"""The batch-composition study (issue 8): metrics that turn the paper's Table 1 into numbers.
+
+`metrics` holds those measured on the training run (BN statistical stability, convergence,
+gradient noise, running-statistics bias), `evaluation` those measured on held-out data
+(accuracy, representation coherence) and the mean ± std summary over seeds. Everything is
+re-exported here.
+"""
+
+from bnjax.study.evaluation import (
+    Summary,
+    accuracy,
+    accuracy_gap,
+    format_mean_std,
+    format_summary,
+    intra_inter_ratio,
+    mean_std,
+    silhouette,
+    summarize,
+)
+from bnjax.study.metrics import (
+    batch_stat_variability,
+    final_loss,
+    loss_oscillation,
+    population_stats,
+    running_stat_bias,
+    smooth,
+    steps_to_target,
+    trajectory_variance,
+    update_noise,
+    update_pair,
+)
+
+__all__ = [
+    "Summary",
+    "accuracy",
+    "accuracy_gap",
+    "batch_stat_variability",
+    "final_loss",
+    "format_mean_std",
+    "format_summary",
+    "intra_inter_ratio",
+    "loss_oscillation",
+    "mean_std",
+    "population_stats",
+    "running_stat_bias",
+    "silhouette",
+    "smooth",
+    "steps_to_target",
+    "summarize",
+    "trajectory_variance",
+    "update_noise",
+    "update_pair",
+]
