@@ -42,3 +42,14 @@ def package_version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "?"
+
+
+def emit_report(lines: list[str], out: str | None) -> None:
+    """Prints the Markdown report, and writes it to `out` when given (for the README)."""
+    text = "\n".join(lines) + "\n"
+    print()
+    print(text)
+    if out:
+        with open(out, "w") as handle:
+            handle.write(text)
+        print(f"wrote {out}")

@@ -60,7 +60,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import fmt_mib, fmt_ratio, fusion_count, package_version
+from common import emit_report, fmt_mib, fmt_ratio, fusion_count, package_version
 
 import bnjax
 
@@ -652,13 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     elapsed = time.perf_counter() - started
     report += ["", f"Total benchmark time: {elapsed:.0f} s."]
-    text = "\n".join(report) + "\n"
-    print()
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-        print(f"wrote {args.out}")
+    emit_report(report, args.out)
     return 0
 
 

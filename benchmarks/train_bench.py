@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import fmt_mib, fmt_ratio, fusion_count, package_version
+from common import emit_report, fmt_mib, fmt_ratio, fusion_count, package_version
 
 import bnjax
 from bnjax import models
@@ -355,13 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"Total benchmark time: {elapsed:.0f} s.",
     ]
-    text = "\n".join(report) + "\n"
-    print()
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-        print(f"wrote {args.out}")
+    emit_report(report, args.out)
     return 0
 
 

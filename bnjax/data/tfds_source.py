@@ -88,7 +88,7 @@ def open_source(name: str, split: str = "train", *, data_dir: str | None = None)
             download=False,
             builder_kwargs={"file_format": "array_record"},
         )
-    except Exception as error:  # TFDS raises KeyError, OSError, NotImplementedError, ...
+    except Exception as error:  # TFDS signals a missing dataset with several error types
         raise DatasetNotPreparedError(not_prepared_message(name, data_dir, error)) from error
 
 
