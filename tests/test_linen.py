@@ -5,13 +5,11 @@ eagerly run operations compile once for the whole file.
 """
 
 import dataclasses
-import doctest
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import serialization
@@ -313,8 +311,3 @@ def test_pmap_with_axis_name_equals_one_device():
     _close(y_p.reshape(x.shape), y)
     for device in range(devices):
         _close(jax.tree.map(lambda a, d=device: a[d], updates_p), updates, 1e-6)
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(bnn, extraglobs={"jax": jax, "jnp": jnp, "np": np})
-    assert result.attempted > 0 and result.failed == 0

@@ -3,7 +3,6 @@
 One input shape for the whole file (as in test_linen.py), so eager operations compile once.
 """
 
-import doctest
 import inspect
 
 import chex
@@ -271,8 +270,3 @@ def test_unsupported_options_raise():
         bnx.LayerNorm(C, rngs=nnx.Rngs(0))(_random(), mask=jnp.ones(SHAPE, bool))
     with pytest.raises(ValueError, match="divide"):
         bnx.GroupNorm(C, num_groups=5, rngs=nnx.Rngs(0))
-
-
-def test_docstring_examples_run():
-    result = doctest.testmod(bnx, extraglobs={"jax": jax, "jnp": jnp, "nnx": nnx})
-    assert result.attempted > 0 and result.failed == 0

@@ -1,32 +1,8 @@
-"""The lifecycle's documentation stays true: docstring examples and the README section run."""
+"""The README's 'BN lifecycle' section stays true (its docstring examples run in
+tests/test_examples.py)."""
 
-import doctest
-import importlib
-
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pytest
-
-import bnjax
-
-MODULES = [
-    "bnjax.diagnostics",
-    "bnjax.lifecycle._backends",
-    "bnjax.lifecycle.folding",
-    "bnjax.lifecycle.freezing",
-    "bnjax.lifecycle.population",
-    "bnjax.lifecycle.validation",
-]
-
-
-@pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples_run(name):
-    module = importlib.import_module(name)
-    globs = {"jax": jax, "jnp": jnp, "np": np, "nn": nn, "bnjax": bnjax}
-    result = doctest.testmod(module, extraglobs=globs, verbose=False)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_readme_lifecycle_examples_run(tmp_path):
