@@ -56,6 +56,7 @@ def batch_order(labels: np.ndarray, batch: int, clustered: bool, rng) -> np.ndar
 
 
 def init_mlp(key) -> tuple[dict, list[bnjax.BatchNormState]]:
+    """He-initialised params of `mlp` and its two fresh batch-norm states."""
     sizes = [(DIM, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, NUM_CLASSES)]
     keys = jax.random.split(key, len(sizes))
     params = {
@@ -82,6 +83,7 @@ def mlp(params, states, x, training: bool):
 
 
 def train(x, y, clustered: bool, steps: int, batch: int, seed: int):
+    """SGD on `mlp` with shuffled or one-class batches: (params, states, per-step losses)."""
     params, states = init_mlp(jax.random.key(seed))
     optimizer = optax.sgd(0.05, momentum=0.9)
     opt_state = optimizer.init(params)
@@ -118,10 +120,12 @@ def population_drift(params, states, x) -> float:
 
 
 def accuracy(logits, labels) -> float:
+    """Fraction of rows whose largest logit is the label."""
     return float(np.mean(np.argmax(np.asarray(logits), -1) == labels))
 
 
 def tour_functional_core() -> None:
+    """Part 1: a batch-norm step on a tiny batch, and the non-finite guard."""
     print("1) Batch norm is a pure function; its running statistics are a value.")
     x = jnp.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])
     state = bnjax.batch_norm_state(2)
@@ -136,6 +140,7 @@ def tour_functional_core() -> None:
 
 
 def tour_stability() -> None:
+    """Part 2: the two-pass variance against E[x^2]-E[x]^2 at |mean| = 1000 x std."""
     print("2) Variance when |mean| = 1000 x std (float32 input, float64 reference):")
     x = jax.random.normal(jax.random.key(0), (256, 8, 8, 4)) + 1000.0
     reference = np.asarray(x, np.float64).var(axis=(0, 1, 2))
@@ -147,6 +152,7 @@ def tour_stability() -> None:
 
 
 def tour_batch_composition(steps: int, batch: int, seed: int) -> None:
+    """Part 3: the same MLP trained on shuffled and on one-class batches, evaluated."""
     print(f"3) Same MLP with BN, {steps} SGD steps of {batch}, two batch compositions")
     x, y = make_clusters(seed, per_class=1024)
     x_test, y_test = make_clusters(seed, per_class=256, draw=1)
@@ -174,6 +180,7 @@ def tour_batch_composition(steps: int, batch: int, seed: int) -> None:
 
 
 def main(argv) -> None:
+    """Runs the three parts (absl entry point of ``python -m bnjax.demo``)."""
     del argv
     logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the tour
     print(f"bnjax {bnjax.__version__} on {jax.default_backend()} ({jax.device_count()} device)\n")

@@ -30,6 +30,7 @@ def promote(x, scale, bias, dtype) -> tuple[jax.Array, Any]:
 
 
 def refuse(module: str, **options) -> None:
+    """Raises a ValueError naming the first flax option in `options` that is set."""
     for name, value in options.items():
         if value is not None:
             raise ValueError(

@@ -46,7 +46,16 @@ _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
 
 class BatchCounter(nnx.Variable):
-    """int32 counters of a batch-norm layer ('count', 'skipped'); not an ``nnx.BatchStat``."""
+    """int32 counters of a batch-norm layer ('count', 'skipped'); not an ``nnx.BatchStat``.
+
+    Example:
+      >>> bn = BatchNorm(3, rngs=nnx.Rngs(0))
+      >>> _ = bn(jnp.ones((4, 3)))                          # training mode: one update
+      >>> {name: int(v) for name, v in nnx.state(bn, BatchCounter).items()}
+      {'count': 1, 'skipped': 0}
+      >>> sorted(nnx.state(bn, nnx.BatchStat).keys())       # exactly flax's batch statistics
+      ['mean', 'var']
+    """
 
 
 def _shape(num_features: int | Sequence[int]) -> tuple[int, ...]:

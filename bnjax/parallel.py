@@ -81,7 +81,12 @@ def data_mesh(
 
 
 def mesh_axes(mesh: Mesh):
-    """All of `mesh`'s axis names as one collective axis: a name, or a tuple of names."""
+    """All of `mesh`'s axis names as one collective axis: a name, or a tuple of names.
+
+    Example:
+      >>> mesh_axes(data_mesh(1)), mesh_axes(data_mesh(1, sync_group_size=1))
+      ('batch', ('replica', 'batch'))
+    """
     names = tuple(mesh.axis_names)
     return names[0] if len(names) == 1 else names
 
@@ -111,7 +116,14 @@ def _check_leading(tree, divisor: int, argument: str, what: str) -> None:
 
 def shard_batch(batch, mesh: Mesh):
     """Splits a global batch (a pytree of (N, ...) arrays, the same on every process) over
-    all of `mesh`'s axes along axis 0: device i holds rows [i*N/D, (i+1)*N/D)."""
+    all of `mesh`'s axes along axis 0: device i holds rows [i*N/D, (i+1)*N/D).
+
+    Example:
+      >>> mesh = data_mesh()
+      >>> batch = shard_batch({"x": jnp.zeros((4 * mesh.size, 3))}, mesh)
+      >>> batch["x"].addressable_shards[0].data.shape               # each device: 4 rows
+      (4, 3)
+    """
     _check_leading(batch, mesh.size, "batch", f"devices of the mesh {dict(mesh.shape)}")
     return _put(batch, NamedSharding(mesh, P(mesh_axes(mesh))))
 
@@ -130,7 +142,13 @@ def _put(tree, sharding: NamedSharding):
 
 def local_rows(mesh: Mesh, global_batch_size: int) -> slice:
     """The rows of a global batch that this process's devices hold under `shard_batch`'s
-    layout: what this host's data loader must read for `local_batch_to_global`."""
+    layout: what this host's data loader must read for `local_batch_to_global`.
+
+    Example:
+      >>> mesh = data_mesh()
+      >>> local_rows(mesh, 8 * mesh.size) == slice(0, 8 * mesh.size)   # one process: all
+      True
+    """
     sharding = NamedSharding(mesh, P(mesh_axes(mesh)))
     indices = sharding.addressable_devices_indices_map((global_batch_size,)).values()
     starts = sorted(index[0].start or 0 for index in indices)
@@ -142,7 +160,16 @@ def local_rows(mesh: Mesh, global_batch_size: int) -> slice:
 
 def local_batch_to_global(local_batch, mesh: Mesh):
     """A global batch from each process's own rows (see `local_rows`), without any process
-    holding the whole batch. Pytree of (n, ...) -> (n * process_count, ...), sharded."""
+    holding the whole batch. Pytree of (n, ...) -> (n * process_count, ...), sharded.
+
+    Example:
+      >>> mesh = data_mesh()
+      >>> rows = local_rows(mesh, 2 * mesh.size)                  # this process's rows
+      >>> local = {"x": np.arange(2.0 * mesh.size)[rows]}          # what its loader read
+      >>> glob = local_batch_to_global(local, mesh)
+      >>> glob["x"].shape == (2 * mesh.size,), len(glob["x"].addressable_shards) == mesh.size
+      (True, True)
+    """
     sharding = NamedSharding(mesh, P(mesh_axes(mesh)))
     local_devices = len(mesh.local_devices)
     _check_leading(local_batch, local_devices, "local_batch", "local devices of this process")
@@ -153,17 +180,34 @@ def local_batch_to_global(local_batch, mesh: Mesh):
 
 
 def replicate(tree, mesh: Mesh):
-    """Places a pytree (parameters, optimizer and batch-norm state) on every device of `mesh`."""
+    """Places a pytree (parameters, optimizer and batch-norm state) on every device of `mesh`.
+
+    Example:
+      >>> params = replicate({"w": jnp.ones(3)}, data_mesh())
+      >>> params["w"].sharding.is_fully_replicated
+      True
+    """
     return _put(tree, NamedSharding(mesh, P()))
 
 
 def stack_copies(tree, num_copies: int):
-    """One copy per device along a new leading axis: the initial value of `per_device` state."""
+    """One copy per device along a new leading axis: the initial value of `per_device` state.
+
+    Example:
+      >>> state = stack_copies(bnjax.batch_norm_state(3), 4)
+      >>> state.mean.shape, state.count.shape
+      ((4, 3), (4,))
+    """
     return jax.tree.map(lambda leaf: jnp.stack([jnp.asarray(leaf)] * num_copies), tree)
 
 
 def to_host(tree):
-    """NumPy values of a pytree of (possibly multi-host) arrays, on every process."""
+    """NumPy values of a pytree of (possibly multi-host) arrays, on every process.
+
+    Example:
+      >>> to_host({"loss": jnp.array(0.5)})
+      {'loss': array(0.5, dtype=float32)}
+    """
 
     def fetch(leaf):
         if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
@@ -182,7 +226,16 @@ def to_host(tree):
 
 def define_distributed_flags(flag_values=None) -> None:
     """Defines absl flags --coordinator_address, --num_processes, --process_id (unset: the
-    environment); pass their values to `initialize_distributed`."""
+    environment); pass their values to `initialize_distributed`.
+
+    Example:
+      >>> from absl import flags
+      >>> flag_values = flags.FlagValues()
+      >>> define_distributed_flags(flag_values)
+      >>> _ = flag_values(["train.py", "--num_processes=4", "--process_id=1"])
+      >>> flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
+      (None, 4, 1)
+    """
     from absl import flags
 
     flag_values = flags.FLAGS if flag_values is None else flag_values
@@ -216,6 +269,10 @@ def initialize_distributed(
 
     Returns:
       True when this is now a multi-process run (jax.process_count() > 1 after it).
+
+    Example:
+      >>> initialize_distributed()                 # nothing set: one process, a no-op
+      False
     """
     if jax.distributed.is_initialized():
         return True
@@ -279,6 +336,17 @@ def data_parallel_value_and_grad(fun: Callable, axis_name, *, has_aux: bool = Fa
     batches) they are summed. Both come out identical on every device, under pmap and
     shard_map alike; `axis_name=None` (one device, jit) is plain `jax.value_and_grad`. `aux`
     is returned as computed on each device. Differentiates with respect to the first argument.
+
+    Example:
+      >>> mesh = data_mesh()
+      >>> loss = lambda w, x: jnp.mean((x * w) ** 2)
+      >>> grad_fn = data_parallel_value_and_grad(loss, "batch")
+      >>> x = jnp.arange(2.0 * mesh.size)                          # 2 values per device
+      >>> run = jax.shard_map(lambda x: grad_fn(jnp.array(2.0), x), mesh=mesh,
+      ...                     in_specs=P("batch"), out_specs=P())
+      >>> per_device, whole = run(x), jax.value_and_grad(loss)(jnp.array(2.0), x)
+      >>> [bool(jnp.allclose(a, b)) for a, b in zip(per_device, whole)]   # value, gradient
+      [True, True]
     """
     if reduce not in ("mean", "sum"):
         raise ValueError(f'`reduce` must be "mean" or "sum", got {reduce!r}.')
@@ -340,6 +408,16 @@ def pmap_step(
     stacked per device) except for the leaves marked `per_device` (a bool or a prefix tree of
     `state`), which carry a leading device axis in and out (local-mode batch-norm state, from
     `stack_copies`). The step must return the rest and the metrics identical on all devices.
+
+    Example:
+      >>> def step(bn_state, x, axis_name):                        # per device
+      ...     _, bn_state = bnjax.batch_norm(x, bn_state, training=True, axis_name=axis_name)
+      ...     return bn_state, {}
+      >>> x = jax.random.normal(jax.random.key(0), (8 * jax.local_device_count(), 2))
+      >>> state, _ = pmap_step(step)(bnjax.batch_norm_state(2), x)
+      >>> _, whole = bnjax.batch_norm(x, bnjax.batch_norm_state(2), training=True)
+      >>> bool(jnp.allclose(state.var, whole.var))                  # synced: the whole batch's
+      True
     """
 
     @functools.cache
@@ -390,6 +468,16 @@ def shard_map_step(
     state and metrics are replicated (`out_specs=P()`, checked: a value that still differs
     between devices is an error), except `per_device` leaves (as in `pmap_step`), whose
     leading axis has one entry per device of the mesh.
+
+    Example:
+      >>> def step(bn_state, x, axis_name):                        # per device
+      ...     _, bn_state = bnjax.batch_norm(x, bn_state, training=True, axis_name=axis_name)
+      ...     return bn_state, {}
+      >>> x = jax.random.normal(jax.random.key(0), (8 * jax.device_count(), 2))
+      >>> state, _ = shard_map_step(step, data_mesh())(bnjax.batch_norm_state(2), x)
+      >>> _, whole = bnjax.batch_norm(x, bnjax.batch_norm_state(2), training=True)
+      >>> bool(jnp.allclose(state.var, whole.var))                  # synced: the whole batch's
+      True
     """
     axes = mesh_axes(mesh)
     batch_spec = P(axes)
@@ -430,6 +518,16 @@ def jit_sharded_step(step_fn: StepFn, mesh: Mesh, *, donate_state: bool = False)
     loss included, are global by construction; the state stays replicated.
 
     `run(state, batch) -> (state, metrics)` with a global (N, ...) batch, as `shard_map_step`.
+
+    Example:
+      >>> def step(bn_state, x, axis_name):                        # axis_name is None here
+      ...     _, bn_state = bnjax.batch_norm(x, bn_state, training=True, axis_name=axis_name)
+      ...     return bn_state, {}
+      >>> x = jax.random.normal(jax.random.key(0), (8 * jax.device_count(), 2))
+      >>> state, _ = jit_sharded_step(step, data_mesh())(bnjax.batch_norm_state(2), x)
+      >>> _, whole = bnjax.batch_norm(x, bnjax.batch_norm_state(2), training=True)
+      >>> bool(jnp.allclose(state.var, whole.var))                  # global by construction
+      True
     """
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(

@@ -44,6 +44,12 @@ class BatchNormState(NamedTuple):
       count: int32 scalar, number of batches folded into the running statistics.
       skipped: int32 scalar, number of training batches whose statistics were not finite (or
         had no valid value) and were therefore left out of the running statistics.
+
+    Example:
+      >>> x = jnp.array([[1.0], [3.0]])                    # batch mean 2, biased variance 1
+      >>> _, state = batch_norm(x, batch_norm_state(1), training=True, momentum=0.5)
+      >>> state.mean.tolist(), state.var.tolist(), int(state.count), int(state.skipped)
+      ([1.0], [1.0], 1, 0)
     """
 
     mean: Array
@@ -86,6 +92,8 @@ class BatchLayout(NamedTuple):
 
 
 def batch_layout(x, axis, ghost_batch_size) -> BatchLayout:
+    """The `BatchLayout` of `x` for feature `axis` and ghost batches of `ghost_batch_size`
+    (None: one group); raises a ValueError naming the argument when they do not fit `x`."""
     feature_axes = checks.normalize_axes(axis, x.ndim, "axis")
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     batch = x.shape[0]
@@ -140,6 +148,7 @@ def grouped_mask(mask, x, layout: BatchLayout) -> Array | None:
 
 
 def check_state(state: BatchNormState, feature_shape, axis) -> None:
+    """Raises unless `state` is a BatchNormState whose mean and var have `feature_shape`."""
     if not isinstance(state, BatchNormState):
         raise TypeError(
             f"`state` must be a BatchNormState (from bnjax.batch_norm_state), got {type(state)}."
@@ -155,6 +164,8 @@ def check_state(state: BatchNormState, feature_shape, axis) -> None:
 
 
 def as_param(param, layout: BatchLayout, fill: float, dtype) -> Array:
+    """A per-feature array (scale, bias, a statistic; feature shape) in `dtype`, reshaped to
+    broadcast in the grouped view; None gives the constant `fill` instead."""
     if param is None:
         return jnp.full(layout.param_shape, fill, dtype)
     return param.astype(dtype).reshape(layout.param_shape)

@@ -60,6 +60,16 @@ class BatchRenormState(NamedTuple):
       skipped: int32 scalar, training batches left out because their statistics were not finite.
       step: int32 scalar, finite training batches seen; drives the warm-up schedule. Separate
         from `count` so that resetting or recalibrating statistics does not restart the warm-up.
+
+    Example:
+      >>> x = jnp.array([[1.0], [3.0]])
+      >>> _, state = batch_renorm(x, batch_renorm_state(1), training=True, momentum=0.5)
+      >>> state.mean.tolist(), int(state.step)
+      ([1.0], 1)
+      >>> round(float(state.renorm_mean[0]), 6)           # renorm_momentum: 0.99 by default
+      0.02
+      >>> state.as_batch_norm_state().var.tolist()
+      [1.0]
     """
 
     mean: Array
@@ -97,6 +107,11 @@ class RenormSchedule(NamedTuple):
     (reached at step warmup_steps + relax_steps; relax_steps=0 jumps there right away).
     The defaults are the paper's ImageNet run: r_max 1 -> 3 between steps 5k and 40k, d_max
     0 -> 5 between 5k and 25k. Scale the three step counts with the length of your run.
+
+    Example:
+      >>> schedule = RenormSchedule(warmup_steps=100, r_relax_steps=100, d_relax_steps=50)
+      >>> [tuple(float(b) for b in schedule.bounds(step)) for step in (0, 100, 125, 150, 200)]
+      [(1.0, 0.0), (1.0, 0.0), (1.5, 2.5), (2.0, 5.0), (3.0, 5.0)]
     """
 
     warmup_steps: int = 5_000

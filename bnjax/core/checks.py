@@ -64,11 +64,13 @@ def _is_concrete_scalar(value) -> bool:
 
 
 def check_epsilon(epsilon) -> None:
+    """Raises for a concrete negative `epsilon` (a traced one is not checked)."""
     if _is_concrete_scalar(epsilon) and float(epsilon) < 0:
         raise ValueError(f"`epsilon` must be >= 0, got {epsilon}.")
 
 
 def check_momentum(momentum) -> None:
+    """Raises for a concrete `momentum` outside [0, 1]; None (cumulative average) is fine."""
     if momentum is None:
         return
     if _is_concrete_scalar(momentum) and not 0.0 <= float(momentum) <= 1.0:
@@ -79,6 +81,7 @@ def check_momentum(momentum) -> None:
 
 
 def check_axis_name(axis_name, axis_index_groups) -> None:
+    """Raises when `axis_index_groups` is given without the `axis_name` it groups."""
     if axis_index_groups is not None and axis_name is None:
         raise ValueError(
             "`axis_index_groups` needs `axis_name`: name the mapped axis to group over."

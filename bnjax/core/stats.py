@@ -34,6 +34,13 @@ class Moments(NamedTuple):
       count: number of valid values summarised (float, so masks and merges stay exact to 2^24).
       mean: their mean (0 where count is 0).
       m2: sum of squared deviations from `mean` (0 where count is 0).
+
+    Example:
+      >>> a = moments(jnp.array([1.0, 2.0]), (0,))            # count 2, mean 1.5, m2 0.5
+      >>> b = moments(jnp.array([3.0, 6.0]), (0,))            # count 2, mean 4.5, m2 4.5
+      >>> total = combine(jax.tree.map(lambda *m: jnp.stack(m), a, b))   # = of [1, 2, 3, 6]
+      >>> [float(v[0]) for v in total], float(total.variance()[0])
+      ([4.0, 3.0, 14.0], 3.5)
     """
 
     count: Array

@@ -112,6 +112,13 @@ def load(
       data_dir: TFDS data directory (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets).
         The TFDS datasets are never downloaded here: prepare them beforehand (the error
         message says how).
+
+    Example:
+      >>> from bnjax.data import ClusterConfig
+      >>> config = ClusterConfig(num_classes=2, image_size=4, train_per_class=10, test_per_class=4)
+      >>> test = load("clusters", "test", config=config, seed=1)
+      >>> test.images.shape, test.images.dtype, np.bincount(test.labels).tolist()
+      ((8, 4, 4, 3), dtype('float32'), [4, 4])
     """
     if name == "clusters":
         from bnjax.data import synthetic
@@ -147,6 +154,15 @@ def kmeans_subclusters(
     Fits `per_class` centroids per class on `train`'s flattened images, then labels every
     example of `train` and of `others` (e.g. the test split) with its class's nearest
     centroid. Ids are global: k * per_class + s. Returns the datasets with `subclusters` set.
+
+    Example:
+      >>> from bnjax.data import ClusterConfig
+      >>> config = ClusterConfig(num_classes=2, image_size=4, train_per_class=10, test_per_class=4)
+      >>> train, test = (dataclasses.replace(load("clusters", split, config=config),
+      ...                                    subclusters=None) for split in ("train", "test"))
+      >>> train, test = kmeans_subclusters(train, test, per_class=2)
+      >>> sorted(set(train.subclusters.tolist())), test.subclusters.shape   # class k: 2k, 2k+1
+      ([0, 1, 2, 3], (8,))
     """
     from sklearn.cluster import KMeans
 

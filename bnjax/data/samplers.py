@@ -70,6 +70,16 @@ class BatchSampler(abc.ABC):
     """Base: `epoch(e)` -> (num_batches, batch_size) int64 indices into the dataset.
 
     Subclasses provide `num_examples` and `epoch`; all arguments are keyword-only.
+
+    Example (a sampler of your own):
+      >>> @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
+      ... class InOrder(BatchSampler):                       # dataset order, every epoch
+      ...     num_examples: int
+      ...     def epoch(self, epoch):
+      ...         return np.arange(self.num_batches * self.batch_size).reshape(self.num_batches, -1)
+      >>> sampler = InOrder(num_examples=7, batch_size=3)
+      >>> sampler.num_batches, sampler.epoch(0).tolist()        # the left-over example dropped
+      (2, [[0, 1, 2], [3, 4, 5]])
     """
 
     batch_size: int

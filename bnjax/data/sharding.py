@@ -14,7 +14,12 @@ import numpy as np
 def local_rows(batch_size: int, process_index: int, process_count: int) -> slice:
     """The rows of every global batch that process `process_index` of `process_count` reads: a
     contiguous block, so that concatenating the processes' blocks in process order gives the
-    global batch (the layout of `bnjax.parallel.local_rows` with one data-parallel mesh axis)."""
+    global batch (the layout of `bnjax.parallel.local_rows` with one data-parallel mesh axis).
+
+    Example:
+      >>> [local_rows(8, process_index, 2) for process_index in range(2)]
+      [slice(0, 4, None), slice(4, 8, None)]
+    """
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(
             f"Need 0 <= process_index < process_count, got {process_index}, {process_count}."

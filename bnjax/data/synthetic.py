@@ -60,6 +60,13 @@ class ClusterConfig:
       contrast_range: sub-cluster contrasts are log-uniform in [1/contrast_range, contrast_range].
       variant_weight: weight of the sub-cluster's own texture relative to the class pattern.
       max_shift: examples are translated cyclically by up to this many pixels per axis.
+
+    Example:
+      >>> from bnjax import data
+      >>> config = ClusterConfig(num_classes=2, image_size=4, train_per_class=10, test_per_class=4)
+      >>> train = data.load("clusters", "train", config=config)
+      >>> train.images.shape, sorted(set(train.subclusters.tolist()))   # 2 classes x 3
+      ((20, 4, 4, 3), [0, 1, 2, 3, 4, 5])
     """
 
     num_classes: int = 10

@@ -12,6 +12,7 @@ import sys
 
 
 def main(argv=None) -> int:
+    """``python -m bnjax.lifecycle validate PATH``: exit 0 ok, 1 problems, 2 unreadable."""
     parser = argparse.ArgumentParser(
         prog="python -m bnjax.lifecycle", description="Batch-norm lifecycle tools."
     )

@@ -69,7 +69,14 @@ def fold_into(kernel, bias, mean, var, scale=None, norm_bias=None, *, epsilon: f
 
 
 def pair_by_name(variables) -> dict[L.Path, L.Path]:
-    """{norm_path: layer_path} by the bundled models' naming (see the module docstring)."""
+    """{norm_path: layer_path} by the bundled models' naming (see the module docstring).
+
+    Example:
+      >>> from bnjax import models
+      >>> model = models.MLP(features=(4,), num_classes=2)
+      >>> pair_by_name(model.init(jax.random.key(0), jnp.ones((2, 3)), train=False))
+      {('norm0',): ('dense0',)}
+    """
     params = variables[L.PARAMS]
     pairs = {}
     for path in L.stats_layer_paths(variables[L.STATS]):
@@ -90,6 +97,14 @@ def layer_epsilons(model: nn.Module, variables, *inputs, **apply_kwargs) -> dict
     """{norm_path: epsilon} read from the modules of ``model.apply(variables, *inputs, ...)``.
 
     Only traces the model (``jax.eval_shape``), nothing is computed.
+
+    Example:
+      >>> from bnjax import models
+      >>> model = models.MLP(features=(4,), num_classes=2, norm_options={"epsilon": 1e-3})
+      >>> x = jnp.ones((2, 3))
+      >>> variables = model.init(jax.random.key(0), x, train=False)
+      >>> layer_epsilons(model, variables, x, train=False)        # pass to fold(epsilon=...)
+      {('norm0',): 0.001}
     """
     found = {}
 

@@ -122,6 +122,15 @@ def frozen_statistics(layers=None):
     Affects every ``apply`` traced inside it (bnjax BatchNorm/BatchRenorm and flax BatchNorm),
     whatever `train` / `use_running_average` says; enter it inside your jitted step, or wrap
     the apply function with `freeze`.
+
+    Example:
+      >>> model = nn.BatchNorm(use_running_average=False)
+      >>> x = jnp.array([[1.0], [3.0]])
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> with frozen_statistics():
+      ...     y, updates = model.apply(variables, x, mutable=["batch_stats"])
+      >>> updates["batch_stats"]["mean"].tolist()          # not moved toward the batch's 2.0
+      [0.0]
     """
     select = L.layer_filter(layers)
 
@@ -180,7 +189,14 @@ def freeze(target, layers=None):
 
 
 def unfreeze(target):
-    """Undoes `freeze`: restores an nnx model's classes (in place), or unwraps an apply fn."""
+    """Undoes `freeze`: restores an nnx model's classes (in place), or unwraps an apply fn.
+
+    Example:
+      >>> from bnjax import nnx as bnx
+      >>> bn = bnx.BatchNorm(2, rngs=nnx.Rngs(0))
+      >>> type(freeze(bn)).__name__, type(unfreeze(bn)).__name__
+      ('FrozenBatchNorm', 'BatchNorm')
+    """
     if isinstance(target, nnx.Module):
         for module in L.nnx_batch_norms(target).values():
             if getattr(type(module), "_bnjax_frozen", False):
@@ -195,6 +211,13 @@ def bn_param_labels(variables, layers=None, *, frozen: str = "frozen",
 
     Batch-norm layers are the paths holding 'mean' and 'var' in ``variables['batch_stats']``
     (the same module path in 'params'). Use with ``optax.multi_transform``.
+
+    Example:
+      >>> from bnjax import models
+      >>> model = models.MLP(features=(4,), num_classes=2)
+      >>> variables = model.init(jax.random.key(0), jnp.ones((2, 3)), train=False)
+      >>> bn_param_labels(variables)["norm0"], bn_param_labels(variables)["dense0"]
+      ({'bias': 'frozen', 'scale': 'frozen'}, {'kernel': 'trainable'})
     """
     if L.STATS not in variables or L.PARAMS not in variables:
         raise ValueError("`variables` needs both 'params' and 'batch_stats' (from model.init).")
@@ -211,7 +234,18 @@ def bn_param_labels(variables, layers=None, *, frozen: str = "frozen",
 def freeze_optimizer(
     tx: optax.GradientTransformation, variables, layers=None
 ) -> optax.GradientTransformation:
-    """`tx` for every parameter but batch-norm scale/bias, which get no update at all."""
+    """`tx` for every parameter but batch-norm scale/bias, which get no update at all.
+
+    Example:
+      >>> from bnjax import models
+      >>> model = models.MLP(features=(4,), num_classes=2)
+      >>> variables = model.init(jax.random.key(0), jnp.ones((2, 3)), train=False)
+      >>> tx, params = freeze_optimizer(optax.sgd(1.0), variables), variables["params"]
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> updates["norm0"]["scale"].tolist(), float(updates["dense0"]["kernel"][0, 0])
+      ([0.0, 0.0, 0.0, 0.0], -1.0)
+    """
     labels = bn_param_labels(variables, layers)
     return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
@@ -224,6 +258,15 @@ def trainable_filter(model, layers=None, *, freeze_scale_and_bias: bool = True) 
 
     With `freeze_scale_and_bias` the selected batch norms' scale and bias are left out;
     otherwise every ``nnx.Param``.
+
+    Example:
+      >>> from bnjax import nnx as bnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        bnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+      >>> trained = nnx.state(model, trainable_filter(model))      # what the optimizer sees
+      >>> list(trained["layers"].keys())                         # the BN (layer 1) is left out
+      [0]
+      >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=trainable_filter(model))
     """
     select = L.layer_filter(layers)
     norms = {path for path in L.nnx_batch_norms(model) if select(path)}

@@ -25,7 +25,17 @@ __all__ = ["LayerInput", "Total", "accumulate", "empty_totals", "population_stat
 
 
 class LayerInput(NamedTuple):
-    """A functional layer's input for `recalibrate`: x, its feature axis (or axes), a mask."""
+    """A functional layer's input for `recalibrate`: x, its feature axis (or axes), a mask.
+
+    Example:
+      >>> from bnjax import lifecycle
+      >>> def layer_inputs(states, batch, training):     # one BN over axis 1 (NCHW)
+      ...     return {"bn": LayerInput(batch, axis=1)}
+      >>> batch = jnp.ones((4, 2, 3, 3)) * jnp.array([0.0, 1.0])[:, None, None]
+      >>> states = lifecycle.recalibrate(layer_inputs, {"bn": bnjax.batch_norm_state(2)}, [batch])
+      >>> states["bn"].mean.tolist(), states["bn"].var.tolist()
+      ([0.0, 1.0], [0.0, 0.0])
+    """
 
     x: jax.Array
     axis: int | tuple[int, ...] = -1
@@ -33,7 +43,13 @@ class LayerInput(NamedTuple):
 
 
 class Total(NamedTuple):
-    """A layer's accumulated statistics: exact moments, batches merged, batches left out."""
+    """A layer's accumulated statistics: exact moments, batches merged, batches left out.
+
+    Example:
+      >>> total = empty_totals({"bn": bnjax.Moments(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2))})
+      >>> total["bn"].moments.count.tolist(), int(total["bn"].batches), int(total["bn"].skipped)
+      ([0.0, 0.0], 0, 0)
+    """
 
     moments: stats.Moments
     batches: jax.Array
@@ -44,6 +60,22 @@ def accumulate(totals: Mapping[Any, Total], new: Mapping[Any, stats.Moments]) ->
     """Merges one batch's per-layer moments into running totals, exactly (pure, jittable).
 
     A layer whose new moments are not finite keeps its total and counts the batch as skipped.
+
+    Example (inside ``lax.scan``, with `bnjax.lifecycle.layer_input_moments` for linen):
+      >>> from bnjax.lifecycle import layer_input_moments
+      >>> model = nn.BatchNorm(use_running_average=True)
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((2, 1)))
+      >>> batches = jnp.array([[[0.0], [2.0]], [[4.0], [6.0]]])     # two batches of two
+      >>> def moments_of(batch):
+      ...     return layer_input_moments(model, variables, batch)     # {(): Moments}
+      >>> def body(totals, batch):
+      ...     return accumulate(totals, moments_of(batch)), None
+      >>> start = empty_totals(jax.eval_shape(moments_of, batches[0]))
+      >>> totals, _ = jax.lax.scan(body, start, batches)
+      >>> totals[()].moments.mean.tolist(), int(totals[()].batches)
+      ([3.0], 2)
+      >>> population_state(totals[()].moments).var.tolist()   # not the batches' 1.0
+      [5.0]
     """
     merged = {}
     for key, total in totals.items():
@@ -60,7 +92,13 @@ def accumulate(totals: Mapping[Any, Total], new: Mapping[Any, stats.Moments]) ->
 
 def empty_totals(shapes: Mapping[Any, stats.Moments]) -> dict:
     """Zero totals (the neutral element of `accumulate`) for moments of these shapes, e.g.
-    ``empty_totals(jax.eval_shape(layer_input_moments, model, variables, batch))``."""
+    ``empty_totals(jax.eval_shape(layer_input_moments, model, variables, batch))``.
+
+    Example:
+      >>> shapes = {"bn": jax.eval_shape(lambda: bnjax.Moments(*[jnp.ones(3)] * 3))}
+      >>> empty_totals(shapes)["bn"].moments.m2.tolist()
+      [0.0, 0.0, 0.0]
+    """
     zero = jnp.zeros((), jnp.int32)
     return {
         key: Total(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), moments), zero, zero)

@@ -175,6 +175,18 @@ def recalibrate(
         the statistics of all devices.
       jit: compile the per-batch step (False to debug).
       progress: show a progress bar on stderr.
+
+    Example:
+      >>> from bnjax import models
+      >>> model = models.MLP(features=(4,), num_classes=2)
+      >>> x = jax.random.normal(jax.random.key(0), (64, 3)) * 3.0 + 1.0
+      >>> variables = model.init(jax.random.key(1), x[:2], train=False)
+      >>> variables = recalibrate(model, variables, [x[:32], x[32:]], apply_kwargs={"train": False})
+      >>> bn_input = x @ variables["params"]["dense0"]["kernel"]          # what reaches norm0
+      >>> bool(jnp.allclose(variables["batch_stats"]["norm0"]["var"], bn_input.var(0), rtol=1e-4))
+      True
+      >>> int(variables["bn_counters"]["norm0"]["count"])                 # batches merged
+      2
     """
     if mode not in MODES:
         raise ValueError(f"`mode`={mode!r} is not one of {MODES}.")

@@ -38,7 +38,14 @@ _SKIP = ("opt_state",)
 
 
 class LayerReport(NamedTuple):
-    """One batch-norm layer: its path, statistics shape, counters, problems and notes."""
+    """One batch-norm layer: its path, statistics shape, counters, problems and notes.
+
+    Example:
+      >>> tree = {"batch_stats": {"bn": {"mean": np.zeros(2), "var": np.array([1.0, -1.0])}}}
+      >>> layer = validate_statistics(tree).layers[0]
+      >>> layer.path, layer.features, layer.count, layer.problems     # no counters: None
+      ('bn', (2,), None, ('negative var in 1 channel(s) (min -1)',))
+    """
 
     path: str
     features: tuple[int, ...] | None
@@ -50,7 +57,13 @@ class LayerReport(NamedTuple):
 
 @dataclasses.dataclass
 class ValidationReport:
-    """Per-layer results and problems of the tree as a whole; ``ok`` when there are none."""
+    """Per-layer results and problems of the tree as a whole; ``ok`` when there are none.
+
+    Example:
+      >>> report = validate_statistics({"params": {"dense": {"kernel": np.ones((2, 2))}}})
+      >>> report.ok, report.layers, report.problems[0][:30]     # a problem of the whole tree
+      (False, [], 'no batch-norm statistics found')
+    """
 
     layers: list[LayerReport]
     problems: list[str]
@@ -262,6 +275,17 @@ def load_checkpoint(path: str, step: int | None = None) -> Any:
     when there is one, e.g. the default item), a manager's root
     (the latest step, or `step`), or a flax msgpack file. Raises FileNotFoundError or
     ValueError when there is nothing to restore.
+
+    Example:
+      >>> import os, tempfile
+      >>> variables = {"batch_stats": {"bn": {"mean": np.zeros(2), "var": np.ones(2)}}}
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     path = os.path.join(directory, "variables.msgpack")
+      ...     with open(path, "wb") as file:
+      ...         _ = file.write(flax.serialization.to_bytes(variables))
+      ...     restored = load_checkpoint(path)
+      >>> restored["batch_stats"]["bn"]["var"].tolist()
+      [1.0, 1.0]
     """
     import orbax.checkpoint as ocp
 

@@ -25,6 +25,7 @@ BATCH_STATISTICS_NORMS = ("batch", "batch_renorm")
 
 
 def check_norm(norm: str) -> None:
+    """Raises a ValueError naming `norm` unless it is one of `NORMS`."""
     if norm not in NORMS:
         raise ValueError(f"`norm`={norm!r} is not one of {NORMS}.")
 
@@ -57,6 +58,14 @@ def make_norm(
       dtype: computation/output dtype of the layer (None: from the input).
       options: extra keyword options for the norm module (e.g. momentum, axis_name).
       name: module name.
+
+    Example:
+      >>> norm = make_norm("batch", train=False, spatial=True, options={"momentum": 0.9})
+      >>> type(norm).__name__, norm.use_running_average, norm.momentum
+      ('BatchNorm', True, 0.9)
+      >>> x = jnp.ones((2, 4, 4, 8))
+      >>> make_norm("none", train=True, spatial=True)(x) is x                   # identity
+      True
     """
     check_norm(norm)
     if norm == "none":

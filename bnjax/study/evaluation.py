@@ -38,7 +38,14 @@ __all__ = [
 
 
 def accuracy(predictions, labels) -> float:
-    """Fraction of argmax(logits) == label: `predictions` (N, K) logits or (N,) class ids."""
+    """Fraction of argmax(logits) == label: `predictions` (N, K) logits or (N,) class ids.
+
+    Example:
+      >>> accuracy([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]], [1, 0, 0])  # logits: 2 of 3 right
+      0.6666666666666666
+      >>> accuracy([2, 0, 1, 1], [2, 0, 1, 0])  # class ids
+      0.75
+    """
     p = np.asarray(predictions)
     y = np.asarray(labels)
     if y.ndim != 1 or y.size == 0:
@@ -57,6 +64,10 @@ def accuracy_gap(eval_predictions, batch_predictions, labels) -> dict[str, float
 
     gap = accuracy_batch_stats - accuracy_eval: > 0 when the running statistics cost accuracy
     that the batch's own statistics would have had; ~0 when they are unbiased.
+
+    Example:
+      >>> accuracy_gap([0, 1, 0, 1], [0, 1, 1, 0], labels=[0, 1, 1, 0])
+      {'accuracy_eval': 0.5, 'accuracy_batch_stats': 1.0, 'gap': 0.5}
     """
     a_eval = accuracy(eval_predictions, labels)
     a_batch = accuracy(batch_predictions, labels)
@@ -85,6 +96,13 @@ def silhouette(features, labels, *, max_samples: int | None = 2000, seed: int = 
     When N > max_samples, on a subsample of max_samples points drawn without replacement
     with `seed` (deterministic). In [-1, 1]: ~1 tight separated classes, ~0 overlapping,
     < 0 points closer to another class. Needs 2 <= classes <= n - 1 in the (sub)sample.
+
+    Example:
+      >>> features = [[0.0, 0.0], [0.0, 1.0], [10.0, 0.0], [10.0, 1.0]]
+      >>> round(silhouette(features, [0, 0, 1, 1]), 4)  # a = 1, b = (10 + sqrt(101)) / 2
+      0.9002
+      >>> round(silhouette(features, [0, 1, 0, 1]), 4)  # mixed: a = 10, b = (1 + sqrt(101)) / 2
+      -0.4475
     """
     from sklearn.metrics import silhouette_score
 
@@ -106,7 +124,12 @@ def intra_inter_ratio(features, labels) -> dict[str, float]:
       inter = mean_{k < l} |m_k - m_l|                (over the K (K - 1) / 2 class pairs)
       ratio = intra / inter
     Euclidean norms; scale-invariant. 0 = every class collapsed to a point; larger = looser
-    and more overlapping classes (grows without bound as centroids coincide).
+    and more overlapping classes (grows without bound as centroids coincide; inf when they do).
+
+    Example:
+      >>> features = [[0.0, 0.0], [0.0, 2.0], [4.0, 0.0], [4.0, 2.0]]
+      >>> intra_inter_ratio(features, [0, 0, 1, 1])  # centroids (0, 1) and (4, 1)
+      {'intra': 1.0, 'inter': 4.0, 'ratio': 0.25}
     """
     x, y, classes = _features_labels(features, labels)
     centroids = np.stack([x[y == k].mean(axis=0) for k in classes])
@@ -123,7 +146,13 @@ def intra_inter_ratio(features, labels) -> dict[str, float]:
 
 class Summary(NamedTuple):
     """mean and sample standard deviation (ddof 1; NaN when n < 2) of the n finite values
-    among `total` (None, NaN and inf are missing: a diverged run or a target never reached)."""
+    among `total` (None, NaN and inf are missing: a diverged run or a target never reached).
+
+    Example:
+      >>> s = mean_std([1.0, 3.0, None])
+      >>> s.mean, s.std, f"{s.n}/{s.total} finite"
+      (2.0, 1.4142135623730951, '2/3 finite')
+    """
 
     mean: float
     std: float
@@ -132,7 +161,14 @@ class Summary(NamedTuple):
 
 
 def mean_std(values: Sequence) -> Summary:
-    """`Summary` of a sequence of numbers (None allowed, counted as missing)."""
+    """`Summary` of a sequence of numbers (None allowed, counted as missing).
+
+    Example:
+      >>> mean_std([1.0, 3.0, float("nan")])
+      Summary(mean=2.0, std=1.4142135623730951, n=2, total=3)
+      >>> mean_std([0.5])  # one value: no sample standard deviation
+      Summary(mean=0.5, std=nan, n=1, total=1)
+    """
     values = list(values)
     if not values:
         raise ValueError("values: empty")
@@ -145,7 +181,16 @@ def mean_std(values: Sequence) -> Summary:
 
 def format_mean_std(summary: Summary, fmt: str = ".3f") -> str:
     """ "0.123 ± 0.004"; "0.123" for one value; " (2/3)" appended when values were missing;
-    "n/a (0/3)" when none was finite."""
+    "n/a (0/3)" when none was finite.
+
+    Example:
+      >>> format_mean_std(mean_std([1.0, 2.0, 3.0]))
+      '2.000 ± 1.000'
+      >>> format_mean_std(mean_std([0.5, float("nan"), None]), ".2f")
+      '0.50 (1/3)'
+      >>> format_mean_std(mean_std([None, None]))
+      'n/a (0/2)'
+    """
     mean, std, n, total = summary
     if n == 0:
         return f"n/a (0/{total})"
@@ -162,6 +207,15 @@ def summarize(rows: Sequence[Mapping], keys: Sequence[str] | None = None) -> dic
 
     keys=None takes every key, in first-seen order, whose values are all numbers or None (so
     "condition", "normalizer" strings are left out). A row without a key counts as missing.
+
+    Example:
+      >>> rows = [{"condition": "uniform", "loss": 1.0, "steps": 100},
+      ...         {"condition": "uniform", "loss": 3.0, "steps": None}]
+      >>> summary = summarize(rows)  # "condition" holds strings: left out
+      >>> list(summary)
+      ['loss', 'steps']
+      >>> summary["steps"]
+      Summary(mean=100.0, std=nan, n=1, total=2)
     """
     rows = list(rows)
     if not rows:
@@ -176,7 +230,14 @@ def format_summary(
     rows: Sequence[Mapping], keys: Sequence[str] | None = None, fmt: str | Mapping = ".3f"
 ) -> dict[str, str]:
     """`summarize` then `format_mean_std`; `fmt` one format spec or a {key: spec} mapping
-    (keys it lacks use ".3f")."""
+    (keys it lacks use ".3f").
+
+    Example:
+      >>> rows = [{"condition": "uniform", "loss": 1.0, "steps": 100},
+      ...         {"condition": "uniform", "loss": 3.0, "steps": None}]
+      >>> format_summary(rows, fmt={"steps": ".0f"})
+      {'loss': '2.000 ± 1.414', 'steps': '100 (1/2)'}
+    """
     out = {}
     for k, s in summarize(rows, keys).items():
         spec = fmt.get(k, ".3f") if isinstance(fmt, Mapping) else fmt

@@ -73,6 +73,16 @@ def trajectory_variance(trajectory, scale=None, *, method: str = "variance") -> 
     variance for independent fluctuations around a fixed value but ignores a slow trend, so it
     separates batch-to-batch noise from the drift that learning itself causes. 0 for a constant
     trajectory; larger = the statistic changes more from step to step.
+
+    Example:
+      >>> trajectory_variance(np.full((5, 3), 2.0))  # constant: no variability
+      0.0
+      >>> trajectory_variance([[0.0], [2.0]])  # Var{0, 2} = 1
+      1.0
+      >>> trajectory_variance([[0.0], [2.0]], method="successive")  # (2 - 0)^2 / 2
+      2.0
+      >>> trajectory_variance([[0.0], [2.0]], scale=[2.0])  # Var{0, 1}
+      0.25
     """
     s = _array(trajectory, "trajectory", 2, min_len=2 if method == "successive" else 1)
     if scale is not None:
@@ -109,6 +119,18 @@ def batch_stat_variability(
       var_variability  = mean_c Var_t(var_B[t, c] / p_c)      (only with batch_vars)
     Normalized, mean_variability is about 1/B for independent batches of B i.i.d. examples
     (1/(B*H*W) for independent positions). 0 = perfectly stable; larger = less stable.
+
+    Example:
+      >>> batch_stat_variability([[0.0], [2.0]], [[1.0], [3.0]], population_var=[4.0],
+      ...                        epsilon=0.0)  # Var{0, 2} / 4 and Var{1/4, 3/4}
+      {'mean_variability': 0.25, 'var_variability': 0.0625}
+
+      Independent batches of B = 16 standard normal examples: about 1/B = 0.0625.
+
+      >>> x = np.random.default_rng(0).normal(size=(1000, 16, 4))  # (T, B, C)
+      >>> v = batch_stat_variability(x.mean(axis=1), population_var=np.ones(4))
+      >>> round(v["mean_variability"], 3)
+      0.064
     """
     mu = _array(batch_means, "batch_means", 2)
     scale = None
@@ -136,6 +158,10 @@ def smooth(losses, window: int = 1) -> np.ndarray:
     """Trailing moving average: out[j] = mean(losses[j : j + window]), length T - window + 1.
 
     out[j] is the smoothed loss at step index j + window - 1. window=1 returns the curve.
+
+    Example:
+      >>> smooth([1.0, 2.0, 3.0, 4.0], window=2)
+      array([1.5, 2.5, 3.5])
     """
     x = _array(losses, "losses", 1)
     if not isinstance(window, int) or not 1 <= window <= len(x):
@@ -144,7 +170,12 @@ def smooth(losses, window: int = 1) -> np.ndarray:
 
 
 def final_loss(losses, k: int = 10) -> float:
-    """Mean of the last min(k, T) losses of a (T,) loss curve. Larger = worse end point."""
+    """Mean of the last min(k, T) losses of a (T,) loss curve. Larger = worse end point.
+
+    Example:
+      >>> final_loss([5.0, 4.0, 3.0, 1.0], k=2)  # (3 + 1) / 2
+      2.0
+    """
     x = _array(losses, "losses", 1)
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive int, got {k}")
@@ -160,6 +191,17 @@ def loss_oscillation(
     curve between the same end points, leaving only the up-and-down movement (0 for a
     monotone curve). per_step=True divides by the number of differences, len(L) - 1.
     0 = flat (or monotone, with excess); larger = more oscillation. Needs >= 2 smoothed points.
+
+    Example:
+      >>> losses = [3.0, 1.0, 2.0, 0.0]
+      >>> loss_oscillation(losses)  # 2 + 1 + 2
+      5.0
+      >>> loss_oscillation(losses, excess=True)  # 5 - |0 - 3|
+      2.0
+      >>> loss_oscillation(losses, excess=True, per_step=True)  # 2 / 3 differences
+      0.6666666666666666
+      >>> loss_oscillation([3.0, 2.0, 2.0, 1.0], excess=True)  # monotone
+      0.0
     """
     L = smooth(losses, window)
     if len(L) < 2:
@@ -177,6 +219,17 @@ def steps_to_target(losses, target: float, *, window: int = 1, steps=None) -> fl
     With L = smooth(losses, window), j* = min{j : L[j] <= target}; the step is the index of
     the last loss in that window, i = j* + window - 1, or steps[i] when `steps` (a (T,) array of
     the step numbers the losses were logged at) is given. Smaller = faster; NaN never counts.
+
+    Example:
+      >>> losses = [4.0, 3.0, 1.0, 2.0, 0.5]
+      >>> steps_to_target(losses, 1.5)
+      2.0
+      >>> steps_to_target(losses, 1.5, window=2)  # L = [3.5, 2, 1.5, 1.25]: j* = 2, i = 3
+      3.0
+      >>> steps_to_target(losses, 1.5, steps=[0, 10, 20, 30, 40])
+      20.0
+      >>> steps_to_target(losses, 0.1) is None
+      True
     """
     L = smooth(losses, window)
     step_numbers = np.arange(len(L) + window - 1, dtype=np.float64)
@@ -210,6 +263,14 @@ def update_pair(previous, current) -> tuple[float, float]:
     relative change = |v - u| / (|u| + |v|)  (in [0, 1]).
     NaN for both when either update is all zeros (direction undefined).
     Use it online to avoid storing (T, P) updates, and average each over the steps.
+
+    Example:
+      >>> update_pair([1.0, 0.0], [0.0, 1.0])  # orthogonal, equal norms: 1 and 1/sqrt(2)
+      (1.0, 0.7071067811865476)
+      >>> update_pair({"w": np.array([1.0, 2.0])}, {"w": np.array([2.0, 4.0])})  # same direction
+      (0.0, 0.3333333333333333)
+      >>> update_pair([0.0, 0.0], [1.0, 0.0])
+      (nan, nan)
     """
     u, v = _flat(previous, "previous"), _flat(current, "current")
     _same_shape(previous=u, current=v)
@@ -230,6 +291,13 @@ def update_noise(updates: np.ndarray | Sequence) -> dict[str, float]:
     0 / 0 for identical consecutive updates, 1 / (1/sqrt(2) ~ 0.707) for orthogonal ones of
     equal norm, 2 / 1 for opposite ones (any norms). Larger = noisier. With momentum, updates
     are smoothed gradients: pass the gradients to measure the noise the batches inject.
+
+    Example:
+      >>> update_noise(np.eye(3))  # each update orthogonal to the previous one
+      {'cosine_noise': 1.0, 'relative_change': 0.7071067811865476}
+      >>> noise = update_noise([{"w": np.ones(2)}, {"w": np.ones(2)}, {"w": -np.ones(2)}])
+      >>> {k: round(v, 6) for k, v in noise.items()}  # pairs: identical (0, 0), opposite (2, 1)
+      {'cosine_noise': 1.0, 'relative_change': 0.5}
     """
     if isinstance(updates, np.ndarray) or hasattr(updates, "shape"):
         rows = list(_array(updates, "updates", 2, min_len=2))
@@ -255,6 +323,15 @@ def population_stats(x, *, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
 
     `x` is one array (channels on `axis`; every other axis is reduced, as batch norm does) or
     an iterable of such arrays (chunks of the data set, combined exactly: Chan et al.).
+    A (nested) list counts as an iterable of chunks, not as one array: pass np.asarray(x).
+
+    Example:
+      >>> population_stats(np.array([[1.0, 10.0], [3.0, 30.0]]))  # (N, C)
+      (array([ 2., 20.]), array([  1., 100.]))
+      >>> x = np.arange(24.0).reshape(6, 2, 2)  # channels on axis 1
+      >>> mean, var = population_stats([x[:1], x[1:4], x[4:]], axis=1)  # three chunks
+      >>> np.allclose(mean, x.mean(axis=(0, 2))), np.allclose(var, x.var(axis=(0, 2)))
+      (True, True)
     """
     chunks = [x] if hasattr(x, "shape") else x
     n, mean, m2 = 0, None, None
@@ -287,10 +364,17 @@ def running_stat_bias(
       mean_bias  = mean_c |mu_run[c] - mu_pop[c]| / sqrt(var_pop[c] + eps)
       scale_bias = mean_c |log((var_run[c] + eps) / (var_pop[c] + eps))| / 2
       bias       = mean_bias + scale_bias
-    (the `bnjax.diagnostics` drift formula, with the population in place of the batch).
-    mean_bias is in population standard deviations, scale_bias = |log(sigma_run / sigma_pop)|.
+    (the `bnjax.diagnostics` drift formula with the population in place of the batch, except
+    that mean_bias is in population standard deviations, not running ones);
+    scale_bias = |log(sigma_run / sigma_pop)|.
     0 = running statistics equal the population's; larger = evaluation normalizes worse.
     An unbiased (n-1) running variance adds about 1 / (2 (n - 1)) to scale_bias.
+
+    Example:
+      >>> running_stat_bias([2.0], [4.0], [0.0], [4.0], epsilon=0.0)  # mean off by 1 pop. std
+      {'mean_bias': 1.0, 'scale_bias': 0.0, 'bias': 1.0}
+      >>> running_stat_bias([0.0], [np.e**2], [0.0], [1.0], epsilon=0.0)  # sigma_run = e sigma_pop
+      {'mean_bias': 0.0, 'scale_bias': 1.0, 'bias': 1.0}
     """
     arrays = {
         "running_mean": _array(running_mean, "running_mean", 1),

@@ -113,6 +113,21 @@ class Checkpointer:
       async_save: write files in a background thread.
       quarantine: move a checkpoint that fails to restore to ``directory/corrupt/``. Without
         it the bad step stays in place, and `save` skips that step number when it comes again.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     checkpointer = Checkpointer(directory, max_to_keep=2, async_save=False)
+      ...     written = checkpointer.save(1, {"w": np.ones(2)})
+      ...     try:
+      ...         checkpointer.save(2, {"w": np.array([np.nan, 1.0])})
+      ...     except UnsafeStateError as error:
+      ...         print(error)
+      ...     step, state = checkpointer.restore_latest()
+      ...     checkpointer.close()
+      refusing to checkpoint step 2: w (non-finite)
+      >>> written, step, state["w"].tolist()
+      (True, 1, [1.0, 1.0])
     """
 
     def __init__(

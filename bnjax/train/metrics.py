@@ -101,6 +101,17 @@ def read_metrics(path: str) -> list[dict]:
     """The records of a ``metrics.jsonl`` file (or of `path`/metrics.jsonl for a directory).
 
     Non-finite values come back as floats; a partial last line is skipped.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as workdir:
+      ...     writer = MetricWriter(workdir, tensorboard=False)
+      ...     writer.write_scalars(10, {"loss": 0.5})
+      ...     writer.write_scalars(20, {"loss": float("nan")})     # stored as "NaN"
+      ...     writer.close()
+      ...     records = read_metrics(workdir)
+      >>> [(record["step"], record["loss"]) for record in records]
+      [(10, 0.5), (20, nan)]
     """
     if os.path.isdir(path):
         path = os.path.join(path, JSONL_NAME)
@@ -127,6 +138,15 @@ class MetricWriter:
       tensorboard: also write TensorBoard event files.
       active: whether this process writes; default ``jax.process_index() == 0``. An inactive
         writer creates no file and ignores every call.
+
+    Example:
+      >>> import tempfile
+      >>> with tempfile.TemporaryDirectory() as workdir:
+      ...     writer = MetricWriter(workdir, tensorboard=False)
+      ...     writer.write_scalars(10, {"loss": 0.5, "accuracy": np.float32(0.75)})
+      ...     writer.close()
+      ...     sorted(os.listdir(workdir))
+      ['metrics.jsonl']
     """
 
     def __init__(

@@ -33,6 +33,8 @@ def _kernels_only(params):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
+    """SGD (momentum or Nesterov) or AdamW on `learning_rate_schedule(config)`; weight decay
+    on kernels only."""
     schedule = learning_rate_schedule(config)
     if config.optimizer == "adamw":
         return optax.adamw(schedule, weight_decay=config.weight_decay, mask=_kernels_only)
