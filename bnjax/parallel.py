@@ -408,6 +408,10 @@ def pmap_step(
     stacked per device) except for the leaves marked `per_device` (a bool or a prefix tree of
     `state`), which carry a leading device axis in and out (local-mode batch-norm state, from
     `stack_copies`). The step must return the rest and the metrics identical on all devices.
+    pmap cannot prove that (shard_map can), so the first call for each state layout checks
+    it: it returns every device's copy and raises a ValueError naming the leaves that differ
+    (e.g. a batch norm without `axis_name`, or gradients not averaged); later calls return
+    the first device's copy without that cost.
 
     Example:
       >>> def step(bn_state, x, axis_name):                        # per device
@@ -421,8 +425,10 @@ def pmap_step(
     """
 
     @functools.cache
-    def build(treedef, flags):
+    def build(treedef, flags, checked: bool):
+        # checked: replicated outputs come back per device (out axis 0) to be compared.
         axes = tuple(0 if flag else None for flag in flags)
+        out_axes = tuple(0 if flag or checked else None for flag in flags)
 
         def flat_step(leaves, batch):  # flat leaves: pmap's multi-host path hashes its axes
             new_state, metrics = step_fn(jax.tree.unflatten(treedef, leaves), batch, axis_name)
@@ -435,9 +441,11 @@ def pmap_step(
             flat_step,
             axis_name=axis_name,
             in_axes=(axes, 0),
-            out_axes=(axes, None),
+            out_axes=(out_axes, 0 if checked else None),
             donate_argnums=(0,) if donate_state else (),
         )
+
+    checked_layouts = set()
 
     def run(state, batch):
         count = jax.local_device_count()
@@ -446,10 +454,42 @@ def pmap_step(
         treedef, flags = _layout(per_device, state)
         mesh = Mesh(np.array(jax.local_devices()), (axis_name,))
         leaves = jax.tree.leaves(_place(state, flags, mesh, P(axis_name)))
-        new_leaves, metrics = build(treedef, flags)(tuple(leaves), split)
-        return jax.tree.unflatten(treedef, new_leaves), metrics
+        if (treedef, flags) in checked_layouts:
+            new_leaves, metrics = build(treedef, flags, False)(tuple(leaves), split)
+            return jax.tree.unflatten(treedef, new_leaves), metrics
+        new_leaves, metrics = build(treedef, flags, True)(tuple(leaves), split)
+        new_state = _first_copies(jax.tree.unflatten(treedef, new_leaves), flags, "state")
+        metrics = _first_copies(metrics, None, "metrics")
+        checked_layouts.add((treedef, flags))
+        return new_state, metrics
 
     return run
+
+
+def _first_copies(tree, flags: tuple[bool, ...] | None, what: str):
+    """`tree` with device 0's copy of each replicated leaf (leaves flagged True are per-device
+    and pass as they are; flags None: all replicated); a ValueError naming the leaves whose
+    copies differ across devices."""
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    flags = (False,) * len(with_paths) if flags is None else flags
+    out, differ = [], []
+    for (path, leaf), flag in zip(with_paths, flags, strict=True):
+        if flag:
+            out.append(leaf)
+            continue
+        host = np.asarray(leaf)
+        first = np.broadcast_to(host[:1], host.shape)
+        if not np.array_equal(host, first, equal_nan=np.issubdtype(host.dtype, np.inexact)):
+            differ.append(jax.tree_util.keystr(path) or "<root>")
+        out.append(leaf[0])
+    if differ:
+        raise ValueError(
+            f"pmap_step: the step returned {what} that differ across devices at {differ}; "
+            "under pmap each device's values must be synchronised: pass `axis_name` to batch "
+            "norm and average gradients (data_parallel_value_and_grad), or mark per-device "
+            "state with `per_device=`."
+        )
+    return jax.tree.unflatten(treedef, out)
 
 
 def shard_map_step(

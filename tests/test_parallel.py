@@ -326,3 +326,31 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
             for mode in ("jit", "shard_map", "pmap"):
                 got = {key: saved[mode + key] for key in expected}
                 chex.assert_trees_all_close(got, expected, **TOLERANCE)
+
+
+def test_pmap_step_refuses_states_that_differ_across_devices():
+    """A batch norm without `axis_name` under pmap gives each device its own statistics; the
+    first call must say so instead of silently keeping device 0's copy (shard_map refuses at
+    trace time)."""
+    import bnjax
+
+    def forgot_axis_name(state, x, axis_name):
+        del axis_name
+        _, state = bnjax.batch_norm(x, state, training=True)
+        return state, {"mean": state.mean}
+
+    def synchronised(state, x, axis_name):
+        _, state = bnjax.batch_norm(x, state, training=True, axis_name=axis_name)
+        return state, {"mean": state.mean}
+
+    x = jax.random.normal(jax.random.key(0), (8 * jax.local_device_count(), 3))
+    with pytest.raises(ValueError, match=r"differ across devices at \['.mean', '.var'\]"):
+        parallel.pmap_step(forgot_axis_name)(bnjax.batch_norm_state(3), x)
+    run = parallel.pmap_step(synchronised)
+    state = bnjax.batch_norm_state(3)
+    for _ in range(2):  # the checked first call, then the unchecked fast path
+        state, metrics = run(state, x)
+        assert state.mean.shape == (3,) and metrics["mean"].shape == (3,)
+    _, whole = bnjax.batch_norm(x, bnjax.batch_norm_state(3), training=True)
+    _, whole = bnjax.batch_norm(x, whole, training=True)
+    np.testing.assert_allclose(state.var, whole.var, rtol=1e-5)

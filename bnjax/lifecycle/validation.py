@@ -2,7 +2,9 @@
 
 The failures this catches are silent at load time and ruin evaluation: a checkpoint of the
 params alone (the running statistics dropped), statistics never updated because training never
-ran with ``mutable=['batch_stats']`` (count 0, or exactly the initial mean 0 / var 1), NaN or
+ran with ``mutable=['batch_stats']`` (exactly the initial mean 0 / var 1, with count 0 or no
+counters; a count of 0 next to statistics that moved is only a note: the layer trained with
+'batch_stats' mutable but not 'bn_counters'), NaN or
 infinite statistics from a diverged run, a negative variance from a buggy update or a bad
 merge, and statistics whose shape does not match the layer's.
 
@@ -201,7 +203,12 @@ def _check(statistics, params, counters, expected_shape) -> tuple:
     skipped = counters.get("skipped") if isinstance(counters, Mapping) else None
     count = None if count is None else int(np.asarray(count))
     skipped = None if skipped is None else int(np.asarray(skipped))
-    if count == 0:
+    moved = "mean" in present and "var" in present and not _initial(present)
+    if count == 0 and moved:
+        # Trained with only 'batch_stats' mutable: the statistics moved, the counters did not.
+        notes.append("count 0 but the statistics moved from their initial values: counters "
+                     "not tracked (apply with mutable=['batch_stats', 'bn_counters'])")  # fmt: skip
+    elif count == 0:
         problems.append("never updated (count 0)")
     elif count is None and "mean" in present and "var" in present and _initial(present):
         problems.append("never updated? (mean 0, var 1 exactly: the initial values)")

@@ -30,6 +30,15 @@ def _problems(tree, **kwargs):
     return {layer.path: layer.problems for layer in report.layers if layer.problems}, report
 
 
+def test_untracked_counters_with_trained_statistics_are_a_note_not_a_problem():
+    tree = _good()
+    tree["bn_counters"]["stage1_block0"]["norm1"]["count"] = np.zeros((), np.int32)
+    problems, report = _problems(tree)
+    assert report.ok and not problems
+    (layer,) = [entry for entry in report.layers if entry.notes]
+    assert "counters not tracked" in layer.notes[0]
+
+
 def test_a_good_tree_passes():
     problems, report = _problems(_good())
     assert report.ok and not problems and not report.problems
@@ -49,6 +58,8 @@ def _plant(tree, defect):
         layer["var"][0] = -0.5
     elif defect == "count 0":
         counters["stage1_block0"]["norm1"]["count"] = np.zeros((), np.int32)
+        layer["mean"] = np.zeros_like(layer["mean"])
+        layer["var"] = np.ones_like(layer["var"])
     elif defect == "var shape":
         layer["var"] = np.ones(5, np.float32)
     elif defect == "scale shape":
