@@ -81,18 +81,26 @@ def _sampler(config, train: data.Dataset):
     )  # fmt: skip
 
 
-def evaluate(eval_step, state, test: data.Dataset, batch_size: int) -> dict[str, float]:
+def evaluate(eval_step, state, test: data.Dataset, batch_size: int, mesh=None) -> dict[str, float]:
     """Held-out accuracy with running statistics and with per-batch statistics.
 
     Uses the largest multiple of `batch_size` examples (so every batch has one shape and
-    batch statistics never come from a single example); 'eval/examples' says how many.
+    batch statistics never come from a single example); 'eval/examples' says how many. With a
+    `mesh` (one process), each batch is split over its devices, `batch_size` rounded down to
+    a multiple of their number: otherwise every device would evaluate the whole batch.
     """
     batch_size = min(batch_size, len(test))
+    shard = mesh is not None and jax.process_count() == 1 and batch_size >= mesh.size
+    if shard:
+        batch_size = batch_size // mesh.size * mesh.size
     usable = len(test) // batch_size * batch_size
     running = batch = 0
     for start in range(0, usable, batch_size):
         rows = np.arange(start, start + batch_size)
-        counts = eval_step(state, test.images[rows], test.labels[rows])
+        images, labels = test.images[rows], test.labels[rows]
+        if shard:
+            images, labels = parallel.shard_batch((images, labels), mesh)
+        counts = eval_step(state, images, labels)
         running, batch = running + int(counts[0]), batch + int(counts[1])
     return {
         "eval/accuracy_running_stats": running / usable,
@@ -193,7 +201,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             if step % config.log_every == 0 or step == config.num_steps:
                 scalars.update(step_metrics, learning_rate=float(schedule(step - 1)))
             if step % config.eval_every == 0 or step == config.num_steps:
-                scalars.update(evaluate(eval_step, state, test, config.eval_batch_size))
+                scalars.update(evaluate(eval_step, state, test, config.eval_batch_size, mesh))
                 _print_line(step, config.num_steps, scalars | {"loss": step_metrics["loss"]},
                             started)  # fmt: skip
             final.update(scalars)
@@ -206,7 +214,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         checkpointer.close()
         writer.close()
     if not final:  # resumed from the last step: nothing left to train, report where it stands
-        final = evaluate(eval_step, state, test, config.eval_batch_size)
+        final = evaluate(eval_step, state, test, config.eval_batch_size, mesh)
         print(f"already finished: step {start_step} of {config.num_steps}", flush=True)
     sys.stdout.flush()
     return final

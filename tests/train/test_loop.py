@@ -171,3 +171,22 @@ def test_killed_runs_resume_to_the_bit_identical_final_state(tmp_path):
         json.loads(line)["step"] for line in open(tmp_path / "killed" / "metrics.jsonl")
     ]
     assert steps_logged == sorted(set(steps_logged))  # no step logged twice after resumes
+
+
+def test_evaluation_split_over_devices_counts_the_same():
+    """With a mesh each evaluation batch is sharded over the devices (not recomputed whole on
+    every one); the counts equal the single-device evaluation of the same examples."""
+    from bnjax import data, parallel
+    from bnjax.train import optim, steps
+
+    config = _tiny()
+    test = data.load("clusters", "test", config=data.ClusterConfig(test_per_class=20))
+    model = steps.make_model(config, test.num_classes, for_training=False)
+    state = steps.initial_state(model, optim.make_optimizer(config), test.images[:2], 0)
+    eval_step = steps.make_eval_step(model)
+    mesh = parallel.data_mesh()
+    whole = loop.evaluate(eval_step, state, test, 100)
+    split = loop.evaluate(eval_step, parallel.replicate(state, mesh), test, 100, mesh)
+    assert split["eval/examples"] == 192 == 2 * (100 // mesh.size * mesh.size)
+    on_same_rows = loop.evaluate(eval_step, state, test, 96)
+    assert split == on_same_rows and whole["eval/examples"] == 200
