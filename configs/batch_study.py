@@ -2,7 +2,7 @@
 
     python scripts/batch_study.py --config=configs/batch_study.py --workdir=workdir/batch_study
 
-About 13 minutes on a 2-core CPU; writes results.csv, table.md and plots/ to the workdir. The
+About 9 minutes on a 2-core CPU; writes results.csv, table.md and plots/ to the workdir. The
 larger grid (more seeds and steps, a wider net) for an accelerator:
 
     python scripts/batch_study.py --config=configs/batch_study.py --config.scale=full \\

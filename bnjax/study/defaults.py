@@ -25,7 +25,10 @@ def study_config() -> ml_collections.ConfigDict:
     config.norm_groups = 8  # group norm: channel groups (divides every width)
     config.bn_momentum = 0.9  # decay of the running averages
     config.ghost_batch_size = 8  # 'ghost_batch': statistics over groups of this many examples
-    # Batch renorm's warm-up as fractions of num_steps (the paper's 5k / 35k / 20k shape).
+    # Batch renorm: decay of its renorm statistics (the ones r and d correct toward), and its
+    # warm-up as fractions of num_steps (the paper's 5k / 35k / 20k shape). 0.99 remembers its
+    # initial mean 0 / var 1 for hundreds of steps: too long for the sweep's 75-step runs.
+    config.renorm_momentum = 0.9
     config.renorm_warmup = 0.1
     config.renorm_r_relax = 0.5
     config.renorm_d_relax = 0.3

@@ -171,6 +171,7 @@ def study_model(config, mc, num_classes: int, *, for_training: bool) -> models.S
     options: dict[str, Any] = {"momentum": mc.bn_momentum}
     if mc.norm == "batch_renorm":
         options["schedule"] = renorm_schedule(config, mc.num_steps)
+        options["renorm_momentum"] = config.renorm_momentum
     if for_training and mc.ghost_batch_size is not None:
         options["ghost_batch_size"] = mc.ghost_batch_size
     if mc.norm not in models.BATCH_STATISTICS_NORMS:
