@@ -55,7 +55,7 @@ def check_study_config(config) -> None:
       >>> from bnjax.study.defaults import study_config
       >>> config = study_config()
       >>> config.norm_groups = 5
-      >>> check_study_config(config)
+      >>> check_study_config(config)  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
       ValueError: config.norm_groups=5 must divide every width in ... (group norm).
