@@ -85,7 +85,7 @@ class Measured(NamedTuple):
 
 
 def model_config(config, run: Run) -> ml_collections.ConfigDict:
-    """The training config keys `make_model` and `make_optimizer` read, for this run: the
+    """The keys `study_model` and `bnjax.train.optim.make_optimizer` read, for this run: the
     run's steps and learning rate (warm-up in proportion: the same fraction of the run), the
     ghost batch size capped at the run's batch size.
 
@@ -100,13 +100,11 @@ def model_config(config, run: Run) -> ml_collections.ConfigDict:
     steps = run_steps(config, run)
     c = ml_collections.ConfigDict(
         {
-            "model": "small_cnn",
             "model_features": tuple(config.model_features),
             "norm": run.normalizer.norm,
             "norm_groups": config.norm_groups,
             "bn_momentum": config.bn_momentum,
             "ghost_batch_size": None,
-            "mixed_precision": False,
             "optimizer": config.optimizer,
             "learning_rate": config.learning_rate * run.lr_scale,
             "momentum": config.momentum,

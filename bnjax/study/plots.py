@@ -15,7 +15,6 @@ one PNG; none of them computes a metric.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -277,15 +276,3 @@ def features_pca(features: Mapping[str, tuple[np.ndarray, np.ndarray]],
         ax.set_yticks([])
     return _save(fig, path)
 
-
-def ensure_dir(directory: str) -> str:
-    """Creates `directory` (and its parents) unless it exists; returns it.
-
-    Example:
-      >>> import os, tempfile
-      >>> with tempfile.TemporaryDirectory() as root:
-      ...     print(os.path.isdir(ensure_dir(os.path.join(root, "plots", "seed0"))))
-      True
-    """
-    os.makedirs(directory, exist_ok=True)
-    return directory

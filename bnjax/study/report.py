@@ -19,7 +19,6 @@ not apply (no running statistics) and "(k/n)" where only k of n seeds gave a fin
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Mapping, Sequence
 
 from bnjax.study.evaluation import format_mean_std, mean_std
@@ -255,12 +254,3 @@ def table_markdown(rows: Sequence[Mapping], labels: Mapping[str, str], *, title:
                   sweep_table(rows, "accuracy_batch_stats"), ""]  # fmt: skip
     return "\n".join(parts)
 
-
-def is_number(value) -> bool:
-    """True for a finite int/float (what a results cell should hold when it applies).
-
-    Example:
-      >>> is_number(3), is_number(0.5), is_number(float("nan")), is_number(None), is_number(True)
-      (True, True, False, False, False)
-    """
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 
 import ml_collections
@@ -200,6 +200,9 @@ def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> l
     test = data.load(config.dataset, "test", seed=config.data_seed)
     study = Study(config, train, test)
     trained_runs: dict[tuple, Trained] = {}
+    # A trained run (variables and per-step trace) is freed once no later run shares it.
+    uses_left = Counter(run.training_key for run in runs)
+    trained_count = 0
     measured_runs: dict[tuple, Measured] = {}
     artifacts, rows = Artifacts(), []
     started = time.perf_counter()
@@ -210,11 +213,15 @@ def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> l
             key = run.training_key
             if key not in trained_runs:
                 trained_runs[key] = study.train(run)
+                trained_count += 1
             trained = trained_runs[key]
             measure_key = (key, run.normalizer.recalibrate)
             if measure_key not in measured_runs:
                 measured_runs[measure_key] = study.measure(run, trained)
             measured = measured_runs[measure_key]
+            uses_left[key] -= 1
+            if not uses_left[key]:
+                del trained_runs[key]
             row = dict(measured.row, study=run.study, condition=run.condition.name,
                        normalizer=run.normalizer.name)  # fmt: skip
             rows.append(row)
@@ -233,7 +240,7 @@ def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> l
     if config.plots:
         write_plots(rows, artifacts, labels, os.path.join(workdir, "plots"),
                     chance=1 / train.num_classes)  # fmt: skip
-    log(f"study finished: {len(runs)} runs ({len(trained_runs)} trained) in "
+    log(f"study finished: {len(runs)} runs ({trained_count} trained) in "
         f"{time.perf_counter() - started:.0f} s; wrote {workdir}/results.csv, table.md"
         + (", plots/" if config.plots else ""))  # fmt: skip
     return rows
@@ -255,7 +262,7 @@ def write_plots(rows, artifacts: Artifacts, labels, directory: str,
       >>> [os.path.basename(p) for p in paths]
       ['headline.png', 'loss_curves.png']
     """
-    plots.ensure_dir(directory)
+    os.makedirs(directory, exist_ok=True)
     path = lambda name: os.path.join(directory, name)  # noqa: E731
     written = []
     if any(r["study"] == "table" for r in rows):
