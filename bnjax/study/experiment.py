@@ -201,6 +201,17 @@ def batch_rows(dataset: data.Dataset, run: Run, num_steps: int) -> np.ndarray:
     return np.concatenate(epochs)[:num_steps].astype(np.int32)
 
 
+class _Compiled(NamedTuple):
+    """What runs with the same norm, ghost size, steps and learning rate share."""
+
+    model: Any  # training model (ghost batches, if any)
+    eval_model: Any  # the same network without ghost batches
+    trainer: Any  # make_trainer(model, optimizer)
+    evaluate: Any  # make_evaluator(eval_model)
+    capture: Any  # jitted: variables, images -> eval-mode conv outputs ('intermediates')
+    optimizer: Any
+
+
 class Study:
     """Shared data, hyperparameters and compiled functions for all runs of one study config.
 
@@ -232,9 +243,9 @@ class Study:
         self._labels = jax.device_put(train.labels)
         self._compiled: dict = {}
 
-    def _models(self, run: Run):
-        """(training model, evaluation model, trainer, evaluator, optimizer) for the run's
-        norm and ghost size, built once and reused (so each compiles once per shape)."""
+    def _models(self, run: Run) -> _Compiled:
+        """The run's models and jitted functions, built once per norm, ghost size, steps and
+        learning rate and reused (so each compiles once per shape)."""
         mc = model_config(self.config, run)
         key = (mc.norm, mc.ghost_batch_size, mc.num_steps, mc.learning_rate)
         if key not in self._compiled:
@@ -242,17 +253,27 @@ class Study:
             model = study_model(self.config, mc, num_classes, for_training=True)
             eval_model = study_model(self.config, mc, num_classes, for_training=False)
             optimizer = make_optimizer(mc)
-            self._compiled[key] = (model, eval_model, make_trainer(model, optimizer),
-                                   make_evaluator(eval_model), optimizer)  # fmt: skip
+
+            def capture(variables, images):
+                _, sown = eval_model.apply(variables, images, train=False,
+                                           mutable=["intermediates"],
+                                           capture_intermediates=is_conv_call)  # fmt: skip
+                return sown
+
+            self._compiled[key] = _Compiled(
+                model, eval_model, make_trainer(model, optimizer), make_evaluator(eval_model),
+                jax.jit(capture), optimizer,
+            )  # fmt: skip
         return self._compiled[key]
 
     def train(self, run: Run) -> Trained:
         """Trains `run` from its seed; returns the final variables and the per-step trace."""
-        _, eval_model, trainer, _, optimizer = self._models(run)
+        compiled = self._models(run)
         start = time.perf_counter()
-        state = initial_state(eval_model, optimizer, self.train_set.images[:2], run.seed)
+        state = initial_state(compiled.eval_model, compiled.optimizer, self.train_set.images[:2],
+                              run.seed)  # fmt: skip
         rows = batch_rows(self.train_set, run, run_steps(self.config, run))
-        state, record = trainer(state, self._images, self._labels, rows)
+        state, record = compiled.trainer(state, self._images, self._labels, rows)
         trace = to_trace(record)
         variables = {k: v for k, v in state.items() if k not in ("step", "opt_state")}
         return Trained(jax.device_get(variables), trace, time.perf_counter() - start)
@@ -260,36 +281,32 @@ class Study:
     # ------------------------------------------------------------------ measurement
 
     def _uniform_batches(self, batch_size: int, seed: int):
+        # One shuffled epoch; the last len % batch_size examples are left out (none by default).
         sampler = data.make_sampler("uniform", len(self.train_set), batch_size, seed=seed)
         return [self.train_set.images[r] for r in sampler.epoch(0)]
 
     def _population(self, run: Run, variables) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per layer, the exact population (mean, var) of the norm's input (module docstring)."""
-        _, eval_model, *_ = self._models(run)
+        compiled = self._models(run)
         batches = self._uniform_batches(self.config.eval_batch_size, seed=10_000 + run.seed)
         if run.normalizer.has_running_stats:
-            full = lifecycle.recalibrate(eval_model, variables, batches, mode="full_batch",
-                                         apply_kwargs={"train": False})  # fmt: skip
+            full = lifecycle.recalibrate(
+                compiled.eval_model, variables, batches, mode="full_batch",
+                apply_kwargs={"train": False},
+            )
             return _layer_stats(full["batch_stats"])
-        def captured(v, x):
-            _, sown = eval_model.apply(v, x, train=False, mutable=["intermediates"],
-                                       capture_intermediates=is_conv_call)  # fmt: skip
-            return sown
-
-        capture = jax.jit(captured)
-        chunks = [norm_inputs(capture(variables, b)["intermediates"]) for b in batches]
+        chunks = [norm_inputs(compiled.capture(variables, b)["intermediates"]) for b in batches]
         return [metrics.population_stats(c[i] for c in chunks) for i in range(len(chunks[0]))]
 
     def recalibrated(self, run: Run, variables) -> dict:
         """Variables with precise running statistics: `recalibrate(mode="train")` over one
         uniformly shuffled epoch of batches of `recalibration_batch_size` (fvcore's PreciseBN)."""
-        _, eval_model, *_ = self._models(run)
         batches = self._uniform_batches(self.config.recalibration_batch_size, 20_000 + run.seed)
-        return lifecycle.recalibrate(eval_model, variables, batches,
+        return lifecycle.recalibrate(self._models(run).eval_model, variables, batches,
                                      apply_kwargs={"train": False})  # fmt: skip
 
     def _evaluate(self, run: Run, variables):
-        _, _, _, evaluate, _ = self._models(run)
+        evaluate = self._models(run).evaluate
         size = min(self.config.eval_batch_size, len(self.test_set))
         usable = len(self.test_set) // size * size
         out = [evaluate(variables, self.test_set.images[i : i + size])

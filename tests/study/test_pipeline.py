@@ -146,7 +146,9 @@ def test_norm_inputs_are_ordered_by_depth():
 def test_trace_records_the_step_it_took(clusters):
     """Step 0's loss and layer statistics equal a direct forward pass at the initial params."""
     s, run = _study(clusters)
-    model, eval_model, trainer, _, optimizer = s._models(run)
+    compiled = s._models(run)
+    model, eval_model, trainer, optimizer = (compiled.model, compiled.eval_model,
+                                             compiled.trainer, compiled.optimizer)  # fmt: skip
     rows = experiment.batch_rows(s.train_set, run, 3)
     state = initial_state(eval_model, optimizer, s.train_set.images[:2], 0)
     images, labels = s.train_set.images[rows[0]], s.train_set.labels[rows[0]]
@@ -181,7 +183,7 @@ def test_population_of_layer_0_is_the_conv_outputs_statistics(clusters):
         s, run = _study(clusters, norm)
         trained = s.train(run)
         population = s._population(run, trained.variables)
-        _, eval_model, *_ = s._models(run)
+        eval_model = s._models(run).eval_model
         _, sown = eval_model.apply(trained.variables, s.train_set.images, train=False,
                                    mutable=["intermediates"],
                                    capture_intermediates=training.is_conv_call)  # fmt: skip
