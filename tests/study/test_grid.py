@@ -158,3 +158,18 @@ def test_csv_round_trip(tmp_path):
                 assert np.isclose(b[key], value)
             else:
                 assert b[key] == value
+
+
+def test_script_reports_a_bad_key_and_exits_1(tmp_path):
+    """The absl entry point wires --config overrides through to the checks (fails before any
+    data is loaded or any run trains)."""
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    result = subprocess.run(
+        [sys.executable, "scripts/batch_study.py", "--config=configs/batch_study.py",
+         f"--workdir={tmp_path}", "--config.num_seeds=0"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "error: config.num_seeds=0: must be a positive integer." in result.stderr
