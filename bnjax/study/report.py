@@ -32,6 +32,7 @@ TABLE1_COLUMNS = (
     ("loss oscillation", "loss_oscillation", ".3f"),
     ("steps to loss target", "steps_to_target", ".0f"),
     ("gradient noise (1 - cos)", "gradient_noise", ".3f"),
+    ("update noise (1 - cos)", "update_noise", ".3f"),
     ("running-stat bias", "running_bias", ".3f"),
     ("accuracy, eval mode", "accuracy_eval", ".3f"),
     ("accuracy, batch stats", "accuracy_batch_stats", ".3f"),

@@ -138,8 +138,9 @@ def test_table_cells_are_mean_and_std_over_seeds():
     assert cells[0] == "Uniformly shuffled mini-batches"
     assert cells[1] == "0.0100 ± 0.0000"
     assert cells[6] == "40 (1/2)"  # steps to target: one seed never reached it
-    assert cells[8] == "0.200 ± 0.141"  # running bias: mean 0.2, std sqrt(0.02)
-    assert cells[9] == "0.600 ± 0.141"
+    assert cells[7] == "0.900 ± 0.000" and cells[8] == "n/a"  # gradient / update noise
+    assert cells[9] == "0.200 ± 0.141"  # running bias: mean 0.2, std sqrt(0.02)
+    assert cells[10] == "0.600 ± 0.141"
     group = report.grid_table(_rows(), "running_bias", labels).splitlines()[2]
     assert group.endswith("| n/a |")
     assert "Mean ± std over 2 seeds" in text and "## Batch-size sweep" in text
