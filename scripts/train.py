@@ -3,18 +3,21 @@
 
 Re-running the same command resumes from the newest checkpoint in `--workdir`. Many hosts:
 run the same command on each with the coordinator flags (see README, "Parallel modes").
+``--help`` lists every config key; exit codes are in `bnjax.train.cli` (0 done, 1 the run
+failed, 2 it could not start).
 """
-
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bnjax import parallel
-from bnjax.train import loop
+from bnjax.train import cli, loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go")
+_CONFIG = config_flags.DEFINE_config_file("config", None, cli.config_help())
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and config.json go")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "resume even if the config changes what is trained"
+)
 parallel.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -25,11 +28,11 @@ def main(argv) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     parallel.initialize_distributed()
-    try:
-        final = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, loop.NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    final = cli.run(
+        lambda: loop.train_and_evaluate(
+            _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+        )
+    )
     print(
         "final: "
         + " ".join(f"{k}={v:.4f}" for k, v in final.items() if not k.startswith("bn/"))
@@ -38,4 +41,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

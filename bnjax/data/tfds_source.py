@@ -22,6 +22,7 @@ about 600 MB as float32).
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 
@@ -48,7 +49,17 @@ TFDS_DATASETS = {
 
 
 class DatasetNotPreparedError(FileNotFoundError):
-    """A TFDS dataset is not prepared (in ArrayRecord format) where bnjax looked for it."""
+    """A TFDS dataset is not prepared (in ArrayRecord format) where bnjax looked for it, or
+    the packages that read it are not installed. `str()` has the full instructions;
+    `summary()` says what to do in one line (what the training script prints)."""
+
+    def __init__(self, message: str, one_line: str):
+        super().__init__(message)
+        self.one_line = one_line
+
+    def summary(self) -> str:
+        """The error and its fix in one line."""
+        return self.one_line
 
 
 def _spec(name: str) -> TfdsSpec:
@@ -78,8 +89,17 @@ def open_source(name: str, split: str = "train", *, data_dir: str | None = None)
     """The TFDS random-access source of a prepared dataset: len() and [i] -> {'image': uint8
     (H, W, C), 'label': int, ...}. Raises `DatasetNotPreparedError` if it is not there."""
     _spec(name)
-    import tensorflow_datasets as tfds
-
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        fix = "pip install 'bnjax[data]' (tensorflow-datasets, array-record, pillow; no TensorFlow)"
+        raise DatasetNotPreparedError(
+            f"reading TFDS dataset '{name}' needs tensorflow-datasets: {fix}.", f"{error}; {fix}."
+        ) from error
+    # TFDS logs a warning per incomplete folder while it looks; the error below says it all.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
     try:
         return tfds.data_source(
             name,
@@ -89,7 +109,18 @@ def open_source(name: str, split: str = "train", *, data_dir: str | None = None)
             builder_kwargs={"file_format": "array_record"},
         )
     except Exception as error:  # TFDS signals a missing dataset with several error types
-        raise DatasetNotPreparedError(not_prepared_message(name, data_dir, error)) from error
+        where = data_dir or "$TFDS_DATA_DIR (else ~/tensorflow_datasets)"
+        one_line = (
+            f"TFDS dataset '{name}' is not prepared under {where}, and bnjax never downloads "
+            f"data: run `tfds build {name} --file_format=array_record --data_dir=DIR` on a "
+            "machine with network access, copy DIR here and pass --config.data_dir=DIR "
+            "(README, 'Data')."
+        )
+        raise DatasetNotPreparedError(
+            not_prepared_message(name, data_dir, error), one_line
+        ) from error
+    finally:
+        absl_logger.setLevel(level)
 
 
 def standardize(name: str, images: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 from bnjax.models.cnn import SmallCNN
 from bnjax.models.mlp import MLP
-from bnjax.models.norms import BATCH_STATISTICS_NORMS, NORMS, make_norm
+from bnjax.models.norms import BATCH_STATISTICS_NORMS, NORMS, apply_norm, make_norm
 from bnjax.models.resnet import BasicBlock, ResNet, resnet18, resnet20
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "BasicBlock",
     "ResNet",
     "SmallCNN",
+    "apply_norm",
     "make_norm",
     "resnet18",
     "resnet20",

@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bnjax.models.norms import make_norm, uses_bias_before_norm
+from bnjax.models.norms import apply_norm, make_norm, uses_bias_before_norm
 
 
 class SmallCNN(nn.Module):
@@ -31,17 +31,20 @@ class SmallCNN(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, mask=None):
+        """x (N, H, W, C) -> logits (N, classes); `mask` (N,) marks the examples that enter
+        batch statistics (None: all)."""
         x = x.astype(self.dtype)
         for i, width in enumerate(self.features):
             x = nn.Conv(
                 width, (3, 3), use_bias=uses_bias_before_norm(self.norm), dtype=self.dtype,
                 name=f"conv{i}",
             )(x)  # fmt: skip
-            x = make_norm(
+            norm = make_norm(
                 self.norm, train=train, spatial=True, groups=self.norm_groups,
                 dtype=self.dtype, options=self.norm_options, name=f"norm{i}",
-            )(x)  # fmt: skip
+            )  # fmt: skip
+            x = apply_norm(norm, x, mask)
             x = nn.relu(x)
             if x.shape[1] > 1 and x.shape[2] > 1:
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))

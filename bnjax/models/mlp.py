@@ -8,7 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bnjax.models.norms import make_norm, uses_bias_before_norm
+from bnjax.models.norms import apply_norm, make_norm, uses_bias_before_norm
 
 
 class MLP(nn.Module):
@@ -31,16 +31,19 @@ class MLP(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, mask=None):
+        """x (N, ...) -> logits (N, classes); `mask` (N,) marks the examples that enter
+        batch statistics (None: all)."""
         x = x.reshape((x.shape[0], -1)).astype(self.dtype)
         for i, width in enumerate(self.features):
             x = nn.Dense(
                 width, use_bias=uses_bias_before_norm(self.norm), dtype=self.dtype,
                 name=f"dense{i}",
             )(x)  # fmt: skip
-            x = make_norm(
+            norm = make_norm(
                 self.norm, train=train, spatial=False, groups=self.norm_groups,
                 dtype=self.dtype, options=self.norm_options, name=f"norm{i}",
-            )(x)  # fmt: skip
+            )  # fmt: skip
+            x = apply_norm(norm, x, mask)
             x = nn.relu(x)
         return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)

@@ -7,8 +7,10 @@
     'instance'      bnjax.linen.InstanceNorm   per example and channel, over space
     'none'          identity                   (layers before it then carry a bias)
 
-Models call ``make_norm(...)(x)`` after each conv/dense; in training mode batch-statistics
-norms update 'batch_stats', so apply with ``mutable=['batch_stats']`` as with flax.
+Models call ``apply_norm(make_norm(...), x, mask)`` after each conv/dense; in training mode
+batch-statistics norms update 'batch_stats', so apply with ``mutable=['batch_stats']`` as with
+flax. The models' optional per-example `mask` (N,) reaches the batch-statistics norms only
+(padding rows then stay out of the batch statistics); the other norms are per example.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from bnjax import linen as bnn
 
@@ -33,6 +36,31 @@ def check_norm(norm: str) -> None:
 def uses_bias_before_norm(norm: str) -> bool:
     """A layer followed by a norm needs no bias: the norm's shift (or mean removal) absorbs it."""
     return norm == "none"
+
+
+def apply_norm(layer, x, mask=None):
+    """`layer(x)` for a layer from `make_norm`, with the per-example `mask` (N,) of booleans
+    passed to batch-statistics norms as an (N, 1, ..., 1) mask (per-example norms need none).
+
+    Example:
+      >>> layer = make_norm("batch", train=True, spatial=False)
+      >>> x = jnp.array([[1.0], [3.0], [100.0]])
+      >>> keep = jnp.array([True, True, False])                 # the last row is padding
+      >>> variables = layer.init(jax.random.key(0), x)
+      >>> y, _ = layer.apply(variables, x, mutable=["batch_stats"],
+      ...                    method=lambda module, x: apply_norm(module, x, keep))
+      >>> y[:2, 0].round(3).tolist()                    # statistics of the first two rows
+      [-1.0, 1.0]
+    """
+    if mask is None or not isinstance(layer, (bnn.BatchNorm, bnn.BatchRenorm)):
+        return layer(x)
+    mask = jnp.asarray(mask)
+    if mask.shape != x.shape[:1] or mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"`mask` must be a boolean array of shape ({x.shape[0]},), one flag per example, "
+            f"got {mask.dtype} {tuple(mask.shape)}."
+        )
+    return layer(x, mask=mask.reshape(mask.shape + (1,) * (x.ndim - 1)))
 
 
 def make_norm(

@@ -19,7 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bnjax.models.norms import check_norm, make_norm, uses_bias_before_norm
+from bnjax.models.norms import apply_norm, check_norm, make_norm, uses_bias_before_norm
 
 _HE_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -39,11 +39,13 @@ class _NormSettings(nn.Module):
             name=name,
         )  # fmt: skip
 
-    def make_norm(self, train: bool, name: str, zero_scale: bool = False):
-        return make_norm(
+    def normalize(self, x, mask, train: bool, name: str, zero_scale: bool = False):
+        """The block's norm `name` applied to x (`mask`: see `bnjax.models.norms.apply_norm`)."""
+        layer = make_norm(
             self.norm, train=train, spatial=True, groups=self.norm_groups,
             zero_scale=zero_scale, dtype=self.dtype, options=self.norm_options, name=name,
         )  # fmt: skip
+        return apply_norm(layer, x, mask)
 
 
 class BasicBlock(_NormSettings):
@@ -64,14 +66,14 @@ class BasicBlock(_NormSettings):
     zero_init_residual: bool = False
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, mask=None):
         y = self.conv(self.features, 3, self.strides, name="conv1")(x)
-        y = nn.relu(self.make_norm(train, "norm1")(y))
+        y = nn.relu(self.normalize(y, mask, train, "norm1"))
         y = self.conv(self.features, 3, name="conv2")(y)
-        y = self.make_norm(train, "norm2", zero_scale=self.zero_init_residual)(y)
+        y = self.normalize(y, mask, train, "norm2", zero_scale=self.zero_init_residual)
         if x.shape != y.shape:
             x = self.conv(self.features, 1, self.strides, name="shortcut_conv")(x)
-            x = self.make_norm(train, "shortcut_norm")(x)
+            x = self.normalize(x, mask, train, "shortcut_norm")
         return nn.relu(x + y)
 
 
@@ -93,7 +95,9 @@ class ResNet(_NormSettings):
     zero_init_residual: bool = False
 
     @nn.compact
-    def __call__(self, x, *, train: bool):
+    def __call__(self, x, *, train: bool, mask=None):
+        """x (N, H, W, C) -> logits (N, classes); `mask` (N,) marks the examples that enter
+        batch statistics (None: all)."""
         check_norm(self.norm)
         if len(self.stage_sizes) != len(self.stage_features):
             raise ValueError(
@@ -102,7 +106,7 @@ class ResNet(_NormSettings):
             )
         x = x.astype(self.dtype)
         x = self.conv(self.stage_features[0], 3, name="stem_conv")(x)
-        x = nn.relu(self.make_norm(train, "stem_norm")(x))
+        x = nn.relu(self.normalize(x, mask, train, "stem_norm"))
         for stage, (blocks, width) in enumerate(
             zip(self.stage_sizes, self.stage_features, strict=True)
         ):
@@ -112,7 +116,7 @@ class ResNet(_NormSettings):
                     zero_init_residual=self.zero_init_residual, norm=self.norm,
                     norm_groups=self.norm_groups, norm_options=self.norm_options,
                     dtype=self.dtype, name=f"stage{stage}_block{block}",
-                )(x, train=train)  # fmt: skip
+                )(x, train=train, mask=mask)  # fmt: skip
         features = jnp.mean(x, axis=(1, 2))
         self.sow("intermediates", "features", features)
         return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(features)

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bnjax.data import DATASETS, SAMPLERS
-from bnjax.models import NORMS
+from bnjax.models import BATCH_STATISTICS_NORMS, NORMS
+from bnjax.train.defaults import DESCRIPTIONS
 
 MODELS = ("mlp", "small_cnn", "resnet20", "resnet18")
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
@@ -34,6 +35,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sampler_groups": (lambda v: v in GROUPINGS, f"one of {GROUPINGS}"),
     "skew": (lambda v: _non_negative_number(v) and v <= 1, "a number in [0, 1]"),
     "model": (lambda v: v in MODELS, f"one of {MODELS}"),
+    "model_features": (
+        lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(map(_positive_int, v)),
+        "a non-empty tuple of positive layer widths, e.g. (32, 64)",
+    ),
     "norm": (lambda v: v in NORMS, f"one of {NORMS}"),
     "norm_groups": (_positive_int, "a positive int dividing every layer's channels"),
     "bn_momentum": (lambda v: _non_negative_number(v) and v <= 1, "a decay in [0, 1]"),
@@ -63,6 +68,12 @@ def check_config(config, num_devices: int) -> None:
         least the keys in `_RULES`.
       num_devices: devices the batch is split over (the global batch must divide evenly).
     """
+    unknown = sorted(set(config) - set(DESCRIPTIONS))
+    if unknown:
+        raise ValueError(
+            f"config.{unknown[0]} is not a training setting; the keys are "
+            f"{', '.join(DESCRIPTIONS)} (scripts/train.py --help says what each means)."
+        )
     for key, (valid, expected) in _RULES.items():
         if key not in config:
             raise ValueError(f"config.{key} is missing; expected {expected}.")
@@ -92,3 +103,49 @@ def check_config(config, num_devices: int) -> None:
         )
     if config.model == "mlp" and config.norm == "instance":
         raise ValueError("config.norm='instance' needs spatial axes; the mlp has none.")
+    if config.norm == "group":
+        _check_groups(config)
+    if config.norm in BATCH_STATISTICS_NORMS and config.eval_batch_size < 2:
+        raise ValueError(
+            f"config.eval_batch_size={config.eval_batch_size}: the batch-statistics evaluation "
+            f"of config.norm={config.norm!r} normalizes each held-out batch with its own "
+            "statistics, which one example cannot give; use config.eval_batch_size >= 2."
+        )
+
+
+# Layer widths of the models whose widths are not in the config.
+_FIXED_WIDTHS = {"resnet20": (16, 32, 64), "resnet18": (64, 128, 256, 512)}
+
+
+def _check_groups(config) -> None:
+    """Group norm needs config.norm_groups to divide every width, into groups of >= 2 values."""
+    widths = _FIXED_WIDTHS.get(config.model, tuple(config.model_features))
+    groups = config.norm_groups
+    # Without spatial axes (the mlp) a group of one channel holds one value per example.
+    smallest_group = 2 if config.model == "mlp" else 1
+    bad = [w for w in widths if w % groups or w // groups < smallest_group]
+    if bad:
+        raise ValueError(
+            f"config.norm_groups={groups} does not fit the layer widths {widths} of "
+            f"config.model={config.model!r}: each width must split into {groups} groups of at "
+            f"least {smallest_group} channel(s); {bad} do not. Pick a divisor of every width."
+        )
+
+
+def check_evaluation_batches(config, num_test_examples: int) -> None:
+    """Raises ValueError naming config.eval_batch_size when the held-out split would be cut
+    (see `bnjax.train.loop.evaluation_batches`) into a batch too small for batch statistics.
+
+    Run before training, so that a run cannot fail at its first evaluation.
+    """
+    if config.norm not in BATCH_STATISTICS_NORMS:
+        return
+    num_batches = max(1, -(-num_test_examples // config.eval_batch_size))
+    smallest = num_test_examples // num_batches
+    if smallest < 2:
+        raise ValueError(
+            f"config.eval_batch_size={config.eval_batch_size} cuts the {num_test_examples} "
+            f"held-out examples into {num_batches} batches, the smallest of {smallest}; batch "
+            f"statistics (config.norm={config.norm!r}) need at least 2 examples per batch. "
+            "Use a larger config.eval_batch_size."
+        )

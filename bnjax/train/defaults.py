@@ -1,7 +1,9 @@
 """The base training config: every key `bnjax.train.loop` reads, with the default run's values.
 
 Experiment files in configs/ start from `base_config()` and override what differs, so a key's
-meaning and default live in one place. `bnjax.train.config.check_config` validates them.
+meaning and default live in one place: `DESCRIPTIONS` says what each key means (the training
+script's ``--help`` lists them with their defaults), and `bnjax.train.config.check_config`
+validates them.
 """
 
 import ml_collections
@@ -50,3 +52,42 @@ def base_config() -> ml_collections.ConfigDict:
     config.progress = True  # a progress bar when stderr is a terminal
     config.telemetry = True  # per-layer BN drift in the metrics (jit mode)
     return config
+
+
+# What each key means, for ``scripts/train.py --help`` and the README (a test keeps this and
+# `base_config` in step).
+DESCRIPTIONS = {
+    "seed": "seed of the initialisation, the data order and the generated data",
+    "dataset": "clusters | digits (no download) | mnist | fashion_mnist | cifar10 (TFDS)",
+    "data_dir": "TFDS data directory with the prepared dataset (None: $TFDS_DATA_DIR)",
+    "sampler": "batch composition: uniform | clustered | skewed | balanced",
+    "sampler_groups": "what the sampler groups by: class | subcluster (clusters only)",
+    "skew": "skewed sampler: share of each batch from its dominant group(s), in [0, 1]",
+    "num_dominant": "skewed sampler: number of dominant groups per batch",
+    "shuffle_batches": "clustered sampler: one-group batches in random order",
+    "model": "mlp | small_cnn | resnet20 | resnet18",
+    "model_features": "mlp / small_cnn layer widths, e.g. (32, 64)",
+    "norm": "batch | batch_renorm | group | layer | instance | none",
+    "norm_groups": "group norm: number of channel groups (divides every layer's width)",
+    "bn_momentum": "decay of BN running statistics (flax convention; PyTorch 0.1 = 0.9)",
+    "ghost_batch_size": "BN statistics per group of this many examples (None: whole batch)",
+    "zero_init_residual": "resnets: start each block's last norm scale at 0",
+    "mixed_precision": "bf16 compute; parameters and BN statistics stay float32",
+    "batch_size": "global training batch (split over the devices)",
+    "eval_batch_size": "held-out batch size (batch-statistics evaluation: at least 2)",
+    "num_steps": "training steps",
+    "optimizer": "sgd | nesterov | adamw",
+    "learning_rate": "peak learning rate",
+    "momentum": "sgd / nesterov momentum",
+    "weight_decay": "weight decay on kernels (not on norm scales and biases)",
+    "schedule": "learning-rate schedule after warm-up: constant | cosine",
+    "warmup_steps": "linear learning-rate warm-up steps",
+    "parallel": "jit (sharded batch) | shard_map | pmap",
+    "num_devices": "devices to use (None: all)",
+    "log_every": "steps between training-metric records",
+    "eval_every": "steps between held-out evaluations",
+    "checkpoint_every": "steps between checkpoints (the last step is always saved)",
+    "keep_checkpoints": "newest checkpoints kept",
+    "progress": "a progress bar when stderr is a terminal",
+    "telemetry": "per-layer BN drift in the metrics (jit mode)",
+}

@@ -2,14 +2,20 @@
 
 What a run does, in order:
 
-1. checks the config (`bnjax.train.config`), loads the data, builds the batch-composition
-   sampler, the model and the optimizer;
-2. resumes from the newest complete checkpoint in ``workdir/checkpoints`` if there is one
+1. checks the config (`bnjax.train.config`, including evaluation batches big enough for
+   batch statistics), loads the data, builds the batch-composition sampler, the model and
+   the optimizer;
+2. locks the workdir (`bnjax.train.workdir`: one run per workdir);
+3. resumes from the newest complete checkpoint in ``workdir/checkpoints`` if there is one
    (a corrupt newest one is skipped with a warning), else initialises from `config.seed`;
-3. trains for `config.num_steps` steps in the chosen parallel mode, logging metrics to
-   ``workdir/metrics.jsonl`` and TensorBoard event files, evaluating on the held-out split in
-   both modes (running statistics, as served; batch statistics), and checkpointing every
-   `config.checkpoint_every` steps and at the end.
+   a resume whose config changes what is trained is refused (``workdir/config.json`` holds
+   the config the run trained with);
+4. trains for `config.num_steps` steps in the chosen parallel mode, checkpointing every
+   `config.checkpoint_every` steps and at the end (before evaluating), logging metrics to
+   ``workdir/metrics.jsonl`` and TensorBoard event files, and evaluating on every held-out
+   example in both modes (running statistics, as served; batch statistics);
+5. reads the final checkpoint back, verified: a run whose last step is not safely on disk
+   raises `FinalCheckpointError` instead of reporting success.
 
 Determinism: the state after step s depends only on the config (the data order is a pure
 function of (seed, epoch), the model has no dropout), so a run killed at any moment and
@@ -31,14 +37,19 @@ import numpy as np
 
 from bnjax import data, parallel
 from bnjax.train.checkpoints import Checkpointer
-from bnjax.train.config import check_config
+from bnjax.train.config import check_config, check_evaluation_batches
 from bnjax.train.metrics import MetricWriter
 from bnjax.train.optim import learning_rate_schedule, make_optimizer
 from bnjax.train.steps import initial_state, make_eval_step, make_model, make_train_step
+from bnjax.train.workdir import WorkdirLock, check_resume_config, load_config, save_config
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stopped without saving that state."""
+
+
+class FinalCheckpointError(RuntimeError):
+    """Training finished but its last step is not on disk and readable: not a success."""
 
 
 def _devices(config) -> int:
@@ -81,31 +92,51 @@ def _sampler(config, train: data.Dataset):
     )  # fmt: skip
 
 
-def evaluate(eval_step, state, test: data.Dataset, batch_size: int, mesh=None) -> dict[str, float]:
-    """Held-out accuracy with running statistics and with per-batch statistics.
+def evaluation_batches(num_examples: int, batch_size: int) -> list[np.ndarray]:
+    """The held-out rows split into ceil(num_examples / batch_size) consecutive batches whose
+    sizes differ by at most one (so no tiny last batch skews batch statistics).
 
-    Uses the largest multiple of `batch_size` examples (so every batch has one shape and
-    batch statistics never come from a single example); 'eval/examples' says how many. With a
-    `mesh` (one process), each batch is split over its devices, `batch_size` rounded down to
-    a multiple of their number: otherwise every device would evaluate the whole batch.
+    Example:
+      >>> [len(rows) for rows in evaluation_batches(10, 4)]
+      [4, 3, 3]
     """
-    batch_size = min(batch_size, len(test))
-    shard = mesh is not None and jax.process_count() == 1 and batch_size >= mesh.size
-    if shard:
-        batch_size = batch_size // mesh.size * mesh.size
-    usable = len(test) // batch_size * batch_size
+    num_batches = max(1, math.ceil(num_examples / batch_size))
+    return np.array_split(np.arange(num_examples), num_batches)
+
+
+def evaluate(eval_step, state, test: data.Dataset, batch_size: int, mesh=None) -> dict[str, float]:
+    """Held-out accuracy with running statistics and with per-batch statistics, on every example.
+
+    The test split is cut by `evaluation_batches`; each batch is padded to one shape (at most
+    `batch_size` rows, rounded up to a multiple of the mesh's devices) and the padding rows are
+    masked out of the batch statistics and the counts. The numbers are therefore the same for
+    any number of devices and any parallel mode; 'eval/examples' is the whole split. With a
+    `mesh` (one process), each batch is split over its devices instead of being recomputed
+    whole on every one.
+    """
+    batches = evaluation_batches(len(test), batch_size)
+    shard = mesh is not None and jax.process_count() == 1
+    devices = mesh.size if shard else 1
+    padded = math.ceil(max(len(rows) for rows in batches) / devices) * devices
+    if shard:  # a no-op for a state the step already replicated (a restored one is not)
+        state = parallel.replicate(state, mesh)
     running = batch = 0
-    for start in range(0, usable, batch_size):
-        rows = np.arange(start, start + batch_size)
-        images, labels = test.images[rows], test.labels[rows]
+    for rows in batches:
+        images = np.zeros((padded, *test.images.shape[1:]), test.images.dtype)
+        labels = np.zeros(padded, test.labels.dtype)
+        valid = np.zeros(padded, bool)
+        images[: len(rows)], labels[: len(rows)], valid[: len(rows)] = (
+            test.images[rows], test.labels[rows], True,
+        )  # fmt: skip
+        inputs = (images, labels, valid)
         if shard:
-            images, labels = parallel.shard_batch((images, labels), mesh)
-        counts = eval_step(state, images, labels)
+            inputs = parallel.shard_batch(inputs, mesh)
+        counts = eval_step(state, *inputs)
         running, batch = running + int(counts[0]), batch + int(counts[1])
     return {
-        "eval/accuracy_running_stats": running / usable,
-        "eval/accuracy_batch_stats": batch / usable,
-        "eval/examples": usable,
+        "eval/accuracy_running_stats": running / len(test),
+        "eval/accuracy_batch_stats": batch / len(test),
+        "eval/examples": len(test),
     }
 
 
@@ -151,11 +182,54 @@ def _print_line(step: int, num_steps: int, scalars: dict, started: float) -> Non
           flush=True)  # fmt: skip
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics."""
+def _resume_or_start(checkpointer, state, config, workdir: str, allow_config_change: bool):
+    """(start step, state) from the newest good checkpoint, after checking the saved config;
+    writes the config this run trains with to ``workdir/config.json``."""
+    restored = checkpointer.restore_latest(target=state)
+    start_step = 0 if restored is None else restored[0]
+    if restored is not None:
+        changes = check_resume_config(
+            load_config(workdir), config, allow_changes=allow_config_change
+        )
+        state = restored[1]
+        print(f"resumed from {workdir}/checkpoints step {start_step}", flush=True)
+        for change in changes:
+            print(f"note: resuming with {change}", flush=True)
+    if jax.process_index() == 0:
+        save_config(config, workdir)
+    return start_step, state
+
+
+def _check_final_checkpoint(checkpointer, num_steps: int) -> None:
+    """Raises FinalCheckpointError unless step `num_steps` is on disk and reads back verified."""
+    checkpointer.wait_until_finished()
+    latest = checkpointer.latest_step()
+    try:
+        if latest != num_steps:
+            raise ValueError(f"the newest checkpoint is step {latest}")
+        checkpointer.verify(num_steps)
+    except Exception as error:  # whatever the reason, the run's result is not safely stored
+        raise FinalCheckpointError(
+            f"the final state (step {num_steps}) is not safely saved in "
+            f"{checkpointer.directory}: {type(error).__name__}: {error}. Check the disk, then "
+            "re-run the same command: it resumes from the newest good checkpoint."
+        ) from error
+
+
+def train_and_evaluate(
+    config, workdir: str, *, allow_config_change: bool = False
+) -> dict[str, float]:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints); returns final metrics.
+
+    Raises ValueError (a `ConfigChangedError` among them) for a config that cannot run or
+    that differs from the one a resumed run trained with (unless `allow_config_change`),
+    `WorkdirBusyError` when another run holds `workdir`, `NonFiniteLossError` when training
+    diverges and `FinalCheckpointError` when the last step could not be saved and read back.
+    """
     check_config(config, _devices(config))
     train = data.load(config.dataset, "train", seed=config.seed, data_dir=config.get("data_dir"))
     test = data.load(config.dataset, "test", seed=config.seed, data_dir=config.get("data_dir"))
+    check_evaluation_batches(config, len(test))
     sampler = _sampler(config, train)
     optimizer = make_optimizer(config)
     schedule = learning_rate_schedule(config)
@@ -167,52 +241,56 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     eval_step = make_eval_step(eval_model)
 
     state = initial_state(eval_model, optimizer, train.images[:2], config.seed)
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
-        save_interval_steps=config.checkpoint_every,
-    )  # fmt: skip
-    restored = checkpointer.restore_latest(target=state)
-    start_step = 0 if restored is None else restored[0]
-    if restored is not None:
-        state = restored[1]
-        print(f"resumed from {workdir}/checkpoints step {start_step}", flush=True)
-    writer = MetricWriter(workdir, resume_step=start_step if restored else None)
-    started = time.perf_counter()
-    final: dict[str, float] = {}
-    progress = _Progress(config.get("progress", True), start_step, config.num_steps)
-    # Many processes: each read only its rows; jit/shard_map take the assembled global batch.
-    assemble = mesh is not None and jax.process_count() > 1
-    try:
-        batches = _training_batches(train, sampler, start_step)
-        for step in range(start_step + 1, config.num_steps + 1):
-            batch = next(batches)
-            if assemble:
-                batch = parallel.local_batch_to_global(batch, mesh)
-            state, metrics = run(state, batch)
-            step_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(step_metrics["loss"]):
-                raise NonFiniteLossError(
-                    f"the training loss is {step_metrics['loss']} at step {step}; stopping. "
-                    f"The last good checkpoint is step {checkpointer.latest_step()} in "
-                    f"{checkpointer.directory}. Lower config.learning_rate or check the data."
-                )
-            progress.update(step, step_metrics["loss"])
-            scalars = {}
-            if step % config.log_every == 0 or step == config.num_steps:
-                scalars.update(step_metrics, learning_rate=float(schedule(step - 1)))
-            if step % config.eval_every == 0 or step == config.num_steps:
-                scalars.update(evaluate(eval_step, state, test, config.eval_batch_size, mesh))
-                _print_line(step, config.num_steps, scalars | {"loss": step_metrics["loss"]},
-                            started)  # fmt: skip
-            final.update(scalars)
-            if scalars:
-                writer.write_scalars(step, scalars)
-            checkpointer.save(step, state, force=step == config.num_steps)
-    finally:
-        progress.close()
-        checkpointer.wait_until_finished()
-        checkpointer.close()
-        writer.close()
+    with WorkdirLock(workdir, jax.process_index()):
+        checkpointer = Checkpointer(
+            os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+            save_interval_steps=config.checkpoint_every,
+        )  # fmt: skip
+        try:
+            start_step, state = _resume_or_start(
+                checkpointer, state, config, workdir, allow_config_change
+            )
+        except BaseException:
+            checkpointer.close()
+            raise
+        writer = MetricWriter(workdir, resume_step=start_step if start_step else None)
+        started = time.perf_counter()
+        final: dict[str, float] = {}
+        progress = _Progress(config.get("progress", True), start_step, config.num_steps)
+        # Many processes: each read only its rows; jit/shard_map take the assembled global batch.
+        assemble = mesh is not None and jax.process_count() > 1
+        try:
+            batches = _training_batches(train, sampler, start_step)
+            for step in range(start_step + 1, config.num_steps + 1):
+                batch = next(batches)
+                if assemble:
+                    batch = parallel.local_batch_to_global(batch, mesh)
+                state, metrics = run(state, batch)
+                step_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(step_metrics["loss"]):
+                    raise NonFiniteLossError(
+                        f"the training loss is {step_metrics['loss']} at step {step}; stopping. "
+                        f"The last good checkpoint is step {checkpointer.latest_step()} in "
+                        f"{checkpointer.directory}. Lower config.learning_rate or check the data."
+                    )
+                progress.update(step, step_metrics["loss"])
+                # Saved before evaluating: a failing evaluation cannot cost this step's state.
+                checkpointer.save(step, state, force=step == config.num_steps)
+                scalars = {}
+                if step % config.log_every == 0 or step == config.num_steps:
+                    scalars.update(step_metrics, learning_rate=float(schedule(step - 1)))
+                if step % config.eval_every == 0 or step == config.num_steps:
+                    scalars.update(evaluate(eval_step, state, test, config.eval_batch_size, mesh))
+                    _print_line(step, config.num_steps, scalars | {"loss": step_metrics["loss"]},
+                                started)  # fmt: skip
+                final.update(scalars)
+                if scalars:
+                    writer.write_scalars(step, scalars)
+            _check_final_checkpoint(checkpointer, config.num_steps)
+        finally:
+            progress.close()
+            writer.close()
+            checkpointer.close()
     if not final:  # resumed from the last step: nothing left to train, report where it stands
         final = evaluate(eval_step, state, test, config.eval_batch_size, mesh)
         print(f"already finished: step {start_step} of {config.num_steps}", flush=True)

@@ -29,8 +29,11 @@ def make_model(config, num_classes: int, axis_name=None, *, for_training: bool =
     `for_training=False` leaves out `ghost_batch_size`: ghost groups shape training statistics
     only, and evaluation batches (of any size) use the whole batch's statistics.
     """
-    options = {"momentum": config.bn_momentum}
+    options = {}
+    # Running-statistics options exist only on batch-statistics norms; group, layer and
+    # instance norm are per example and take none of them.
     if config.norm in models.BATCH_STATISTICS_NORMS:
+        options["momentum"] = config.bn_momentum
         if axis_name is not None:
             options["axis_name"] = axis_name
         if for_training and config.get("ghost_batch_size") is not None:
@@ -115,19 +118,27 @@ def make_train_step(model, optimizer, *, telemetry: bool):
 
 
 def make_eval_step(model):
-    """`eval_step(state, images, labels) -> (correct with running stats, with batch stats)`.
+    """`eval_step(state, images, labels, valid=None) -> (correct with running stats, with batch
+    stats)`, counted over the examples where `valid` (N,) is True (all when None).
 
     Evaluation mode normalizes with the running statistics (what serving sees); the second
     count normalizes each evaluation batch with its own statistics (training mode, state
-    discarded), so the gap between the two is the cost of the running averages.
+    discarded), so the gap between the two is the cost of the running averages. Rows where
+    `valid` is False (padding) are left out of those batch statistics and of both counts.
     """
 
     @jax.jit
-    def eval_step(state, images, labels):
+    def eval_step(state, images, labels, valid=None):
         variables = _variables(state)
         running = model.apply(variables, images, train=False)
-        batch, _ = model.apply(variables, images, train=True, mutable=list(STATE_COLLECTIONS))
-        count = lambda logits: jnp.sum(jnp.argmax(logits, -1) == labels)  # noqa: E731
+        batch, _ = model.apply(
+            variables, images, train=True, mask=valid, mutable=list(STATE_COLLECTIONS)
+        )
+        keep = jnp.ones(labels.shape, bool) if valid is None else valid
+
+        def count(logits):
+            return jnp.sum((jnp.argmax(logits, -1) == labels) & keep)
+
         return count(running), count(batch)
 
     return eval_step

@@ -1,0 +1,87 @@
+"""The command line of ``scripts/train.py``: flag parsing, ``--help`` and exit codes.
+
+A mistake on the command line ends in one line on stderr that names it, never a traceback:
+
+- exit 0: trained (or already finished), the final checkpoint on disk and verified;
+- exit 1: the run failed: the loss became non-finite, or the final state could not be saved;
+- exit 2: the run could not start: an unknown or invalid ``--config.KEY``, a config file that
+  does not load, a TFDS dataset that is not prepared, a busy workdir, or a resume whose config
+  changes what is trained.
+
+``--help`` lists every config key with its default and meaning (`bnjax.train.defaults`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from absl import flags
+
+from bnjax.data.tfds_source import DatasetNotPreparedError
+from bnjax.train.defaults import DESCRIPTIONS, base_config
+from bnjax.train.workdir import WorkdirBusyError
+
+USAGE_ERROR = 2
+RUN_FAILED = 1
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
+def config_help() -> str:
+    """The config keys, their defaults and meanings, one per line (for ``--help``).
+
+    Example:
+      >>> print(config_help().splitlines()[1])
+        --config.seed=0  seed of the initialisation, the data order and the generated data
+    """
+    config = base_config()
+    lines = ["Experiment config file (configs/*.py). Override any key with --config.KEY=VALUE:"]
+    for key, meaning in DESCRIPTIONS.items():
+        lines.append(f"  --config.{key}={config[key]!r}  {meaning}")
+    return "\n".join(lines)
+
+
+def fail(message: str, code: int = USAGE_ERROR):
+    """Prints ``error: message`` (one line) on stderr and exits with `code`."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run(..., flags_parser=parse_flags)`) with one-line errors."""
+    try:
+        return flags.FLAGS(argv)
+    except SystemExit as exit_:
+        # absl exits 1 after printing --help; asking for help is not a failed run.
+        if exit_.code == 1 and any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
+            sys.exit(0)
+        raise
+    except AttributeError as error:  # ml_collections: an override of a key the config lacks
+        key = str(error).strip("\"'")
+        fail(
+            f"--config.{key} is not a config key; the keys are {', '.join(DESCRIPTIONS)} "
+            f"(see {argv[0]} --help)."
+        )
+    except flags.Error as error:
+        fail(f"{error} (see {argv[0]} --help).")
+    except OSError as error:  # the --config file itself did not load
+        fail(f"the config file did not load: {error}")
+
+
+def run(train: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Calls `train()`, turning the failures a user can act on into one line and an exit code.
+
+    Example:
+      >>> run(lambda: {"loss": 0.5})
+      {'loss': 0.5}
+    """
+    from bnjax.train.loop import FinalCheckpointError, NonFiniteLossError
+
+    try:
+        return train()
+    except DatasetNotPreparedError as error:
+        fail(error.summary())
+    except (ValueError, WorkdirBusyError) as error:
+        fail(str(error))
+    except (NonFiniteLossError, FinalCheckpointError) as error:
+        fail(str(error), RUN_FAILED)
