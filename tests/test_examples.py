@@ -52,7 +52,10 @@ MODULES = [
     "bnjax.data.sharding",
     "bnjax.data.synthetic",
     "bnjax.train.checkpoints",
+    "bnjax.train.cli",
+    "bnjax.train.loop",
     "bnjax.train.metrics",
+    "bnjax.train.workdir",
     "bnjax.study.defaults",
     "bnjax.study.evaluation",
     "bnjax.study.experiment",
@@ -214,6 +217,7 @@ NO_EXAMPLE = {
     # Raised by bnjax, never called by users; Checkpointer's example shows UnsafeStateError.
     "bnjax.train.CheckpointMismatchError",
     "bnjax.train.CheckpointWarning",
+    "bnjax.train.CorruptCheckpointError",
     "bnjax.train.UnsafeStateError",
 }
 

@@ -1,18 +1,69 @@
-"""Command line: ``python -m bnjax.lifecycle validate CHECKPOINT_DIR [--step N] [--quiet]``.
+"""Command line: ``python -m bnjax.lifecycle validate PATH [--step N] [--quiet]``.
 
-Prints a per-layer table of the batch-norm statistics found in the checkpoint and exits with
-0 when they are all sound, 1 when something is wrong (see `validate_statistics`), 2 when the
-path cannot be read as a checkpoint.
+PATH is a training workdir (its ``checkpoints/`` directory is read), a directory of
+`bnjax.train.Checkpointer` steps or one of its step directories, any other orbax checkpoint (a
+``CheckpointManager``'s root, a step, a PyTree item), or a flax msgpack file. The first line
+says what was read, e.g. ``step 600 of /runs/a/checkpoints``; then comes a per-layer table of
+the batch-norm statistics and a summary line (see `validate_statistics`).
+
+Checkpointer steps are read through ``Checkpointer.restore``, so every leaf is checked against
+the CRC32 written at save time: flipped bytes, truncated or missing files make a step
+corrupt. Without ``--step`` the newest step is read. When it is corrupt, a line on stderr
+says so (one per corrupt step), the newest readable step is validated and printed, and the
+exit status is 2 whatever its statistics: the step that a resumed run or a server would pick
+is broken. Nothing is written: corrupt steps are not moved.
+
+Exit status: 0 the statistics are sound; 1 they have problems; 2 the checkpoint is unreadable
+or corrupt (nothing readable, the requested step corrupt, or a step newer than the one
+validated corrupt).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
+def _reason(error: BaseException) -> str:
+    while error.__cause__ is not None:  # orbax wraps the storage layer's error
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: " + (text if len(text) <= 300 else text[:300] + " ...")
+
+
+def _steps(directory: str) -> list[int]:
+    if not os.path.isdir(directory):
+        return []
+    return sorted(
+        int(name)
+        for name in os.listdir(directory)
+        if name.isdigit() and os.path.isdir(os.path.join(directory, name))
+    )
+
+
+def _locate(path: str, step: int | None) -> tuple[str, int | None, bool]:
+    """(directory or file, step, whether it holds `Checkpointer` steps) for PATH."""
+    path = os.path.abspath(path)
+    inner = os.path.join(path, "checkpoints")
+    if (
+        os.path.isdir(inner)
+        and not _steps(path)
+        and not os.path.exists(os.path.join(path, "_METADATA"))
+    ):
+        path = inner  # a training workdir
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, "manifest")):  # a Checkpointer step
+        if step is not None and step != int(name):
+            raise ValueError(f"--step {step} conflicts with the step directory {path!r}")
+        return os.path.dirname(path), int(name), True
+    steps = _steps(path)
+    managed = any(os.path.isdir(os.path.join(path, str(s), "manifest")) for s in steps)
+    return path, step, managed
+
+
 def main(argv=None) -> int:
-    """``python -m bnjax.lifecycle validate PATH``: exit 0 ok, 1 problems, 2 unreadable."""
+    """``python -m bnjax.lifecycle validate PATH``: exit 0 ok, 1 problems, 2 unreadable/corrupt."""
     parser = argparse.ArgumentParser(
         prog="python -m bnjax.lifecycle", description="Batch-norm lifecycle tools."
     )
@@ -21,12 +72,14 @@ def main(argv=None) -> int:
         "validate",
         help="check a checkpoint's batch-norm statistics",
         description="Checks every batch-norm layer of a checkpoint for missing, non-finite, "
-        "negative-variance, never-updated or wrong-shape statistics. Exit status: 0 ok, "
-        "1 problems found, 2 unreadable checkpoint.",
+        "negative-variance, never-updated or wrong-shape statistics, and bnjax checkpoints "
+        "against their checksums. Exit status: 0 ok, 1 problems found, 2 unreadable or "
+        "corrupt checkpoint (also when the newest step is corrupt and an older one was "
+        "validated).",
     )
     validate.add_argument(
-        "checkpoint", help="orbax checkpoint directory (a manager's root, a step, or an item), "
-        "or a flax msgpack file",
+        "checkpoint", help="a training workdir (reads WORKDIR/checkpoints), an orbax "
+        "checkpoint directory (a manager's root, a step, or an item), or a flax msgpack file",
     )  # fmt: skip
     validate.add_argument("--step", type=int, default=None, help="step of a manager's root")
     validate.add_argument(
@@ -36,13 +89,50 @@ def main(argv=None) -> int:
 
     from bnjax.lifecycle.validation import load_checkpoint, validate_statistics
 
-    try:
-        tree = load_checkpoint(args.checkpoint, step=args.step)
-    except Exception as error:  # any failure to read is exit status 2
-        print(f"cannot read {args.checkpoint!r}: {type(error).__name__}: {error}", file=sys.stderr)
+    def cannot_read(error: BaseException) -> int:
+        print(f"cannot read {args.checkpoint!r}: {_reason(error)}", file=sys.stderr)
         return 2
+
+    try:
+        path, step, managed = _locate(args.checkpoint, args.step)
+        if managed:
+            from bnjax.train.checkpoints import Checkpointer  # verifies checksums
+
+            checkpointer = Checkpointer(path, read_only=True)
+            steps, load = checkpointer.all_steps(), checkpointer.restore
+        else:
+            steps = _steps(path)
+            load = lambda s: load_checkpoint(path, step=s)  # noqa: E731
+        if steps and step is not None and step not in steps:
+            raise FileNotFoundError(f"No step {step} in {path!r}; steps: {steps}.")
+        if not steps:
+            tree, read, corrupt = load_checkpoint(path, step=step), path, []
+    except Exception as error:  # any failure to read is exit status 2
+        return cannot_read(error)
+    if steps:
+        corrupt, tree = [], None
+        for candidate in [step] if step is not None else steps[::-1]:
+            try:
+                tree = load(candidate)
+            except Exception as error:
+                corrupt.append(candidate)
+                print(f"step {candidate} of {path} is corrupt or unreadable: {_reason(error)}",
+                      file=sys.stderr)  # fmt: skip
+                continue
+            read = f"step {candidate} of {path}"
+            break
+        if tree is None:
+            if step is None:
+                print(f"cannot read {args.checkpoint!r}: no readable step", file=sys.stderr)
+            return 2
+        if corrupt:
+            read += f" (newest readable step; step(s) {corrupt[::-1]} corrupt)"
+    print(read)
     report = validate_statistics(tree)
     print(report.format(only_problems=args.quiet))
+    if corrupt:
+        print(f"FAILED: step(s) {corrupt[::-1]} of {path} are corrupt", file=sys.stderr)
+        return 2
     return 0 if report.ok else 1
 
 

@@ -1,6 +1,7 @@
 """The three front ends of `recalibrate`: per-batch input moments, and writing the result.
 
 Each backend has ``moments(current, batch, index) -> {layer_key: Moments}`` (pure, jittable),
+``check(current, shapes)`` (the stored statistics have the shapes of the moments),
 ``write(current, totals, final=...) -> current`` and ``statistics(current)`` (for the
 fixpoint test of ``mode="full_batch"``); `current` is linen variables, an nnx state or a
 pytree of functional states.
@@ -20,6 +21,25 @@ from bnjax.lifecycle.population import LayerInput, population, population_state
 
 MODES = ("train", "full_batch")
 SOW_NAME = "bnjax_input_moments"
+
+
+def check_shapes(argument: str, layer: str, stored: dict, features: tuple) -> None:
+    """Raises ValueError when a layer's stored statistics do not have its input's features."""
+    wrong = {name: tuple(shape) for name, shape in stored.items() if tuple(shape) != features}
+    if wrong:
+        held = ", ".join(f"{name} {shape}" for name, shape in wrong.items())
+        raise ValueError(
+            f"`{argument}`: the statistics of {layer} have the wrong shape ({held}): the "
+            f"layer's input has features of shape {features}, so they must be {features} "
+            f"(the state of a different layer or model? or a wrong feature `axis`)."
+        )
+
+
+def _stored(get) -> dict:
+    """{name: shape} of the statistics a layer holds (`get(name)` None when absent)."""
+    names = ("mean", "var", *L.RENORM_STATS)
+    return {name: jax.numpy.shape(get(name)) for name in names if get(name) is not None}
+
 
 # --------------------------------------------------------------------------- linen
 
@@ -99,6 +119,12 @@ class Linen:
             _unbiased=self.unbiased, **self.apply_kwargs,
         )  # fmt: skip
 
+    def check(self, current, shapes) -> None:
+        for path, moments in shapes.items():
+            layer = L.get_path(current[L.STATS], path, {})
+            check_shapes("variables", f"batch_stats {L.path_str(path)!r}",
+                         _stored(layer.get), tuple(moments.mean.shape))  # fmt: skip
+
     def write(self, current, totals, *, final: bool):
         new = L.to_dict(current)
         counters = new.get(L.COUNTERS)
@@ -160,6 +186,18 @@ class Nnx:
             moments = {k: stats.merge_across_devices(v, self.axis_name) for k, v in moments.items()}
         return moments
 
+    def check(self, current, shapes) -> None:
+        layers = L.nnx_batch_norms(nnx.merge(self.graphdef, current))
+        for path, moments in shapes.items():
+            module = layers[path]
+
+            def get(name, module=module):
+                variable = getattr(module, name, None)
+                return L.read_variable(variable) if isinstance(variable, nnx.Variable) else None
+
+            check_shapes("model", f"the batch norm {L.path_str(path)!r}",
+                         _stored(get), tuple(moments.mean.shape))  # fmt: skip
+
     def write(self, current, totals, *, final: bool):
         copy = nnx.merge(self.graphdef, current)
         layers = L.nnx_batch_norms(copy)
@@ -202,6 +240,11 @@ class Functional:
         self.layer_inputs, self.axis_name, self.mode = layer_inputs, axis_name, "train"
         leaves, self.treedef = jax.tree.flatten(states, is_leaf=L.is_state)
         self.positions = [i for i, leaf in enumerate(leaves) if L.is_state(leaf)]
+        paths = jax.tree_util.tree_flatten_with_path(states, is_leaf=L.is_state)[0]
+        self.names = {
+            i: jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+            for i, (path, _) in enumerate(paths)
+        }
         if not self.positions:
             raise ValueError("`states` holds no BatchNormState or BatchRenormState.")
         self.unbiased = unbiased
@@ -229,6 +272,13 @@ class Functional:
             if self.axis_name is not None:
                 moments[position] = stats.merge_across_devices(moments[position], self.axis_name)
         return moments
+
+    def check(self, current, shapes) -> None:
+        leaves = jax.tree.flatten(current, is_leaf=L.is_state)[0]
+        for position, moments in shapes.items():
+            check_shapes("states", f"the state at {self.names[position]!r}",
+                         _stored(leaves[position]._asdict().get),
+                         tuple(moments.mean.shape))  # fmt: skip
 
     def write(self, current, totals, *, final: bool):
         leaves = jax.tree.flatten(current, is_leaf=L.is_state)[0]

@@ -47,14 +47,85 @@ def path_str(path: Path) -> str:
     return "/".join(str(key) for key in path) or "<root>"
 
 
-def layer_filter(layers) -> Callable[[Path], bool]:
-    """None (every layer), a predicate on the path tuple, or paths ('a/b' strings or tuples)."""
-    if layers is None:
-        return lambda path: True
-    if callable(layers):
-        return layers
-    wanted = {tuple(p.split("/")) if isinstance(p, str) else tuple(p) for p in layers}
-    return lambda path: tuple(str(k) for k in path) in wanted or tuple(path) in wanted
+class Selection:
+    """A `layers=` argument: None (every layer), a predicate on the path tuple, or paths.
+
+    Paths are 'a/b' strings or tuples of keys; a single string is one path. `check` raises
+    when a path (or the predicate) matches none of the layers that exist, so a typo is an
+    error instead of a silent no-op.
+    """
+
+    def __init__(self, layers, argument: str = "layers"):
+        self.argument, self.predicate, self.paths = argument, None, None
+        if layers is None:
+            return
+        if callable(layers):
+            self.predicate = layers
+            return
+        if isinstance(layers, str):
+            layers = [layers]
+        try:
+            layers = list(layers)
+        except TypeError:
+            raise TypeError(
+                f"`{argument}` must be None, a predicate on the path tuple, or a list of "
+                f"paths ('a/b' strings or tuples), got {type(layers).__name__}."
+            ) from None
+        if not layers:
+            raise ValueError(f"`{argument}` is empty: it selects no layer (None selects all).")
+        self.paths = []
+        for path in layers:
+            if isinstance(path, str):
+                self.paths.append(tuple(path.split("/")))
+            elif isinstance(path, (tuple, list)):
+                self.paths.append(tuple(path))
+            else:
+                raise TypeError(
+                    f"`{argument}` holds {path!r}; each path is an 'a/b' string or a tuple."
+                )
+
+    def _matches(self, wanted: Path, path: Path) -> bool:
+        return tuple(str(k) for k in path) == wanted or tuple(path) == wanted
+
+    def __call__(self, path: Path) -> bool:
+        if self.predicate is not None:
+            return bool(self.predicate(tuple(path)))
+        return self.paths is None or any(self._matches(w, path) for w in self.paths)
+
+    def check(self, available: Iterable[Path], what: str = "batch-norm layer") -> None:
+        """Raises ValueError naming the selectors that match none of `available`."""
+        if self.predicate is None and self.paths is None:
+            return
+        available = [tuple(path) for path in available]
+        if self.predicate is not None:
+            if any(self(path) for path in available):
+                return
+            unmatched = "the predicate"
+        else:
+            missing = [
+                "/".join(str(k) for k in wanted)
+                for wanted in self.paths
+                if not any(self._matches(wanted, path) for path in available)
+            ]
+            if not missing:
+                return
+            unmatched = ", ".join(repr(path) for path in missing)
+        names = [path_str(path) for path in available]
+        shown = ", ".join(repr(n) for n in names[:24]) + (" ..." if len(names) > 24 else "")
+        raise ValueError(
+            f"`{self.argument}`: {unmatched} matched no {what}. "
+            + (f"The {what}s are: {shown}. " if names else f"There is no {what}. ")
+            + "Pass full paths ('a/b' strings or tuples) from this list, a predicate on the "
+            "path tuple, or None for all."
+        )
+
+
+def layer_filter(layers, available: Iterable[Path] | None = None) -> Selection:
+    """A `Selection` of `layers`, checked against `available` paths when they are given."""
+    selection = layers if isinstance(layers, Selection) else Selection(layers)
+    if available is not None:
+        selection.check(available)
+    return selection
 
 
 def feature_moments(x, axis, mask=None) -> stats.Moments:

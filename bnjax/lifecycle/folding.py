@@ -22,15 +22,59 @@ For nnx or the functional core, `fold_into` folds one pair of arrays.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bnjax.lifecycle import _layers as L
 
 __all__ = ["fold", "fold_into", "layer_epsilons", "pair_by_name"]
+
+
+def _concrete(value):
+    """A numpy copy of `value`, or None when it is None or traced (under jit)."""
+    if value is None:
+        return None
+    try:
+        return np.asarray(value)
+    except jax.errors.TracerArrayConversionError:
+        return None
+
+
+def _unfoldable(mean, var, scale, norm_bias, epsilon) -> list[str]:
+    """Why a norm's statistics or epsilon would fold into garbage (values known only)."""
+    problems = []
+    try:
+        eps = float(epsilon)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        eps = None  # traced
+    if eps is not None and not (math.isfinite(eps) and eps >= 0):
+        problems.append(f"epsilon is {epsilon!r} (it must be finite and >= 0)")
+    for name, value in (("mean", mean), ("var", var), ("scale", scale), ("bias", norm_bias)):
+        array = _concrete(value)
+        if array is not None and not np.all(np.isfinite(array)):
+            problems.append(f"{name} non-finite in {int(np.sum(~np.isfinite(array)))} channel(s)")
+    var = _concrete(var)
+    if var is not None and np.any(var < 0):
+        problems.append(
+            f"negative var in {int(np.sum(var < 0))} channel(s) (min {np.nanmin(var):.3g})"
+        )
+    elif var is not None and eps is not None and eps >= 0 and np.any(var + eps == 0):
+        problems.append(f"var + epsilon is 0 in {int(np.sum(var + eps == 0))} channel(s)")
+    return problems
+
+
+def _refuse(where: str, problems: list[str]) -> None:
+    if problems:
+        raise ValueError(
+            f"{where}: {'; '.join(problems)}. Folding would produce non-finite weights; "
+            f"fix the statistics (recalibrate; validate_statistics finds such layers) or the "
+            f"epsilon first."
+        )
 
 
 def fold_into(kernel, bias, mean, var, scale=None, norm_bias=None, *, epsilon: float = 1e-5):
@@ -40,6 +84,10 @@ def fold_into(kernel, bias, mean, var, scale=None, norm_bias=None, *, epsilon: f
       kernel: (..., C) with the output channels last (Conv (kh, kw, C_in, C), Dense (D, C)).
       bias: (C,) or None (no bias). mean, var: (C,) running statistics of the norm.
       scale, norm_bias: (C,) norm parameters, None for 1 and 0. epsilon: the norm's.
+
+    Raises ValueError for a negative or non-finite variance, non-finite mean/scale/bias, a
+    negative or non-finite epsilon, or var + epsilon = 0 (checked where the values are
+    known: not for arrays traced under jit).
 
     Example:
       >>> kernel, bias = fold_into(jnp.ones((2, 1)), None, jnp.array([1.0]), jnp.array([4.0]),
@@ -56,6 +104,7 @@ def fold_into(kernel, bias, mean, var, scale=None, norm_bias=None, *, epsilon: f
                 f"channels (its last axis) need ({channels},). Only a norm over the channels of "
                 f"the layer right before it can be folded."
             )
+    _refuse("fold_into", _unfoldable(mean, var, scale, norm_bias, epsilon))
     gain = jax.lax.rsqrt(jnp.asarray(var, dtype) + epsilon)
     if scale is not None:
         gain = gain * jnp.asarray(scale, dtype)
@@ -131,6 +180,10 @@ def fold(variables, *, epsilon: float | Mapping = 1e-5, pairs: Mapping | None = 
         strings), e.g. from ``layer_epsilons(model, variables, x, train=False)``.
       pairs: {norm_path: layer_path}; default `pair_by_name`. Every batch norm must be paired.
 
+    Raises ValueError naming the layer when its statistics would fold into garbage (negative
+    or non-finite variance, non-finite mean, scale or bias, var + epsilon = 0) or its epsilon
+    is negative or not finite; nothing is folded then.
+
     Returns:
       ``{'params': ...}`` for the same architecture with ``norm='none'``: each paired layer
       has 'kernel' and 'bias', the norms' parameters are gone, and there is no 'batch_stats'.
@@ -168,6 +221,10 @@ def fold(variables, *, epsilon: float | Mapping = 1e-5, pairs: Mapping | None = 
         eps = epsilon.get(norm) if isinstance(epsilon, Mapping) else epsilon
         if eps is None:
             raise ValueError(f"`epsilon` has no entry for {L.path_str(norm)}.")
+        _refuse(f"batch norm {L.path_str(norm)!r}", _unfoldable(
+            statistics["mean"], statistics["var"], norm_params.get("scale"),
+            norm_params.get("bias"), eps,
+        ))  # fmt: skip
         kernel, bias = fold_into(
             layer_params["kernel"], layer_params.get("bias"), statistics["mean"],
             statistics["var"], norm_params.get("scale"), norm_params.get("bias"), epsilon=eps,

@@ -20,7 +20,10 @@ them too with `freeze_optimizer` (linen, optax) or `trainable_filter` (nnx).
 In the functional core freezing is simply ``bnjax.batch_norm(..., training=False)``.
 
 `layers` everywhere selects a subset: None (all), a predicate on the module path tuple, or a
-collection of paths ("stage0_block0/norm1" strings or tuples), e.g. to freeze only the stem.
+collection of paths ("stage0_block0/norm1" strings or tuples; a single string is one path),
+e.g. to freeze only the stem. A path that matches no batch-norm layer (a typo, a module that
+contains norms rather than a norm itself), or a predicate that matches none, raises a
+ValueError that lists the layers there are: a selection never silently does nothing.
 """
 
 from __future__ import annotations
@@ -75,9 +78,10 @@ def reset_statistics(target, layers=None):
       >>> state.mean.tolist(), state.var.tolist(), int(state.count), int(state.skipped)
       ([0.0, 0.0], [1.0, 1.0], 0, 0)
     """
-    select = L.layer_filter(layers)
     if isinstance(target, nnx.Module):
-        for path, module in L.nnx_batch_norms(target).items():
+        norms = L.nnx_batch_norms(target)
+        select = L.layer_filter(layers, norms)
+        for path, module in norms.items():
             if not select(path):
                 continue
             for name in (*_FRESH, "count", "skipped"):
@@ -89,7 +93,9 @@ def reset_statistics(target, layers=None):
         return target
     if isinstance(target, Mapping) and L.STATS in target:
         new = L.to_dict(target)
-        for path in L.stats_layer_paths(new[L.STATS]):
+        norms = L.stats_layer_paths(new[L.STATS])
+        select = L.layer_filter(layers, norms)
+        for path in norms:
             if not select(path):
                 continue
             layer = L.get_path(new[L.STATS], path)
@@ -101,6 +107,9 @@ def reset_statistics(target, layers=None):
             if isinstance(counters, Mapping):
                 L.set_path(new[L.COUNTERS], path, jax.tree.map(jnp.zeros_like, dict(counters)))
         return new
+
+    states = jax.tree_util.tree_flatten_with_path(target, is_leaf=L.is_state)[0]
+    select = L.layer_filter(layers, [_key_names(path) for path, leaf in states if L.is_state(leaf)])
 
     def reset(key_path, state):
         if not L.is_state(state) or not select(_key_names(key_path)):
@@ -121,7 +130,10 @@ def frozen_statistics(layers=None):
 
     Affects every ``apply`` traced inside it (bnjax BatchNorm/BatchRenorm and flax BatchNorm),
     whatever `train` / `use_running_average` says; enter it inside your jitted step, or wrap
-    the apply function with `freeze`.
+    the apply function with `freeze`. When the context ends, `layers` is checked against the
+    batch norms called inside it (ValueError for a path none of them has; nothing is checked
+    when none was called, as under an already compiled jit). `freeze` checks against the
+    variables instead, so it also accepts layers this particular apply does not call.
 
     Example:
       >>> model = nn.BatchNorm(use_running_average=False)
@@ -132,15 +144,30 @@ def frozen_statistics(layers=None):
       >>> updates["batch_stats"]["mean"].tolist()          # not moved toward the batch's 2.0
       [0.0]
     """
-    select = L.layer_filter(layers)
+    with _frozen(L.Selection(layers), check_calls=True):
+        yield
+
+
+@contextlib.contextmanager
+def _frozen(select: L.Selection, *, check_calls: bool):
+    """Freezes the selected linen batch norms; with `check_calls`, checks the selection
+    against the batch norms called inside the context (when any were: under a cached jit
+    nothing is traced, and nothing can be checked)."""
+    called = []
 
     def interceptor(next_fun, args, kwargs, context):
-        if L.is_linen_batch_norm_call(context) and select(tuple(context.module.path)):
+        if not L.is_linen_batch_norm_call(context):
+            return next_fun(*args, **kwargs)
+        path = tuple(context.module.path)
+        called.append(path)
+        if select(path):
             return L.call_in_mode(next_fun, context.module, args, kwargs, use_running_average=True)
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
         yield
+    if check_calls and called:
+        select.check(dict.fromkeys(called), what="batch-norm layer called")
 
 
 def _frozen_call(self, x, use_running_average=None, *, mask=None):
@@ -167,8 +194,9 @@ def freeze(target, layers=None):
       (True, [0.0])
     """
     if isinstance(target, nnx.Module):
-        select = L.layer_filter(layers)
-        for path, module in L.nnx_batch_norms(target).items():
+        norms = L.nnx_batch_norms(target)
+        select = L.layer_filter(layers, norms)
+        for path, module in norms.items():
             if select(path) and not getattr(type(module), "_bnjax_frozen", False):
                 frozen = L.subclass(type(module), "Frozen", _frozen_call)
                 frozen._bnjax_frozen = True
@@ -180,9 +208,15 @@ def freeze(target, layers=None):
             f"got {type(target).__name__}."
         )
 
+    select = L.Selection(layers)
+
     @functools.wraps(target)
     def frozen_apply(*args, **kwargs):
-        with frozen_statistics(layers):
+        variables = args[0] if args else kwargs.get("variables")
+        known = isinstance(variables, Mapping) and isinstance(variables.get(L.STATS), Mapping)
+        if known:  # the model's layers, called by this apply or not
+            select.check(L.stats_layer_paths(variables[L.STATS]))
+        with _frozen(select, check_calls=not known):
             return target(*args, **kwargs)
 
     return frozen_apply
@@ -221,8 +255,9 @@ def bn_param_labels(variables, layers=None, *, frozen: str = "frozen",
     """
     if L.STATS not in variables or L.PARAMS not in variables:
         raise ValueError("`variables` needs both 'params' and 'batch_stats' (from model.init).")
-    select = L.layer_filter(layers)
-    norms = {path for path in L.stats_layer_paths(variables[L.STATS]) if select(path)}
+    norms = L.stats_layer_paths(variables[L.STATS])
+    select = L.layer_filter(layers, norms)
+    norms = {path for path in norms if select(path)}
 
     def label(key_path, _):
         path = _key_names(key_path)
@@ -268,8 +303,9 @@ def trainable_filter(model, layers=None, *, freeze_scale_and_bias: bool = True) 
       [0]
       >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=trainable_filter(model))
     """
-    select = L.layer_filter(layers)
-    norms = {path for path in L.nnx_batch_norms(model) if select(path)}
+    norms = L.nnx_batch_norms(model)
+    select = L.layer_filter(layers, norms)
+    norms = {path for path in norms if select(path)}
 
     def is_trainable(path, value) -> bool:
         if not isinstance(value, nnx.Param):

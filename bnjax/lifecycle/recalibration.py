@@ -53,6 +53,7 @@ and 'renorm_var' get the population statistics too (its 'step' is left alone).
 from __future__ import annotations
 
 import itertools
+import numbers
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -95,13 +96,15 @@ def _progress(iterable, *, total, description: str, enabled: bool):
     return track(iterable, total=total, description=description, console=Console(stderr=True))
 
 
-def _one_pass(moments, step, current, batches, *, total, description, progress):
+def _one_pass(moments, step, check, current, batches, *, total, description, progress):
     totals = None
     for index, batch in enumerate(_progress(batches, total=total, description=description,
                                             enabled=progress)):  # fmt: skip
         index = jnp.asarray(index, jnp.int32)
         if totals is None:
-            totals = empty_totals(jax.eval_shape(moments, current, batch, index))
+            shapes = jax.eval_shape(moments, current, batch, index)
+            check(current, shapes)
+            totals = empty_totals(shapes)
         totals = step(totals, current, batch, index)
     if totals is None:
         raise ValueError("`batches` gave no batch to recalibrate on.")
@@ -165,7 +168,7 @@ def recalibrate(
         `batches` is an iterable of model inputs (an array, or a tuple of positional
         arguments); map your data to inputs first, e.g. ``(b["image"] for b in dataset)``.
       mode: "train" (one pass, batch statistics as in training) or "full_batch".
-      num_batches: use at most this many batches (None: all of them).
+      num_batches: use at most this many batches (a positive int; None: all of them).
       apply_kwargs: linen: extra ``model.apply`` keywords, e.g. ``{"train": False}``.
       rngs: linen: {name: key} for ``apply``; batch i uses ``fold_in(key, i)``.
       forward: nnx: ``forward(model, batch)`` (default ``model(batch)``).
@@ -190,6 +193,17 @@ def recalibrate(
     """
     if mode not in MODES:
         raise ValueError(f"`mode`={mode!r} is not one of {MODES}.")
+    if num_batches is not None:
+        if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral):
+            raise TypeError(
+                f"`num_batches` must be a positive int or None (all batches), got "
+                f"{type(num_batches).__name__} {num_batches!r}."
+            )
+        if num_batches < 1:
+            raise ValueError(
+                f"`num_batches` must be >= 1 (or None for all batches), got {num_batches}."
+            )
+        num_batches = int(num_batches)
     if isinstance(model, nnx.Module):
         if len(data) != 1:
             raise TypeError("For an nnx model call recalibrate(model, batches, ...).")
@@ -210,6 +224,13 @@ def recalibrate(
     else:
         raise TypeError(f"`model` must be a linen or nnx Module or a function, got {type(model)}.")
     backend.mode = mode
+    try:
+        iter(batches)
+    except TypeError:
+        raise TypeError(
+            f"`batches` must be an iterable of model inputs (a list of arrays, a generator), "
+            f"got {type(batches).__name__}."
+        ) from None
     total = num_batches
     if hasattr(batches, "__len__"):
         total = len(batches) if num_batches is None else min(num_batches, len(batches))
@@ -217,7 +238,7 @@ def recalibrate(
     moments, step = _make_step(backend, jit, axis_name)
 
     def run(current, batches, description):
-        return _one_pass(moments, step, current, batches, total=total,
+        return _one_pass(moments, step, backend.check, current, batches, total=total,
                          description=description, progress=progress)  # fmt: skip
 
     if mode == "train":

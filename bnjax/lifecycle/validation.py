@@ -11,7 +11,10 @@ merge, and statistics whose shape does not match the layer's.
     report = validate_statistics(variables)              # or load_checkpoint(path)
     print(report); assert report.ok
 
-    $ python -m bnjax.lifecycle validate CHECKPOINT_DIR  # exit 0 ok, 1 problems, 2 unreadable
+    $ python -m bnjax.lifecycle validate WORKDIR    # exit 0 ok, 1 problems, 2 unreadable/corrupt
+
+(The command reads ``WORKDIR/checkpoints``, checks `bnjax.train.Checkpointer` steps against
+their checksums, and says which step it read; see ``bnjax/lifecycle/__main__.py``.)
 
 Where the statistics are looked for: every 'batch_stats' collection anywhere in the tree (with
 its sibling 'params' for scale/bias and 'bn_counters' for count/skipped, at the same module

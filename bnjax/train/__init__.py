@@ -15,6 +15,7 @@ from bnjax.train.checkpoints import (
     Checkpointer,
     CheckpointMismatchError,
     CheckpointWarning,
+    CorruptCheckpointError,
     UnsafeStateError,
 )
 from bnjax.train.metrics import MetricWriter, read_metrics
@@ -23,6 +24,7 @@ __all__ = [
     "CheckpointMismatchError",
     "CheckpointWarning",
     "Checkpointer",
+    "CorruptCheckpointError",
     "MetricWriter",
     "UnsafeStateError",
     "read_metrics",

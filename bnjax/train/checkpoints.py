@@ -13,11 +13,18 @@ Guarantees:
   looks complete. Leftover tmp directories are deleted when the next `Checkpointer` opens.
 - **Verified restores.** Each leaf's CRC32 is stored at save and checked at restore (orbax
   itself restores flipped bytes silently). `restore_latest` walks back from the newest step:
-  a step that fails to restore (missing or truncated files, bad checksum) is reported with a
-  `CheckpointWarning` naming it and moved to ``DIRECTORY/corrupt/`` (``quarantine=True``, on
-  process 0), so the resumed run can save that step again. A checkpoint whose structure,
-  shapes or dtypes differ from the target (a changed model) raises
-  `CheckpointMismatchError` instead: that is not corruption.
+  a step that fails to restore (missing or truncated files, bad checksum) is reported with
+  one `CheckpointWarning` line naming it and moved to ``DIRECTORY/corrupt/``
+  (``quarantine=True``, on process 0), so the resumed run can save that step again. A step
+  that cannot be moved stays listed but is remembered as corrupt: a later `save` of the same
+  step number replaces it (or raises if it cannot). A checkpoint whose structure, shapes or
+  dtypes differ from the target (a changed model) raises `CheckpointMismatchError` instead:
+  that is not corruption. `verify` re-reads a saved step and raises
+  `CorruptCheckpointError` unless it restores and passes its checksums.
+- **Quiet failures.** Orbax's error logs for a failed read are held back (the warning or
+  error says why). After a failed read, the later reports of the reads orbax abandoned
+  ("exception was never retrieved", "Event loop is closed", errors in collected orbax
+  coroutines) are silenced for the rest of the process; other reports still print.
 - **Only finite states.** `save` raises `UnsafeStateError` (and writes nothing) for a state
   with a NaN/inf in any floating leaf, or batch-norm statistics that
   `bnjax.lifecycle.validate_statistics` finds non-finite or negative. The previous
@@ -37,6 +44,8 @@ plain arrays. Either way the restored key is bitwise the saved one.
     step, state = restored if restored else (0, state)
     ...
     ckpt.save(step, state)                         # saves when step % 100 == 0 (async)
+    ckpt.save(final_step, state, force=True)
+    ckpt.verify(final_step)                        # waits, re-reads, checks the checksums
     ckpt.close()                                   # waits for the last save
 
 Saves are asynchronous by default: `save` returns after copying the state to host memory;
@@ -69,8 +78,15 @@ from bnjax.train._leaves import (
     prepare,
     restore_plan,
 )
+from bnjax.train.quiet import quietly
 
-__all__ = ["CheckpointMismatchError", "CheckpointWarning", "Checkpointer", "UnsafeStateError"]
+__all__ = [
+    "CheckpointMismatchError",
+    "CheckpointWarning",
+    "Checkpointer",
+    "CorruptCheckpointError",
+    "UnsafeStateError",
+]
 
 FORMAT = "bnjax.checkpoint/1"
 _STATE, _MANIFEST = "state", "manifest"
@@ -87,6 +103,18 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint could not be restored and was skipped."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint step is missing, unreadable or fails its checksums (`Checkpointer.verify`)."""
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """The root cause of an error (orbax wraps tensorstore's), on one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: " + (text if len(text) <= limit else text[:limit] + " ...")
 
 
 def _remove_unfinished(directory: str) -> None:
@@ -112,7 +140,10 @@ class Checkpointer:
         unless ``force=True``.
       async_save: write files in a background thread.
       quarantine: move a checkpoint that fails to restore to ``directory/corrupt/``. Without
-        it the bad step stays in place, and `save` skips that step number when it comes again.
+        it (or when the move fails) the bad step stays in place until a `save` of the same
+        step number replaces it.
+      read_only: only restore and verify: nothing in `directory` is created, moved or
+        deleted (no quarantine, no clean-up of unfinished saves), and `save` raises.
 
     Example:
       >>> import tempfile
@@ -123,6 +154,7 @@ class Checkpointer:
       ...         checkpointer.save(2, {"w": np.array([np.nan, 1.0])})
       ...     except UnsafeStateError as error:
       ...         print(error)
+      ...     checkpointer.verify(1)                        # raises unless readable and intact
       ...     step, state = checkpointer.restore_latest()
       ...     checkpointer.close()
       refusing to checkpoint step 2: w (non-finite)
@@ -138,11 +170,30 @@ class Checkpointer:
         save_interval_steps: int = 1,
         async_save: bool = True,
         quarantine: bool = True,
+        read_only: bool = False,
     ):
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.quarantine = quarantine and not read_only
+        self.read_only = read_only
+        self._interval = save_interval_steps
+        self._corrupt: set[int] = set()  # steps that failed to restore and are still listed
+        if read_only:
+            if not os.path.isdir(self.directory):
+                raise FileNotFoundError(f"No checkpoint directory {self.directory!r}.")
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, save_interval_steps=0, max_to_keep=None, create=False,
+                cleanup_tmp_directories=False,
+            )  # fmt: skip
+            # Only orbax's notes that it adjusted the options for read-only use are dropped.
+            self._manager = quietly(
+                lambda: ocp.CheckpointManager(self.directory, options=options),
+                keep=lambda record: "read only" not in str(record.msg),
+            )
+            return
         policies = ocp.checkpoint_managers
         every_n = [
             policies.FixedIntervalPolicy(save_interval_steps),
@@ -154,8 +205,6 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
-        self.directory = os.path.abspath(os.fspath(directory))
-        self.quarantine = quarantine
         _remove_unfinished(self.directory)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -167,18 +216,35 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        """Whether `save(step, ...)` would write (the interval, and a step newer than any)."""
-        return self._manager.should_save(step)
+        """Whether `save(step, ...)` would write (the interval, and a step newer than any).
+
+        Steps found corrupt (and not quarantined) do not count: their numbers can be saved
+        again, and so can the steps between the last good one and them.
+        """
+        step = int(step)
+        steps = self._manager.all_steps()
+        corrupt = self._corrupt & set(steps)
+        if not corrupt:
+            return self._manager.should_save(step)
+        good = [s for s in steps if s not in corrupt]
+        on_interval = step % self._interval == 0 or self._manager.reached_preemption(step)
+        return on_interval and (not good or step > max(good))
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
         """Saves `state` (any pytree of arrays and scalars) as `step`; True if it was written.
 
         Nothing is written (False) when the step is not on the interval (unless `force`) or
-        is already saved. Raises UnsafeStateError, naming the leaves or layers, when a floating
-        leaf holds NaN/inf or batch-norm statistics are non-finite or negative.
+        is already saved. A step that this Checkpointer found corrupt is replaced (its
+        directory deleted first; OSError if that fails). Raises UnsafeStateError, naming the
+        leaves or layers, when a floating leaf holds NaN/inf or batch-norm statistics are
+        non-finite or negative.
         """
+        if self.read_only:
+            raise ValueError(f"Checkpointer of {self.directory} is read_only: cannot save.")
         step = int(step)
-        if step in self._manager.all_steps() or not (force or self.should_save(step)):
+        if not (force or self.should_save(step)):
+            return False
+        if step in self._manager.all_steps() and step not in self._corrupt:
             return False
         stored, entries, bad = prepare(state)
         report = validate_statistics(state)
@@ -191,6 +257,8 @@ class Checkpointer:
         if bad:
             shown = "; ".join(bad[:8]) + (f"; ... {len(bad) - 8} more" if len(bad) > 8 else "")
             raise UnsafeStateError(f"refusing to checkpoint step {step}: {shown}")
+        if step in self._manager.all_steps():
+            self._discard(step)
         manifest = {"format": FORMAT, "step": step, "leaves": entries}
         args = ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(stored),
@@ -198,15 +266,65 @@ class Checkpointer:
         })  # fmt: skip
         return bool(self._manager.save(step, args=args, force=True))
 
+    def _discard(self, step: int) -> None:
+        """Deletes a corrupt step's directory, so that the step can be saved again."""
+        self._manager.wait_until_finished()
+        path = os.path.join(self.directory, str(step))
+        if jax.process_index() == 0:
+            try:
+                shutil.rmtree(path)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                raise OSError(
+                    f"cannot save step {step}: {path} holds a corrupt checkpoint that cannot "
+                    f"be removed ({_one_line(error)}); remove or rename it, or fix the "
+                    f"directory's permissions"
+                ) from error
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"bnjax_checkpoint_discard_{step}")
+        self._corrupt.discard(step)
+        self._manager.reload()
+
     def restore(self, step: int, target: Any = None) -> Any:
         """Restores and verifies `step` (no fallback): like `target`, or raw dicts if None.
 
         Raises CheckpointMismatchError when the checkpoint does not fit `target`, and other
-        errors (FileNotFoundError, ValueError, ...) when it is unreadable or fails its checksums.
+        errors (FileNotFoundError, ValueError, ...) when it is unreadable or fails its checksums
+        (orbax's logs and tracebacks of the failed attempt are held back; the error says why).
         """
         self._manager.wait_until_finished()
         plan = None if target is None else restore_plan(target)
-        return self._restore(int(step), plan)
+        return self._attempt(int(step), plan)
+
+    def verify(self, step: int, target: Any = None) -> None:
+        """Raises CorruptCheckpointError unless `step` is saved, readable and intact.
+
+        Waits for pending saves, then reads the step back from disk (every leaf, checked
+        against the checksums taken at save time). Pass `target` (the state or
+        ``jax.eval_shape`` of it) where leaves span several processes or devices; without it
+        the leaves are read to the default device. A corrupt step is remembered, so `save` of
+        the same step replaces it.
+        """
+        step = int(step)
+        self._manager.wait_until_finished()
+        self._manager.reload()
+        if step not in self._manager.all_steps():
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} is not in {self.directory} "
+                f"(steps: {self.all_steps()}): never saved, or since removed"
+            )
+        plan = None if target is None else restore_plan(target)
+        try:
+            self._attempt(step, plan)
+        except CheckpointMismatchError:
+            raise
+        except Exception as error:
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {self.directory} is unusable ({_one_line(error)})"
+            ) from None
 
     def restore_latest(self, target: Any = None) -> tuple[int, Any] | None:
         """(step, state) of the newest checkpoint that restores and verifies, or None.
@@ -221,20 +339,30 @@ class Checkpointer:
         plan = None if target is None else restore_plan(target)
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                return step, self._restore(step, plan)
+                return step, self._attempt(step, plan)
             except CheckpointMismatchError:
                 raise
             except Exception as error:  # any failure to read means a bad step
-                moved = self._quarantine(step)
-                warnings.warn(
-                    f"checkpoint step {step} in {self.directory} is unusable "
-                    f"({type(error).__name__}: {str(error)[:300]}); "
-                    + (f"moved to {moved}; " if moved else "")
-                    + "falling back to an older checkpoint",
-                    CheckpointWarning,
-                    stacklevel=2,
-                )
+                reason = _one_line(error)
+            moved = self._quarantine(step)
+            warnings.warn(
+                f"checkpoint step {step} in {self.directory} is unusable ({reason}); "
+                + (f"moved to {moved}; " if moved else "")
+                + "falling back to an older checkpoint",
+                CheckpointWarning,
+                stacklevel=2,
+            )
         return None
+
+    def _attempt(self, step: int, plan) -> Any:
+        """`_restore`, quietly; a step that fails (not a mismatch) is remembered as corrupt."""
+        try:
+            return quietly(self._restore, step, plan)
+        except CheckpointMismatchError:
+            raise
+        except Exception:
+            self._corrupt.add(step)
+            raise
 
     def _restore(self, step: int, plan) -> Any:
         restored = self._manager.restore(
@@ -298,6 +426,7 @@ class Checkpointer:
             os.rename(source, target)
         except OSError:
             return None
+        self._corrupt.discard(step)
         self._manager.reload()
         return target
 

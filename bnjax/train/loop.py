@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from bnjax import data, parallel
-from bnjax.train.checkpoints import Checkpointer
+from bnjax.train.checkpoints import Checkpointer, CorruptCheckpointError
 from bnjax.train.config import check_config, check_evaluation_batches
 from bnjax.train.metrics import MetricWriter
 from bnjax.train.optim import learning_rate_schedule, make_optimizer
@@ -200,14 +200,16 @@ def _resume_or_start(checkpointer, state, config, workdir: str, allow_config_cha
     return start_step, state
 
 
-def _check_final_checkpoint(checkpointer, num_steps: int) -> None:
-    """Raises FinalCheckpointError unless step `num_steps` is on disk and reads back verified."""
-    checkpointer.wait_until_finished()
-    latest = checkpointer.latest_step()
+def _check_final_checkpoint(checkpointer, num_steps: int, state) -> None:
+    """Makes sure step `num_steps` is on disk and reads back verified (saving it once more if
+    the copy there is corrupt); raises FinalCheckpointError when it cannot be."""
     try:
-        if latest != num_steps:
-            raise ValueError(f"the newest checkpoint is step {latest}")
-        checkpointer.verify(num_steps)
+        try:
+            checkpointer.verify(num_steps, target=state)
+        except CorruptCheckpointError:
+            # Missing or corrupt: save again (a corrupt copy is replaced), then read it back.
+            checkpointer.save(num_steps, state, force=True)
+            checkpointer.verify(num_steps, target=state)
     except Exception as error:  # whatever the reason, the run's result is not safely stored
         raise FinalCheckpointError(
             f"the final state (step {num_steps}) is not safely saved in "
@@ -286,7 +288,7 @@ def train_and_evaluate(
                 final.update(scalars)
                 if scalars:
                     writer.write_scalars(step, scalars)
-            _check_final_checkpoint(checkpointer, config.num_steps)
+            _check_final_checkpoint(checkpointer, config.num_steps, state)
         finally:
             progress.close()
             writer.close()
