@@ -38,6 +38,7 @@ from bnjax.core import (
     batch_renorm,
     layer_norm,
 )
+from bnjax.core.checks import as_int
 from bnjax.module_common import group_norm_flax_axes, instance_norm_flax_axes, promote, refuse
 
 __all__ = ["BatchCounter", "BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm"]
@@ -322,12 +323,13 @@ class GroupNorm(_Stateless):
                 f"{num_groups}, group_size={group_size}); pass num_groups=None with group_size."
             )
         divisor = num_groups if group_size is None else group_size
-        if not isinstance(divisor, int) or divisor < 1 or num_features % divisor:
+        divisor = as_int(divisor, "num_groups" if group_size is None else "group_size")
+        if divisor < 1 or num_features % divisor:
             raise ValueError(
                 f"`num_groups`/`group_size`={divisor} must divide num_features={num_features}."
             )
         super().__init__(num_features, **kwargs)
-        self.num_groups = num_groups if group_size is None else num_features // group_size
+        self.num_groups = divisor if group_size is None else num_features // divisor
         self.group_size = num_features // self.num_groups
         self.reduction_axes = reduction_axes
 

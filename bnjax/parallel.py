@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -547,9 +548,34 @@ def shard_map_step(
     def run(state, batch):
         treedef, flags = _layout(per_device, state)
         state = _place(state, flags, mesh, batch_spec)
-        return build(treedef, flags)(state, _place_batch(batch, mesh))
+        try:
+            return build(treedef, flags)(state, _place_batch(batch, mesh))
+        except ValueError as error:
+            if "check_vma" not in str(error):
+                raise
+            # JAX suggests check_vma=False, which would hide the bug: say what to fix instead.
+            raise ValueError(_not_replicated_message(str(error), axes)) from None
 
     return run
+
+
+def _not_replicated_message(jax_message: str, axis_name) -> str:
+    """shard_map_step's error for outputs that vary over devices, naming the leaves."""
+    roots = {"0": "state", "1": "metrics"}
+    leaves = [
+        roots[root] + path
+        for root, path in re.findall(r"out_specs\[([01])\](\S*) is P\(", jax_message)
+    ]
+    return (
+        f"shard_map_step: the step returned {', '.join(leaves) or 'state or metrics'} that "
+        f"differ between devices, but state and metrics come back as one replicated copy. "
+        f"Batch-norm statistics and the gradient mean need the step to use the `axis_name` it "
+        f"is given ({axis_name!r}): pass it to batch norm (`bnjax.batch_norm(..., "
+        f"axis_name=axis_name)`, `BatchNorm(axis_name=axis_name)`) and average gradients and "
+        f"metrics over it (`data_parallel_value_and_grad(loss, axis_name)` or "
+        f"`lax.pmean(grads, axis_name)`); mark per-device state (local statistics) with "
+        f"`per_device=`. Do not turn off check_vma: the devices' copies would silently differ."
+    )
 
 
 def jit_sharded_step(step_fn: StepFn, mesh: Mesh, *, donate_state: bool = False) -> Callable:

@@ -153,6 +153,15 @@ def _batch_of_one(ns, out):
     assert "would compute each statistic from a single value" in out
 
 
+def _arguments(ns, out):
+    assert out.count("\n") >= 3 and "training must be True or False" in out
+    assert ns["y"].shape == (2, 4, 4, 8)
+
+
+def _nonfinite(ns, out):
+    assert "the incoming running statistics `state.var` are not finite" in out
+
+
 def _ran(ns, out):
     """The block's own asserts are the check."""
 
@@ -166,7 +175,8 @@ README_CHECKS = {
     "faq-freeze": _ran,
     "faq-sync": _ran,
     "faq-momentum": _ran,
-    "faq-nonfinite": _ran,
+    "faq-nonfinite": _nonfinite,
+    "faq-arguments": _arguments,
     "faq-recalibrate": _ran,
     "faq-validate": _ran,
     "faq-fold": _ran,

@@ -21,6 +21,7 @@ normalization itself always uses the biased variance, in every framework.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -70,9 +71,18 @@ def batch_norm_state(num_features: int | Sequence[int], dtype=None) -> BatchNorm
       >>> state.mean.shape, state.var.dtype
       ((64,), dtype('float32'))
     """
-    shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-    if dtype is None:
-        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+    if isinstance(num_features, (list, tuple)):
+        shape = tuple(checks.as_int(n, "num_features") for n in num_features)
+    else:
+        shape = (checks.as_int(num_features, "num_features"),)
+    if any(n < 1 for n in shape):
+        raise ValueError(f"`num_features` must be positive, got {num_features!r}.")
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype is None else dtype)
+    if dtype not in checks.STATISTICS_DTYPES:
+        raise TypeError(
+            f"`dtype` of running statistics must be float32 or float64, got {dtype}: "
+            f"statistics are kept in float32 whatever the input dtype."
+        )
     return BatchNormState(
         mean=jnp.zeros(shape, dtype),
         var=jnp.ones(shape, dtype),
@@ -102,7 +112,13 @@ def batch_layout(x, axis, ghost_batch_size) -> BatchLayout:
     else:
         if 0 in feature_axes:
             raise ValueError("`ghost_batch_size` splits axis 0, so `axis` must not include 0.")
-        if not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
+        try:
+            ghost_batch_size = checks.as_int(ghost_batch_size, "ghost_batch_size")
+        except TypeError as error:
+            raise ValueError(
+                f"`ghost_batch_size` must be a positive int, got {ghost_batch_size!r}."
+            ) from error
+        if ghost_batch_size < 1:
             raise ValueError(
                 f"`ghost_batch_size` must be a positive int, got {ghost_batch_size!r}."
             )
@@ -111,7 +127,8 @@ def batch_layout(x, axis, ghost_batch_size) -> BatchLayout:
                 f"`ghost_batch_size`={ghost_batch_size} does not divide the batch of {batch} "
                 f"(x.shape={tuple(x.shape)}); pick a divisor of {batch} or pad the batch and mask."
             )
-        num_ghost = batch // ghost_batch_size
+        # An empty batch is one empty ghost batch: no statistics, as without ghost batches.
+        num_ghost = max(batch // ghost_batch_size, 1)
     grouped_shape = (num_ghost, batch // num_ghost, *x.shape[1:])
     grouped_features = tuple(a + 1 for a in feature_axes)
     reduction_axes = tuple(a for a in range(1, x.ndim + 1) if a not in grouped_features)
@@ -126,6 +143,11 @@ def grouped_mask(mask, x, layout: BatchLayout) -> Array | None:
     if mask is None:
         return None
     mask = jnp.asarray(mask)
+    if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
+        raise TypeError(
+            f"`mask` must be boolean (True: the value enters the statistics), got dtype "
+            f"{mask.dtype}; pass a boolean, e.g. `mask > 0`."
+        )
     if mask.ndim == 1:
         if mask.shape[0] != x.shape[0]:
             raise ValueError(
@@ -147,20 +169,15 @@ def grouped_mask(mask, x, layout: BatchLayout) -> Array | None:
     return mask.reshape(layout.grouped_shape)
 
 
-def check_state(state: BatchNormState, feature_shape, axis) -> None:
-    """Raises unless `state` is a BatchNormState whose mean and var have `feature_shape`."""
+def check_state(state: BatchNormState, feature_shape, axis) -> BatchNormState:
+    """Raises unless `state` is a BatchNormState whose mean and var are float arrays with
+    `feature_shape`; returns it with Python-int counters as int32 arrays."""
     if not isinstance(state, BatchNormState):
         raise TypeError(
             f"`state` must be a BatchNormState (from bnjax.batch_norm_state), got {type(state)}."
         )
-    for field in ("mean", "var"):
-        shape = tuple(jnp.shape(getattr(state, field)))
-        if shape != feature_shape:
-            raise ValueError(
-                f"`state.{field}` has shape {shape} but the input has {feature_shape} features "
-                f"along axis={axis!r}; create it with bnjax.batch_norm_state({feature_shape}) or "
-                f"fix `axis` (NHWC uses axis=-1, NCHW uses axis=1)."
-            )
+    checks.check_statistics(state, ("mean", "var"), feature_shape, axis, "batch_norm_state")
+    return checks.as_counters(state, ("count", "skipped"), "batch_norm_state")
 
 
 def as_param(param, layout: BatchLayout, fill: float, dtype) -> Array:
@@ -171,29 +188,49 @@ def as_param(param, layout: BatchLayout, fill: float, dtype) -> Array:
     return param.astype(dtype).reshape(layout.param_shape)
 
 
+def averaged_statistics(mean, var, batch_mean, batch_var, count, momentum):
+    """The running (mean, var) after folding in one batch's, in the dtype of `mean`."""
+    dtype = mean.dtype
+    batch_mean = batch_mean.astype(dtype)
+    batch_var = batch_var.astype(dtype)
+    if momentum is None:
+        weight = 1.0 / (count + 1).astype(dtype)
+        return mean + weight * (batch_mean - mean), var + weight * (batch_var - var)
+    return (
+        momentum * mean + (1.0 - momentum) * batch_mean,
+        momentum * var + (1.0 - momentum) * batch_var,
+    )
+
+
+def all_finite(*arrays) -> Array:
+    """One boolean: every value of every array is finite."""
+    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(a)) for a in arrays])
+
+
 def running_update(
     state: BatchNormState,
     batch_mean: Array,
     batch_var: Array,
     momentum: float | None,
+    guard: checks.StateGuard | None = None,
 ) -> BatchNormState:
-    """Folds one batch's statistics into the state, unless they are not finite."""
-    dtype = state.mean.dtype
-    batch_mean = batch_mean.astype(dtype)
-    batch_var = batch_var.astype(dtype)
-    if momentum is None:
-        weight = 1.0 / (state.count + 1).astype(dtype)
-        new_mean = state.mean + weight * (batch_mean - state.mean)
-        new_var = state.var + weight * (batch_var - state.var)
-    else:
-        new_mean = momentum * state.mean + (1.0 - momentum) * batch_mean
-        new_var = momentum * state.var + (1.0 - momentum) * batch_var
-    finite = jnp.all(jnp.isfinite(new_mean)) & jnp.all(jnp.isfinite(new_var))
+    """Folds one batch's statistics into the state, unless they are not finite.
+
+    A batch whose statistics are not finite is left out and counted in `skipped`. A state that
+    is itself not finite (`guard.finite` False; no guard: tested here) cannot be updated: it is
+    returned unchanged, with neither `count` nor `skipped` advanced.
+    """
+    if guard is None:
+        guard = checks.StateGuard(all_finite(state.mean, state.var), 0)
+    new_mean, new_var = averaged_statistics(
+        state.mean, state.var, batch_mean, batch_var, state.count, momentum
+    )
+    finite = all_finite(new_mean, new_var)
     return BatchNormState(
         mean=jnp.where(finite, new_mean, state.mean),
         var=jnp.where(finite, new_var, state.var),
         count=state.count + finite.astype(jnp.int32),
-        skipped=state.skipped + (~finite).astype(jnp.int32),
+        skipped=state.skipped + (~finite & guard.finite).astype(jnp.int32) + guard.alert,
     )
 
 
@@ -208,6 +245,7 @@ class TrainingPlan(NamedTuple):
     kernel: KernelConfig
     update_axis_name: object
     update_axis_index_groups: tuple[tuple[int, ...], ...] | None
+    epsilon: Array | None = None  # a traced epsilon, passed to the kernel as an operand
 
 
 def plan_training(
@@ -228,13 +266,21 @@ def plan_training(
     if axis_name is not None:
         stats.check_axis_name_bound(axis_name)
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+    # A known epsilon is a static option (a constant in the compiled program); a traced one
+    # (e.g. a jit argument) cannot be, and is passed to the kernel as an operand instead.
+    static_epsilon = checks.concrete_value(epsilon)
     kernel = KernelConfig(
         reduction_axes=layout.reduction_axes,
-        epsilon=float(epsilon),
+        epsilon=None if static_epsilon is None else float(static_epsilon),
         axis_name=None if local else axis_name,
         axis_index_groups=None if local else groups,
     )
-    return TrainingPlan(kernel, axis_name if local else None, groups if local else None)
+    return TrainingPlan(
+        kernel,
+        axis_name if local else None,
+        groups if local else None,
+        epsilon if static_epsilon is None else None,
+    )
 
 
 def batch_statistics_for_update(
@@ -318,6 +364,13 @@ def batch_norm(
     Returns:
       (y, new_state). In training mode a batch whose statistics are not finite leaves the
       running statistics untouched and increments `state.skipped` (y may then be non-finite).
+      Running statistics that are already not finite when they come in can never recover,
+      and are no fault of the batch: when their values are known (eager calls) training
+      raises a ValueError naming the field; when they are traced (jit, vmap, pmap, shard_map)
+      the state comes back unchanged with neither `count` nor `skipped` advanced, and on CPU
+      and TPU a RuntimeWarning names the field at run time (a host callback that runs only
+      then; best effort: it may be dropped when the new state is unused). Reset them with
+      `bnjax.lifecycle.reset_statistics` or `batch_norm_state`.
 
     Example:
       >>> x = jnp.arange(12.0).reshape(4, 3)
@@ -327,6 +380,7 @@ def batch_norm(
     """
     x = jnp.asarray(x)
     checks.check_floating(x, "x")
+    training = checks.check_training(training)
     checks.check_epsilon(epsilon)
     checks.check_momentum(momentum)
     checks.check_axis_name(axis_name, axis_index_groups)
@@ -337,7 +391,8 @@ def batch_norm(
         )
     # Ghost batches only shape training statistics; evaluation ignores them.
     layout = batch_layout(x, axis, ghost_batch_size if training else None)
-    check_state(state, layout.feature_shape, axis)
+    given_state, state = state, check_state(state, layout.feature_shape, axis)
+    scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
     checks.check_param_shape(scale, layout.feature_shape, "scale", "axis")
     checks.check_param_shape(bias, layout.feature_shape, "bias", "axis")
     dtype = stats.stats_dtype(x.dtype)
@@ -354,8 +409,9 @@ def batch_norm(
         )
         if bias is not None:
             y = y + bias.astype(dtype).reshape(feature_view)
-        return y.astype(x.dtype), state
+        return y.astype(x.dtype), given_state
 
+    guard = checks.guard_statistics(state, ("mean", "var"), "batch_norm")
     plan = plan_training(
         x, layout, function="batch_norm", axis=axis, epsilon=epsilon, axis_name=axis_name,
         axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size,
@@ -366,6 +422,7 @@ def batch_norm(
         as_param(bias, layout, 0.0, dtype),
         grouped_mask(mask, x, layout),
         plan.kernel,
+        plan.epsilon,
     )
     batch_mean, batch_var = batch_statistics_for_update(
         lax.stop_gradient(mean),
@@ -375,5 +432,5 @@ def batch_norm(
         plan,
         use_unbiased_running_var=use_unbiased_running_var,
     )
-    new_state = running_update(state, batch_mean, batch_var, momentum)
+    new_state = running_update(state, batch_mean, batch_var, momentum, guard)
     return grouped_y.reshape(x.shape), new_state

@@ -21,6 +21,10 @@ and its transpose, which JAX derives for reverse mode, is the classic batch-norm
 (every output, masked ones included, depends on mu and var, so A and B sum over all values).
 With `axis_name` the two sums are `psum`ed: one collective of 2 x channels per direction.
 
+epsilon is a static option when its value is known at trace time (the usual Python float), and
+an operand when it is traced (e.g. a jit argument); its tangent then enters through
+d inv / d epsilon = -inv^3 / 2, so t_y gains x_hat * scale * (-inv^2 / 2) * t_epsilon.
+
 Why a custom JVP and not a custom VJP: the rule is linear in the tangents, so one rule serves
 forward mode (jvp, jacfwd, Hessian-vector products, which a custom_vjp refuses) and reverse mode
 (by transposition), at every order. `jax.checkpoint` with a names policy then keeps only the
@@ -47,10 +51,13 @@ _SAVED_NAMES = ("bnjax_batch_mean", "bnjax_batch_inv", "bnjax_batch_count")
 
 
 class KernelConfig(NamedTuple):
-    """Static options of the kernel (hashable, so they can be a nondiff argument)."""
+    """Static options of the kernel (hashable, so they can be a nondiff argument).
+
+    `epsilon` None means epsilon is traced and passed to `normalize` as an operand instead.
+    """
 
     reduction_axes: tuple[int, ...]
-    epsilon: float
+    epsilon: float | None
     axis_name: object = None
     axis_index_groups: tuple[tuple[int, ...], ...] | None = None
 
@@ -63,10 +70,14 @@ def batch_moments(x: Array, mask: Array | None, config: KernelConfig) -> stats.M
     return stats.merge_across_devices(local, config.axis_name, config.axis_index_groups)
 
 
-def _statistics(x, mask, config):
+def _statistics(x, mask, epsilon, config):
     batch = batch_moments(x, mask, config)
     var = batch.m2 / jnp.maximum(batch.count, 1)
-    inv = lax.rsqrt(var + config.epsilon)
+    if config.epsilon is not None:
+        epsilon = config.epsilon
+    else:
+        epsilon = epsilon.astype(var.dtype)
+    inv = lax.rsqrt(var + epsilon)
     # The output's x - mean must not be the very value the variance pass reduced: XLA:CPU
     # would then compute that full-size broadcast once and store it for both users, an extra
     # float32 copy of x. The barrier costs nothing at run time; each loop fuses its own.
@@ -86,18 +97,18 @@ def _normalized(x, mean, inv):
     return (x.astype(inv.dtype) - mean) * inv
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
-def _normalize_with_batch_stats(x, scale, bias, mask, config: KernelConfig):
-    mean, var, inv, count = _statistics(x, mask, config)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def _normalize_with_batch_stats(x, scale, bias, mask, epsilon, config: KernelConfig):
+    mean, var, inv, count = _statistics(x, mask, epsilon, config)
     y = _normalized(x, mean, inv) * scale + bias
     return y.astype(x.dtype), mean, var, count
 
 
 @_normalize_with_batch_stats.defjvp
 def _normalize_jvp(config, primals, tangents):
-    x, scale, bias, mask = primals
-    t_x, t_scale, t_bias, _ = tangents
-    mean, var, inv, count = _statistics(x, mask, config)
+    x, scale, bias, mask, epsilon = primals
+    t_x, t_scale, t_bias, _, t_epsilon = tangents
+    mean, var, inv, count = _statistics(x, mask, epsilon, config)
     x_hat = _normalized(x, mean, inv)
     y = (x_hat * scale + bias).astype(x.dtype)
 
@@ -121,12 +132,15 @@ def _normalize_jvp(config, primals, tangents):
     # reduction sum(dy * x_hat) for both dscale and the statistics term. gain is distributed
     # over (t_x - t_mean) so that the transpose reduces dy itself (shared with dbias) instead
     # of a full-size gain * dy that XLA:CPU would store and reduce separately.
-    t_y = x_hat * (t_scale - gain * u) + (gain * t_x - gain * t_mean) + t_bias
+    x_hat_coefficient = t_scale - gain * u
+    if config.epsilon is None:  # a traced epsilon: d inv / d epsilon = -inv^3 / 2
+        x_hat_coefficient = x_hat_coefficient - 0.5 * scale * jnp.square(inv) * t_epsilon
+    t_y = x_hat * x_hat_coefficient + (gain * t_x - gain * t_mean) + t_bias
     t_var = 2 * u / inv
     return (y, mean, var, count), (t_y.astype(x.dtype), t_mean, t_var, jnp.zeros_like(count))
 
 
-def normalize(x, scale, bias, mask, config: KernelConfig):
+def normalize(x, scale, bias, mask, config: KernelConfig, epsilon=None):
     """Normalizes `x` with its own (masked, possibly cross-device) statistics.
 
     Args:
@@ -134,19 +148,24 @@ def normalize(x, scale, bias, mask, config: KernelConfig):
       scale, bias: float arrays broadcastable to `x` with size 1 on the reduction axes.
       mask: None, or a boolean array broadcastable to `x` (False = not in the statistics).
       config: the static KernelConfig.
+      epsilon: the (traced) scalar epsilon when `config.epsilon` is None; else None.
 
     Returns:
       (y, mean, var, count): y has x's dtype; mean, biased var and count have x's shape with
       size 1 on the reduction axes, in float32 (float64 for float64 x).
     """
-    return _remat(x, scale, bias, mask, config)
+    if (config.epsilon is None) != (epsilon is not None):
+        raise ValueError("Pass epsilon either in `config` (static) or as `epsilon` (traced).")
+    if epsilon is not None:
+        epsilon = jnp.asarray(epsilon)
+    return _remat(x, scale, bias, mask, epsilon, config)
 
 
 @functools.partial(
     jax.checkpoint,
     policy=jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES),
-    static_argnums=(4,),
+    static_argnums=(5,),
     prevent_cse=False,
 )
-def _remat(x, scale, bias, mask, config):
-    return _normalize_with_batch_stats(x, scale, bias, mask, config)
+def _remat(x, scale, bias, mask, epsilon, config):
+    return _normalize_with_batch_stats(x, scale, bias, mask, epsilon, config)

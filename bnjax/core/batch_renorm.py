@@ -36,14 +36,15 @@ from jax import lax
 from bnjax.core import checks, stats
 from bnjax.core.batch_norm import (
     BatchNormState,
+    all_finite,
     as_param,
+    averaged_statistics,
     batch_layout,
     batch_norm,
     batch_norm_state,
     batch_statistics_for_update,
     grouped_mask,
     plan_training,
-    running_update,
 )
 from bnjax.core.batch_normalize import batch_moments, normalize
 
@@ -145,9 +146,9 @@ def renorm_correction(batch_mean, batch_var, renorm_mean, renorm_var, r_max, d_m
 
 
 def _check_bound(value, name: str, low: float, why: str = "") -> None:
-    # Python numbers only: traced bounds (a user's own schedule) cannot be checked at trace time.
-    if isinstance(value, (int, float)) and not value >= low:  # also rejects NaN
-        raise ValueError(f"`{name}` must be >= {low}{why}, got {value}.")
+    # Values known at trace time (Python and NumPy numbers, concrete arrays) are checked;
+    # traced bounds (a user's own schedule) cannot be.
+    checks.check_in_range(value, name, low, why=why)
 
 
 def _bounds(state, r_max, d_max, schedule, dtype) -> tuple[Array, Array]:
@@ -172,20 +173,17 @@ def _bounds(state, r_max, d_max, schedule, dtype) -> tuple[Array, Array]:
     return schedule.bounds(state.step, dtype)
 
 
-def _check_state(state, feature_shape, axis) -> None:
+_STATISTICS = ("mean", "var", "renorm_mean", "renorm_var")
+
+
+def _check_state(state, feature_shape, axis) -> BatchRenormState:
     if not isinstance(state, BatchRenormState):
         raise TypeError(
             "`state` must be a BatchRenormState (from bnjax.batch_renorm_state), got "
             f"{type(state).__name__}."
         )
-    for field in ("mean", "var", "renorm_mean", "renorm_var"):
-        shape = tuple(jnp.shape(getattr(state, field)))
-        if shape != feature_shape:
-            raise ValueError(
-                f"`state.{field}` has shape {shape} but the input has {feature_shape} features "
-                f"along axis={axis!r}; create it with bnjax.batch_renorm_state({feature_shape}) "
-                f"or fix `axis` (NHWC uses axis=-1, NCHW uses axis=1)."
-            )
+    checks.check_statistics(state, _STATISTICS, feature_shape, axis, "batch_renorm_state")
+    return checks.as_counters(state, ("count", "skipped", "step"), "batch_renorm_state")
 
 
 def batch_renorm(
@@ -226,7 +224,10 @@ def batch_renorm(
 
     Returns:
       (y, new_state). A training batch whose statistics are not finite updates nothing but
-      `state.skipped` (neither the statistics, `count` nor `step`).
+      `state.skipped` (neither the statistics, `count` nor `step`). Incoming statistics (any of
+      the four) that are not finite are handled as in `batch_norm`: a ValueError when their
+      values are known, else the state comes back unchanged (not even `skipped` advances) and
+      on CPU and TPU a RuntimeWarning names the field at run time.
 
     Example:
       >>> x = jnp.arange(12.0).reshape(4, 3)
@@ -237,12 +238,10 @@ def batch_renorm(
     """
     x = jnp.asarray(x)
     checks.check_floating(x, "x")
+    training = checks.check_training(training)
     checks.check_epsilon(epsilon)
     checks.check_momentum(momentum)
-    if renorm_momentum is None or (
-        isinstance(renorm_momentum, (int, float)) and not 0.0 <= renorm_momentum <= 1.0
-    ):
-        raise ValueError(f"`renorm_momentum` must be in [0, 1], got {renorm_momentum!r}.")
+    checks.check_momentum(renorm_momentum, "renorm_momentum", allow_none=False)
     checks.check_axis_name(axis_name, axis_index_groups)
     if x.ndim < 2:
         raise ValueError(
@@ -251,7 +250,7 @@ def batch_renorm(
         )
     # Ghost batches only shape training statistics; evaluation ignores them.
     layout = batch_layout(x, axis, ghost_batch_size if training else None)
-    _check_state(state, layout.feature_shape, axis)
+    given_state, state = state, _check_state(state, layout.feature_shape, axis)
     dtype = stats.stats_dtype(x.dtype)
     r_bound, d_bound = _bounds(state, r_max, d_max, schedule, dtype)
     if not training:
@@ -259,9 +258,11 @@ def batch_renorm(
             x, state.as_batch_norm_state(), scale, bias, training=False, epsilon=epsilon,
             axis=axis, ghost_batch_size=ghost_batch_size,
         )  # fmt: skip
-        return y, state
+        return y, given_state
+    scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
     checks.check_param_shape(scale, layout.feature_shape, "scale", "axis")
     checks.check_param_shape(bias, layout.feature_shape, "bias", "axis")
+    guard = checks.guard_statistics(state, _STATISTICS, "batch_renorm")
 
     plan = plan_training(
         x, layout, function="batch_renorm", axis=axis, epsilon=epsilon, axis_name=axis_name,
@@ -285,10 +286,10 @@ def batch_renorm(
     scale = as_param(scale, layout, 1.0, dtype)
     bias = as_param(bias, layout, 0.0, dtype)
     grouped_y, mean, var, count = normalize(
-        grouped_x, scale * r, scale * d + bias, grouped_mask_, plan.kernel
+        grouped_x, scale * r, scale * d + bias, grouped_mask_, plan.kernel, plan.epsilon
     )
 
-    def update(current: BatchNormState, unbiased: bool, decay) -> BatchNormState:
+    def update(running_mean, running_var, unbiased: bool, decay):
         batch_mean, batch_var = batch_statistics_for_update(
             lax.stop_gradient(mean),
             lax.stop_gradient(var),
@@ -297,25 +298,24 @@ def batch_renorm(
             plan,
             use_unbiased_running_var=unbiased,
         )
-        return running_update(current, batch_mean, batch_var, decay)
+        return averaged_statistics(
+            running_mean, running_var, batch_mean, batch_var, state.count, decay
+        )
 
-    evaluation = update(state.as_batch_norm_state(), use_unbiased_running_var, momentum)
-    renorm = update(
-        BatchNormState(state.renorm_mean, state.renorm_var, state.count, state.skipped),
-        False,
-        renorm_momentum,
-    )
-    # running_update guards each set on its own; skip the batch for both when either is not
-    # finite (e.g. the unbiased variance of single-value batches), so the sets stay in step.
-    finite = (evaluation.skipped == state.skipped) & (renorm.skipped == state.skipped)
+    evaluation = update(state.mean, state.var, use_unbiased_running_var, momentum)
+    renorm = update(state.renorm_mean, state.renorm_var, False, renorm_momentum)
+    # Skip the batch for both sets when either is not finite (e.g. the unbiased variance of
+    # single-value batches), so the sets stay in step. A state that was not finite to begin
+    # with is not the batch's fault: it stays as it is, and the batch is not counted as skipped.
+    finite = all_finite(*evaluation, *renorm)
     keep = finite.astype(jnp.int32)
     new_state = BatchRenormState(
-        mean=jnp.where(finite, evaluation.mean, state.mean),
-        var=jnp.where(finite, evaluation.var, state.var),
-        renorm_mean=jnp.where(finite, renorm.mean, state.renorm_mean),
-        renorm_var=jnp.where(finite, renorm.var, state.renorm_var),
+        mean=jnp.where(finite, evaluation[0], state.mean),
+        var=jnp.where(finite, evaluation[1], state.var),
+        renorm_mean=jnp.where(finite, renorm[0], state.renorm_mean),
+        renorm_var=jnp.where(finite, renorm[1], state.renorm_var),
         count=state.count + keep,
-        skipped=state.skipped + 1 - keep,
+        skipped=state.skipped + (~finite & guard.finite).astype(jnp.int32) + guard.alert,
         step=state.step + keep,
     )
     return grouped_y.reshape(x.shape), new_state

@@ -1,17 +1,28 @@
-"""Argument checks shared by the normalizers.
+"""Argument and state checks shared by the normalizers.
 
-Every check runs at trace time on static shapes and dtypes, so a mistake fails once, before any
-compilation, with an error that names the argument and says how to fix it. Nothing here touches
-array values.
+Every check runs at trace time on static shapes, dtypes and Python values, so a mistake fails
+once, before any compilation, with an error that names the argument and says how to fix it.
+Values are read only when they are already known at trace time (Python and NumPy numbers,
+concrete arrays); traced values pass unchecked. The one run-time guard is for running
+statistics that come in non-finite (`guard_statistics`): a traced state cannot be checked
+before it runs, so the update is guarded and the host is told, only when it happens.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import operator
+import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
+
+Array = jax.Array
 
 
 def check_floating(x, name: str = "x") -> None:
@@ -24,15 +35,60 @@ def check_floating(x, name: str = "x") -> None:
         )
 
 
+def _is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_)) or (
+        hasattr(value, "dtype") and np.ndim(value) == 0 and value.dtype == np.bool_
+    )
+
+
+def as_int(value, name: str) -> int:
+    """`value` as a Python int: ints, NumPy integers and concrete integer scalars pass; bools
+    (an int subclass, so True would silently mean 1), floats and traced values raise."""
+    if _is_bool(value):
+        raise TypeError(f"`{name}` must be an int, got the bool {value!r}.")
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"`{name}` must be an int known at trace time (it fixes shapes), got a traced "
+            f"value; pass it as a Python int (a static argument under jit)."
+        )
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an int, got {value!r}.") from None
+
+
+def check_training(training) -> bool:
+    """`training` as a Python bool: True/False, or a concrete NumPy/JAX bool scalar."""
+    if isinstance(training, bool):
+        return training
+    if isinstance(training, jax.core.Tracer):
+        raise TypeError(
+            "training must be True or False, known at trace time: it selects a different "
+            "computation (batch or running statistics). Got a traced value; pass a Python bool "
+            "(a static argument under jit), or branch with lax.cond around two calls."
+        )
+    if _is_bool(training):
+        return bool(training)
+    raise TypeError(
+        f"training must be True or False, got {training!r} (use_running_average=True, as in "
+        f"flax, is training=False)."
+    )
+
+
 def normalize_axes(axes: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
     """Turns an int or a sequence of ints into sorted, non-negative, unique axis indices."""
-    raw = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    if isinstance(axes, (list, tuple, range)) or (isinstance(axes, np.ndarray) and axes.ndim == 1):
+        raw = tuple(axes)
+    else:
+        raw = (axes,)
     if not raw:
         raise ValueError(f"`{name}` must name at least one axis, got {axes!r}.")
     result = []
     for axis in raw:
-        if not isinstance(axis, (int, np.integer)):
-            raise TypeError(f"`{name}` must be an int or a sequence of ints, got {axes!r}.")
+        if _is_bool(axis) or not isinstance(axis, (int, np.integer)):
+            raise TypeError(
+                f"`{name}` must be an int or a sequence of ints (e.g. -1 or (1, 2)), got {axes!r}."
+            )
         if not -ndim <= axis < ndim:
             raise ValueError(
                 f"`{name}`={axes!r} is out of range for an input with {ndim} dimensions "
@@ -42,6 +98,23 @@ def normalize_axes(axes: int | Sequence[int], ndim: int, name: str) -> tuple[int
     if len(set(result)) != len(result):
         raise ValueError(f"`{name}`={axes!r} names the same axis twice.")
     return tuple(sorted(result))
+
+
+def as_param(param, name: str):
+    """A scale or bias as an array: arrays pass as they are, a Python list or tuple of numbers
+    becomes a float array (float32; float64 under x64), None stays None."""
+    if param is None or (hasattr(param, "shape") and hasattr(param, "dtype")):
+        return param
+    if isinstance(param, (list, tuple)):
+        try:
+            values = np.asarray(param, dtype=float)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"`{name}` must be an array of numbers, got {param!r}.") from error
+        return jnp.asarray(values, jax.dtypes.canonicalize_dtype(jnp.float64))
+    raise TypeError(
+        f"`{name}` must be an array with the feature shape (or None), got {param!r} "
+        f"({type(param).__name__})."
+    )
 
 
 def check_param_shape(param, expected: tuple[int, ...], name: str, axes_name: str) -> None:
@@ -56,27 +129,87 @@ def check_param_shape(param, expected: tuple[int, ...], name: str, axes_name: st
         )
 
 
-def _is_concrete_scalar(value) -> bool:
-    """A Python or NumPy number (or 0-d array) whose value is known at trace time."""
+def concrete_value(value) -> np.ndarray | None:
+    """`value` as a NumPy array when it is known at trace time (a Python or NumPy number, a
+    concrete array), None when it is traced (or spread over other processes' devices)."""
     if isinstance(value, jax.core.Tracer):
-        return False
-    return np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number)
+        return None
+    if isinstance(value, jax.Array) and not (
+        value.is_fully_addressable or value.sharding.is_fully_replicated
+    ):
+        return None
+    return np.asarray(value)
+
+
+def _shown(value, concrete: np.ndarray) -> str:
+    """A readable value for messages: 1.5 rather than Array(1.5, dtype=float32, ...)."""
+    return repr(concrete.item()) if concrete.ndim == 0 else repr(value)
+
+
+def _check_number(value, name: str) -> np.ndarray | None:
+    """The concrete value of a numeric option (None when traced); TypeError for a bool or a
+    non-number."""
+    if _is_bool(value):
+        raise TypeError(f"`{name}` must be a number, got the bool {value!r}.")
+    if isinstance(value, jax.core.Tracer):
+        if not jnp.issubdtype(value.dtype, jnp.number):
+            raise TypeError(f"`{name}` must be a number, got a traced {value.dtype} value.")
+        return None
+    concrete = concrete_value(value)
+    if concrete is None:
+        return None
+    if not np.issubdtype(concrete.dtype, np.number) or np.issubdtype(
+        concrete.dtype, np.complexfloating
+    ):
+        raise TypeError(f"`{name}` must be a real number, got {value!r}.")
+    return concrete
 
 
 def check_epsilon(epsilon) -> None:
-    """Raises for a concrete negative `epsilon` (a traced one is not checked)."""
-    if _is_concrete_scalar(epsilon) and float(epsilon) < 0:
-        raise ValueError(f"`epsilon` must be >= 0, got {epsilon}.")
+    """Raises unless `epsilon` is a scalar and, when known at trace time, finite and > 0.
 
-
-def check_momentum(momentum) -> None:
-    """Raises for a concrete `momentum` outside [0, 1]; None (cumulative average) is fine."""
-    if momentum is None:
+    epsilon = 0 turns a constant channel (variance 0) into a division by zero: inf outputs and
+    NaN gradients. A traced epsilon is not checked.
+    """
+    concrete = _check_number(epsilon, "epsilon")
+    if np.ndim(epsilon) != 0:
+        raise TypeError(f"`epsilon` must be a scalar, got shape {np.shape(epsilon)}.")
+    if concrete is None:
         return
-    if _is_concrete_scalar(momentum) and not 0.0 <= float(momentum) <= 1.0:
+    value = float(concrete)
+    if not math.isfinite(value):
+        raise ValueError(f"`epsilon` must be finite and > 0 (e.g. 1e-5), got {value}.")
+    if value <= 0:
         raise ValueError(
-            f"`momentum` is the decay of the running average and must be in [0, 1] or None "
-            f"(cumulative average), got {momentum}. PyTorch's momentum=0.1 is bnjax's 0.9."
+            f"`epsilon` must be >= 0 and nonzero (e.g. 1e-5), got {value}: with 0 a "
+            f"constant channel (variance 0) is divided by 0, giving inf outputs and NaN "
+            f"gradients."
+        )
+
+
+def check_in_range(value, name: str, low: float, high: float = math.inf, why: str = "") -> None:
+    """Raises for a concrete `value` (any scalar or array known at trace time) outside
+    [low, high] (NaN included); a traced value is not checked."""
+    concrete = _check_number(value, name)
+    if concrete is None:
+        return
+    if not np.all((concrete >= low) & (concrete <= high)):  # also rejects NaN
+        bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise ValueError(f"`{name}` must be {bounds}{why}, got {_shown(value, concrete)}.")
+
+
+def check_momentum(momentum, name: str = "momentum", allow_none: bool = True) -> None:
+    """Raises for a concrete `momentum` outside [0, 1]; None (cumulative average) is fine."""
+    if momentum is None and allow_none:
+        return
+    if momentum is None:
+        raise ValueError(f"`{name}` must be in [0, 1], got None.")
+    concrete = _check_number(momentum, name)
+    if concrete is not None and not np.all((concrete >= 0.0) & (concrete <= 1.0)):
+        raise ValueError(
+            f"`{name}` is the decay of the running average and must be in [0, 1]"
+            + (" or None (cumulative average)" if allow_none else "")
+            + f", got {_shown(momentum, concrete)}. PyTorch's momentum=0.1 is bnjax's 0.9."
         )
 
 
@@ -95,3 +228,165 @@ def check_not_single_value(num_values: int, where: str, hint: str) -> None:
             f"{where} would compute each statistic from a single value (the output would be "
             f"the bias alone, whatever the input). {hint}"
         )
+
+
+# ------------------------------------------------------------------ running statistics
+
+STATISTICS_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+"""The dtypes running statistics may have (bfloat16/float16 statistics lose the variance)."""
+
+
+def check_statistics(state, fields, feature_shape, axis, factory: str) -> None:
+    """Raises unless each of `fields` of `state` is an array of `feature_shape` in float32 or
+    float64 (`factory` names the function that makes a good state)."""
+    for field in fields:
+        value = getattr(state, field)
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(
+                f"`state.{field}` must be an array, got {type(value).__name__}; create the "
+                f"state with bnjax.{factory}({feature_shape})."
+            )
+        shape = tuple(jnp.shape(value))
+        if shape != feature_shape:
+            raise ValueError(
+                f"`state.{field}` has shape {shape} but the input has {feature_shape} features "
+                f"along axis={axis!r}; create it with bnjax.{factory}({feature_shape}) or "
+                f"fix `axis` (NHWC uses axis=-1, NCHW uses axis=1)."
+            )
+        if np.dtype(value.dtype) not in STATISTICS_DTYPES:
+            raise TypeError(
+                f"`state.{field}` has dtype {value.dtype}, but running statistics must be "
+                f"float32 (float64 under x64); create the state with bnjax.{factory}("
+                f"{feature_shape}) or cast it, e.g. `state._replace({field}=state.{field}"
+                f".astype(jnp.float32))`."
+            )
+
+
+def as_counters(state, fields, factory: str):
+    """`state` with the integer counters `fields` as integer arrays (a Python or NumPy int, e.g.
+    ``BatchNormState(mean, var, 0, 0)``, becomes an int32 scalar); TypeError for others."""
+    converted = {}
+    for field in fields:
+        value = getattr(state, field)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            converted[field] = jnp.asarray(value, jnp.int32)
+        elif not (hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)):
+            raise TypeError(
+                f"`state.{field}` must be an integer counter (an int32 scalar), got {value!r}; "
+                f"create the state with bnjax.{factory}."
+            )
+    return state._replace(**converted) if converted else state
+
+
+def _concrete(value) -> bool:
+    if isinstance(value, jax.core.Tracer):
+        return False
+    return not isinstance(value, jax.Array) or value.is_fully_addressable
+
+
+@jax.jit
+def _finite_flags(*arrays):
+    return jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays])
+
+
+def _poisoned_message(function: str, names) -> str:
+    factory = "batch_renorm_state" if function == "batch_renorm" else "batch_norm_state"
+    return (
+        f"{function}: the incoming running statistics {', '.join(names)} are not finite (NaN "
+        f"or inf), so no batch can update them (an average with NaN or inf stays non-finite) "
+        f"and evaluation with them gives NaN. This is the state's fault, not the batch's: reset "
+        f"the statistics with bnjax.lifecycle.reset_statistics (or a fresh bnjax.{factory}), "
+        f"or recalibrate them with bnjax.lifecycle.recalibrate."
+    )
+
+
+def check_finite_statistics(state, fields, function: str) -> bool:
+    """Raises a ValueError naming the non-finite fields of `state` when their values are known
+    (eager calls, or a state that is a constant under jit), with one device-to-host read.
+
+    Returns True when the values were checked, False when they are traced.
+    """
+    values = [getattr(state, field) for field in fields]
+    if not all(_concrete(value) for value in values):
+        return False
+    with jax.ensure_compile_time_eval():
+        flags = np.asarray(_finite_flags(*values))
+    if not flags.all():
+        names = [f"`state.{f}`" for f, ok in zip(fields, flags, strict=True) if not ok]
+        raise ValueError(_poisoned_message(function, names))
+    return True
+
+
+def not_finite_flags(state, fields) -> Array:
+    """bool[len(fields)]: True where that statistic of `state` holds a NaN or inf (one small
+    reduction over the stacked statistics, which all have the feature shape)."""
+    stacked = jnp.stack([getattr(state, field) for field in fields])
+    return ~jnp.all(jnp.isfinite(stacked), axis=tuple(range(1, stacked.ndim)))
+
+
+@functools.cache
+def _alert(function: str, fields: tuple[str, ...]):
+    """The run-time alert for a traced state: `alert(flags)` returns an int32 zero and, only
+    when a flag is set, warns from the host (a RuntimeWarning naming the fields).
+
+    Why it is built this way (each choice measured with jax 0.10):
+    - `pure_callback`, not `debug.callback`: any effect in a jitted program (even one that is
+      never reached) takes every call of it off JAX's fast dispatch path (+40 us per call on
+      CPU, more with many arguments). A pure callback has no effect, so its zero result must be
+      used (the caller adds it to `skipped`) or it is dead code.
+    - inside `lax.cond`: the host is only reached when a flag is set.
+    - CPU and TPU only: on GPU a conditional reads its predicate back to the host, which would
+      stall every step; there the frozen `count` and `skipped` are the signal.
+    - `custom_vmap`: under vmap the flags of the batch are OR-ed first; a batched predicate
+      would turn the conditional into a callback on every step.
+    - a warning, not an exception: an exception from a callback surfaces as an opaque runtime
+      error, and would stop one device while the others wait in a collective.
+    """
+
+    def warn(flags):
+        names = [f"`state.{f}`" for f, bad in zip(fields, np.asarray(flags), strict=True) if bad]
+        warnings.warn(
+            _poisoned_message(function, names)
+            + " The state was left unchanged and this batch was neither counted nor skipped.",
+            RuntimeWarning,
+            stacklevel=1,
+        )
+        return np.zeros((), np.int32)
+
+    def call_if_set(flags):
+        zero = jax.ShapeDtypeStruct((), jnp.int32)
+        return lax.cond(
+            jnp.any(flags),
+            lambda: jax.pure_callback(warn, zero, flags),
+            lambda: jnp.zeros((), jnp.int32),
+        )
+
+    @jax.custom_batching.custom_vmap
+    def alert(flags):
+        return lax.platform_dependent(
+            flags, cpu=call_if_set, tpu=call_if_set, default=lambda _: jnp.zeros((), jnp.int32)
+        )
+
+    @alert.def_vmap
+    def alert_batched(axis_size, in_batched, flags):
+        del axis_size
+        return alert(jnp.any(flags, axis=0) if in_batched[0] else flags), False
+
+    return alert
+
+
+class StateGuard(NamedTuple):
+    """What a training call knows about its incoming statistics (see `guard_statistics`)."""
+
+    finite: Array | bool  # the statistics are finite (False: update nothing, count nothing)
+    alert: Array | int  # an int32 zero to add to `skipped` (keeps the run-time alert alive)
+
+
+def guard_statistics(state, fields: tuple[str, ...], function: str) -> StateGuard:
+    """Checks the incoming statistics `fields` of `state`: raises a ValueError when their
+    values are known and not finite; when traced, returns the flag that guards the update and
+    wires up the run-time warning. Costs nothing at run time for a known state."""
+    if check_finite_statistics(state, fields, function):
+        return StateGuard(True, 0)
+    flags = lax.stop_gradient(not_finite_flags(state, fields))
+    return StateGuard(~jnp.any(flags), _alert(function, tuple(fields))(flags))

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from bnjax.core import checks, stats
@@ -81,7 +80,13 @@ def group_norm(
     checks.check_epsilon(epsilon)
     if x.ndim < 2:
         raise ValueError(f"`x` must be (N, ..., C), got shape {tuple(x.shape)}.")
-    (channel_axis,) = checks.normalize_axes(axis, x.ndim, "axis")
+    channel_axes = checks.normalize_axes(axis, x.ndim, "axis")
+    if len(channel_axes) != 1:
+        raise TypeError(
+            f"`axis` is the one channel axis and must be an int, got {axis!r}; for statistics "
+            f"over several axes use layer_norm(x, reduction_axes=..., feature_axes=...)."
+        )
+    (channel_axis,) = channel_axes
     if channel_axis == 0:
         raise ValueError("`axis` is the channel axis and must not be the batch axis 0.")
     channels = x.shape[channel_axis]
@@ -90,9 +95,11 @@ def group_norm(
             f"Give exactly one of `num_groups` and `group_size` (got num_groups={num_groups}, "
             f"group_size={group_size}); e.g. group_size=None to use num_groups."
         )
-    for name, value in (("num_groups", num_groups), ("group_size", group_size)):
-        if value is not None and not isinstance(value, (int, np.integer)):
-            raise TypeError(f"`{name}` must be an int, got {value!r}.")
+    # NumPy (and concrete JAX) integers are ints here; bools are not.
+    if num_groups is not None:
+        num_groups = checks.as_int(num_groups, "num_groups")
+    if group_size is not None:
+        group_size = checks.as_int(group_size, "group_size")
     if group_size is not None:
         if group_size < 1 or channels % group_size:
             raise ValueError(
@@ -105,6 +112,7 @@ def group_norm(
             f"`num_groups`={num_groups} must divide the {channels} channels of axis {axis}; "
             f"divisors are {[d for d in range(1, channels + 1) if channels % d == 0]}."
         )
+    scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
     checks.check_param_shape(scale, (channels,), "scale", "axis")
     checks.check_param_shape(bias, (channels,), "bias", "axis")
     grouped_shape = (
@@ -201,6 +209,7 @@ def layer_norm(
     reduce = checks.normalize_axes(reduction_axes, x.ndim, "reduction_axes")
     features = checks.normalize_axes(feature_axes, x.ndim, "feature_axes")
     feature_shape = tuple(x.shape[a] for a in features)
+    scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
     checks.check_param_shape(scale, feature_shape, "scale", "feature_axes")
     checks.check_param_shape(bias, feature_shape, "bias", "feature_axes")
     checks.check_not_single_value(

@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bnjax.models.mlp import check_widths
 from bnjax.models.norms import apply_norm, make_norm, uses_bias_before_norm
 
 
@@ -34,6 +35,7 @@ class SmallCNN(nn.Module):
     def __call__(self, x, *, train: bool, mask=None):
         """x (N, H, W, C) -> logits (N, classes); `mask` (N,) marks the examples that enter
         batch statistics (None: all)."""
+        check_widths(self.features, "features")
         x = x.astype(self.dtype)
         for i, width in enumerate(self.features):
             x = nn.Conv(

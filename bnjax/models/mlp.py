@@ -7,8 +7,33 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from bnjax.models.norms import apply_norm, make_norm, uses_bias_before_norm
+
+
+def check_widths(widths, name: str) -> None:
+    """Raises a ValueError unless `widths` is a non-empty sequence of positive ints (one layer
+    width each); `name` is the model field (config.model_features in the training configs).
+
+    Example:
+      >>> check_widths((32, 64), "features")                   # fine: returns None
+      >>> try:
+      ...     check_widths((0,), "features")
+      ... except ValueError as error:
+      ...     print(str(error).split(", one width")[0])
+      `features`=(0,) must be a non-empty sequence of positive ints
+    """
+    valid = isinstance(widths, Sequence) and not isinstance(widths, str) and len(widths) > 0
+    if valid:
+        valid = all(
+            isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w > 0 for w in widths
+        )
+    if not valid:
+        raise ValueError(
+            f"`{name}`={widths!r} must be a non-empty sequence of positive ints, one width per "
+            f"layer (config.model_features in the training configs), e.g. (32, 64)."
+        )
 
 
 class MLP(nn.Module):
@@ -34,6 +59,7 @@ class MLP(nn.Module):
     def __call__(self, x, *, train: bool, mask=None):
         """x (N, ...) -> logits (N, classes); `mask` (N,) marks the examples that enter
         batch statistics (None: all)."""
+        check_widths(self.features, "features")
         x = x.reshape((x.shape[0], -1)).astype(self.dtype)
         for i, width in enumerate(self.features):
             x = nn.Dense(

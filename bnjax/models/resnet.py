@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bnjax.models.mlp import check_widths
 from bnjax.models.norms import apply_norm, check_norm, make_norm, uses_bias_before_norm
 
 _HE_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -99,6 +100,7 @@ class ResNet(_NormSettings):
         """x (N, H, W, C) -> logits (N, classes); `mask` (N,) marks the examples that enter
         batch statistics (None: all)."""
         check_norm(self.norm)
+        check_widths(self.stage_features, "stage_features")
         if len(self.stage_sizes) != len(self.stage_features):
             raise ValueError(
                 f"`stage_sizes` {tuple(self.stage_sizes)} and `stage_features` "

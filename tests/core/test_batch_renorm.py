@@ -243,12 +243,13 @@ DELTA = 2.0**-10
 
 @pytest.mark.parametrize("bound", [2 * (1 - DELTA), 2.0, 2 * (1 + DELTA)])
 def test_clipping_engages_exactly_at_the_bounds(bound):
-    # Two examples at -1 and +1: batch mean 0 and variance 1 exactly (epsilon=0), so
+    # Two examples at -1 and +1: batch mean 0 and variance 1 exactly (epsilon=1e-30 vanishes
+    # next to it in float32; 0 itself is refused), so
     # sigma_B / sigma = 1 / sqrt(renorm_var), and y = (-r + d, r + d) when scale=1, bias=0.
     x = jnp.array([[-1.0] * 5, [1.0] * 5])
     ratio = np.array([0.25, 0.5, 1.0, 2.0, 4.0], np.float32)
     state = batch_renorm_state(5)._replace(renorm_var=jnp.asarray(1 / ratio**2))
-    y, _ = renorm_jit(x, state, training=True, epsilon=0.0, r_max=bound, d_max=float("inf"))
+    y, _ = renorm_jit(x, state, training=True, epsilon=1e-30, r_max=bound, d_max=float("inf"))
     r, d = (y[1] - y[0]) / 2, (y[1] + y[0]) / 2
     bound32 = np.float32(bound)
     np.testing.assert_allclose(r, np.clip(ratio, 1 / bound32, bound32), rtol=1e-7)
@@ -256,7 +257,7 @@ def test_clipping_engages_exactly_at_the_bounds(bound):
     # Now d: batch means m with variance 1 against renorm mean 0 and variance 1 (so r = 1).
     shift = np.array([-4.0, -2.0, 0.0, 2.0, 4.0], np.float32)
     y, _ = renorm_jit(
-        x + shift, batch_renorm_state(5), training=True, epsilon=0.0, r_max=float("inf"),
+        x + shift, batch_renorm_state(5), training=True, epsilon=1e-30, r_max=float("inf"),
         d_max=bound,
     )  # fmt: skip
     r, d = (y[1] - y[0]) / 2, (y[1] + y[0]) / 2
