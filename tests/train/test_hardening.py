@@ -20,25 +20,19 @@ from bnjax.train.checkpoints import Checkpointer
 from bnjax.train.config import check_evaluation_batches
 from bnjax.train.defaults import DESCRIPTIONS, base_config
 from bnjax.train.workdir import ConfigChangedError, WorkdirBusyError, WorkdirLock
+from tests.train.helpers import final_state, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tiny(**overrides):
-    config = base_config()
-    config.update(
-        model_features=(8, 16), batch_size=32, eval_batch_size=200, num_steps=4,
-        warmup_steps=1, log_every=2, eval_every=4, checkpoint_every=2, num_devices=1,
-        progress=False,
-    )  # fmt: skip
-    config.update(overrides)
-    return config
+    settings = dict(num_steps=4, warmup_steps=1, log_every=2, eval_every=4, checkpoint_every=2,
+                    progress=False)  # fmt: skip
+    return tiny_config(**(settings | overrides))
 
 
 def _final(workdir):
-    with Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
-        step = checkpointer.latest_step()
-        return step, checkpointer.restore(step)
+    return final_state(workdir)
 
 
 # --------------------------------------------------------------------------- every choice trains
@@ -54,7 +48,13 @@ def test_every_norm_trains(tmp_path, norm):
 
 @pytest.mark.parametrize(
     ("model", "norm"),
-    [("mlp", "batch"), ("mlp", "group"), ("resnet20", "group"), ("resnet20", "batch_renorm")],
+    [
+        ("mlp", "batch"),
+        ("mlp", "group"),
+        # ResNet-20 compiles for ~20 s each; tests/models runs it with every norm anyway.
+        pytest.param("resnet20", "group", marks=pytest.mark.slow),
+        pytest.param("resnet20", "batch_renorm", marks=pytest.mark.slow),
+    ],
 )
 def test_models_train_with_batch_and_per_example_norms(tmp_path, model, norm):
     config = _tiny(model=model, norm=norm, num_steps=2, eval_every=2, eval_batch_size=1000,

@@ -15,25 +15,17 @@ import pytest
 
 from bnjax.train import loop
 from bnjax.train.checkpoints import Checkpointer
-from bnjax.train.defaults import base_config
+from tests.train.helpers import final_state, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tiny(**overrides):
-    config = base_config()
-    config.update(
-        model_features=(8, 16), batch_size=32, eval_batch_size=200, num_steps=12,
-        warmup_steps=2, log_every=4, eval_every=6, checkpoint_every=4, num_devices=1,
-    )  # fmt: skip
-    config.update(overrides)
-    return config
+    return tiny_config(**overrides)
 
 
 def _final_state(workdir):
-    with Checkpointer(os.path.join(workdir, "checkpoints")) as checkpointer:
-        step = checkpointer.latest_step()
-        return step, checkpointer.restore(step)
+    return final_state(workdir)
 
 
 def test_short_run_writes_metrics_checkpoints_and_learns(tmp_path):
