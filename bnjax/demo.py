@@ -131,12 +131,16 @@ def tour_functional_core() -> None:
     state = bnjax.batch_norm_state(2)
     y, state = bnjax.batch_norm(x, state, training=True, momentum=0.9)
     print(f"   x columns have means {np.asarray(x.mean(0))}; y means {np.asarray(y.mean(0))}")
-    print(f"   new state: mean={np.asarray(state.mean)} var={np.asarray(state.var)} "
-          f"count={int(state.count)}")  # fmt: skip
+    print(
+        f"   new state: mean={np.asarray(state.mean)} var={np.asarray(state.var)} "
+        f"count={int(state.count)}"
+    )
     poisoned = x.at[0, 0].set(jnp.nan)
     _, guarded = bnjax.batch_norm(poisoned, state, training=True)
-    print(f"   a batch with a NaN leaves the state alone: mean={np.asarray(guarded.mean)} "
-          f"skipped={int(guarded.skipped)}\n")  # fmt: skip
+    print(
+        f"   a batch with a NaN leaves the state alone: mean={np.asarray(guarded.mean)} "
+        f"skipped={int(guarded.skipped)}\n"
+    )
 
 
 def tour_stability() -> None:
@@ -170,12 +174,15 @@ def tour_batch_composition(steps: int, batch: int, seed: int) -> None:
             f"{accuracy(batch_logits, y_test):.3f}",
             f"{population_drift(params, states, x):.3f}",
         )
-        print("   " + " | ".join(f"{v:>19}" for v in row)
-              + f"   ({time.perf_counter() - start:.1f} s)")  # fmt: skip
+        print(
+            "   "
+            + " | ".join(f"{v:>19}" for v in row)
+            + f"   ({time.perf_counter() - start:.1f} s)"
+        )
     print(
         "\n   'acc (running stats)' is what serving sees; 'stat drift' is how far the first BN\n"
         "   layer's running mean/std sit from the population's, in population stds.\n"
-        "   The full study (scripts/batch_study.py, a later issue) measures this with seeds."
+        "   The full study (scripts/batch_study.py) measures this with seeds."
     )
 
 

@@ -156,10 +156,18 @@ def telemetry(collection: str = COLLECTION):
         if running.mean is None:  # statistics created by this very call
             return y
         counters = _counters(lambda name: module.get_variable(L.COUNTERS, name))
-        module.sow(collection, "telemetry", layer_telemetry(
-            args[0], running, axis=module.axis, epsilon=module.epsilon,
-            mask=kwargs.get("mask"), counters=counters,
-        ))  # fmt: skip
+        module.sow(
+            collection,
+            "telemetry",
+            layer_telemetry(
+                args[0],
+                running,
+                axis=module.axis,
+                epsilon=module.epsilon,
+                mask=kwargs.get("mask"),
+                counters=counters,
+            ),
+        )
         return y
 
     with nn.intercept_methods(interceptor):
@@ -170,8 +178,9 @@ def _average_calls(calls) -> LayerTelemetry:
     calls = tuple(calls)
     if len(calls) == 1:
         return calls[0]
-    return jax.tree.map(lambda *values: jnp.mean(jnp.stack(values), axis=0).astype(
-        values[0].dtype), *calls)  # fmt: skip
+    return jax.tree.map(
+        lambda *values: jnp.mean(jnp.stack(values), axis=0).astype(values[0].dtype), *calls
+    )
 
 
 def _per_layer(sown, name: str) -> dict[L.Path, LayerTelemetry]:
@@ -190,9 +199,13 @@ def _telemetry_call(self, x, use_running_average=None, *, mask=None):
         variable = getattr(self, name, None)
         return L.read_variable(variable) if isinstance(variable, nnx.Variable) else None
 
-    self.sow(nnx.Intermediate, COLLECTION, layer_telemetry(
-        x, running, axis=self.axis, epsilon=self.epsilon, mask=mask, counters=_counters(read)
-    ))  # fmt: skip
+    self.sow(
+        nnx.Intermediate,
+        COLLECTION,
+        layer_telemetry(
+            x, running, axis=self.axis, epsilon=self.epsilon, mask=mask, counters=_counters(read)
+        ),
+    )
     return y
 
 
@@ -240,8 +253,9 @@ def summaries(telemetry_tree, prefix: str = "bn/") -> dict[str, jax.Array]:
     if telemetry_tree and all(isinstance(k, tuple) for k in telemetry_tree):
         per_layer = dict(telemetry_tree)
     else:
-        per_layer = _per_layer(telemetry_tree, "telemetry") if isinstance(
-            telemetry_tree, Mapping) else {}  # fmt: skip
+        per_layer = (
+            _per_layer(telemetry_tree, "telemetry") if isinstance(telemetry_tree, Mapping) else {}
+        )
     return {
         f"{prefix}{L.path_str(path)}/{field}": value
         for path, layer in per_layer.items()

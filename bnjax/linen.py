@@ -243,13 +243,26 @@ class BatchRenorm(_RunningStats):
         x, out_dtype = promote(x, scale, bias, self.dtype)
         training, options = self._core_options(x, training)
         state = BatchRenormState(
-            mean.value, var.value, renorm_mean.value, renorm_var.value, count, skipped,
+            mean.value,
+            var.value,
+            renorm_mean.value,
+            renorm_var.value,
+            count,
+            skipped,
             step.value,
-        )  # fmt: skip
+        )
         y, new_state = batch_renorm(
-            x, state, scale, bias, mask=mask, renorm_momentum=self.renorm_momentum,
-            r_max=self.r_max, d_max=self.d_max, schedule=self.schedule, **options,
-        )  # fmt: skip
+            x,
+            state,
+            scale,
+            bias,
+            mask=mask,
+            renorm_momentum=self.renorm_momentum,
+            r_max=self.r_max,
+            d_max=self.d_max,
+            schedule=self.schedule,
+            **options,
+        )
         if training and not self.is_initializing():
             mean.value, var.value = new_state.mean, new_state.var
             renorm_mean.value, renorm_var.value = new_state.renorm_mean, new_state.renorm_var
@@ -300,9 +313,14 @@ class GroupNorm(_AffineMixin, nn.Module):
         scale, bias = self._scale_and_bias((x.shape[-1],))
         x, out_dtype = promote(x, scale, bias, self.dtype)
         y = group_norm_flax_axes(
-            x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
-            epsilon=self.epsilon, reduction_axes=self.reduction_axes,
-        )  # fmt: skip
+            x,
+            scale,
+            bias,
+            num_groups=self.num_groups,
+            group_size=self.group_size,
+            epsilon=self.epsilon,
+            reduction_axes=self.reduction_axes,
+        )
         return y.astype(out_dtype)
 
 
@@ -344,9 +362,13 @@ class LayerNorm(_AffineMixin, nn.Module):
         scale, bias = self._scale_and_bias(_feature_shape(x, self.feature_axes, "feature_axes"))
         x, out_dtype = promote(x, scale, bias, self.dtype)
         y = layer_norm(
-            x, scale, bias, epsilon=self.epsilon, reduction_axes=self.reduction_axes,
+            x,
+            scale,
+            bias,
+            epsilon=self.epsilon,
+            reduction_axes=self.reduction_axes,
             feature_axes=self.feature_axes,
-        )  # fmt: skip
+        )
         return y.astype(out_dtype)
 
 

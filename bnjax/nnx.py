@@ -66,8 +66,20 @@ def _shape(num_features: int | Sequence[int]) -> tuple[int, ...]:
 class _Affine(nnx.Module):
     """Creates 'scale' and 'bias' the way flax does; runs the shared call-time plumbing."""
 
-    def _init_affine(self, shape, *, use_scale, use_bias, scale_init, bias_init, param_dtype,
-                     rngs, scale_metadata, bias_metadata, promote_dtype):  # fmt: skip
+    def _init_affine(
+        self,
+        shape,
+        *,
+        use_scale,
+        use_bias,
+        scale_init,
+        bias_init,
+        param_dtype,
+        rngs,
+        scale_metadata,
+        bias_metadata,
+        promote_dtype,
+    ):
         if promote_dtype is not None:
             raise ValueError(
                 "bnjax modules do not take `promote_dtype`: `dtype` is the output dtype "
@@ -126,11 +138,17 @@ class _RunningStats(_Affine):
         self.count = BatchCounter(jnp.zeros((), jnp.int32))
         self.skipped = BatchCounter(jnp.zeros((), jnp.int32))
         self._init_affine(
-            shape, use_scale=use_scale, use_bias=use_bias, scale_init=scale_init,
-            bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
-            scale_metadata=scale_metadata, bias_metadata=bias_metadata,
+            shape,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
             promote_dtype=promote_dtype,
-        )  # fmt: skip
+        )
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
@@ -249,14 +267,26 @@ class BatchRenorm(_RunningStats):
         training = self._training(use_running_average)
         x, scale, bias, out_dtype = self._inputs(x)
         state = BatchRenormState(
-            self.mean[...], self.var[...], self.renorm_mean[...], self.renorm_var[...],
-            self.count[...], self.skipped[...], self.step[...],
-        )  # fmt: skip
+            self.mean[...],
+            self.var[...],
+            self.renorm_mean[...],
+            self.renorm_var[...],
+            self.count[...],
+            self.skipped[...],
+            self.step[...],
+        )
         y, new = batch_renorm(
-            x, state, scale, bias, mask=mask, renorm_momentum=self.renorm_momentum,
-            r_max=self.r_max, d_max=self.d_max, schedule=self.schedule,
+            x,
+            state,
+            scale,
+            bias,
+            mask=mask,
+            renorm_momentum=self.renorm_momentum,
+            r_max=self.r_max,
+            d_max=self.d_max,
+            schedule=self.schedule,
             **self._options(training),
-        )  # fmt: skip
+        )
         if training:
             self.mean[...], self.var[...] = new.mean, new.var
             self.renorm_mean[...], self.renorm_var[...] = new.renorm_mean, new.renorm_var
@@ -288,11 +318,17 @@ class _Stateless(_Affine):
     ):
         refuse(type(self).__name__, axis_name=axis_name)
         self._init_affine(
-            _shape(num_features), use_scale=use_scale, use_bias=use_bias,
-            scale_init=scale_init, bias_init=bias_init, param_dtype=param_dtype, rngs=rngs,
-            scale_metadata=scale_metadata, bias_metadata=bias_metadata,
+            _shape(num_features),
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
             promote_dtype=promote_dtype,
-        )  # fmt: skip
+        )
         self.num_features = num_features
         self.epsilon, self.dtype, self.param_dtype = epsilon, dtype, param_dtype
         self.use_bias, self.use_scale = use_bias, use_scale
@@ -314,9 +350,15 @@ class GroupNorm(_Stateless):
       (2, 4, 8)
     """
 
-    def __init__(self, num_features: int, num_groups: int | None = 32,
-                 group_size: int | None = None, *, reduction_axes: Axes | None = None,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int | None = 32,
+        group_size: int | None = None,
+        *,
+        reduction_axes: Axes | None = None,
+        **kwargs,
+    ):
         if (num_groups is None) == (group_size is None):
             raise ValueError(
                 f"Give exactly one of `num_groups` and `group_size` (got num_groups="
@@ -338,9 +380,14 @@ class GroupNorm(_Stateless):
         refuse("GroupNorm", mask=mask)
         x, scale, bias, out_dtype = self._inputs(x)
         y = group_norm_flax_axes(
-            x, scale, bias, num_groups=self.num_groups, group_size=None, epsilon=self.epsilon,
+            x,
+            scale,
+            bias,
+            num_groups=self.num_groups,
+            group_size=None,
+            epsilon=self.epsilon,
             reduction_axes=self.reduction_axes,
-        )  # fmt: skip
+        )
         return y.astype(out_dtype)
 
 
@@ -359,8 +406,14 @@ class LayerNorm(_Stateless):
       [[-1.224744  0.        1.224744]]
     """
 
-    def __init__(self, num_features: int | Sequence[int], *, reduction_axes: Axes = -1,
-                 feature_axes: Axes = -1, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        num_features: int | Sequence[int],
+        *,
+        reduction_axes: Axes = -1,
+        feature_axes: Axes = -1,
+        **kwargs,
+    ):
         super().__init__(num_features, **kwargs)
         self.reduction_axes, self.feature_axes = reduction_axes, feature_axes
 
@@ -369,9 +422,13 @@ class LayerNorm(_Stateless):
         refuse("LayerNorm", mask=mask)
         x, scale, bias, out_dtype = self._inputs(x)
         y = layer_norm(
-            x, scale, bias, epsilon=self.epsilon, reduction_axes=self.reduction_axes,
+            x,
+            scale,
+            bias,
+            epsilon=self.epsilon,
+            reduction_axes=self.reduction_axes,
             feature_axes=self.feature_axes,
-        )  # fmt: skip
+        )
         return y.astype(out_dtype)
 
 
@@ -388,8 +445,7 @@ class InstanceNorm(_Stateless):
       Array([[1., 1., 1., 1.]], dtype=float32)
     """
 
-    def __init__(self, num_features: int | Sequence[int], *, feature_axes: Axes = -1,
-                 **kwargs):  # fmt: skip
+    def __init__(self, num_features: int | Sequence[int], *, feature_axes: Axes = -1, **kwargs):
         super().__init__(num_features, **kwargs)
         self.feature_axes = feature_axes
 

@@ -69,14 +69,22 @@ def forward(params, bn_state, images, **bn_options):
     new_state = {}
     for layer in range(len(CHANNELS)):
         hidden = lax.conv_general_dilated(
-            hidden, params[f"conv{layer}"], (1, 1), "SAME",
+            hidden,
+            params[f"conv{layer}"],
+            (1, 1),
+            "SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )  # fmt: skip
+        )
         name = f"bn{layer}"
         hidden, new_state[name] = bnjax.batch_norm(
-            hidden, bn_state[name], params[name]["scale"], params[name]["bias"],
-            training=True, momentum=0.9, **bn_options,
-        )  # fmt: skip
+            hidden,
+            bn_state[name],
+            params[name]["scale"],
+            params[name]["bias"],
+            training=True,
+            momentum=0.9,
+            **bn_options,
+        )
         hidden = jax.nn.relu(hidden)
     pooled = hidden.mean(axis=(1, 2))
     return pooled @ params["head"]["kernel"] + params["head"]["bias"], new_state

@@ -23,11 +23,15 @@ def _reference(x, mean, var, epsilon=1e-5):
     scale_shift = 0.5 * np.abs(np.log((batch_var + epsilon) / (var + epsilon)))
     drift = mean_shift + scale_shift
     return dict(
-        batch_mean_abs=np.abs(batch_mean).mean(), batch_var=batch_var.mean(),
-        running_mean_abs=np.abs(mean).mean(), running_var=np.mean(var),
-        mean_shift=mean_shift.mean(), scale_shift=scale_shift.mean(), drift=drift.mean(),
+        batch_mean_abs=np.abs(batch_mean).mean(),
+        batch_var=batch_var.mean(),
+        running_mean_abs=np.abs(mean).mean(),
+        running_var=np.mean(var),
+        mean_shift=mean_shift.mean(),
+        scale_shift=scale_shift.mean(),
+        drift=drift.mean(),
         max_drift=drift.max(),
-    )  # fmt: skip
+    )
 
 
 def _assert_matches(telemetry, reference):
@@ -37,8 +41,9 @@ def _assert_matches(telemetry, reference):
 
 def test_layer_telemetry_formulas():
     x = DATA[:16]
-    state = bnjax.BatchNormState(jnp.array([19.0, 21.0]), jnp.array([4.0, 16.0]),
-                                 jnp.array(3), jnp.array(1))  # fmt: skip
+    state = bnjax.BatchNormState(
+        jnp.array([19.0, 21.0]), jnp.array([4.0, 16.0]), jnp.array(3), jnp.array(1)
+    )
     telemetry = jax.jit(lambda x, s: diagnostics.layer_telemetry(x, s))(x, state)
     _assert_matches(telemetry, _reference(x, np.array([19.0, 21.0]), np.array([4.0, 16.0])))
     assert (int(telemetry.nonfinite), int(telemetry.count), int(telemetry.skipped)) == (0, 3, 1)
@@ -46,9 +51,12 @@ def test_layer_telemetry_formulas():
 
 def _conv_outputs(model, variables, x):
     _, state = model.apply(
-        variables, x, train=True, mutable=True,
+        variables,
+        x,
+        train=True,
+        mutable=True,
         capture_intermediates=lambda module, _: isinstance(module, nn.Conv),
-    )  # fmt: skip
+    )
     return {name: v["__call__"][0] for name, v in state["intermediates"].items() if "conv" in name}
 
 
@@ -70,9 +78,14 @@ def test_linen_telemetry_in_a_jitted_training_step_changes_nothing_else():
     for i in range(2):
         running = variables["batch_stats"][f"norm{i}"]  # before this step's update
         telemetry = updates[diagnostics.COLLECTION][f"norm{i}"]["telemetry"][0]
-        _assert_matches(telemetry, _reference(np.asarray(inputs[f"conv{i}"]),
-                                              np.asarray(running["mean"]),
-                                              np.asarray(running["var"])))  # fmt: skip
+        _assert_matches(
+            telemetry,
+            _reference(
+                np.asarray(inputs[f"conv{i}"]),
+                np.asarray(running["mean"]),
+                np.asarray(running["var"]),
+            ),
+        )
         assert int(telemetry.count) == 2  # after this step's update (the helper's count is 1)
         assert float(per_layer[f"bn/norm{i}/drift"]) == float(telemetry.drift)
     assert len(per_layer) == 2 * len(diagnostics.LayerTelemetry._fields)

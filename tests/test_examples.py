@@ -95,9 +95,13 @@ def test_readme_snippets_run():
     # The README's PyTorch translation: BatchNorm2d(C, momentum=0.1) on NCHW.
     nchw = jnp.transpose(x, (0, 3, 1, 2))
     _, torch_like = bnjax.batch_norm(
-        nchw, bnjax.batch_norm_state(64), training=True, momentum=0.9, axis=1,
+        nchw,
+        bnjax.batch_norm_state(64),
+        training=True,
+        momentum=0.9,
+        axis=1,
         use_unbiased_running_var=True,
-    )  # fmt: skip
+    )
     assert torch_like.var.shape == (64,)
 
 

@@ -52,10 +52,16 @@ def _flax_and_ours(name, **options):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"axis": 1}, {"momentum": None}, {"use_unbiased_running_var": True},
-     {"ghost_batch_size": 2}, {"mask": True}],
+    [
+        {},
+        {"axis": 1},
+        {"momentum": None},
+        {"use_unbiased_running_var": True},
+        {"ghost_batch_size": 2},
+        {"mask": True},
+    ],
     ids=["default", "nchw", "cumulative", "unbiased", "ghost", "mask"],
-)  # fmt: skip
+)
 def test_batch_norm_equals_core(options):
     options = dict(options)
     mask = _random((SHAPE[0],), 5) > 2.0 if options.pop("mask", False) else None
@@ -103,11 +109,13 @@ def test_batch_renorm_equals_core(bounds):
 
 @pytest.mark.parametrize(
     "module, function",
-    [(bnn.GroupNorm(num_groups=4), lambda x, **p: bnjax.group_norm(x, **p, num_groups=4)),
-     (bnn.LayerNorm(), lambda x, **p: bnjax.layer_norm(x, **p)),
-     (bnn.InstanceNorm(), lambda x, **p: bnjax.instance_norm(x, **p))],
+    [
+        (bnn.GroupNorm(num_groups=4), lambda x, **p: bnjax.group_norm(x, **p, num_groups=4)),
+        (bnn.LayerNorm(), lambda x, **p: bnjax.layer_norm(x, **p)),
+        (bnn.InstanceNorm(), lambda x, **p: bnjax.instance_norm(x, **p)),
+    ],
     ids=["group", "layer", "instance"],
-)  # fmt: skip
+)
 def test_stateless_modules_equal_core(module, function):
     x = _random()
     variables = _variables(module, x)

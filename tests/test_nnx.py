@@ -83,11 +83,13 @@ def test_batch_renorm_equals_core():
 
 @pytest.mark.parametrize(
     "module, function",
-    [(bnx.GroupNorm, lambda x, **p: bnjax.group_norm(x, **p, num_groups=32)),
-     (bnx.LayerNorm, lambda x, **p: bnjax.layer_norm(x, **p)),
-     (bnx.InstanceNorm, lambda x, **p: bnjax.instance_norm(x, **p))],
+    [
+        (bnx.GroupNorm, lambda x, **p: bnjax.group_norm(x, **p, num_groups=32)),
+        (bnx.LayerNorm, lambda x, **p: bnjax.layer_norm(x, **p)),
+        (bnx.InstanceNorm, lambda x, **p: bnjax.instance_norm(x, **p)),
+    ],
     ids=["group", "layer", "instance"],
-)  # fmt: skip
+)
 def test_stateless_modules_equal_core(module, function):
     layer = module(C, rngs=nnx.Rngs(0))
     params = _randomize_affine(layer)
@@ -96,8 +98,16 @@ def test_stateless_modules_equal_core(module, function):
 
 # --- drop-in for flax ----------------------------------------------------------------------------
 
-NOT_ATTRIBUTES = {"self", "num_features", "rngs", "promote_dtype", "bias_metadata",
-                  "scale_metadata", "bias_init", "scale_init"}  # fmt: skip
+NOT_ATTRIBUTES = {
+    "self",
+    "num_features",
+    "rngs",
+    "promote_dtype",
+    "bias_metadata",
+    "scale_metadata",
+    "bias_init",
+    "scale_init",
+}
 
 
 @pytest.mark.parametrize("name", NAMES)

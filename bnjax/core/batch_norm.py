@@ -17,6 +17,12 @@ Running statistics (the conventions of flax and Keras; PyTorch's momentum=0.1 is
 The stored variance is the biased batch variance (flax, Keras 3) unless
 `use_unbiased_running_var=True`, which stores ``var * n / (n - 1)`` as PyTorch does. The
 normalization itself always uses the biased variance, in every framework.
+
+References:
+  Ioffe & Szegedy (2015), Batch Normalization: Accelerating Deep Network Training by Reducing
+  Internal Covariate Shift, ICML, arXiv:1502.03167.
+  Hoffer, Hubara & Soudry (2017), Train longer, generalize better: closing the generalization
+  gap in large batch training of neural networks, NeurIPS, arXiv:1705.08741 (ghost batches).
 """
 
 from __future__ import annotations
@@ -32,6 +38,12 @@ from jax import lax
 
 from bnjax.core import checks, stats
 from bnjax.core.batch_normalize import KernelConfig, normalize
+
+__all__ = [
+    "BatchNormState",
+    "batch_norm",
+    "batch_norm_state",
+]
 
 Array = jax.Array
 
@@ -249,9 +261,16 @@ class TrainingPlan(NamedTuple):
 
 
 def plan_training(
-    x, layout: BatchLayout, *, function: str, axis, epsilon, axis_name, axis_index_groups,
+    x,
+    layout: BatchLayout,
+    *,
+    function: str,
+    axis,
+    epsilon,
+    axis_name,
+    axis_index_groups,
     ghost_batch_size,
-) -> TrainingPlan:  # fmt: skip
+) -> TrainingPlan:
     """Checks a training call's statistics are well defined and says how to compute them."""
     local = ghost_batch_size is not None
     if axis_name is None or local:
@@ -413,9 +432,15 @@ def batch_norm(
 
     guard = checks.guard_statistics(state, ("mean", "var"), "batch_norm")
     plan = plan_training(
-        x, layout, function="batch_norm", axis=axis, epsilon=epsilon, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size,
-    )  # fmt: skip
+        x,
+        layout,
+        function="batch_norm",
+        axis=axis,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        ghost_batch_size=ghost_batch_size,
+    )
     grouped_y, mean, var, count = normalize(
         x.reshape(layout.grouped_shape),
         as_param(scale, layout, 1.0, dtype),

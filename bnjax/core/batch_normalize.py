@@ -45,6 +45,12 @@ from jax.ad_checkpoint import checkpoint_name
 
 from bnjax.core import stats
 
+__all__ = [
+    "KernelConfig",
+    "batch_moments",
+    "normalize",
+]
+
 Array = jax.Array
 
 _SAVED_NAMES = ("bnjax_batch_mean", "bnjax_batch_inv", "bnjax_batch_count")

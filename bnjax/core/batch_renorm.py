@@ -22,6 +22,10 @@ for r and d, updated with `renorm_momentum` and always biased, so that r -> 1 an
 they track the batches. (The paper keeps one set and averages sigma itself; averaging the
 variance keeps the state in batch norm's terms. Pass renorm_momentum=momentum for one set.)
 r and d use the renorm statistics from before this batch's update.
+
+References:
+  Ioffe (2017), Batch Renormalization: Towards Reducing Minibatch Dependence in
+  Batch-Normalized Models, NeurIPS, arXiv:1702.03275.
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ from bnjax.core.batch_norm import (
     plan_training,
 )
 from bnjax.core.batch_normalize import batch_moments, normalize
+
+__all__ = [
+    "BatchRenormState",
+    "RenormSchedule",
+    "batch_renorm",
+    "batch_renorm_state",
+]
 
 Array = jax.Array
 
@@ -255,9 +266,15 @@ def batch_renorm(
     r_bound, d_bound = _bounds(state, r_max, d_max, schedule, dtype)
     if not training:
         y, _ = batch_norm(
-            x, state.as_batch_norm_state(), scale, bias, training=False, epsilon=epsilon,
-            axis=axis, ghost_batch_size=ghost_batch_size,
-        )  # fmt: skip
+            x,
+            state.as_batch_norm_state(),
+            scale,
+            bias,
+            training=False,
+            epsilon=epsilon,
+            axis=axis,
+            ghost_batch_size=ghost_batch_size,
+        )
         return y, given_state
     scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
     checks.check_param_shape(scale, layout.feature_shape, "scale", "axis")
@@ -265,9 +282,15 @@ def batch_renorm(
     guard = checks.guard_statistics(state, _STATISTICS, "batch_renorm")
 
     plan = plan_training(
-        x, layout, function="batch_renorm", axis=axis, epsilon=epsilon, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size,
-    )  # fmt: skip
+        x,
+        layout,
+        function="batch_renorm",
+        axis=axis,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        ghost_batch_size=ghost_batch_size,
+    )
     grouped_x = x.reshape(layout.grouped_shape)
     grouped_mask_ = grouped_mask(mask, x, layout)
     # r and d must enter the kernel, which computes the batch moments itself, so they are

@@ -13,6 +13,12 @@ All three standardize each example over a set of axes and then apply a per-featu
 They behave identically in training and evaluation, so they need no state. Statistics are
 float32 (float64 for float64 inputs) with the two-pass variance of `bnjax.core.stats`; the
 output has the input's dtype. Gradients come from autodiff.
+
+References:
+  Wu & He (2018), Group Normalization, ECCV, arXiv:1803.08494.
+  Ba, Kiros & Hinton (2016), Layer Normalization, arXiv:1607.06450.
+  Ulyanov, Vedaldi & Lempitsky (2016), Instance Normalization: The Missing Ingredient for Fast
+  Stylization, arXiv:1607.08022.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax.core import checks, stats
+
+__all__ = [
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+]
 
 Array = jax.Array
 

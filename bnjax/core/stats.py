@@ -14,6 +14,10 @@ exact global moments, and no step ever forms ``E[x^2] - E[x]^2``, which loses ev
 Moments are computed with two passes over the data (mean, then squared deviations from it).
 On XLA:CPU both passes fuse into plain reductions and run faster than a one-pass shifted sum,
 and the result is within float32 rounding of a float64 reference.
+
+References:
+  Chan, Golub & LeVeque (1979), Updating Formulae and a Pairwise Algorithm for Computing
+  Sample Variances, Stanford report STAN-CS-79-773.
 """
 
 from __future__ import annotations
@@ -23,6 +27,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+__all__ = [
+    "Moments",
+    "check_axis_name_bound",
+    "combine",
+    "merge_across_devices",
+    "moments",
+    "stats_dtype",
+]
 
 Array = jax.Array
 

@@ -129,9 +129,15 @@ def load(
         generated = synthetic.generate(config, seed)
         images, labels, subclusters = generated[split]
         return Dataset(
-            images, labels, config.num_classes, name, split, subclusters,
-            generated["mean"], generated["std"],
-        )  # fmt: skip
+            images,
+            labels,
+            config.num_classes,
+            name,
+            split,
+            subclusters,
+            generated["mean"],
+            generated["std"],
+        )
     if config is not None:
         raise ValueError(f"config applies to 'clusters' only, not {name!r}.")
     if name == "digits":

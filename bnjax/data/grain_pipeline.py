@@ -123,9 +123,14 @@ def grain_loader(
     """
     process_index, process_count = resolve_process(process_index, process_count)
     batches = EpochBatchSource(
-        source, sampler, transform, num_epochs=num_epochs, start_epoch=start_epoch,
-        process_index=process_index, process_count=process_count,
-    )  # fmt: skip
+        source,
+        sampler,
+        transform,
+        num_epochs=num_epochs,
+        start_epoch=start_epoch,
+        process_index=process_index,
+        process_count=process_count,
+    )
     return grain.DataLoader(
         data_source=batches,
         sampler=grain.IndexSampler(

@@ -111,9 +111,11 @@ def batches(
             f"The sampler orders {sampler.num_examples} examples, the dataset has {len(dataset)}."
         )
     process_index, process_count = resolve_process(process_index, process_count)
-    epochs = itertools.count(start_epoch) if num_epochs is None else range(
-        start_epoch, start_epoch + num_epochs
-    )  # fmt: skip
+    epochs = (
+        itertools.count(start_epoch)
+        if num_epochs is None
+        else range(start_epoch, start_epoch + num_epochs)
+    )
     for epoch in epochs:
         for rows in shard(sampler.epoch(epoch), process_index, process_count):
             yield dataset.take(rows)

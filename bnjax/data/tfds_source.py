@@ -156,6 +156,12 @@ def load_tfds(name: str, split: str = "train", *, data_dir: str | None = None):
         record = source[i]
         images[i], labels[i] = record["image"], record["label"]
     return Dataset(
-        standardize(name, images), labels, spec.num_classes, name, split, None,
-        np.float32(spec.mean), np.float32(spec.std),
-    )  # fmt: skip
+        standardize(name, images),
+        labels,
+        spec.num_classes,
+        name,
+        split,
+        None,
+        np.float32(spec.mean),
+        np.float32(spec.std),
+    )

@@ -78,9 +78,10 @@ def main(argv=None) -> int:
         "validated).",
     )
     validate.add_argument(
-        "checkpoint", help="a training workdir (reads WORKDIR/checkpoints), an orbax "
+        "checkpoint",
+        help="a training workdir (reads WORKDIR/checkpoints), an orbax "
         "checkpoint directory (a manager's root, a step, or an item), or a flax msgpack file",
-    )  # fmt: skip
+    )
     validate.add_argument("--step", type=int, default=None, help="step of a manager's root")
     validate.add_argument(
         "--quiet", action="store_true", help="print only the failing layers and the summary"
@@ -116,8 +117,10 @@ def main(argv=None) -> int:
                 tree = load(candidate)
             except Exception as error:
                 corrupt.append(candidate)
-                print(f"step {candidate} of {path} is corrupt or unreadable: {_reason(error)}",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"step {candidate} of {path} is corrupt or unreadable: {_reason(error)}",
+                    file=sys.stderr,
+                )
                 continue
             read = f"step {candidate} of {path}"
             break

@@ -115,15 +115,25 @@ class Linen:
             rngs = {name: jax.random.fold_in(key, index) for name, key in self.rngs.items()}
         inputs = batch if isinstance(batch, tuple) else (batch,)
         return layer_input_moments(
-            self.model, current, *inputs, mode=self.mode, axis_name=self.axis_name, rngs=rngs,
-            _unbiased=self.unbiased, **self.apply_kwargs,
-        )  # fmt: skip
+            self.model,
+            current,
+            *inputs,
+            mode=self.mode,
+            axis_name=self.axis_name,
+            rngs=rngs,
+            _unbiased=self.unbiased,
+            **self.apply_kwargs,
+        )
 
     def check(self, current, shapes) -> None:
         for path, moments in shapes.items():
             layer = L.get_path(current[L.STATS], path, {})
-            check_shapes("variables", f"batch_stats {L.path_str(path)!r}",
-                         _stored(layer.get), tuple(moments.mean.shape))  # fmt: skip
+            check_shapes(
+                "variables",
+                f"batch_stats {L.path_str(path)!r}",
+                _stored(layer.get),
+                tuple(moments.mean.shape),
+            )
 
     def write(self, current, totals, *, final: bool):
         new = L.to_dict(current)
@@ -195,8 +205,12 @@ class Nnx:
                 variable = getattr(module, name, None)
                 return L.read_variable(variable) if isinstance(variable, nnx.Variable) else None
 
-            check_shapes("model", f"the batch norm {L.path_str(path)!r}",
-                         _stored(get), tuple(moments.mean.shape))  # fmt: skip
+            check_shapes(
+                "model",
+                f"the batch norm {L.path_str(path)!r}",
+                _stored(get),
+                tuple(moments.mean.shape),
+            )
 
     def write(self, current, totals, *, final: bool):
         copy = nnx.merge(self.graphdef, current)
@@ -212,9 +226,11 @@ class Nnx:
                     continue
                 mean_var, var_var = getattr(module, mean_name), getattr(module, var_name)
                 mean, var = population(
-                    total.moments, L.read_variable(mean_var), L.read_variable(var_var),
+                    total.moments,
+                    L.read_variable(mean_var),
+                    L.read_variable(var_var),
                     use_unbiased,
-                )  # fmt: skip
+                )
                 L.write_variable(mean_var, mean)
                 L.write_variable(var_var, var)
             for name, value in (("count", total.batches), ("skipped", total.skipped)):
@@ -276,17 +292,23 @@ class Functional:
     def check(self, current, shapes) -> None:
         leaves = jax.tree.flatten(current, is_leaf=L.is_state)[0]
         for position, moments in shapes.items():
-            check_shapes("states", f"the state at {self.names[position]!r}",
-                         _stored(leaves[position]._asdict().get),
-                         tuple(moments.mean.shape))  # fmt: skip
+            check_shapes(
+                "states",
+                f"the state at {self.names[position]!r}",
+                _stored(leaves[position]._asdict().get),
+                tuple(moments.mean.shape),
+            )
 
     def write(self, current, totals, *, final: bool):
         leaves = jax.tree.flatten(current, is_leaf=L.is_state)[0]
         for position, total in totals.items():
             leaves[position] = population_state(
-                total.moments, leaves[position], unbiased=final and self.unbiased,
-                batches=total.batches, skipped=total.skipped,
-            )  # fmt: skip
+                total.moments,
+                leaves[position],
+                unbiased=final and self.unbiased,
+                batches=total.batches,
+                skipped=total.skipped,
+            )
         return jax.tree.unflatten(self.treedef, leaves)
 
     def statistics(self, current):

@@ -198,9 +198,11 @@ def fold(variables, *, epsilon: float | Mapping = 1e-5, pairs: Mapping | None = 
     """
     if L.STATS not in variables or L.PARAMS not in variables:
         raise ValueError("`variables` needs 'params' and 'batch_stats' (the full model.init tree).")
-    pairs = pair_by_name(variables) if pairs is None else {
-        _as_path(norm): _as_path(layer) for norm, layer in pairs.items()
-    }  # fmt: skip
+    pairs = (
+        pair_by_name(variables)
+        if pairs is None
+        else {_as_path(norm): _as_path(layer) for norm, layer in pairs.items()}
+    )
     norms = L.stats_layer_paths(variables[L.STATS])
     unpaired = [L.path_str(p) for p in norms if p not in pairs]
     if unpaired:
@@ -216,19 +218,32 @@ def fold(variables, *, epsilon: float | Mapping = 1e-5, pairs: Mapping | None = 
         norm_params = L.get_path(params, norm, {})
         layer_params = L.get_path(params, layer)
         if not isinstance(layer_params, Mapping) or "kernel" not in layer_params:
-            raise ValueError(f"`pairs` maps {L.path_str(norm)} to {L.path_str(layer)}, which "
-                             f"has no 'kernel' in params.")  # fmt: skip
+            raise ValueError(
+                f"`pairs` maps {L.path_str(norm)} to {L.path_str(layer)}, which "
+                f"has no 'kernel' in params."
+            )
         eps = epsilon.get(norm) if isinstance(epsilon, Mapping) else epsilon
         if eps is None:
             raise ValueError(f"`epsilon` has no entry for {L.path_str(norm)}.")
-        _refuse(f"batch norm {L.path_str(norm)!r}", _unfoldable(
-            statistics["mean"], statistics["var"], norm_params.get("scale"),
-            norm_params.get("bias"), eps,
-        ))  # fmt: skip
+        _refuse(
+            f"batch norm {L.path_str(norm)!r}",
+            _unfoldable(
+                statistics["mean"],
+                statistics["var"],
+                norm_params.get("scale"),
+                norm_params.get("bias"),
+                eps,
+            ),
+        )
         kernel, bias = fold_into(
-            layer_params["kernel"], layer_params.get("bias"), statistics["mean"],
-            statistics["var"], norm_params.get("scale"), norm_params.get("bias"), epsilon=eps,
-        )  # fmt: skip
+            layer_params["kernel"],
+            layer_params.get("bias"),
+            statistics["mean"],
+            statistics["var"],
+            norm_params.get("scale"),
+            norm_params.get("bias"),
+            epsilon=eps,
+        )
         L.set_path(params, layer, {**layer_params, "kernel": kernel, "bias": bias})
         if L.get_path(params, norm) is not None:
             parent = L.get_path(params, norm[:-1]) if norm[:-1] else params

@@ -99,10 +99,14 @@ def reset_statistics(target, layers=None):
             if not select(path):
                 continue
             layer = L.get_path(new[L.STATS], path)
-            L.set_path(new[L.STATS], path, {
-                name: _fresh(name, value) if name in _FRESH else value
-                for name, value in layer.items()
-            })  # fmt: skip
+            L.set_path(
+                new[L.STATS],
+                path,
+                {
+                    name: _fresh(name, value) if name in _FRESH else value
+                    for name, value in layer.items()
+                },
+            )
             counters = L.get_path(new.get(L.COUNTERS), path)
             if isinstance(counters, Mapping):
                 L.set_path(new[L.COUNTERS], path, jax.tree.map(jnp.zeros_like, dict(counters)))
@@ -239,8 +243,9 @@ def unfreeze(target):
     return getattr(target, "__wrapped__", target)
 
 
-def bn_param_labels(variables, layers=None, *, frozen: str = "frozen",
-                    trainable: str = "trainable"):  # fmt: skip
+def bn_param_labels(
+    variables, layers=None, *, frozen: str = "frozen", trainable: str = "trainable"
+):
     """A tree like ``variables['params']`` labelling batch-norm 'scale'/'bias' `frozen`.
 
     Batch-norm layers are the paths holding 'mean' and 'var' in ``variables['batch_stats']``

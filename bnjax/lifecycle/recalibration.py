@@ -48,6 +48,11 @@ devices the reductions are global by construction. A batch whose moments are not
 layer is left out of that layer and counted in its 'skipped' counter. After recalibration the
 counters hold count = batches merged, skipped = batches left out; BatchRenorm's 'renorm_mean'
 and 'renorm_var' get the population statistics too (its 'step' is left alone).
+
+References:
+  Wu & Johnson (2021), Rethinking "Batch" in BatchNorm, arXiv:2105.07576 (precise BN).
+  Li, Wang, Shi, Liu & Hou (2016), Revisiting Batch Normalization For Practical Domain
+  Adaptation, arXiv:1603.04779 (AdaBN).
 """
 
 from __future__ import annotations
@@ -98,8 +103,9 @@ def _progress(iterable, *, total, description: str, enabled: bool):
 
 def _one_pass(moments, step, check, current, batches, *, total, description, progress):
     totals = None
-    for index, batch in enumerate(_progress(batches, total=total, description=description,
-                                            enabled=progress)):  # fmt: skip
+    for index, batch in enumerate(
+        _progress(batches, total=total, description=description, enabled=progress)
+    ):
         index = jnp.asarray(index, jnp.int32)
         if totals is None:
             shapes = jax.eval_shape(moments, current, batch, index)
@@ -238,8 +244,16 @@ def recalibrate(
     moments, step = _make_step(backend, jit, axis_name)
 
     def run(current, batches, description):
-        return _one_pass(moments, step, backend.check, current, batches, total=total,
-                         description=description, progress=progress)  # fmt: skip
+        return _one_pass(
+            moments,
+            step,
+            backend.check,
+            current,
+            batches,
+            total=total,
+            description=description,
+            progress=progress,
+        )
 
     if mode == "train":
         totals = run(current, batches, "recalibrating")

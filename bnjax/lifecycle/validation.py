@@ -86,16 +86,20 @@ class ValidationReport:
             status = "FAIL " + "; ".join(layer.problems) if layer.problems else "ok"
             if layer.notes:
                 status += " (" + "; ".join(layer.notes) + ")"
-            rows.append((
-                layer.path,
-                "-" if layer.features is None else str(layer.features),
-                "-" if layer.count is None else str(layer.count),
-                "-" if layer.skipped is None else str(layer.skipped),
-                status,
-            ))  # fmt: skip
+            rows.append(
+                (
+                    layer.path,
+                    "-" if layer.features is None else str(layer.features),
+                    "-" if layer.count is None else str(layer.count),
+                    "-" if layer.skipped is None else str(layer.skipped),
+                    status,
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
-                 for row in rows]  # fmt: skip
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+            for row in rows
+        ]
         lines += [f"problem: {problem}" for problem in self.problems]
         failing = sum(bool(layer.problems) for layer in self.layers)
         lines.append(
@@ -209,8 +213,10 @@ def _check(statistics, params, counters, expected_shape) -> tuple:
     moved = "mean" in present and "var" in present and not _initial(present)
     if count == 0 and moved:
         # Trained with only 'batch_stats' mutable: the statistics moved, the counters did not.
-        notes.append("count 0 but the statistics moved from their initial values: counters "
-                     "not tracked (apply with mutable=['batch_stats', 'bn_counters'])")  # fmt: skip
+        notes.append(
+            "count 0 but the statistics moved from their initial values: counters "
+            "not tracked (apply with mutable=['batch_stats', 'bn_counters'])"
+        )
     elif count == 0:
         problems.append("never updated (count 0)")
     elif count is None and "mean" in present and "var" in present and _initial(present):
@@ -318,6 +324,8 @@ def load_checkpoint(path: str, step: int | None = None) -> Any:
     }
     if not items:
         raise ValueError(f"{path!r} holds no orbax PyTree checkpoint (no _METADATA file).")
-    trees = {name: ocp.StandardCheckpointer().restore(os.path.abspath(item))
-             for name, item in items.items()}  # fmt: skip
+    trees = {
+        name: ocp.StandardCheckpointer().restore(os.path.abspath(item))
+        for name, item in items.items()
+    }
     return next(iter(trees.values())) if len(trees) == 1 else trees

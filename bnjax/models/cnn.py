@@ -39,13 +39,21 @@ class SmallCNN(nn.Module):
         x = x.astype(self.dtype)
         for i, width in enumerate(self.features):
             x = nn.Conv(
-                width, (3, 3), use_bias=uses_bias_before_norm(self.norm), dtype=self.dtype,
+                width,
+                (3, 3),
+                use_bias=uses_bias_before_norm(self.norm),
+                dtype=self.dtype,
                 name=f"conv{i}",
-            )(x)  # fmt: skip
+            )(x)
             norm = make_norm(
-                self.norm, train=train, spatial=True, groups=self.norm_groups,
-                dtype=self.dtype, options=self.norm_options, name=f"norm{i}",
-            )  # fmt: skip
+                self.norm,
+                train=train,
+                spatial=True,
+                groups=self.norm_groups,
+                dtype=self.dtype,
+                options=self.norm_options,
+                name=f"norm{i}",
+            )
             x = apply_norm(norm, x, mask)
             x = nn.relu(x)
             if x.shape[1] > 1 and x.shape[2] > 1:

@@ -63,13 +63,20 @@ class MLP(nn.Module):
         x = x.reshape((x.shape[0], -1)).astype(self.dtype)
         for i, width in enumerate(self.features):
             x = nn.Dense(
-                width, use_bias=uses_bias_before_norm(self.norm), dtype=self.dtype,
+                width,
+                use_bias=uses_bias_before_norm(self.norm),
+                dtype=self.dtype,
                 name=f"dense{i}",
-            )(x)  # fmt: skip
+            )(x)
             norm = make_norm(
-                self.norm, train=train, spatial=False, groups=self.norm_groups,
-                dtype=self.dtype, options=self.norm_options, name=f"norm{i}",
-            )  # fmt: skip
+                self.norm,
+                train=train,
+                spatial=False,
+                groups=self.norm_groups,
+                dtype=self.dtype,
+                options=self.norm_options,
+                name=f"norm{i}",
+            )
             x = apply_norm(norm, x, mask)
             x = nn.relu(x)
         return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)

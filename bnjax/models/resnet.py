@@ -35,17 +35,28 @@ class _NormSettings(nn.Module):
 
     def conv(self, features, kernel, strides=1, name=None):
         return nn.Conv(
-            features, (kernel, kernel), strides=(strides, strides), padding="SAME",
-            use_bias=uses_bias_before_norm(self.norm), kernel_init=_HE_INIT, dtype=self.dtype,
+            features,
+            (kernel, kernel),
+            strides=(strides, strides),
+            padding="SAME",
+            use_bias=uses_bias_before_norm(self.norm),
+            kernel_init=_HE_INIT,
+            dtype=self.dtype,
             name=name,
-        )  # fmt: skip
+        )
 
     def normalize(self, x, mask, train: bool, name: str, zero_scale: bool = False):
         """The block's norm `name` applied to x (`mask`: see `bnjax.models.norms.apply_norm`)."""
         layer = make_norm(
-            self.norm, train=train, spatial=True, groups=self.norm_groups,
-            zero_scale=zero_scale, dtype=self.dtype, options=self.norm_options, name=name,
-        )  # fmt: skip
+            self.norm,
+            train=train,
+            spatial=True,
+            groups=self.norm_groups,
+            zero_scale=zero_scale,
+            dtype=self.dtype,
+            options=self.norm_options,
+            name=name,
+        )
         return apply_norm(layer, x, mask)
 
 
@@ -114,11 +125,15 @@ class ResNet(_NormSettings):
         ):
             for block in range(blocks):
                 x = BasicBlock(
-                    features=width, strides=2 if stage > 0 and block == 0 else 1,
-                    zero_init_residual=self.zero_init_residual, norm=self.norm,
-                    norm_groups=self.norm_groups, norm_options=self.norm_options,
-                    dtype=self.dtype, name=f"stage{stage}_block{block}",
-                )(x, train=train, mask=mask)  # fmt: skip
+                    features=width,
+                    strides=2 if stage > 0 and block == 0 else 1,
+                    zero_init_residual=self.zero_init_residual,
+                    norm=self.norm,
+                    norm_groups=self.norm_groups,
+                    norm_options=self.norm_options,
+                    dtype=self.dtype,
+                    name=f"stage{stage}_block{block}",
+                )(x, train=train, mask=mask)
         features = jnp.mean(x, axis=(1, 2))
         self.sow("intermediates", "features", features)
         return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(features)

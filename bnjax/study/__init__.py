@@ -1,9 +1,14 @@
-"""The batch-composition study (issue 8): metrics that turn the paper's Table 1 into numbers.
+"""The batch-composition study: metrics that turn the paper's Table 1 into numbers.
 
 `metrics` holds those measured on the training run (BN statistical stability, convergence,
 gradient noise, running-statistics bias), `evaluation` those measured on held-out data
 (accuracy, representation coherence) and the mean ± std summary over seeds. Everything is
 re-exported here.
+
+References:
+  Branson, Batch Normalization Behavior Under Inconsistent Mini-Batch Distributions (the
+  paper whose Table 1 the study turns into numbers).
+  Wu & Johnson (2021), Rethinking "Batch" in BatchNorm, arXiv:2105.07576.
 """
 
 from bnjax.study.evaluation import (

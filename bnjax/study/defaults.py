@@ -46,7 +46,9 @@ def study_config() -> ml_collections.ConfigDict:
             "uniform": {"sampler": "uniform", "batch_size": 32},
             # Each batch holds one sub-cluster (similar samples), batches in random order.
             "clustered": {
-                "sampler": "clustered", "batch_size": 32, "groups": "subcluster",
+                "sampler": "clustered",
+                "batch_size": 32,
+                "groups": "subcluster",
                 "shuffle_batches": True,
             },
             # 80% of each batch from one class, the rest uniform.
@@ -57,8 +59,14 @@ def study_config() -> ml_collections.ConfigDict:
         }
     )
     config.run_conditions = ("uniform", "clustered", "skewed", "small_batch", "large_inconsistent")
-    config.normalizers = ("batch", "batch_renorm", "group", "layer", "ghost_batch",
-                          "batch+recalibration")  # fmt: skip
+    config.normalizers = (
+        "batch",
+        "batch_renorm",
+        "group",
+        "layer",
+        "ghost_batch",
+        "batch+recalibration",
+    )
     # The batch-size sweep (uniform batches), the analogue of the Group Norm paper's figure.
     config.sweep_batch_sizes = (2, 4, 8, 16, 32, 64, 128)
     config.sweep_normalizers = ("batch", "group", "batch_renorm")
@@ -75,7 +83,12 @@ def study_config() -> ml_collections.ConfigDict:
     config.progress = True  # a progress bar on an interactive terminal
     # scale=full: these keys replace the ones above.
     config.full = ml_collections.ConfigDict(
-        {"num_seeds": 5, "num_steps": 2000, "warmup_steps": 100, "model_features": (32, 64, 128),
-         "sweep_examples": 64_000}
+        {
+            "num_seeds": 5,
+            "num_steps": 2000,
+            "warmup_steps": 100,
+            "model_features": (32, 64, 128),
+            "sweep_examples": 64_000,
+        }
     )
     return config

@@ -1,4 +1,4 @@
-"""The batch-composition study's held-out metrics and the mean +- std summary (issue 8).
+"""The batch-composition study's held-out metrics and the mean +- std summary.
 
 Continues `bnjax.study.metrics` (same conventions: NumPy/JAX arrays in, float64 inside, Python
 floats out, ValueError naming the argument).

@@ -146,10 +146,12 @@ def renorm_schedule(config, num_steps: int | None = None) -> RenormSchedule:
     """
     steps = config.num_steps if num_steps is None else num_steps
     return RenormSchedule(
-        warmup_steps=round(config.renorm_warmup * steps), r_max=3.0,
-        r_relax_steps=round(config.renorm_r_relax * steps), d_max=5.0,
+        warmup_steps=round(config.renorm_warmup * steps),
+        r_max=3.0,
+        r_relax_steps=round(config.renorm_r_relax * steps),
+        d_max=5.0,
         d_relax_steps=round(config.renorm_d_relax * steps),
-    )  # fmt: skip
+    )
 
 
 def study_model(config, mc, num_classes: int, *, for_training: bool) -> models.SmallCNN:
@@ -174,9 +176,13 @@ def study_model(config, mc, num_classes: int, *, for_training: bool) -> models.S
         options["ghost_batch_size"] = mc.ghost_batch_size
     if mc.norm not in models.BATCH_STATISTICS_NORMS:
         options = {}
-    return models.SmallCNN(features=tuple(mc.model_features), num_classes=num_classes,
-                           norm=mc.norm, norm_groups=mc.norm_groups,
-                           norm_options=options)  # fmt: skip
+    return models.SmallCNN(
+        features=tuple(mc.model_features),
+        num_classes=num_classes,
+        norm=mc.norm,
+        norm_groups=mc.norm_groups,
+        norm_options=options,
+    )
 
 
 def batch_rows(dataset: data.Dataset, run: Run, num_steps: int) -> np.ndarray:
@@ -192,8 +198,14 @@ def batch_rows(dataset: data.Dataset, run: Run, num_steps: int) -> np.ndarray:
     """
     c = run.condition
     groups = len(dataset) if c.sampler == "uniform" else dataset.groups(c.groups)
-    sampler = data.make_sampler(c.sampler, groups, c.batch_size, seed=run.seed, skew=c.skew,
-                                shuffle_batches=c.shuffle_batches)  # fmt: skip
+    sampler = data.make_sampler(
+        c.sampler,
+        groups,
+        c.batch_size,
+        seed=run.seed,
+        skew=c.skew,
+        shuffle_batches=c.shuffle_batches,
+    )
     epochs, total = [], 0
     while total < num_steps:
         epochs.append(sampler.epoch(len(epochs)))
@@ -255,23 +267,32 @@ class Study:
             optimizer = make_optimizer(mc)
 
             def capture(variables, images):
-                _, sown = eval_model.apply(variables, images, train=False,
-                                           mutable=["intermediates"],
-                                           capture_intermediates=is_conv_call)  # fmt: skip
+                _, sown = eval_model.apply(
+                    variables,
+                    images,
+                    train=False,
+                    mutable=["intermediates"],
+                    capture_intermediates=is_conv_call,
+                )
                 return sown
 
             self._compiled[key] = _Compiled(
-                model, eval_model, make_trainer(model, optimizer), make_evaluator(eval_model),
-                jax.jit(capture), optimizer,
-            )  # fmt: skip
+                model,
+                eval_model,
+                make_trainer(model, optimizer),
+                make_evaluator(eval_model),
+                jax.jit(capture),
+                optimizer,
+            )
         return self._compiled[key]
 
     def train(self, run: Run) -> Trained:
         """Trains `run` from its seed; returns the final variables and the per-step trace."""
         compiled = self._models(run)
         start = time.perf_counter()
-        state = initial_state(compiled.eval_model, compiled.optimizer, self.train_set.images[:2],
-                              run.seed)  # fmt: skip
+        state = initial_state(
+            compiled.eval_model, compiled.optimizer, self.train_set.images[:2], run.seed
+        )
         rows = batch_rows(self.train_set, run, run_steps(self.config, run))
         state, record = compiled.trainer(state, self._images, self._labels, rows)
         trace = to_trace(record)
@@ -291,7 +312,10 @@ class Study:
         batches = self._uniform_batches(self.config.eval_batch_size, seed=10_000 + run.seed)
         if run.normalizer.has_running_stats:
             full = lifecycle.recalibrate(
-                compiled.eval_model, variables, batches, mode="full_batch",
+                compiled.eval_model,
+                variables,
+                batches,
+                mode="full_batch",
                 apply_kwargs={"train": False},
             )
             return _layer_stats(full["batch_stats"])
@@ -302,15 +326,17 @@ class Study:
         """Variables with precise running statistics: `recalibrate(mode="train")` over one
         uniformly shuffled epoch of batches of `recalibration_batch_size` (fvcore's PreciseBN)."""
         batches = self._uniform_batches(self.config.recalibration_batch_size, 20_000 + run.seed)
-        return lifecycle.recalibrate(self._models(run).eval_model, variables, batches,
-                                     apply_kwargs={"train": False})  # fmt: skip
+        return lifecycle.recalibrate(
+            self._models(run).eval_model, variables, batches, apply_kwargs={"train": False}
+        )
 
     def _evaluate(self, run: Run, variables):
         evaluate = self._models(run).evaluate
         size = min(self.config.eval_batch_size, len(self.test_set))
         usable = len(self.test_set) // size * size
-        out = [evaluate(variables, self.test_set.images[i : i + size])
-               for i in range(0, usable, size)]  # fmt: skip
+        out = [
+            evaluate(variables, self.test_set.images[i : i + size]) for i in range(0, usable, size)
+        ]
         running, batch, features = (np.concatenate(parts) for parts in zip(*out, strict=True))
         return running, batch, features, self.test_set.labels[:usable]
 
@@ -323,10 +349,15 @@ class Study:
         population = self._population(run, variables)
         c, n = run.condition, run.normalizer
         row: dict[str, Any] = {
-            "study": run.study, "condition": c.name, "normalizer": n.name, "seed": run.seed,
-            "batch_size": c.batch_size, "sampler": c.sampler, "groups": c.groups,
+            "study": run.study,
+            "condition": c.name,
+            "normalizer": n.name,
+            "seed": run.seed,
+            "batch_size": c.batch_size,
+            "sampler": c.sampler,
+            "groups": c.groups,
             "skew": c.skew,
-        }  # fmt: skip
+        }
         window = max(2, round(config.stability_window * len(trace.loss)))
         for i, (_, var) in enumerate(population):
             v = metrics.batch_stat_variability(
@@ -345,8 +376,10 @@ class Study:
         row.update({f"running_bias_l{i}": None for i in range(len(population))}, running_bias=None)
         if n.has_running_stats:
             running = _layer_stats(variables["batch_stats"])
-            biases = [metrics.running_stat_bias(rm, rv, pm, pv)["bias"]
-                      for (rm, rv), (pm, pv) in zip(running, population, strict=True)]  # fmt: skip
+            biases = [
+                metrics.running_stat_bias(rm, rv, pm, pv)["bias"]
+                for (rm, rv), (pm, pv) in zip(running, population, strict=True)
+            ]
             row.update({f"running_bias_l{i}": b for i, b in enumerate(biases)})
             row["running_bias"] = float(np.mean(biases))
         logits_running, logits_batch, features, labels = self._evaluate(run, variables)
@@ -367,5 +400,10 @@ def _nanmean(x: np.ndarray) -> float:
 def _layer_stats(batch_stats) -> list[tuple[np.ndarray, np.ndarray]]:
     """[(mean, var)] of the norm layers norm0, norm1, ... in order."""
     names = sorted(batch_stats, key=lambda n: int(n[4:]))
-    return [(np.asarray(batch_stats[n]["mean"], np.float64),
-             np.asarray(batch_stats[n]["var"], np.float64)) for n in names]  # fmt: skip
+    return [
+        (
+            np.asarray(batch_stats[n]["mean"], np.float64),
+            np.asarray(batch_stats[n]["var"], np.float64),
+        )
+        for n in names
+    ]

@@ -197,8 +197,18 @@ class Run:
         c = self.condition
         n = self.normalizer
         ghost = None if n.ghost_batch_size is None else min(n.ghost_batch_size, c.batch_size)
-        return (c.sampler, c.batch_size, c.groups, c.skew, c.shuffle_batches, n.norm, ghost,
-                self.num_steps, self.lr_scale, self.seed)  # fmt: skip
+        return (
+            c.sampler,
+            c.batch_size,
+            c.groups,
+            c.skew,
+            c.shuffle_batches,
+            n.norm,
+            ghost,
+            self.num_steps,
+            self.lr_scale,
+            self.seed,
+        )
 
 
 def make_grid(
@@ -240,14 +250,16 @@ def make_grid(
     runs = [Run(c, n, s, num_steps=num_steps) for c in conditions for n in norms for s in seeds]
     for batch_size in sweep_batch_sizes:
         batch_size = int(batch_size)
-        condition = Condition(f"uniform_b{batch_size}", "uniform", batch_size,
-                              label=f"uniform, batch {batch_size}")  # fmt: skip
+        condition = Condition(
+            f"uniform_b{batch_size}", "uniform", batch_size, label=f"uniform, batch {batch_size}"
+        )
         steps = num_steps if sweep_examples is None else sweep_examples // batch_size
         scale = 1.0
         if sweep_reference_batch_size is not None:
             scale = batch_size / sweep_reference_batch_size
         for name in sweep_normalizers:
             n = normalizer(name, ghost_batch_size)
-            runs += [Run(condition, n, s, study="sweep", num_steps=steps, lr_scale=scale)
-                     for s in seeds]  # fmt: skip
+            runs += [
+                Run(condition, n, s, study="sweep", num_steps=steps, lr_scale=scale) for s in seeds
+            ]
     return runs

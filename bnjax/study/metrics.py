@@ -1,4 +1,4 @@
-"""The batch-composition study's metrics (issue 8): plain NumPy on what a training loop records.
+"""The batch-composition study's metrics: plain NumPy on what a training loop records.
 
 One function per column of the paper's Table 1; this module has those measured on the training
 run, `bnjax.study.evaluation` those measured on held-out data and the mean +- std summary.

@@ -42,8 +42,9 @@ def _grid(count: int, width: float = 3.6, height: float = 3.0):
     return fig, list(axes.flat[:count])
 
 
-def headline(rows: Sequence[Mapping], labels: Mapping[str, str], path: str,
-             chance: float | None = None) -> str:  # fmt: skip
+def headline(
+    rows: Sequence[Mapping], labels: Mapping[str, str], path: str, chance: float | None = None
+) -> str:
     """Grouped bars: mean held-out accuracy in evaluation mode, std as error bars, and a
     dotted line at `chance` (1 / classes) when given.
 
@@ -68,14 +69,23 @@ def headline(rows: Sequence[Mapping], labels: Mapping[str, str], path: str,
     width = 0.8 / len(normalizers)
     x = np.arange(len(conditions))
     for j, n in enumerate(normalizers):
-        stats = [mean_std([r["accuracy_eval"] for r in main
-                           if r["condition"] == c and r["normalizer"] == n])
-                 for c in conditions]  # fmt: skip
+        stats = [
+            mean_std(
+                [r["accuracy_eval"] for r in main if r["condition"] == c and r["normalizer"] == n]
+            )
+            for c in conditions
+        ]
         offset = (j - (len(normalizers) - 1) / 2) * width
         errors = [0 if np.isnan(s.std) else s.std for s in stats]
         ax.bar(x + offset, [s.mean for s in stats], width, yerr=errors, label=n, capsize=2)
-    ax.set_xticks(x, [labels.get(c, c).replace(" with ", "\nwith ").replace(" in ", "\nin ")
-                      for c in conditions], fontsize=8)  # fmt: skip
+    ax.set_xticks(
+        x,
+        [
+            labels.get(c, c).replace(" with ", "\nwith ").replace(" in ", "\nin ")
+            for c in conditions
+        ],
+        fontsize=8,
+    )
     ax.set_ylabel("held-out accuracy, eval mode")
     ax.set_ylim(0, 1.05)
     if chance is not None:
@@ -90,8 +100,12 @@ def _smooth(x: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(x, np.ones(window) / window, mode="valid")
 
 
-def loss_curves(losses: Mapping[tuple[str, str], list[np.ndarray]],
-                labels: Mapping[str, str], path: str, window: int = 10) -> str:  # fmt: skip
+def loss_curves(
+    losses: Mapping[tuple[str, str], list[np.ndarray]],
+    labels: Mapping[str, str],
+    path: str,
+    window: int = 10,
+) -> str:
     """One panel per condition, a line per normalizer: seed-mean loss, moving average.
 
     `losses` maps (condition, normalizer) to the (T,) loss curves of its seeds; the moving
@@ -123,9 +137,12 @@ def loss_curves(losses: Mapping[tuple[str, str], list[np.ndarray]],
     return _save(fig, path)
 
 
-def batch_statistics(trajectories: Mapping[str, Sequence[np.ndarray]],
-                     population: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]],
-                     labels: Mapping[str, str], path: str) -> str:  # fmt: skip
+def batch_statistics(
+    trajectories: Mapping[str, Sequence[np.ndarray]],
+    population: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]],
+    labels: Mapping[str, str],
+    path: str,
+) -> str:
     """A panel per layer, a line per condition: (mu_B[t, 0] - mu_pop[0]) / sigma_pop[0].
 
     `trajectories` maps a condition to its per-layer (T, C) batch means mu_B, `population` to
@@ -157,8 +174,9 @@ def batch_statistics(trajectories: Mapping[str, Sequence[np.ndarray]],
     return _save(fig, path)
 
 
-def running_vs_population(pairs: Mapping[str, Mapping[str, tuple]],
-                          labels: Mapping[str, str], path: str) -> str:  # fmt: skip
+def running_vs_population(
+    pairs: Mapping[str, Mapping[str, tuple]], labels: Mapping[str, str], path: str
+) -> str:
     """Per condition: running mean vs population mean per channel (deepest layer), one marker
     per normalizer (e.g. batch before and after recalibration); the diagonal is unbiased.
 
@@ -217,13 +235,23 @@ def accuracy_vs_batch_size(rows: Sequence[Mapping], path: str) -> str:
     for j, n in enumerate(dict.fromkeys(r["normalizer"] for r in sweep)):
         sizes = sorted({r["batch_size"] for r in sweep if r["normalizer"] == n})
         for key, style in (("accuracy_eval", "-"), ("accuracy_batch_stats", "--")):
-            stats = [mean_std([r[key] for r in sweep
-                               if r["normalizer"] == n and r["batch_size"] == b])
-                     for b in sizes]  # fmt: skip
+            stats = [
+                mean_std([r[key] for r in sweep if r["normalizer"] == n and r["batch_size"] == b])
+                for b in sizes
+            ]
             mode = "eval mode" if key == "accuracy_eval" else "batch stats"
             errors = [0 if np.isnan(s.std) else s.std for s in stats]
-            ax.errorbar(sizes, [s.mean for s in stats], yerr=errors, ls=style, color=f"C{j}",
-                        marker="o", ms=3, capsize=2, label=f"{n} ({mode})")  # fmt: skip
+            ax.errorbar(
+                sizes,
+                [s.mean for s in stats],
+                yerr=errors,
+                ls=style,
+                color=f"C{j}",
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=f"{n} ({mode})",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("held-out accuracy")
@@ -248,8 +276,12 @@ def pca_2d(features: np.ndarray) -> np.ndarray:
     return centered @ vt[:2].T
 
 
-def features_pca(features: Mapping[str, tuple[np.ndarray, np.ndarray]],
-                 labels: Mapping[str, str], path: str, max_points: int = 1000) -> str:  # fmt: skip
+def features_pca(
+    features: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    labels: Mapping[str, str],
+    path: str,
+    max_points: int = 1000,
+) -> str:
     """A panel per condition: held-out features projected on their top two principal axes.
 
     `features` maps a condition to ((N, D) features, (N,) class labels), D >= 2; the first
@@ -275,4 +307,3 @@ def features_pca(features: Mapping[str, tuple[np.ndarray, np.ndarray]],
         ax.set_xticks([])
         ax.set_yticks([])
     return _save(fig, path)
-

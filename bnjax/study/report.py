@@ -157,14 +157,20 @@ def table1(rows: Sequence[Mapping], normalizer: str, labels: Mapping[str, str]) 
     body = []
     for condition in _ordered(chosen, "condition"):
         runs = _select(chosen, condition=condition)
-        body.append([labels.get(condition, condition)] + [
-            _cell(runs, key.format(deep=deep), fmt) for _, key, fmt in TABLE1_COLUMNS
-        ])  # fmt: skip
+        body.append(
+            [labels.get(condition, condition)]
+            + [_cell(runs, key.format(deep=deep), fmt) for _, key, fmt in TABLE1_COLUMNS]
+        )
     return _markdown(header, body)
 
 
-def grid_table(rows: Sequence[Mapping], key: str, labels: Mapping[str, str], fmt=".3f",
-               normalizers: Sequence[str] | None = None) -> str:  # fmt: skip
+def grid_table(
+    rows: Sequence[Mapping],
+    key: str,
+    labels: Mapping[str, str],
+    fmt=".3f",
+    normalizers: Sequence[str] | None = None,
+) -> str:
     """One metric, conditions x normalizers (main grid: rows with study 'table').
 
     Example:
@@ -181,10 +187,10 @@ def grid_table(rows: Sequence[Mapping], key: str, labels: Mapping[str, str], fmt
     normalizers = normalizers or _ordered(chosen, "normalizer")
     header = ["condition", *normalizers]
     body = [
-        [labels.get(c, c)] + [_cell(_select(chosen, condition=c, normalizer=n), key, fmt)
-                              for n in normalizers]
+        [labels.get(c, c)]
+        + [_cell(_select(chosen, condition=c, normalizer=n), key, fmt) for n in normalizers]
         for c in _ordered(chosen, "condition")
-    ]  # fmt: skip
+    ]
     return _markdown(header, body)
 
 
@@ -204,8 +210,11 @@ def sweep_table(rows: Sequence[Mapping], key: str, fmt: str = ".3f") -> str:
     chosen = _select(rows, study="sweep")
     normalizers = _ordered(chosen, "normalizer")
     sizes = sorted({r["batch_size"] for r in chosen})
-    body = [[str(b)] + [_cell(_select(chosen, batch_size=b, normalizer=n), key, fmt)
-                        for n in normalizers] for b in sizes]  # fmt: skip
+    body = [
+        [str(b)]
+        + [_cell(_select(chosen, batch_size=b, normalizer=n), key, fmt) for n in normalizers]
+        for b in sizes
+    ]
     return _markdown(["batch size", *normalizers], body)
 
 
@@ -228,20 +237,35 @@ def table_markdown(rows: Sequence[Mapping], labels: Mapping[str, str], *, title:
     rows = list(rows)
     seeds = len({r["seed"] for r in rows})
     plural = "s" if seeds > 1 else ""
-    parts = [f"# {title}", "", f"Mean ± std over {seeds} seed{plural}; see README.md, \"The "
-             "batch-composition study\", for what each column measures.", ""]  # fmt: skip
+    parts = [
+        f"# {title}",
+        "",
+        f'Mean ± std over {seeds} seed{plural}; see README.md, "The '
+        'batch-composition study", for what each column measures.',
+        "",
+    ]
     main = _select(rows, study="table")
     if main:
         normalizers = _ordered(main, "normalizer")
         first = "batch" if "batch" in normalizers else normalizers[0]
         parts += [f"## Table 1 with numbers: {first}", "", table1(rows, first, labels), ""]
-        parts += ["## Held-out accuracy in evaluation mode: which normalizer repairs what", "",
-                  grid_table(rows, "accuracy_eval", labels), ""]  # fmt: skip
-        parts += ["## Held-out accuracy with batch statistics", "",
-                  grid_table(rows, "accuracy_batch_stats", labels), ""]  # fmt: skip
-        with_stats = [n for n in normalizers
-                      if any(r.get("running_bias") is not None
-                             for r in _select(main, normalizer=n))]  # fmt: skip
+        parts += [
+            "## Held-out accuracy in evaluation mode: which normalizer repairs what",
+            "",
+            grid_table(rows, "accuracy_eval", labels),
+            "",
+        ]
+        parts += [
+            "## Held-out accuracy with batch statistics",
+            "",
+            grid_table(rows, "accuracy_batch_stats", labels),
+            "",
+        ]
+        with_stats = [
+            n
+            for n in normalizers
+            if any(r.get("running_bias") is not None for r in _select(main, normalizer=n))
+        ]
         if with_stats:
             bias = grid_table(rows, "running_bias", labels, normalizers=with_stats)
             parts += ["## Running-statistics bias (0 = the population's statistics)", "", bias, ""]
@@ -249,9 +273,16 @@ def table_markdown(rows: Sequence[Mapping], labels: Mapping[str, str], *, title:
             if n != first:
                 parts += [f"## Table 1 layout: {n}", "", table1(rows, n, labels), ""]
     if _select(rows, study="sweep"):
-        parts += ["## Batch-size sweep (uniform batches): accuracy in evaluation mode", "",
-                  sweep_table(rows, "accuracy_eval"), ""]  # fmt: skip
-        parts += ["## Batch-size sweep: accuracy with batch statistics", "",
-                  sweep_table(rows, "accuracy_batch_stats"), ""]  # fmt: skip
+        parts += [
+            "## Batch-size sweep (uniform batches): accuracy in evaluation mode",
+            "",
+            sweep_table(rows, "accuracy_eval"),
+            "",
+        ]
+        parts += [
+            "## Batch-size sweep: accuracy with batch statistics",
+            "",
+            sweep_table(rows, "accuracy_batch_stats"),
+            "",
+        ]
     return "\n".join(parts)
-

@@ -158,12 +158,16 @@ def make_runs(config) -> list[grid.Run]:
       (153, 63)
     """
     return grid.make_grid(
-        grid.conditions_from_config(config.conditions, config.run_conditions), config.normalizers,
-        range(config.num_seeds), sweep_batch_sizes=config.sweep_batch_sizes,
-        sweep_normalizers=config.sweep_normalizers, ghost_batch_size=config.ghost_batch_size,
-        num_steps=config.num_steps, sweep_examples=config.sweep_examples,
+        grid.conditions_from_config(config.conditions, config.run_conditions),
+        config.normalizers,
+        range(config.num_seeds),
+        sweep_batch_sizes=config.sweep_batch_sizes,
+        sweep_normalizers=config.sweep_normalizers,
+        ghost_batch_size=config.ghost_batch_size,
+        num_steps=config.num_steps,
+        sweep_examples=config.sweep_examples,
         sweep_reference_batch_size=config.sweep_reference_batch_size,
-    )  # fmt: skip
+    )
 
 
 def _print(message: str) -> None:
@@ -222,8 +226,12 @@ def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> l
             uses_left[key] -= 1
             if not uses_left[key]:
                 del trained_runs[key]
-            row = dict(measured.row, study=run.study, condition=run.condition.name,
-                       normalizer=run.normalizer.name)  # fmt: skip
+            row = dict(
+                measured.row,
+                study=run.study,
+                condition=run.condition.name,
+                normalizer=run.normalizer.name,
+            )
             rows.append(row)
             artifacts.add(run, run.seed == 0, trained, measured)
             report.write_csv(rows, csv_path)
@@ -238,16 +246,20 @@ def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> l
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write(report.table_markdown(rows, labels, title=TITLE))
     if config.plots:
-        write_plots(rows, artifacts, labels, os.path.join(workdir, "plots"),
-                    chance=1 / train.num_classes)  # fmt: skip
-    log(f"study finished: {len(runs)} runs ({trained_count} trained) in "
+        write_plots(
+            rows, artifacts, labels, os.path.join(workdir, "plots"), chance=1 / train.num_classes
+        )
+    log(
+        f"study finished: {len(runs)} runs ({trained_count} trained) in "
         f"{time.perf_counter() - started:.0f} s; wrote {workdir}/results.csv, table.md"
-        + (", plots/" if config.plots else ""))  # fmt: skip
+        + (", plots/" if config.plots else "")
+    )
     return rows
 
 
-def write_plots(rows, artifacts: Artifacts, labels, directory: str,
-                chance: float | None = None) -> list[str]:  # fmt: skip
+def write_plots(
+    rows, artifacts: Artifacts, labels, directory: str, chance: float | None = None
+) -> list[str]:
     """Every figure of `bnjax.study.plots` that the study's runs give data for; returns the
     paths written (`run_study` calls it; its test draws every figure).
 
@@ -269,13 +281,18 @@ def write_plots(rows, artifacts: Artifacts, labels, directory: str,
         written.append(plots.headline(rows, labels, path("headline.png"), chance=chance))
         written.append(plots.loss_curves(artifacts.losses, labels, path("loss_curves.png")))
     if artifacts.trajectories:
-        written.append(plots.batch_statistics(artifacts.trajectories, artifacts.population,
-                                              labels, path("batch_statistics.png")))  # fmt: skip
+        written.append(
+            plots.batch_statistics(
+                artifacts.trajectories, artifacts.population, labels, path("batch_statistics.png")
+            )
+        )
         written.append(plots.features_pca(artifacts.features, labels, path("features_pca.png")))
     if artifacts.running_pairs:
-        written.append(plots.running_vs_population(artifacts.running_pairs, labels,
-                                                   path("running_vs_population.png")))  # fmt: skip
+        written.append(
+            plots.running_vs_population(
+                artifacts.running_pairs, labels, path("running_vs_population.png")
+            )
+        )
     if any(r["study"] == "sweep" for r in rows):
         written.append(plots.accuracy_vs_batch_size(rows, path("accuracy_vs_batch_size.png")))
     return written
-

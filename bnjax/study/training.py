@@ -115,9 +115,12 @@ def make_trainer(model: nn.Module, optimizer: optax.GradientTransformation):
     def loss_fn(params, state, images, labels):
         variables = {"params": params, **{c: state[c] for c in STATE_COLLECTIONS if c in state}}
         logits, updates = model.apply(
-            variables, images, train=True, mutable=[*STATE_COLLECTIONS, "intermediates"],
+            variables,
+            images,
+            train=True,
+            mutable=[*STATE_COLLECTIONS, "intermediates"],
             capture_intermediates=is_conv_call,
-        )  # fmt: skip
+        )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, (logits, updates)
 
@@ -128,8 +131,12 @@ def make_trainer(model: nn.Module, optimizer: optax.GradientTransformation):
             state["params"], state, batch_images, batch_labels
         )
         update, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        new_state = dict(state, step=state["step"] + 1, opt_state=opt_state,
-                         params=optax.apply_updates(state["params"], update))  # fmt: skip
+        new_state = dict(
+            state,
+            step=state["step"] + 1,
+            opt_state=opt_state,
+            params=optax.apply_updates(state["params"], update),
+        )
         new_state.update({c: updates[c] for c in STATE_COLLECTIONS if c in state})
         inputs = norm_inputs(updates["intermediates"])
         record = {

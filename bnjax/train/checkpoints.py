@@ -185,9 +185,12 @@ class Checkpointer:
             if not os.path.isdir(self.directory):
                 raise FileNotFoundError(f"No checkpoint directory {self.directory!r}.")
             options = ocp.CheckpointManagerOptions(
-                read_only=True, save_interval_steps=0, max_to_keep=None, create=False,
+                read_only=True,
+                save_interval_steps=0,
+                max_to_keep=None,
+                create=False,
                 cleanup_tmp_directories=False,
-            )  # fmt: skip
+            )
             # Only orbax's notes that it adjusted the options for read-only use are dropped.
             self._manager = quietly(
                 lambda: ocp.CheckpointManager(self.directory, options=options),
@@ -260,10 +263,12 @@ class Checkpointer:
         if step in self._manager.all_steps():
             self._discard(step)
         manifest = {"format": FORMAT, "step": step, "leaves": entries}
-        args = ocp.args.Composite(**{
-            _STATE: ocp.args.StandardSave(stored),
-            _MANIFEST: ocp.args.JsonSave(manifest),
-        })  # fmt: skip
+        args = ocp.args.Composite(
+            **{
+                _STATE: ocp.args.StandardSave(stored),
+                _MANIFEST: ocp.args.JsonSave(manifest),
+            }
+        )
         return bool(self._manager.save(step, args=args, force=True))
 
     def _discard(self, step: int) -> None:
@@ -384,9 +389,16 @@ class Checkpointer:
         else:
             names, originals, abstract, treedef = plan
             self._check_fits(step, entries, names, abstract)
-            state = self._manager.restore(step, args=ocp.args.Composite(**{
-                _STATE: ocp.args.StandardRestore(jax.tree_util.tree_unflatten(treedef, abstract))
-            }))[_STATE]  # fmt: skip
+            state = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        _STATE: ocp.args.StandardRestore(
+                            jax.tree_util.tree_unflatten(treedef, abstract)
+                        )
+                    }
+                ),
+            )[_STATE]
             by_name = {leaf_name(path): leaf for path, leaf in flatten(state)}
             if sorted(by_name) != sorted(names):
                 raise ValueError("restored leaves differ from the target's")

@@ -86,10 +86,14 @@ def _runner(config, mesh, train_step):
 def _sampler(config, train: data.Dataset):
     groups = len(train) if config.sampler == "uniform" else train.groups(config.sampler_groups)
     return data.make_sampler(
-        config.sampler, groups, config.batch_size, seed=config.seed, skew=config.skew,
+        config.sampler,
+        groups,
+        config.batch_size,
+        seed=config.seed,
+        skew=config.skew,
         num_dominant=config.get("num_dominant", 1),
         shuffle_batches=config.get("shuffle_batches", False),
-    )  # fmt: skip
+    )
 
 
 def evaluation_batches(num_examples: int, batch_size: int) -> list[np.ndarray]:
@@ -126,8 +130,10 @@ def evaluate(eval_step, state, test: data.Dataset, batch_size: int, mesh=None) -
         labels = np.zeros(padded, test.labels.dtype)
         valid = np.zeros(padded, bool)
         images[: len(rows)], labels[: len(rows)], valid[: len(rows)] = (
-            test.images[rows], test.labels[rows], True,
-        )  # fmt: skip
+            test.images[rows],
+            test.labels[rows],
+            True,
+        )
         inputs = (images, labels, valid)
         if shard:
             inputs = parallel.shard_batch(inputs, mesh)
@@ -144,9 +150,13 @@ def _training_batches(train, sampler, start_step: int):
     """This process's batches from step `start_step` on (epoch, then offset in the epoch)."""
     epoch, offset = divmod(start_step, sampler.num_batches)
     stream = data.batches(
-        train, sampler, start_epoch=epoch, num_epochs=None, process_index=None,
+        train,
+        sampler,
+        start_epoch=epoch,
+        num_epochs=None,
+        process_index=None,
         process_count=None,
-    )  # fmt: skip
+    )
     for batch in itertools.islice(stream, offset, None):
         yield {"image": batch["image"], "label": batch["label"]}
 
@@ -178,8 +188,9 @@ def _print_line(step: int, num_steps: int, scalars: dict, started: float) -> Non
         for name, value in scalars.items()
         if name in ("loss", "accuracy") or name.startswith("eval/accuracy")
     )
-    print(f"step {step:>6}/{num_steps}  {shown}  ({time.perf_counter() - started:.0f} s)",
-          flush=True)  # fmt: skip
+    print(
+        f"step {step:>6}/{num_steps}  {shown}  ({time.perf_counter() - started:.0f} s)", flush=True
+    )
 
 
 def _resume_or_start(checkpointer, state, config, workdir: str, allow_config_change: bool):
@@ -245,9 +256,10 @@ def train_and_evaluate(
     state = initial_state(eval_model, optimizer, train.images[:2], config.seed)
     with WorkdirLock(workdir, jax.process_index()):
         checkpointer = Checkpointer(
-            os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints,
+            os.path.join(workdir, "checkpoints"),
+            max_to_keep=config.keep_checkpoints,
             save_interval_steps=config.checkpoint_every,
-        )  # fmt: skip
+        )
         try:
             start_step, state = _resume_or_start(
                 checkpointer, state, config, workdir, allow_config_change
@@ -283,8 +295,9 @@ def train_and_evaluate(
                     scalars.update(step_metrics, learning_rate=float(schedule(step - 1)))
                 if step % config.eval_every == 0 or step == config.num_steps:
                     scalars.update(evaluate(eval_step, state, test, config.eval_batch_size, mesh))
-                    _print_line(step, config.num_steps, scalars | {"loss": step_metrics["loss"]},
-                                started)  # fmt: skip
+                    _print_line(
+                        step, config.num_steps, scalars | {"loss": step_metrics["loss"]}, started
+                    )
                 final.update(scalars)
                 if scalars:
                     writer.write_scalars(step, scalars)

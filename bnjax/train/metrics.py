@@ -121,10 +121,12 @@ def read_metrics(path: str) -> list[dict]:
             if _line_step(line) is None:
                 continue
             record = json.loads(line)
-            records.append({
-                key: _NON_FINITE.get(value, value) if isinstance(value, str) else value
-                for key, value in record.items()
-            })  # fmt: skip
+            records.append(
+                {
+                    key: _NON_FINITE.get(value, value) if isinstance(value, str) else value
+                    for key, value in record.items()
+                }
+            )
     return records
 
 

@@ -39,9 +39,12 @@ def make_model(config, num_classes: int, axis_name=None, *, for_training: bool =
         if for_training and config.get("ghost_batch_size") is not None:
             options["ghost_batch_size"] = config.ghost_batch_size
     common = dict(
-        num_classes=num_classes, norm=config.norm, norm_groups=config.norm_groups,
-        norm_options=options, dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
-    )  # fmt: skip
+        num_classes=num_classes,
+        norm=config.norm,
+        norm_groups=config.norm_groups,
+        norm_options=options,
+        dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
+    )
     if config.model == "mlp":
         return models.MLP(features=tuple(config.model_features), **common)
     if config.model == "small_cnn":

@@ -23,10 +23,20 @@ CONFIG_FILE = "config.json"
 
 # Keys whose change on resume leaves the trained trajectory as it is (up to the rounding of a
 # different device layout): reported, never refused.
-BOOKKEEPING_KEYS = frozenset({
-    "data_dir", "eval_batch_size", "parallel", "num_devices", "log_every", "eval_every",
-    "checkpoint_every", "keep_checkpoints", "progress", "telemetry",
-})  # fmt: skip
+BOOKKEEPING_KEYS = frozenset(
+    {
+        "data_dir",
+        "eval_batch_size",
+        "parallel",
+        "num_devices",
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "progress",
+        "telemetry",
+    }
+)
 
 
 class WorkdirBusyError(RuntimeError):

@@ -117,9 +117,15 @@ def test_derivatives_match_autodiff_of_plain_reference(option):
 
         def ours(x, scale, bias):
             y, _ = bnjax.batch_norm(
-                x, bnjax.batch_norm_state(channels), scale, bias, training=True, axis=axis,
-                mask=mask, ghost_batch_size=ghost,
-            )  # fmt: skip
+                x,
+                bnjax.batch_norm_state(channels),
+                scale,
+                bias,
+                training=True,
+                axis=axis,
+                mask=mask,
+                ghost_batch_size=ghost,
+            )
             return jnp.sum(jnp.sin(y) * cotangent)
 
         def plain(x, scale, bias):
@@ -231,11 +237,13 @@ def test_masked_entries_are_left_out_even_when_they_hold_nan():
     x = _random((6, 4, 3), 0, loc=2.0)
     mask = jnp.array([True, True, False, True, False, True])
     garbage = x.at[2].set(jnp.nan).at[4].set(1e30)
-    y, state = bnjax.batch_norm(garbage, bnjax.batch_norm_state(3), training=True,
-                                momentum=0.0, mask=mask)  # fmt: skip
+    y, state = bnjax.batch_norm(
+        garbage, bnjax.batch_norm_state(3), training=True, momentum=0.0, mask=mask
+    )
     valid = x[np.asarray(mask)]
-    y_valid, expected_state = bnjax.batch_norm(valid, bnjax.batch_norm_state(3), training=True,
-                                               momentum=0.0)  # fmt: skip
+    y_valid, expected_state = bnjax.batch_norm(
+        valid, bnjax.batch_norm_state(3), training=True, momentum=0.0
+    )
     chex.assert_trees_all_close(y[np.asarray(mask)], y_valid, atol=1e-6)
     chex.assert_trees_all_close(state, expected_state, atol=1e-6)
     # Gradients: finite padding garbage in masked entries does not leak into valid ones (NaN
@@ -254,8 +262,9 @@ def test_masked_entries_are_left_out_even_when_they_hold_nan():
 
 def test_all_masked_batch_is_skipped():
     x = _random((4, 3), 0)
-    y, state = bnjax.batch_norm(x, bnjax.batch_norm_state(3), training=True,
-                                mask=jnp.zeros(4, bool))  # fmt: skip
+    y, state = bnjax.batch_norm(
+        x, bnjax.batch_norm_state(3), training=True, mask=jnp.zeros(4, bool)
+    )
     assert int(state.skipped) == 1 and int(state.count) == 0
     assert bool(jnp.all(jnp.isfinite(y)))
 

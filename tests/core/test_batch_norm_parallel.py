@@ -72,8 +72,9 @@ def test_pmap_sync_equals_one_device(ragged):
     y_p, state_p, grads_p = _pmapped(x, cotangent, scale, bias, mask, axis_name="batch")
     chex.assert_trees_all_close(y_p, y, atol=1e-5)
     for device in range(DEVICES):
-        chex.assert_trees_all_close(jax.tree.map(lambda a, d=device: a[d], state_p), state,
-                                    atol=1e-6, rtol=1e-6)  # fmt: skip
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda a, d=device: a[d], state_p), state, atol=1e-6, rtol=1e-6
+        )
     chex.assert_trees_all_close(grads_p, grads, atol=1e-5, rtol=1e-5)
 
 
@@ -123,8 +124,9 @@ def test_local_mode_equals_independent_devices_and_ghost_batches():
     for device, chunk in enumerate(_split(x)):
         y_d, state_d, _ = _single_device(chunk, _split(cotangent)[device], scale, bias)
         chex.assert_trees_all_close(_split(y_p)[device], y_d, atol=1e-5)
-        chex.assert_trees_all_close(jax.tree.map(lambda a, d=device: a[d], state_p), state_d,
-                                    atol=1e-6)  # fmt: skip
+        chex.assert_trees_all_close(
+            jax.tree.map(lambda a, d=device: a[d], state_p), state_d, atol=1e-6
+        )
     # One device with ghost batches of the per-device size gives the same outputs, and a state
     # that is the average of the 8 device states.
     y_g, state_g, _ = _single_device(x, cotangent, scale, bias, ghost_batch_size=PER_DEVICE)

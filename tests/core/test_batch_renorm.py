@@ -85,9 +85,16 @@ def test_without_clipping_room_it_is_batch_norm(case):
 
     def renorm(x, scale, bias):
         return batch_renorm(
-            x, state, scale, bias, training=True, r_max=1.0, d_max=0.0,
-            renorm_momentum=renorm_momentum, **kwargs,
-        )  # fmt: skip
+            x,
+            state,
+            scale,
+            bias,
+            training=True,
+            r_max=1.0,
+            d_max=0.0,
+            renorm_momentum=renorm_momentum,
+            **kwargs,
+        )
 
     def plain(x, scale, bias):
         return batch_norm(x, state.as_batch_norm_state(), scale, bias, training=True, **kwargs)
@@ -226,9 +233,15 @@ def test_state_update_uses_each_momentum():
     x, _, _, _ = _inputs((20, 4), 4)
     state = _state(4)
     _, new = renorm_jit(
-        x, state, training=True, momentum=0.9, renorm_momentum=0.5, r_max=2.0, d_max=1.0,
+        x,
+        state,
+        training=True,
+        momentum=0.9,
+        renorm_momentum=0.5,
+        r_max=2.0,
+        d_max=1.0,
         use_unbiased_running_var=True,
-    )  # fmt: skip
+    )
     mean, biased, unbiased = x.mean(0), x.var(0), x.var(0, ddof=1)
     chex.assert_trees_all_close(new.mean, 0.9 * state.mean + 0.1 * mean, rtol=1e-6)
     chex.assert_trees_all_close(new.var, 0.9 * state.var + 0.1 * unbiased, rtol=1e-6)
@@ -257,9 +270,13 @@ def test_clipping_engages_exactly_at_the_bounds(bound):
     # Now d: batch means m with variance 1 against renorm mean 0 and variance 1 (so r = 1).
     shift = np.array([-4.0, -2.0, 0.0, 2.0, 4.0], np.float32)
     y, _ = renorm_jit(
-        x + shift, batch_renorm_state(5), training=True, epsilon=1e-30, r_max=float("inf"),
+        x + shift,
+        batch_renorm_state(5),
+        training=True,
+        epsilon=1e-30,
+        r_max=float("inf"),
         d_max=bound,
-    )  # fmt: skip
+    )
     r, d = (y[1] - y[0]) / 2, (y[1] + y[0]) / 2
     np.testing.assert_array_equal(r, 1.0)
     np.testing.assert_allclose(d, np.clip(shift, -bound32, bound32), rtol=1e-7)
@@ -307,9 +324,16 @@ def test_pmap_device_groups_each_equal_one_device():
 
     def local(x, axis_name=None, groups=None):
         return batch_renorm(
-            x, state, scale, bias, training=True, r_max=1.5, d_max=0.5,
-            axis_name=axis_name, axis_index_groups=groups,
-        )  # fmt: skip
+            x,
+            state,
+            scale,
+            bias,
+            training=True,
+            r_max=1.5,
+            d_max=0.5,
+            axis_name=axis_name,
+            axis_index_groups=groups,
+        )
 
     grouped = jax.tree_util.Partial(local, axis_name="batch", groups=groups)
     y, new = jax.pmap(grouped, axis_name="batch")(x)
@@ -331,9 +355,7 @@ def test_non_finite_batch_updates_nothing_but_skipped():
     assert (new.skipped, new.step) == (state.skipped, state.step + 1)
     # Unbiased variance of a single valid example is undefined: both sets skip together.
     one_valid = jnp.arange(8) == 0
-    _, new = renorm_jit(
-        x, state, training=True, mask=one_valid, use_unbiased_running_var=True
-    )  # fmt: skip
+    _, new = renorm_jit(x, state, training=True, mask=one_valid, use_unbiased_running_var=True)
     chex.assert_trees_all_close(new, state._replace(skipped=state.skipped + 1))
 
 

@@ -170,8 +170,9 @@ def test_traced_epsilon_trains_like_a_concrete_one(name, ghost_batch_size):
         call = functools.partial(call, r_max=1.5, d_max=0.5)
 
     def loss(x, scale, epsilon):
-        y, state = call(x=x, scale=scale, bias=bias, epsilon=epsilon,
-                        ghost_batch_size=ghost_batch_size)  # fmt: skip
+        y, state = call(
+            x=x, scale=scale, bias=bias, epsilon=epsilon, ghost_batch_size=ghost_batch_size
+        )
         return jnp.sum(jnp.sin(y)), (y, state)
 
     grads = jax.grad(loss, argnums=(0, 1), has_aux=True)

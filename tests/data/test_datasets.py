@@ -82,8 +82,11 @@ def test_digits():
     assert train.image_shape == (8, 8, 1) and train.images.dtype == np.float32
     assert np.all(np.bincount(test.labels) >= 35)  # stratified split
     np.testing.assert_allclose(train.images.mean(), 0, atol=1e-5)
-    np.testing.assert_allclose(train.images * train.std + train.mean, np.round(
-        (train.images * train.std + train.mean) * 16) / 16, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        train.images * train.std + train.mean,
+        np.round((train.images * train.std + train.mean) * 16) / 16,
+        atol=1e-5,
+    )
     assert train.subclusters is None
     with pytest.raises(ValueError, match="sub-clusters"):
         train.groups("subcluster")

@@ -18,10 +18,13 @@ def test_processes_together_read_the_global_batch(kind):
     sampler = data.make_sampler(kind, train.groups("subcluster"), batch_size=32, seed=2)
     whole = list(data.batches(train, sampler, start_epoch=1, num_epochs=2))
     parts = [
-        list(data.batches(train, sampler, start_epoch=1, num_epochs=2, process_index=p,
-                          process_count=4))
+        list(
+            data.batches(
+                train, sampler, start_epoch=1, num_epochs=2, process_index=p, process_count=4
+            )
+        )
         for p in range(4)
-    ]  # fmt: skip
+    ]
     assert len(whole) == 2 * sampler.num_batches
     for step, batch in enumerate(whole):
         for key in ("image", "label", "index", "subcluster"):

@@ -42,12 +42,17 @@ def test_grain_loader_gives_the_in_memory_batches(name, kind):
         np.testing.assert_array_equal(labels, memory.labels)
         for process in range(2):
             loader = grain_pipeline.grain_loader(
-                source, sampler, functools.partial(tfds_source.preprocess, name),
-                num_epochs=2, process_index=process, process_count=2,
-            )  # fmt: skip
+                source,
+                sampler,
+                functools.partial(tfds_source.preprocess, name),
+                num_epochs=2,
+                process_index=process,
+                process_count=2,
+            )
             through_grain = list(loader)
-            in_memory = list(data.batches(memory, sampler, num_epochs=2, process_index=process,
-                                          process_count=2))  # fmt: skip
+            in_memory = list(
+                data.batches(memory, sampler, num_epochs=2, process_index=process, process_count=2)
+            )
             assert len(through_grain) == len(in_memory) == 2 * 6
             for ours, theirs in zip(through_grain, in_memory, strict=True):
                 assert ours["image"].shape == (4, *memory.image_shape)

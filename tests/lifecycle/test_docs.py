@@ -22,16 +22,23 @@ def test_readme_lifecycle_examples_run(tmp_path):
 
     variables = lifecycle.recalibrate(model, variables, batches, apply_kwargs={"train": False})
     variables = lifecycle.recalibrate(
-        model, variables, batches, mode="full_batch", apply_kwargs={"train": False},
+        model,
+        variables,
+        batches,
+        mode="full_batch",
+        apply_kwargs={"train": False},
         progress=True,
-    )  # fmt: skip
+    )
 
     fresh = lifecycle.reset_statistics(variables)
     frozen_apply = lifecycle.freeze(model.apply)
     tx = lifecycle.freeze_optimizer(optax.adam(1e-3), variables)
     logits, updates = frozen_apply(variables, images[:64], train=True, mutable=["batch_stats"])
-    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()),
-                                     updates["batch_stats"], variables["batch_stats"]))  # fmt: skip
+    assert jax.tree.all(
+        jax.tree.map(
+            lambda a, b: bool((a == b).all()), updates["batch_stats"], variables["batch_stats"]
+        )
+    )
     assert tx.init(variables["params"]) is not None
 
     folded = lifecycle.fold(variables)
@@ -50,9 +57,11 @@ def test_readme_lifecycle_examples_run(tmp_path):
 
     with diagnostics.telemetry():
         logits, updates = model.apply(
-            variables, images[:64], train=True,
+            variables,
+            images[:64],
+            train=True,
             mutable=["batch_stats", "bn_counters", "bn_telemetry"],
-        )  # fmt: skip
+        )
     metrics = diagnostics.summaries(updates["bn_telemetry"])
     assert float(metrics["bn/norm0/drift"]) < 0.2
     logits, per_layer = diagnostics.collect(model, variables, images[:64] * 3.0, train=False)

@@ -34,8 +34,9 @@ def test_epsilon_is_read_from_the_modules():
     epsilons = lifecycle.layer_epsilons(model, variables, DATA[:2], train=False)
     assert epsilons == {("norm0",): 0.3, ("norm1",): 0.3}
     plain = MODELS["cnn"](norm="none")
-    _assert_same_outputs(model, variables, plain, lifecycle.fold(variables, epsilon=epsilons),
-                         DATA[:8])  # fmt: skip
+    _assert_same_outputs(
+        model, variables, plain, lifecycle.fold(variables, epsilon=epsilons), DATA[:8]
+    )
     with pytest.raises(AssertionError):  # the default 1e-5 is the wrong epsilon here
         _assert_same_outputs(model, variables, plain, lifecycle.fold(variables), DATA[:8])
 

@@ -29,9 +29,11 @@ def _fine_tune(model, variables, tx, apply_fn, steps=3):
 
     def loss(params, state):
         logits, updates = apply_fn(
-            {**state, "params": params}, IMAGES, train=True,
+            {**state, "params": params},
+            IMAGES,
+            train=True,
             mutable=["batch_stats", "bn_counters"],
-        )  # fmt: skip
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean(), updates
 
     @jax.jit
@@ -73,8 +75,9 @@ def test_linen_freeze_keeps_statistics_bit_identical(freeze_scale_and_bias):
 def test_without_freeze_the_statistics_move():
     model, variables = _trained_cnn()
     tuned = _fine_tune(model, variables, optax.sgd(0.5), model.apply, steps=1)
-    assert not np.allclose(tuned["batch_stats"]["norm0"]["mean"],
-                           variables["batch_stats"]["norm0"]["mean"])  # fmt: skip
+    assert not np.allclose(
+        tuned["batch_stats"]["norm0"]["mean"], variables["batch_stats"]["norm0"]["mean"]
+    )
 
 
 def test_freeze_selected_layers_only():
@@ -82,8 +85,9 @@ def test_freeze_selected_layers_only():
     apply_fn = lifecycle.freeze(model.apply, layers=["norm0"])
     _, updates = apply_fn(variables, IMAGES, train=True, mutable=["batch_stats"])
     chex.assert_trees_all_equal(updates["batch_stats"]["norm0"], variables["batch_stats"]["norm0"])
-    assert not np.allclose(updates["batch_stats"]["norm1"]["var"],
-                           variables["batch_stats"]["norm1"]["var"])  # fmt: skip
+    assert not np.allclose(
+        updates["batch_stats"]["norm1"]["var"], variables["batch_stats"]["norm1"]["var"]
+    )
     labels = lifecycle.bn_param_labels(variables, layers=["norm1"])
     assert labels["norm1"] == {"scale": "frozen", "bias": "frozen"}
     assert labels["norm0"]["scale"] == labels["conv0"]["kernel"] == "trainable"

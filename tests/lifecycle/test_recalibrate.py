@@ -63,11 +63,17 @@ def test_train_mode_equals_float64_population_statistics_of_the_layer_inputs():
 def _conv_outputs(model, variables, batch):
     """The inputs of the CNN's norms in training mode: its convolutions' outputs (flax)."""
     _, state = model.apply(
-        variables, batch, train=True, mutable=True,
+        variables,
+        batch,
+        train=True,
+        mutable=True,
         capture_intermediates=lambda module, _: isinstance(module, nn.Conv),
-    )  # fmt: skip
-    return {name: value["__call__"][0] for name, value in state["intermediates"].items()
-            if name.startswith("conv")}  # fmt: skip
+    )
+    return {
+        name: value["__call__"][0]
+        for name, value in state["intermediates"].items()
+        if name.startswith("conv")
+    }
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
@@ -129,9 +135,14 @@ def test_sync_over_devices_equals_one_device():
 def test_unjitted_with_progress_bar_and_num_batches(capsys):
     model, variables = initialised("mlp")
     new = lifecycle.recalibrate(
-        model, variables, iter(BATCHES), num_batches=2, jit=False, progress=True,
+        model,
+        variables,
+        iter(BATCHES),
+        num_batches=2,
+        jit=False,
+        progress=True,
         apply_kwargs=EVAL,
-    )  # fmt: skip
+    )
     assert int(new["bn_counters"]["norm0"]["count"]) == 2
     assert "recalibrating" in capsys.readouterr().err
 
@@ -168,8 +179,10 @@ def test_nnx_models_in_both_modes():
     batches = [x[i : i + 16] for i in range(0, 96, 16)]
     model = _NnxNet(nnx.Rngs(0))
     assert lifecycle.recalibrate(model, batches) is model
-    _assert_state({"mean": model.norm.mean[...], "var": model.norm.var[...]},
-                  *_population(np.asarray(model.dense(x))))  # fmt: skip
+    _assert_state(
+        {"mean": model.norm.mean[...], "var": model.norm.var[...]},
+        *_population(np.asarray(model.dense(x))),
+    )
     assert int(model.norm.count[...]) == len(batches)
     lifecycle.recalibrate(model, batches, mode="full_batch")
     model.eval()
@@ -234,8 +247,9 @@ def test_the_pure_pieces_run_inside_one_jitted_scan():
     @jax.jit
     def population(variables, stacked):
         def body(totals, batch):
-            return lifecycle.accumulate(totals, lifecycle.layer_input_moments(
-                model, variables, batch, train=False)), None  # fmt: skip
+            return lifecycle.accumulate(
+                totals, lifecycle.layer_input_moments(model, variables, batch, train=False)
+            ), None
 
         shapes = jax.eval_shape(
             lambda: lifecycle.layer_input_moments(model, variables, stacked[0], train=False)

@@ -112,8 +112,9 @@ def test_against_the_model_and_the_params_only_checkpoint():
 
 
 def test_functional_states_nnx_models_and_notes():
-    state = bnjax.BatchNormState(jnp.zeros(3), jnp.array([1.0, 0.0, 2.0]), jnp.array(4),
-                                 jnp.array(2))  # fmt: skip
+    state = bnjax.BatchNormState(
+        jnp.zeros(3), jnp.array([1.0, 0.0, 2.0]), jnp.array(4), jnp.array(2)
+    )
     report = lifecycle.validate_statistics({"encoder": [state]})
     assert report.ok and report.layers[0].path == "encoder/0"
     assert report.layers[0].notes == ("var 0 in 1 channel(s)", "2 non-finite batch(es) skipped")
@@ -142,8 +143,11 @@ def test_cli_on_orbax_checkpoints(tmp_path, capsys):
     # The real command line once, in a fresh interpreter.
     result = subprocess.run(
         [sys.executable, "-m", "bnjax.lifecycle", "validate", bad],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 1, result.stderr
     assert "stage1_block0/norm1" in result.stdout and "negative var" in result.stdout
     # The same entry point in process for the other exit statuses.
@@ -158,8 +162,12 @@ def test_cli_on_orbax_checkpoints(tmp_path, capsys):
 def test_checkpoint_manager_layouts(tmp_path, capsys):
     manager = ocp.CheckpointManager(str(tmp_path / "run"), item_names=("state", "config"))
     for step, tree in ((1, _plant(_good(), "count 0")), (2, _good())):
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(tree), config=ocp.args.JsonSave({"lr": 0.1})))  # fmt: skip
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree), config=ocp.args.JsonSave({"lr": 0.1})
+            ),
+        )
     manager.wait_until_finished()
     assert main(["validate", str(tmp_path / "run")]) == 0  # the latest step
     assert main(["validate", str(tmp_path / "run"), "--step", "1"]) == 1

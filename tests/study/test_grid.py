@@ -33,8 +33,10 @@ def test_grid_counts_and_shared_training_runs():
     # batch+recalibration reuses batch's training; the sweep's batch 32 reuses the uniform
     # condition (same steps and learning rate); nothing else is shared.
     keys = {r.training_key for r in runs}
-    by = lambda name, cond: [r for r in table if r.normalizer.name == name  # noqa: E731
-                             and r.condition.name == cond]
+
+    def by(name, cond):
+        return [r for r in table if r.normalizer.name == name and r.condition.name == cond]
+
     recal = by("batch+recalibration", "skewed")[0]
     assert by("batch", "skewed")[0].training_key == recal.training_key
     assert by("batch", "skewed")[0].training_key != by("ghost_batch", "skewed")[0].training_key
@@ -119,10 +121,17 @@ def _rows():
     for seed, (acc, bias) in enumerate([(0.5, 0.1), (0.7, 0.3)]):
         common = {"study": "table", "condition": "uniform", "seed": seed, "batch_size": 32}
         metrics = {f"stability_mean_l{i}": 0.01 * (i + 1) for i in range(3)}
-        metrics.update(stability_var_l2=0.2, final_loss=1.0, loss_oscillation=0.1,
-                       steps_to_target=None if seed else 40, gradient_noise=0.9,
-                       accuracy_eval=acc, accuracy_batch_stats=acc + 0.1, silhouette=0.2,
-                       intra_inter=0.5)  # fmt: skip
+        metrics.update(
+            stability_var_l2=0.2,
+            final_loss=1.0,
+            loss_oscillation=0.1,
+            steps_to_target=None if seed else 40,
+            gradient_noise=0.9,
+            accuracy_eval=acc,
+            accuracy_batch_stats=acc + 0.1,
+            silhouette=0.2,
+            intra_inter=0.5,
+        )
         rows.append({**common, "normalizer": "batch", **metrics, "running_bias": bias})
         rows.append({**common, "normalizer": "group", **metrics, "running_bias": None})
     rows.append({**rows[0], "study": "sweep", "condition": "uniform_b2", "batch_size": 2})
@@ -168,9 +177,17 @@ def test_script_reports_a_bad_key_and_exits_1(tmp_path):
 
     root = os.path.join(os.path.dirname(__file__), "..", "..")
     result = subprocess.run(
-        [sys.executable, "scripts/batch_study.py", "--config=configs/batch_study.py",
-         f"--workdir={tmp_path}", "--config.num_seeds=0"],
-        cwd=root, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "scripts/batch_study.py",
+            "--config=configs/batch_study.py",
+            f"--workdir={tmp_path}",
+            "--config.num_seeds=0",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "error: config.num_seeds=0: must be a positive integer." in result.stderr

@@ -1,4 +1,4 @@
-"""The study's metric functions (issue 8), each on a case with a known answer."""
+"""The study's metric functions, each on a case with a known answer."""
 
 import math
 

@@ -69,8 +69,14 @@ def test_tiny_grid_writes_every_output(tiny_study):
     table = open(os.path.join(workdir, "table.md")).read()
     assert "## Table 1 with numbers: batch" in table
     assert grid.PAPER_LABELS["skewed"] in table and " ± " in table
-    for name in ("headline", "loss_curves", "batch_statistics", "running_vs_population",
-                 "accuracy_vs_batch_size", "features_pca"):  # fmt: skip
+    for name in (
+        "headline",
+        "loss_curves",
+        "batch_statistics",
+        "running_vs_population",
+        "accuracy_vs_batch_size",
+        "features_pca",
+    ):
         with open(os.path.join(workdir, "plots", f"{name}.png"), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert lines[-1].startswith("study finished: 16 runs (10 trained)")
@@ -116,8 +122,10 @@ def test_normalizer_specific_facts(tiny_study):
 @pytest.fixture(scope="module")
 def clusters():
     config = data.ClusterConfig(train_per_class=60, test_per_class=20)
-    return (data.load("clusters", "train", config=config),
-            data.load("clusters", "test", config=config))  # fmt: skip
+    return (
+        data.load("clusters", "train", config=config),
+        data.load("clusters", "test", config=config),
+    )
 
 
 def _study(clusters, norm="batch"):
@@ -147,16 +155,27 @@ def test_trace_records_the_step_it_took(clusters):
     """Step 0's loss and layer statistics equal a direct forward pass at the initial params."""
     s, run = _study(clusters)
     compiled = s._models(run)
-    model, eval_model, trainer, optimizer = (compiled.model, compiled.eval_model,
-                                             compiled.trainer, compiled.optimizer)  # fmt: skip
+    model, eval_model, trainer, optimizer = (
+        compiled.model,
+        compiled.eval_model,
+        compiled.trainer,
+        compiled.optimizer,
+    )
     rows = experiment.batch_rows(s.train_set, run, 3)
     state = initial_state(eval_model, optimizer, s.train_set.images[:2], 0)
     images, labels = s.train_set.images[rows[0]], s.train_set.labels[rows[0]]
-    variables = {"params": state["params"], "batch_stats": state["batch_stats"],
-                 "bn_counters": state["bn_counters"]}  # fmt: skip
-    logits, sown = model.apply(variables, images, train=True,
-                               mutable=["batch_stats", "bn_counters", "intermediates"],
-                               capture_intermediates=training.is_conv_call)  # fmt: skip
+    variables = {
+        "params": state["params"],
+        "batch_stats": state["batch_stats"],
+        "bn_counters": state["bn_counters"],
+    }
+    logits, sown = model.apply(
+        variables,
+        images,
+        train=True,
+        mutable=["batch_stats", "bn_counters", "intermediates"],
+        capture_intermediates=training.is_conv_call,
+    )
     conv0 = np.asarray(training.norm_inputs(sown["intermediates"])[0], np.float64)
     loss0 = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     _, record = trainer(jax.tree.map(jnp.copy, state), s._images, s._labels, rows)
@@ -184,9 +203,13 @@ def test_population_of_layer_0_is_the_conv_outputs_statistics(clusters):
         trained = s.train(run)
         population = s._population(run, trained.variables)
         eval_model = s._models(run).eval_model
-        _, sown = eval_model.apply(trained.variables, s.train_set.images, train=False,
-                                   mutable=["intermediates"],
-                                   capture_intermediates=training.is_conv_call)  # fmt: skip
+        _, sown = eval_model.apply(
+            trained.variables,
+            s.train_set.images,
+            train=False,
+            mutable=["intermediates"],
+            capture_intermediates=training.is_conv_call,
+        )
         conv0 = training.norm_inputs(sown["intermediates"])[0]
         mean, var = study.population_stats(conv0)
         np.testing.assert_allclose(population[0][0], mean, atol=2e-5)

@@ -27,11 +27,15 @@ def state_for(step: int) -> dict:
     base = np.linspace(-3.0, 3.0, SIZE, dtype=np.float32)
     return {
         "params": {"w": base + np.float32(step), "b": np.full(7, step, np.int8)},
-        "batch_stats": {"bn": {"mean": np.full(4, step / 7, np.float32),
-                               "var": np.full(4, 1.0 + step, np.float32)}},
+        "batch_stats": {
+            "bn": {
+                "mean": np.full(4, step / 7, np.float32),
+                "var": np.full(4, 1.0 + step, np.float32),
+            }
+        },
         "key": jax.random.fold_in(jax.random.key(0), step),
         "step": step,
-    }  # fmt: skip
+    }
 
 
 def bits(tree) -> list[bytes]:

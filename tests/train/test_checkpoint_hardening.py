@@ -80,9 +80,13 @@ FALLBACK = textwrap.dedent("""
 
 def test_fallback_prints_one_warning_per_skipped_step(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", FALLBACK, str(tmp_path)], cwd=ROOT, capture_output=True,
-        text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )  # fmt: skip
+        [sys.executable, "-c", FALLBACK, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert result.returncode == 0 and "restored 0" in result.stdout, result.stderr[-3000:]
     stderr = result.stderr.split("restoring\n", 1)[1]
     warned = [line for line in stderr.splitlines() if "CheckpointWarning" in line]

@@ -120,8 +120,9 @@ def test_unsafe_states_are_refused_and_nothing_is_written(tmp_path):
     inf_opt = make_state(2)._replace(opt_state=(jnp.full(3, jnp.inf, jnp.float16), np.int32(2)))
     with pytest.raises(UnsafeStateError, match="opt_state/0"):
         ckpt.save(2, inf_opt, force=True)
-    negative = make_state(3)._replace(batch_stats={"bn": {"mean": jnp.zeros(4),
-                                                          "var": -jnp.ones(4)}})  # fmt: skip
+    negative = make_state(3)._replace(
+        batch_stats={"bn": {"mean": jnp.zeros(4), "var": -jnp.ones(4)}}
+    )
     with pytest.raises(UnsafeStateError, match="negative var"):
         ckpt.save(3, negative)
     assert ckpt.all_steps() == [0] and sorted(os.listdir(tmp_path)) == ["0"]

@@ -26,8 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _tiny(**overrides):
-    settings = dict(num_steps=4, warmup_steps=1, log_every=2, eval_every=4, checkpoint_every=2,
-                    progress=False)  # fmt: skip
+    settings = dict(
+        num_steps=4, warmup_steps=1, log_every=2, eval_every=4, checkpoint_every=2, progress=False
+    )
     return tiny_config(**(settings | overrides))
 
 
@@ -57,8 +58,9 @@ def test_every_norm_trains(tmp_path, norm):
     ],
 )
 def test_models_train_with_batch_and_per_example_norms(tmp_path, model, norm):
-    config = _tiny(model=model, norm=norm, num_steps=2, eval_every=2, eval_batch_size=1000,
-                   norm_groups=4)  # fmt: skip
+    config = _tiny(
+        model=model, norm=norm, num_steps=2, eval_every=2, eval_batch_size=1000, norm_groups=4
+    )
     final = loop.train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(final["loss"])
 
@@ -69,8 +71,9 @@ def test_models_train_with_batch_and_per_example_norms(tmp_path, model, norm):
 def test_every_model_with_every_norm_trains(tmp_path, model, norm):
     if model == "mlp" and norm == "instance":
         pytest.skip("rejected by check_config: instance norm needs spatial axes")
-    config = _tiny(model=model, norm=norm, num_steps=2, eval_every=2, eval_batch_size=1000,
-                   norm_groups=4)  # fmt: skip
+    config = _tiny(
+        model=model, norm=norm, num_steps=2, eval_every=2, eval_batch_size=1000, norm_groups=4
+    )
     assert np.isfinite(loop.train_and_evaluate(config, str(tmp_path))["loss"])
 
 
@@ -125,16 +128,16 @@ def test_eval_batch_of_one_with_batch_statistics_is_refused_before_training(tmp_
         loop.train_and_evaluate(_tiny(model="mlp", eval_batch_size=1), str(tmp_path))
     assert not os.listdir(tmp_path)
     # Per-example norms have no batch statistics to compute: a batch of one is fine.
-    loop.train_and_evaluate(_tiny(norm="group", eval_batch_size=1, num_steps=2, eval_every=2),
-                            str(tmp_path / "group"))  # fmt: skip
+    loop.train_and_evaluate(
+        _tiny(norm="group", eval_batch_size=1, num_steps=2, eval_every=2), str(tmp_path / "group")
+    )
 
 
 def test_group_counts_that_do_not_fit_the_widths_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"config.norm_groups=8 does not fit .* \[8\] do not"):
         loop.train_and_evaluate(_tiny(model="mlp", norm="group"), str(tmp_path))
     with pytest.raises(ValueError, match=r"config.norm_groups=3 does not fit the layer widths"):
-        loop.train_and_evaluate(_tiny(model="resnet20", norm="group", norm_groups=3),
-                                str(tmp_path))  # fmt: skip
+        loop.train_and_evaluate(_tiny(model="resnet20", norm="group", norm_groups=3), str(tmp_path))
     assert not os.listdir(tmp_path)
 
 
@@ -238,8 +241,12 @@ def test_every_config_key_is_described():
     ],
 )
 def test_command_line_mistakes_end_in_one_line_and_exit_2(tmp_path, argument, message):
-    result = _script(_config_file(), f"--workdir={tmp_path / 'run'}", argument,
-                     env={"TFDS_DATA_DIR": str(tmp_path / "tfds")})  # fmt: skip
+    result = _script(
+        _config_file(),
+        f"--workdir={tmp_path / 'run'}",
+        argument,
+        env={"TFDS_DATA_DIR": str(tmp_path / "tfds")},
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr

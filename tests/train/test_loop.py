@@ -93,8 +93,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with Checkpointer(os.path.join(tmp_path, "checkpoints")) as checkpointer:
         for step in checkpointer.all_steps():
             state = checkpointer.restore(step)
-            assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state)
-                       if np.issubdtype(np.asarray(leaf).dtype, np.floating))  # fmt: skip
+            assert all(
+                np.all(np.isfinite(leaf))
+                for leaf in jax.tree.leaves(state)
+                if np.issubdtype(np.asarray(leaf).dtype, np.floating)
+            )
 
 
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
@@ -111,20 +114,32 @@ def test_parallel_modes_match_jit(tmp_path, mode):
 
 def _command(workdir, steps):
     return [
-        sys.executable, os.path.join(ROOT, "scripts", "train.py"),
-        "--config=" + os.path.join(ROOT, "configs", "default.py"), f"--workdir={workdir}",
-        "--config.model_features=(8, 16)", "--config.batch_size=32", f"--config.num_steps={steps}",
-        "--config.warmup_steps=2", "--config.checkpoint_every=3", "--config.eval_every=1000",
-        "--config.log_every=5", "--config.num_devices=1",
-    ]  # fmt: skip
+        sys.executable,
+        os.path.join(ROOT, "scripts", "train.py"),
+        "--config=" + os.path.join(ROOT, "configs", "default.py"),
+        f"--workdir={workdir}",
+        "--config.model_features=(8, 16)",
+        "--config.batch_size=32",
+        f"--config.num_steps={steps}",
+        "--config.warmup_steps=2",
+        "--config.checkpoint_every=3",
+        "--config.eval_every=1000",
+        "--config.log_every=5",
+        "--config.num_devices=1",
+    ]
 
 
 def test_killed_runs_resume_to_the_bit_identical_final_state(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)  # fmt: skip
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=ROOT,
+    )
     steps = 30
-    subprocess.run(_command(tmp_path / "whole", steps), env=env, check=True, timeout=300,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        _command(tmp_path / "whole", steps), env=env, check=True, timeout=300, capture_output=True
+    )
     rng = np.random.default_rng(0)
     checkpoints = tmp_path / "killed" / "checkpoints"
     killed, logs = 0, []
@@ -136,9 +151,11 @@ def test_killed_runs_resume_to_the_bit_identical_final_state(tmp_path):
         logs.append(tmp_path / f"attempt{attempt}.log")
         with open(logs[-1], "w") as log:
             process = subprocess.Popen(
-                _command(tmp_path / "killed", steps), env=env, stdout=log,
+                _command(tmp_path / "killed", steps),
+                env=env,
+                stdout=log,
                 stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            )
         if attempt < 2:
             deadline = time.monotonic() + 120
             while process.poll() is None and time.monotonic() < deadline:
