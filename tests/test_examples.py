@@ -31,6 +31,7 @@ MODULES = [
     "bnjax.linen",
     "bnjax.nnx",
     "bnjax.parallel",
+    "bnjax.models",
     "bnjax.models.mlp",
     "bnjax.models.cnn",
     "bnjax.models.resnet",

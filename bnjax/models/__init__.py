@@ -1,18 +1,60 @@
-"""Models that take a `norm` choice: an MLP, a small CNN and CIFAR-style ResNets."""
+"""Models that take a `norm` choice: an MLP, a small CNN and CIFAR-style ResNets.
+
+`MODELS` is the registry of the models a config names: its keys are the valid names, and
+`build_model` is the one place a name becomes a module.
+"""
 
 from bnjax.models.cnn import SmallCNN
 from bnjax.models.mlp import MLP
 from bnjax.models.norms import BATCH_STATISTICS_NORMS, NORMS, apply_norm, make_norm
 from bnjax.models.resnet import BasicBlock, ResNet, resnet18, resnet20
 
+# name -> (constructor, whether its layer widths are an option: `features`)
+MODELS = {
+    "mlp": (MLP, True),
+    "small_cnn": (SmallCNN, True),
+    "resnet20": (resnet20, False),
+    "resnet18": (resnet18, False),
+}
+
+
+def build_model(name: str, *, features=None, zero_init_residual: bool = False, **options):
+    """The model called `name` in `MODELS`, with the options every model takes (`num_classes`,
+    `norm`, `norm_groups`, `norm_options`, `dtype`) plus `features` (the MLP's and the small
+    CNN's widths) or `zero_init_residual` (the ResNets').
+
+    Example:
+      >>> type(build_model("small_cnn", features=(8,), norm="group")).__name__
+      'SmallCNN'
+      >>> try:
+      ...     build_model("resnet50")
+      ... except ValueError as error:
+      ...     print(error)
+      unknown model 'resnet50'; the models are 'mlp', 'small_cnn', 'resnet20', 'resnet18'.
+    """
+    if name not in MODELS:
+        known = ", ".join(repr(key) for key in MODELS)
+        raise ValueError(f"unknown model {name!r}; the models are {known}.")
+    constructor, takes_widths = MODELS[name]
+    if takes_widths:
+        if features is not None:
+            options["features"] = tuple(features)
+        return constructor(**options)
+    if features is not None:
+        raise ValueError(f"model {name!r} has fixed layer widths; leave `features` unset.")
+    return constructor(zero_init_residual=zero_init_residual, **options)
+
+
 __all__ = [
     "BATCH_STATISTICS_NORMS",
     "MLP",
+    "MODELS",
     "NORMS",
     "BasicBlock",
     "ResNet",
     "SmallCNN",
     "apply_norm",
+    "build_model",
     "make_norm",
     "resnet18",
     "resnet20",

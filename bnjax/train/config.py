@@ -10,10 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from bnjax.data import DATASETS, SAMPLERS
-from bnjax.models import BATCH_STATISTICS_NORMS, NORMS
+from bnjax.models import BATCH_STATISTICS_NORMS, MODELS, NORMS
 from bnjax.train.defaults import DESCRIPTIONS
 
-MODELS = ("mlp", "small_cnn", "resnet20", "resnet18")
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
 SCHEDULES = ("constant", "cosine")
 PARALLEL_MODES = ("jit", "shard_map", "pmap")
@@ -34,7 +33,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sampler": (lambda v: v in SAMPLERS, f"one of {SAMPLERS}"),
     "sampler_groups": (lambda v: v in GROUPINGS, f"one of {GROUPINGS}"),
     "skew": (lambda v: _non_negative_number(v) and v <= 1, "a number in [0, 1]"),
-    "model": (lambda v: v in MODELS, f"one of {MODELS}"),
+    "model": (lambda v: v in MODELS, f"one of {tuple(MODELS)}"),
     "model_features": (
         lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(map(_positive_int, v)),
         "a non-empty tuple of positive layer widths, e.g. (32, 64)",

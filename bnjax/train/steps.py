@@ -45,12 +45,13 @@ def make_model(config, num_classes: int, axis_name=None, *, for_training: bool =
         norm_options=options,
         dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
     )
-    if config.model == "mlp":
-        return models.MLP(features=tuple(config.model_features), **common)
-    if config.model == "small_cnn":
-        return models.SmallCNN(features=tuple(config.model_features), **common)
-    build = models.resnet20 if config.model == "resnet20" else models.resnet18
-    return build(zero_init_residual=config.zero_init_residual, **common)
+    takes_widths = models.MODELS.get(config.model, (None, False))[1]
+    return models.build_model(
+        config.model,
+        features=tuple(config.model_features) if takes_widths else None,
+        zero_init_residual=config.zero_init_residual,
+        **common,
+    )
 
 
 def initial_state(model, optimizer, sample_images, seed: int) -> dict:

@@ -104,3 +104,13 @@ def test_variables_round_trip_through_flax_serialization_and_orbax(tmp_path):
     chex.assert_trees_all_close(
         model.apply(loaded, IMAGES, train=False), model.apply(variables, IMAGES, train=False)
     )
+
+
+def test_the_model_registry_builds_each_name_and_refuses_others():
+    for name, (constructor, takes_widths) in models.MODELS.items():
+        built = models.build_model(name, features=(8,) if takes_widths else None, norm="layer")
+        assert built.norm == "layer" and isinstance(built, type(constructor())), name
+    with pytest.raises(ValueError, match=r"unknown model 'resnet50'; the models are 'mlp'"):
+        models.build_model("resnet50")
+    with pytest.raises(ValueError, match="has fixed layer widths"):
+        models.build_model("resnet20", features=(8,))

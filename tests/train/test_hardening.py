@@ -78,7 +78,14 @@ def test_every_model_with_every_norm_trains(tmp_path, model, norm):
 
 
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
-@pytest.mark.parametrize("norm", ["group", "batch_renorm"])
+@pytest.mark.parametrize(
+    "norm",
+    [
+        "group",
+        "batch_renorm",
+        *(pytest.param(n, marks=pytest.mark.slow) for n in ("batch", "layer", "instance", "none")),
+    ],
+)
 def test_parallel_modes_train_every_kind_of_norm(tmp_path, mode, norm):
     config = _tiny(norm=norm, parallel=mode, num_devices=None)
     assert np.isfinite(loop.train_and_evaluate(config, str(tmp_path))["loss"])
