@@ -38,7 +38,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(map(_positive_int, v)),
         "a non-empty tuple of positive layer widths, e.g. (32, 64)",
     ),
-    "norm": (lambda v: v in NORMS, f"one of {NORMS}"),
+    "norm": (lambda v: v in NORMS, f"one of {tuple(NORMS)}"),
     "norm_groups": (_positive_int, "a positive int dividing every layer's channels"),
     "bn_momentum": (lambda v: _non_negative_number(v) and v <= 1, "a decay in [0, 1]"),
     "batch_size": (_positive_int, "a positive int"),

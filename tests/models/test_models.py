@@ -17,7 +17,7 @@ def _count(tree) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("norm", models.NORMS)
+@pytest.mark.parametrize("norm", tuple(models.NORMS))
 def test_resnet20_forward_in_both_modes_with_every_norm(norm):
     model = models.resnet20(num_classes=10, norm=norm)
     variables = model.init(jax.random.key(1), IMAGES, train=False)

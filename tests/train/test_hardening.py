@@ -39,7 +39,7 @@ def _final(workdir):
 # --------------------------------------------------------------------------- every choice trains
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", tuple(NORMS))
 def test_every_norm_trains(tmp_path, norm):
     final = loop.train_and_evaluate(_tiny(norm=norm), str(tmp_path))
     assert np.isfinite(final["loss"]) and final["eval/examples"] == 2000
@@ -67,7 +67,7 @@ def test_models_train_with_batch_and_per_example_norms(tmp_path, model, norm):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["mlp", "small_cnn", "resnet20", "resnet18"])
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", tuple(NORMS))
 def test_every_model_with_every_norm_trains(tmp_path, model, norm):
     if model == "mlp" and norm == "instance":
         pytest.skip("rejected by check_config: instance norm needs spatial axes")
