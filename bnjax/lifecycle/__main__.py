@@ -25,13 +25,6 @@ import os
 import sys
 
 
-def _reason(error: BaseException) -> str:
-    while error.__cause__ is not None:  # orbax wraps the storage layer's error
-        error = error.__cause__
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: " + (text if len(text) <= 300 else text[:300] + " ...")
-
-
 def _steps(directory: str) -> list[int]:
     if not os.path.isdir(directory):
         return []
@@ -89,9 +82,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from bnjax.lifecycle.validation import load_checkpoint, validate_statistics
+    from bnjax.train.quiet import root_cause
 
     def cannot_read(error: BaseException) -> int:
-        print(f"cannot read {args.checkpoint!r}: {_reason(error)}", file=sys.stderr)
+        print(f"cannot read {args.checkpoint!r}: {root_cause(error)}", file=sys.stderr)
         return 2
 
     try:
@@ -118,7 +112,7 @@ def main(argv=None) -> int:
             except Exception as error:
                 corrupt.append(candidate)
                 print(
-                    f"step {candidate} of {path} is corrupt or unreadable: {_reason(error)}",
+                    f"step {candidate} of {path} is corrupt or unreadable: {root_cause(error)}",
                     file=sys.stderr,
                 )
                 continue

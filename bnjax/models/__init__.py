@@ -45,6 +45,18 @@ def build_model(name: str, *, features=None, zero_init_residual: bool = False, *
     return constructor(zero_init_residual=zero_init_residual, **options)
 
 
+def layer_widths(name: str, features=None) -> tuple[int, ...]:
+    """The widths of the normalized layers of the model `name`: `features` for the models that
+    take them, the fixed stage widths of the others.
+
+    Example:
+      >>> layer_widths("resnet20"), layer_widths("mlp", (32, 64))
+      ((16, 32, 64), (32, 64))
+    """
+    constructor, takes_widths = MODELS[name]
+    return tuple(features) if takes_widths else tuple(constructor().stage_features)
+
+
 __all__ = [
     "BATCH_STATISTICS_NORMS",
     "MLP",
@@ -55,6 +67,7 @@ __all__ = [
     "SmallCNN",
     "apply_norm",
     "build_model",
+    "layer_widths",
     "make_norm",
     "resnet18",
     "resnet20",

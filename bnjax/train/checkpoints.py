@@ -78,7 +78,7 @@ from bnjax.train._leaves import (
     prepare,
     restore_plan,
 )
-from bnjax.train.quiet import quietly
+from bnjax.train.quiet import quietly, root_cause
 
 __all__ = [
     "CheckpointMismatchError",
@@ -107,14 +107,6 @@ class CheckpointWarning(UserWarning):
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint step is missing, unreadable or fails its checksums (`Checkpointer.verify`)."""
-
-
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    """The root cause of an error (orbax wraps tensorstore's), on one line."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: " + (text if len(text) <= limit else text[:limit] + " ...")
 
 
 def _remove_unfinished(directory: str) -> None:
@@ -283,7 +275,7 @@ class Checkpointer:
             except OSError as error:
                 raise OSError(
                     f"cannot save step {step}: {path} holds a corrupt checkpoint that cannot "
-                    f"be removed ({_one_line(error)}); remove or rename it, or fix the "
+                    f"be removed ({root_cause(error)}); remove or rename it, or fix the "
                     f"directory's permissions"
                 ) from error
         if jax.process_count() > 1:
@@ -328,7 +320,7 @@ class Checkpointer:
             raise
         except Exception as error:
             raise CorruptCheckpointError(
-                f"checkpoint step {step} in {self.directory} is unusable ({_one_line(error)})"
+                f"checkpoint step {step} in {self.directory} is unusable ({root_cause(error)})"
             ) from None
 
     def restore_latest(self, target: Any = None) -> tuple[int, Any] | None:
@@ -348,7 +340,7 @@ class Checkpointer:
             except CheckpointMismatchError:
                 raise
             except Exception as error:  # any failure to read means a bad step
-                reason = _one_line(error)
+                reason = root_cause(error)
             moved = self._quarantine(step)
             warnings.warn(
                 f"checkpoint step {step} in {self.directory} is unusable ({reason}); "

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bnjax.data import DATASETS, SAMPLERS
-from bnjax.models import BATCH_STATISTICS_NORMS, MODELS, NORMS
+from bnjax.models import BATCH_STATISTICS_NORMS, MODELS, NORMS, layer_widths
 from bnjax.train.defaults import DESCRIPTIONS
 
 OPTIMIZERS = ("sgd", "nesterov", "adamw")
@@ -112,13 +112,9 @@ def check_config(config, num_devices: int) -> None:
         )
 
 
-# Layer widths of the models whose widths are not in the config.
-_FIXED_WIDTHS = {"resnet20": (16, 32, 64), "resnet18": (64, 128, 256, 512)}
-
-
 def _check_groups(config) -> None:
     """Group norm needs config.norm_groups to divide every width, into groups of >= 2 values."""
-    widths = _FIXED_WIDTHS.get(config.model, tuple(config.model_features))
+    widths = layer_widths(config.model, config.model_features)
     groups = config.norm_groups
     # Without spatial axes (the mlp) a group of one channel holds one value per example.
     smallest_group = 2 if config.model == "mlp" else 1
@@ -128,23 +124,4 @@ def _check_groups(config) -> None:
             f"config.norm_groups={groups} does not fit the layer widths {widths} of "
             f"config.model={config.model!r}: each width must split into {groups} groups of at "
             f"least {smallest_group} channel(s); {bad} do not. Pick a divisor of every width."
-        )
-
-
-def check_evaluation_batches(config, num_test_examples: int) -> None:
-    """Raises ValueError naming config.eval_batch_size when the held-out split would be cut
-    (see `bnjax.train.loop.evaluation_batches`) into a batch too small for batch statistics.
-
-    Run before training, so that a run cannot fail at its first evaluation.
-    """
-    if config.norm not in BATCH_STATISTICS_NORMS:
-        return
-    num_batches = max(1, -(-num_test_examples // config.eval_batch_size))
-    smallest = num_test_examples // num_batches
-    if smallest < 2:
-        raise ValueError(
-            f"config.eval_batch_size={config.eval_batch_size} cuts the {num_test_examples} "
-            f"held-out examples into {num_batches} batches, the smallest of {smallest}; batch "
-            f"statistics (config.norm={config.norm!r}) need at least 2 examples per batch. "
-            "Use a larger config.eval_batch_size."
         )

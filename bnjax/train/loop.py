@@ -35,9 +35,9 @@ import time
 import jax
 import numpy as np
 
-from bnjax import data, parallel
+from bnjax import data, models, parallel
 from bnjax.train.checkpoints import Checkpointer, CorruptCheckpointError
-from bnjax.train.config import check_config, check_evaluation_batches
+from bnjax.train.config import check_config
 from bnjax.train.metrics import MetricWriter
 from bnjax.train.optim import learning_rate_schedule, make_optimizer
 from bnjax.train.steps import initial_state, make_eval_step, make_model, make_train_step
@@ -106,6 +106,25 @@ def evaluation_batches(num_examples: int, batch_size: int) -> list[np.ndarray]:
     """
     num_batches = max(1, math.ceil(num_examples / batch_size))
     return np.array_split(np.arange(num_examples), num_batches)
+
+
+def check_evaluation_batches(config, num_test_examples: int) -> None:
+    """Raises ValueError naming config.eval_batch_size when `evaluation_batches` would cut the
+    held-out split into a batch too small for batch statistics.
+
+    Run before training, so that a run cannot fail at its first evaluation.
+    """
+    if config.norm not in models.BATCH_STATISTICS_NORMS:
+        return
+    batches = evaluation_batches(num_test_examples, config.eval_batch_size)
+    smallest = min(len(rows) for rows in batches)
+    if smallest < 2:
+        raise ValueError(
+            f"config.eval_batch_size={config.eval_batch_size} cuts the {num_test_examples} "
+            f"held-out examples into {len(batches)} batches, the smallest of {smallest}; batch "
+            f"statistics (config.norm={config.norm!r}) need at least 2 examples per batch. "
+            "Use a larger config.eval_batch_size."
+        )
 
 
 def evaluate(eval_step, state, test: data.Dataset, batch_size: int, mesh=None) -> dict[str, float]:

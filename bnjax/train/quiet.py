@@ -121,3 +121,11 @@ def quietly(function, *args, keep=lambda record: True):
     if failure is not None:
         raise failure
     return result
+
+
+def root_cause(error: BaseException, limit: int = 300) -> str:
+    """The root cause of an error (orbax wraps tensorstore's), on one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: " + (text if len(text) <= limit else text[:limit] + " ...")

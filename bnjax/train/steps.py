@@ -45,6 +45,7 @@ def make_model(config, num_classes: int, axis_name=None, *, for_training: bool =
         norm_options=options,
         dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
     )
+    # An unknown name reaches build_model, whose error lists the models.
     takes_widths = models.MODELS.get(config.model, (None, False))[1]
     return models.build_model(
         config.model,

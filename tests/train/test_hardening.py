@@ -17,7 +17,6 @@ from bnjax import data, parallel
 from bnjax.models import NORMS
 from bnjax.train import loop, optim, steps
 from bnjax.train.checkpoints import Checkpointer
-from bnjax.train.config import check_evaluation_batches
 from bnjax.train.defaults import DESCRIPTIONS, base_config
 from bnjax.train.workdir import ConfigChangedError, WorkdirBusyError, WorkdirLock
 from tests.train.helpers import final_state, tiny_config
@@ -150,10 +149,10 @@ def test_group_counts_that_do_not_fit_the_widths_are_refused(tmp_path):
 
 def test_evaluation_batches_too_small_for_batch_statistics_are_refused():
     config = _tiny(eval_batch_size=2)
-    check_evaluation_batches(config, 2000)  # 1000 batches of 2
+    loop.check_evaluation_batches(config, 2000)  # 1000 batches of 2
     with pytest.raises(ValueError, match=r"the smallest of 1; batch statistics"):
-        check_evaluation_batches(config, 359)  # 180 batches: one of 1
-    check_evaluation_batches(_tiny(eval_batch_size=2, norm="layer"), 359)
+        loop.check_evaluation_batches(config, 359)  # 180 batches: one of 1
+    loop.check_evaluation_batches(_tiny(eval_batch_size=2, norm="layer"), 359)
 
 
 def test_a_failing_evaluation_does_not_cost_the_step_s_checkpoint(tmp_path, monkeypatch):
