@@ -17,6 +17,7 @@ from bnjax.core import (
     group_norm,
     instance_norm,
     layer_norm,
+    rms_norm,
 )
 
 __version__ = "0.1.0"
@@ -33,4 +34,5 @@ __all__ = [
     "group_norm",
     "instance_norm",
     "layer_norm",
+    "rms_norm",
 ]

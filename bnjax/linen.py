@@ -2,25 +2,31 @@
 
 Each module creates its parameters and state, then calls one core function (the math lives
 there: `bnjax.batch_norm`, `bnjax.batch_renorm`, `bnjax.group_norm`, `bnjax.layer_norm`,
-`bnjax.instance_norm`). Options keep flax's names, defaults and meanings, and the variables
-keep flax's collections and names, so flax checkpoints load unchanged:
+`bnjax.instance_norm`, `bnjax.rms_norm`). Options keep flax's names, defaults and meanings, and
+the variables are exactly flax's (collections, names, shapes, dtypes), so flax checkpoints and
+flax training code work unchanged:
 
 - ``'params'``: ``'scale'`` and ``'bias'`` (feature shape, `param_dtype`).
-- ``'batch_stats'``: ``'mean'`` and ``'var'`` (feature shape, float32), exactly flax's.
-- ``'bn_counters'`` (bnjax only): int32 ``'count'`` (batches folded in) and ``'skipped'``
-  (non-finite batches left out). Created by ``init``, read when present, written only when the
-  collection is mutable, so ``mutable=['batch_stats']`` keeps working; add ``'bn_counters'``
-  to keep the counts. Variables without it (a flax checkpoint) read fresh zero counters.
+- ``'batch_stats'``: ``'mean'`` and ``'var'`` (feature shape, float32).
 
-What differs from flax, on purpose:
+Train with ``mutable=['batch_stats']``, as with flax. ``track_counters=True`` adds two int32
+scalars to ``'batch_stats'``: ``'count'`` (batches folded into the running statistics) and
+``'skipped'`` (training batches whose statistics were not finite and were left out); the same
+``mutable=['batch_stats']`` keeps them. ``momentum=None`` (a cumulative average over all
+batches) needs them.
 
-- Statistics are always float32 (float64 for float64 input), two-pass: `use_fast_variance`
-  and `force_float32_reductions` are accepted for compatibility and ignored.
+What differs from flax, on purpose (each for correctness):
+
+- Statistics are float32 (float64 for float64 input) and two-pass, exact where flax's default
+  one-pass ``E[x^2] - E[x]^2`` loses digits: `use_fast_variance` and
+  `force_float32_reductions` are accepted and have no effect on them.
+- With `axis_name`, statistics merge (count, mean, m2) exactly across devices, also when
+  devices hold different numbers of valid values; flax averages per-device means.
 - A training batch with non-finite statistics leaves ``batch_stats`` untouched (flax stores
-  NaN) and counts the batch in ``bn_counters/skipped``.
-- Statistics from a single value (a batch of one in training, outside ``init``) raise an error
-  instead of silently returning the bias.
-- `GroupNorm`/`LayerNorm`/`InstanceNorm` do not take `axis_name` or `mask` yet (they raise).
+  NaN); `bnjax.diagnostics` reports it, and ``track_counters=True`` counts it.
+- A statistic with no valid value (everything masked) uses mean 0 and variance 0; flax gives NaN.
+- BatchNorm statistics from a single value (a batch of one in training, outside ``init``)
+  raise an error instead of silently returning the bias.
 """
 
 from __future__ import annotations
@@ -40,15 +46,16 @@ from bnjax.core import (
     RenormSchedule,
     batch_norm,
     batch_renorm,
+    group_norm,
+    instance_norm,
     layer_norm,
+    rms_norm,
 )
 from bnjax.core.checks import normalize_axes
-from bnjax.module_common import group_norm_flax_axes, instance_norm_flax_axes, promote, refuse
+from bnjax.module_common import check_instance_feature_axes, promote
 
-__all__ = ["COUNTERS", "BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm"]
+__all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
-COUNTERS = "bn_counters"
-"""The collection of the int32 counters 'count' and 'skipped' (not in flax's 'batch_stats')."""
 _COUNTER_NAMES = ("count", "skipped")
 
 
@@ -92,6 +99,7 @@ class _RunningStats(_AffineMixin, nn.Module):
     force_float32_reductions: bool = True
     ghost_batch_size: int | None = None
     use_unbiased_running_var: bool = False
+    track_counters: bool = False
 
     def _training(self, use_running_average) -> bool:
         return not nn.merge_param(
@@ -99,17 +107,17 @@ class _RunningStats(_AffineMixin, nn.Module):
         )
 
     def _counters(self, training: bool):
-        """(count, skipped) variables, or None for variables without them (flax's), and values."""
-        mutable = self.is_mutable_collection(COUNTERS)
-        if self.momentum is None and training and not mutable:
+        """(count, skipped) variables in 'batch_stats' (None untracked), and their values."""
+        if self.momentum is None and training and not self.track_counters:
             raise ValueError(
-                f"momentum=None (cumulative average) weighs each batch by the batch count: "
-                f"train with mutable=['batch_stats', '{COUNTERS}'] (and keep the '{COUNTERS}' "
-                f"collection that init returns)."
+                "momentum=None (a cumulative average) weighs each batch by the number of "
+                "batches seen: set track_counters=True to keep that count in 'batch_stats'."
             )
-        if not (mutable or self.has_variable(COUNTERS, "count")):
+        if not self.track_counters:
             return None, (jnp.zeros((), jnp.int32),) * 2
-        counters = [self.variable(COUNTERS, n, jnp.zeros, (), jnp.int32) for n in _COUNTER_NAMES]
+        counters = [
+            self.variable("batch_stats", n, jnp.zeros, (), jnp.int32) for n in _COUNTER_NAMES
+        ]
         return counters, tuple(c.value for c in counters)
 
     def _core_options(self, x, training: bool) -> tuple[bool, dict]:
@@ -133,7 +141,7 @@ class _RunningStats(_AffineMixin, nn.Module):
         )
 
     def _store_counters(self, counters, new_state) -> None:
-        if counters is not None and self.is_mutable_collection(COUNTERS):
+        if counters is not None:
             for counter, name in zip(counters, _COUNTER_NAMES, strict=True):
                 counter.value = getattr(new_state, name)
 
@@ -149,11 +157,14 @@ class BatchNorm(_RunningStats):
     Attributes:
       use_running_average, axis, momentum, epsilon, dtype, param_dtype, use_bias, use_scale,
       bias_init, scale_init, axis_name, axis_index_groups: as in flax. `momentum=None` keeps a
-        cumulative average (needs the 'bn_counters' collection, see the module docstring).
+        cumulative average (needs ``track_counters=True``).
         `dtype` is the output dtype (None: promote x and params); statistics are float32.
-      use_fast_variance, force_float32_reductions: accepted, ignored (always two-pass float32).
+      use_fast_variance, force_float32_reductions: accepted; statistics are always exact
+        two-pass float32 (see the module docstring).
       ghost_batch_size: statistics per group of this many examples (see `bnjax.batch_norm`).
       use_unbiased_running_var: store the unbiased variance, like PyTorch.
+      track_counters: keep int32 'count' and 'skipped' in 'batch_stats' (see the module
+        docstring); needed by `momentum=None`.
 
     Shapes: x (N, ..., C) with axis=-1; params and batch_stats (C,) (the feature shape).
 
@@ -172,8 +183,9 @@ class BatchNorm(_RunningStats):
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         """Normalizes `x`; `use_running_average` here or as a field (exactly one of them).
 
-        `mask`: (N,) per example or broadcastable to x; False entries stay out of the
-        statistics (they are still normalized).
+        `mask`: booleans broadcastable to x, as in flax (per example: ``mask[:, None]`` for
+        x of shape (N, C)); False entries stay out of the statistics (they are still
+        normalized).
         """
         training = self._training(use_running_average)
         x = jnp.asarray(x)
@@ -199,9 +211,9 @@ class BatchRenorm(_RunningStats):
     ``y = scale * (x_hat * r + d) + bias``; evaluation is BatchNorm's, on 'mean' and 'var'.
 
     'batch_stats' holds 'mean', 'var' (evaluation), 'renorm_mean', 'renorm_var' (what r and d
-    are measured against) and the int32 'step' that drives the warm-up `schedule`. 'step' lives
-    in 'batch_stats', not 'bn_counters', so the usual ``mutable=['batch_stats']`` advances the
-    schedule; 'count' and 'skipped' are in 'bn_counters' as for BatchNorm.
+    are measured against) and the int32 'step' that drives the warm-up `schedule`, so the
+    usual ``mutable=['batch_stats']`` advances the schedule (and the counters, with
+    ``track_counters=True``, as for BatchNorm).
 
     Attributes:
       (all of BatchNorm's, with the same meanings), then:
@@ -271,7 +283,26 @@ class BatchRenorm(_RunningStats):
         return y.astype(out_dtype)
 
 
-class GroupNorm(_AffineMixin, nn.Module):
+class _PerExample(_AffineMixin, nn.Module):
+    """Plumbing shared by the stateless modules: flax's dtype rule and the device options."""
+
+    def _prepare(self, x, feature_shape):
+        """(x for the core, scale, bias, output dtype)."""
+        scale, bias = self._scale_and_bias(feature_shape)
+        x, out_dtype = promote(x, scale, bias, self.dtype)
+        return x, scale, bias, out_dtype
+
+    def _device_options(self) -> dict:
+        # Like BatchNorm: init runs outside pmap/shard_map, where axis_name is not bound, and
+        # only needs shapes.
+        initializing = self.is_initializing()
+        return dict(
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=None if initializing else self.axis_index_groups,
+        )
+
+
+class GroupNorm(_PerExample):
     """Group normalization (`bnjax.group_norm`), a drop-in for ``flax.linen.GroupNorm``.
 
     Statistics per example and group of channels (the last axis), over `reduction_axes`.
@@ -279,10 +310,11 @@ class GroupNorm(_AffineMixin, nn.Module):
     Attributes:
       num_groups, group_size, epsilon, dtype, param_dtype, use_bias, use_scale, bias_init,
       scale_init: as in flax (give exactly one of num_groups and group_size).
-      reduction_axes: None (every axis but the first) or trailing axes ending with the last,
-        e.g. (2, 3, 4) for (B, T, H, W, C) to normalize each (b, t) separately.
-      axis_name, axis_index_groups: not supported yet (raise if set).
-      use_fast_variance, force_float32_reductions: accepted, ignored.
+      reduction_axes: as in flax: None (every axis but the first) or axes that include the
+        last; axes left out act as batch axes (e.g. (0, 1, 3, 4) for an unbatched input).
+      axis_name, axis_index_groups: merge the statistics over a mapped axis whose devices
+        hold parts of each example (exact (count, mean, m2) merge).
+      use_fast_variance, force_float32_reductions: accepted; statistics are exact float32.
 
     Example:
       >>> x = jnp.arange(2 * 4 * 8, dtype=jnp.float32).reshape(2, 4, 8)
@@ -307,32 +339,34 @@ class GroupNorm(_AffineMixin, nn.Module):
 
     @nn.compact
     def __call__(self, x, *, mask=None):
-        """Normalizes x of shape (N, ..., C); `mask` is not supported yet."""
-        refuse("GroupNorm", axis_name=self.axis_name, mask=mask)
+        """Normalizes x of shape (N, ..., C); `mask`: booleans broadcastable to x."""
         x = jnp.asarray(x)
-        scale, bias = self._scale_and_bias((x.shape[-1],))
-        x, out_dtype = promote(x, scale, bias, self.dtype)
-        y = group_norm_flax_axes(
+        x, scale, bias, out_dtype = self._prepare(x, (x.shape[-1],))
+        y = group_norm(
             x,
             scale,
             bias,
             num_groups=self.num_groups,
             group_size=self.group_size,
             epsilon=self.epsilon,
+            axis=-1,
             reduction_axes=self.reduction_axes,
+            mask=mask,
+            **self._device_options(),
         )
         return y.astype(out_dtype)
 
 
-class LayerNorm(_AffineMixin, nn.Module):
+class LayerNorm(_PerExample):
     """Layer normalization (`bnjax.layer_norm`), a drop-in for ``flax.linen.LayerNorm``.
 
-    Statistics per example over `reduction_axes`; scale and bias vary along `feature_axes`.
+    Statistics over `reduction_axes`; scale and bias vary along `feature_axes`.
 
     Attributes:
       epsilon, dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, reduction_axes,
-      feature_axes: as in flax. axis_name, axis_index_groups: not supported yet (raise if set).
-      use_fast_variance, force_float32_reductions: accepted, ignored.
+      feature_axes: as in flax. axis_name, axis_index_groups: merge the statistics over a
+      mapped axis whose devices hold parts of each example (exact (count, mean, m2) merge).
+      use_fast_variance, force_float32_reductions: accepted; statistics are exact float32.
 
     Example:
       >>> x = jnp.array([[1.0, 2.0, 3.0]])
@@ -356,11 +390,10 @@ class LayerNorm(_AffineMixin, nn.Module):
 
     @nn.compact
     def __call__(self, x, *, mask=None):
-        """Normalizes `x`; `mask` is not supported yet."""
-        refuse("LayerNorm", axis_name=self.axis_name, mask=mask)
+        """Normalizes `x`; `mask`: booleans broadcastable to x."""
         x = jnp.asarray(x)
-        scale, bias = self._scale_and_bias(_feature_shape(x, self.feature_axes, "feature_axes"))
-        x, out_dtype = promote(x, scale, bias, self.dtype)
+        feature_shape = _feature_shape(x, self.feature_axes, "feature_axes")
+        x, scale, bias, out_dtype = self._prepare(x, feature_shape)
         y = layer_norm(
             x,
             scale,
@@ -368,20 +401,70 @@ class LayerNorm(_AffineMixin, nn.Module):
             epsilon=self.epsilon,
             reduction_axes=self.reduction_axes,
             feature_axes=self.feature_axes,
+            mask=mask,
+            **self._device_options(),
         )
         return y.astype(out_dtype)
 
 
-class InstanceNorm(_AffineMixin, nn.Module):
+class RMSNorm(_PerExample):
+    """RMS normalization (`bnjax.rms_norm`), a drop-in for ``flax.linen.RMSNorm``.
+
+    ``y = scale * x / sqrt(mean(|x|^2) + epsilon)`` over `reduction_axes`; no bias.
+
+    Attributes:
+      epsilon, dtype, param_dtype, use_scale, scale_init, reduction_axes, feature_axes: as in
+      flax. axis_name, axis_index_groups: merge the mean square over a mapped axis (exact).
+      use_fast_variance, force_float32_reductions: accepted; the mean square is float32.
+
+    Example:
+      >>> x = jnp.array([[3.0, 4.0]])
+      >>> print(RMSNorm(epsilon=1e-12).init_with_output(jax.random.key(0), x)[0])
+      [[0.8485281 1.1313709]]
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_scale: bool = True
+    scale_init: Initializer = initializers.ones
+    reduction_axes: Axes = -1
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    use_bias = False  # for the shared scale/bias creation: RMSNorm has no bias
+    bias_init = None
+
+    @nn.compact
+    def __call__(self, x, *, mask=None):
+        """Normalizes `x`; `mask`: booleans broadcastable to x."""
+        x = jnp.asarray(x)
+        feature_shape = _feature_shape(x, self.feature_axes, "feature_axes")
+        x, scale, _, out_dtype = self._prepare(x, feature_shape)
+        y = rms_norm(
+            x,
+            scale,
+            epsilon=self.epsilon,
+            reduction_axes=self.reduction_axes,
+            feature_axes=self.feature_axes,
+            mask=mask,
+            **self._device_options(),
+        )
+        return y.astype(out_dtype)
+
+
+class InstanceNorm(_PerExample):
     """Instance normalization (`bnjax.instance_norm`), a drop-in for ``flax.linen.InstanceNorm``.
 
     Statistics per example and feature over every other non-batch axis (e.g. H, W of NHWC).
 
     Attributes:
       epsilon, dtype, param_dtype, use_bias, use_scale, bias_init, scale_init, feature_axes: as
-      in flax (several feature axes go through `bnjax.layer_norm`, the same statistics).
-      axis_name, axis_index_groups: not supported yet (raise if set).
-      use_fast_variance, force_float32_reductions: accepted, ignored.
+      in flax (any axes but the batch axis 0). axis_name, axis_index_groups: merge the
+      statistics over a mapped axis whose devices hold parts of each example (exact merge).
+      use_fast_variance, force_float32_reductions: accepted; statistics are exact float32.
 
     Example:
       >>> x = jnp.arange(16.0).reshape(1, 2, 2, 4)
@@ -404,12 +487,18 @@ class InstanceNorm(_AffineMixin, nn.Module):
 
     @nn.compact
     def __call__(self, x, *, mask=None):
-        """Normalizes x of shape (N, ..., C); `mask` is not supported yet."""
-        refuse("InstanceNorm", axis_name=self.axis_name, mask=mask)
+        """Normalizes x of shape (N, ..., C); `mask`: booleans broadcastable to x."""
         x = jnp.asarray(x)
-        scale, bias = self._scale_and_bias(_feature_shape(x, self.feature_axes, "feature_axes"))
-        x, out_dtype = promote(x, scale, bias, self.dtype)
-        y = instance_norm_flax_axes(
-            x, scale, bias, epsilon=self.epsilon, feature_axes=self.feature_axes
+        check_instance_feature_axes(self.feature_axes, x.ndim)
+        feature_shape = _feature_shape(x, self.feature_axes, "feature_axes")
+        x, scale, bias, out_dtype = self._prepare(x, feature_shape)
+        y = instance_norm(
+            x,
+            scale,
+            bias,
+            epsilon=self.epsilon,
+            axis=self.feature_axes,
+            mask=mask,
+            **self._device_options(),
         )
         return y.astype(out_dtype)

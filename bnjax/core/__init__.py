@@ -7,7 +7,7 @@ from bnjax.core.batch_renorm import (
     batch_renorm,
     batch_renorm_state,
 )
-from bnjax.core.group_norm import group_norm, instance_norm, layer_norm
+from bnjax.core.group_norm import group_norm, instance_norm, layer_norm, rms_norm
 from bnjax.core.stats import Moments
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "group_norm",
     "instance_norm",
     "layer_norm",
+    "rms_norm",
 ]

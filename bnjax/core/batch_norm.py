@@ -151,34 +151,10 @@ def batch_layout(x, axis, ghost_batch_size) -> BatchLayout:
 
 
 def grouped_mask(mask, x, layout: BatchLayout) -> Array | None:
-    """Brings a per-example (N,) or elementwise mask into the grouped view, as booleans."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
-        raise TypeError(
-            f"`mask` must be boolean (True: the value enters the statistics), got dtype "
-            f"{mask.dtype}; pass a boolean, e.g. `mask > 0`."
-        )
-    if mask.ndim == 1:
-        if mask.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"A 1-D `mask` marks examples and must have shape ({x.shape[0]},), "
-                f"got {tuple(mask.shape)}."
-            )
-        mask = mask.reshape((x.shape[0],) + (1,) * (x.ndim - 1))
-    elif mask.ndim != x.ndim:
-        raise ValueError(
-            f"`mask` must have shape ({x.shape[0]},) (one flag per example) or {x.ndim} "
-            f"dimensions broadcastable to x.shape={tuple(x.shape)}, got {tuple(mask.shape)}."
-        )
-    try:
-        mask = jnp.broadcast_to(mask.astype(bool), x.shape)
-    except ValueError as error:
-        raise ValueError(
-            f"`mask` of shape {tuple(mask.shape)} does not broadcast to x.shape={tuple(x.shape)}."
-        ) from error
-    return mask.reshape(layout.grouped_shape)
+    """Brings a mask broadcastable to x (flax's rule, `checks.broadcast_mask`) into the grouped
+    view, as booleans."""
+    mask = checks.broadcast_mask(mask, x)
+    return None if mask is None else mask.reshape(layout.grouped_shape)
 
 
 def check_state(state: BatchNormState, feature_shape, axis) -> BatchNormState:
@@ -201,9 +177,12 @@ def as_param(param, layout: BatchLayout, fill: float, dtype) -> Array:
 
 
 def averaged_statistics(mean, var, batch_mean, batch_var, count, momentum):
-    """The running (mean, var) after folding in one batch's, in the dtype of `mean`."""
-    dtype = mean.dtype
-    batch_mean = batch_mean.astype(dtype)
+    """The running (mean, var) after folding in one batch's, in the dtypes of `mean`, `var`
+    (a complex batch mean makes the running mean complex, as in flax)."""
+    dtype = var.dtype
+    if jnp.iscomplexobj(batch_mean):
+        mean = mean.astype(jnp.promote_types(mean.dtype, batch_mean.dtype))
+    batch_mean = batch_mean.astype(mean.dtype)
     batch_var = batch_var.astype(dtype)
     if momentum is None:
         weight = 1.0 / (count + 1).astype(dtype)
@@ -322,7 +301,7 @@ def batch_statistics_for_update(
     if use_unbiased_running_var:
         var = var * count / (count - 1)
     usable = count > (1 if use_unbiased_running_var else 0)
-    weight = usable.astype(mean.dtype)
+    weight = usable.astype(var.dtype)
     sums = (
         jnp.sum(weight, axis=0),
         jnp.sum(jnp.where(usable, mean, 0), axis=0),
@@ -374,7 +353,8 @@ def batch_norm(
       ghost_batch_size: normalize each consecutive group of this many examples with its own
         statistics (ghost batch norm / local statistics); the running statistics take the mean
         of the groups' statistics. With `axis_name`, groups stay local; only that mean is synced.
-      mask: (N,) per-example or elementwise (broadcastable to x) booleans; False entries are left
+      mask: booleans broadcastable to x (NumPy rules, as flax: a per-example mask for x of
+        shape (N, ..., C) is ``mask.reshape(N, 1, ..., 1)``); False entries are left
         out of the statistics but still normalized. Their values never reach the statistics or
         the state, even NaN; keep them finite if you differentiate (0 * NaN is NaN in any
         backward pass, so a NaN there makes the batch's gradients NaN).
@@ -420,7 +400,7 @@ def batch_norm(
         feature_view[a] = x.shape[a]
 
     if not training:
-        inv = lax.rsqrt(state.var.astype(dtype) + epsilon)
+        inv = lax.rsqrt(state.var.astype(stats.real_dtype(dtype)) + epsilon)
         if scale is not None:
             inv = inv * scale.astype(dtype)
         y = (x.astype(dtype) - state.mean.astype(dtype).reshape(feature_view)) * inv.reshape(

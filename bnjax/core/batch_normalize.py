@@ -83,7 +83,9 @@ def _statistics(x, mask, epsilon, config):
         epsilon = config.epsilon
     else:
         epsilon = epsilon.astype(var.dtype)
-    inv = lax.rsqrt(var + epsilon)
+    # A channel with no valid value (all masked) normalizes to 0, so its output is the bias
+    # and its gradient 0; rsqrt(0 + epsilon) would blow its values up by 1 / sqrt(epsilon).
+    inv = jnp.where(batch.count > 0, lax.rsqrt(var + epsilon), 0)
     # The output's x - mean must not be the very value the variance pass reduced: XLA:CPU
     # would then compute that full-size broadcast once and store it for both users, an extra
     # float32 copy of x. The barrier costs nothing at run time; each loop fuses its own.
@@ -100,7 +102,7 @@ def _statistics(x, mask, epsilon, config):
 def _normalized(x, mean, inv):
     # (x - mu) first: x and mu are close when |mu| >> std, so the difference is exact in float32,
     # whereas folding mu into the bias would round it at the scale of |mu|.
-    return (x.astype(inv.dtype) - mean) * inv
+    return (x.astype(mean.dtype) - mean) * inv
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
@@ -164,6 +166,11 @@ def normalize(x, scale, bias, mask, config: KernelConfig, epsilon=None):
         raise ValueError("Pass epsilon either in `config` (static) or as `epsilon` (traced).")
     if epsilon is not None:
         epsilon = jnp.asarray(epsilon)
+    if jnp.iscomplexobj(x):
+        # Complex inputs (flax's semantics: variance E|x - mean|^2, real) take plain autodiff;
+        # the hand-written derivative above is for real values.
+        mean, var, inv, count = _statistics(x, mask, epsilon, config)
+        return (_normalized(x, mean, inv) * scale + bias).astype(x.dtype), mean, var, count
     return _remat(x, scale, bias, mask, epsilon, config)
 
 

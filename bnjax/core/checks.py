@@ -26,13 +26,45 @@ Array = jax.Array
 
 
 def check_floating(x, name: str = "x") -> None:
-    """Raises TypeError unless `x` has a floating-point dtype (normalizing integers is a bug)."""
+    """Raises TypeError unless `x` has a floating-point or complex dtype (normalizing integers
+    is a bug). Complex values are normalized as flax does: the variance is ``E|x - mean|^2``."""
     dtype = jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(
-            f"`{name}` must have a floating-point dtype, got {dtype}. "
+            f"`{name}` must have a floating-point (or complex) dtype, got {dtype}. "
             f"Cast it first, e.g. `{name}.astype(jnp.float32)`."
         )
+
+
+def broadcast_mask(mask, x) -> jax.Array | None:
+    """`mask` as a boolean array of x's shape, by NumPy broadcasting (flax's rule).
+
+    A mask marks the values that enter the statistics. It broadcasts against `x` from the
+    trailing axes, as in flax: a (C,) mask marks features, and a per-example mask for x of
+    shape (N, ..., C) is written ``mask[:, None, ..., None]`` (or ``mask.reshape(N, 1, ...)``).
+    Integer masks count as nonzero = True, as in flax.
+    """
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
+        raise TypeError(
+            f"`mask` must be boolean (True: the value enters the statistics), got dtype "
+            f"{mask.dtype}; pass a boolean, e.g. `mask > 0`."
+        )
+    try:
+        return jnp.broadcast_to(mask.astype(bool), x.shape)
+    except ValueError:
+        per_example = ""
+        if mask.ndim == 1 and x.ndim > 1 and mask.shape[0] == x.shape[0]:
+            per_example = (
+                f" A per-example mask of shape ({x.shape[0]},) is written "
+                f"mask.reshape({x.shape[0]}, {', '.join(['1'] * (x.ndim - 1))}), as in flax."
+            )
+        raise ValueError(
+            f"`mask` of shape {tuple(mask.shape)} does not broadcast to x.shape="
+            f"{tuple(x.shape)} (NumPy rules: trailing axes align).{per_example}"
+        ) from None
 
 
 def _is_bool(value) -> bool:
@@ -232,8 +264,14 @@ def check_not_single_value(num_values: int, where: str, hint: str) -> None:
 
 # ------------------------------------------------------------------ running statistics
 
-STATISTICS_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-"""The dtypes running statistics may have (bfloat16/float16 statistics lose the variance)."""
+STATISTICS_DTYPES = (
+    np.dtype(np.float32),
+    np.dtype(np.float64),
+    np.dtype(np.complex64),
+    np.dtype(np.complex128),
+)
+"""The dtypes running statistics may have (bfloat16/float16 statistics lose the variance;
+complex means come from complex inputs)."""
 
 
 def check_statistics(state, fields, feature_shape, axis, factory: str) -> None:

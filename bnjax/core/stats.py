@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -30,10 +31,14 @@ from jax import lax
 
 __all__ = [
     "Moments",
+    "abs_square",
     "check_axis_name_bound",
     "combine",
+    "mean_square",
     "merge_across_devices",
     "moments",
+    "real_dtype",
+    "reduce_moments",
     "stats_dtype",
 ]
 
@@ -67,8 +72,21 @@ class Moments(NamedTuple):
 
 
 def stats_dtype(dtype) -> jnp.dtype:
-    """The dtype statistics are computed in: float32, or float64 for float64 inputs."""
+    """The dtype statistics are computed in: float32, or float64 for float64 inputs (complex64
+    or complex128 for complex inputs; their variances are real)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def abs_square(x: Array) -> Array:
+    """``|x|^2``, real for complex `x` (the square of a real `x`)."""
+    if jnp.iscomplexobj(x):
+        return jnp.square(x.real) + jnp.square(x.imag)
+    return jnp.square(x)
+
+
+def real_dtype(dtype) -> jnp.dtype:
+    """The real dtype of a (possibly complex) statistics dtype: counts and variances."""
+    return jnp.finfo(dtype).dtype
 
 
 def moments(x: Array, reduction_axes: tuple[int, ...], mask: Array | None = None) -> Moments:
@@ -92,16 +110,16 @@ def moments(x: Array, reduction_axes: tuple[int, ...], mask: Array | None = None
         # sum / max(count, 1), not jnp.mean: an empty reduction (a ragged last shard of size 0)
         # must give mean 0 with count 0, which merges as a neutral element instead of NaN.
         mean = jnp.sum(x, axis=reduction_axes, keepdims=True) / max(count, 1)
-        m2 = jnp.sum(jnp.square(x - mean), axis=reduction_axes, keepdims=True)
-        return Moments(jnp.full(mean.shape, count, dtype), mean, m2)
+        m2 = jnp.sum(abs_square(x - mean), axis=reduction_axes, keepdims=True)
+        return Moments(jnp.full(mean.shape, count, real_dtype(dtype)), mean, m2)
     mask = jnp.broadcast_to(mask, x.shape)
     # Select masked entries away before any arithmetic: `where` after `square` would still
     # send 0 * NaN = NaN into the gradient of every entry through the mean.
     x = jnp.where(mask, x, 0)
-    count = jnp.sum(mask, axis=reduction_axes, keepdims=True, dtype=dtype)
+    count = jnp.sum(mask, axis=reduction_axes, keepdims=True, dtype=real_dtype(dtype))
     safe_count = jnp.maximum(count, 1)
     mean = jnp.sum(x, axis=reduction_axes, keepdims=True) / safe_count
-    m2 = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0), axis=reduction_axes, keepdims=True)
+    m2 = jnp.sum(jnp.where(mask, abs_square(x - mean), 0), axis=reduction_axes, keepdims=True)
     return Moments(count, mean, m2)
 
 
@@ -111,7 +129,7 @@ def combine(stacked: Moments, axis: int = 0) -> Moments:
     safe_count = jnp.maximum(count, 1)
     mean = jnp.sum(stacked.count * stacked.mean, axis=axis) / safe_count
     deviation = stacked.mean - jnp.expand_dims(mean, axis)
-    m2 = jnp.sum(stacked.m2 + stacked.count * jnp.square(deviation), axis=axis)
+    m2 = jnp.sum(stacked.m2 + stacked.count * abs_square(deviation), axis=axis)
     return Moments(count, mean, m2)
 
 
@@ -126,11 +144,55 @@ def merge_across_devices(local: Moments, axis_name, axis_index_groups=None) -> M
     weighted = lax.psum(local.count * local.mean, axis_name, axis_index_groups=axis_index_groups)
     mean = weighted / jnp.maximum(total, 1)
     m2 = lax.psum(
-        local.m2 + local.count * jnp.square(local.mean - mean),
+        local.m2 + local.count * abs_square(local.mean - mean),
         axis_name,
         axis_index_groups=axis_index_groups,
     )
     return Moments(total, mean, m2)
+
+
+def reduce_moments(
+    x: Array,
+    reduction_axes: tuple[int, ...],
+    mask: Array | None = None,
+    axis_name=None,
+    axis_index_groups=None,
+) -> Moments:
+    """`moments` of `x` over `reduction_axes`, merged exactly over `axis_name` when given."""
+    local = moments(x, reduction_axes, mask)
+    if axis_name is None:
+        return local
+    check_axis_name_bound(axis_name)
+    return merge_across_devices(local, axis_name, axis_index_groups)
+
+
+def mean_square(
+    x: Array,
+    reduction_axes: tuple[int, ...],
+    mask: Array | None = None,
+    axis_name=None,
+    axis_index_groups=None,
+) -> tuple[Array, Array]:
+    """``sum |x|^2 / n`` over `reduction_axes` (kept as size-1 dims) and over the devices of
+    `axis_name`, with n the number of valid values; in the statistics dtype's real type.
+
+    A sum of non-negative terms loses no digits, so counts and sums merge directly (one psum
+    of both); devices with different numbers of valid values still give the exact result.
+    Returns (count, mean square); the mean square is 0 where the count is 0.
+    """
+    dtype = stats_dtype(x.dtype)
+    squares = abs_square(x.astype(dtype))
+    if mask is None:
+        count = jnp.full((), math.prod(x.shape[a] for a in reduction_axes), squares.dtype)
+        total = jnp.sum(squares, axis=reduction_axes, keepdims=True)
+    else:
+        mask = jnp.broadcast_to(mask, x.shape)
+        count = jnp.sum(mask, axis=reduction_axes, keepdims=True, dtype=squares.dtype)
+        total = jnp.sum(jnp.where(mask, squares, 0), axis=reduction_axes, keepdims=True)
+    if axis_name is not None:
+        check_axis_name_bound(axis_name)
+        count, total = lax.psum((count, total), axis_name, axis_index_groups=axis_index_groups)
+    return count, total / jnp.maximum(count, 1)
 
 
 def check_axis_name_bound(axis_name) -> None:

@@ -68,6 +68,7 @@ def test_pmap_sync_equals_one_device(ragged):
     mask = None
     if ragged:  # device 2 has no valid example, the others 1 to 3
         mask = jnp.array([1, 1, 0, 1, 0, 0, 0, 0, 0, 1, 1, 1] + [1, 0, 1] * 4, bool)
+        mask = mask.reshape(-1, 1, 1, 1)  # per example, as in flax
     y, state, grads = _single_device(x, cotangent, scale, bias, mask)
     y_p, state_p, grads_p = _pmapped(x, cotangent, scale, bias, mask, axis_name="batch")
     chex.assert_trees_all_close(y_p, y, atol=1e-5)

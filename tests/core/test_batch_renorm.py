@@ -67,7 +67,7 @@ def _renorm_part(state):
 
 CASES = {
     "dense": dict(shape=(16, 6), kwargs={}),
-    "nhwc_mask": dict(shape=(8, 3, 3, 4), kwargs=dict(mask=jnp.arange(8) % 3 != 1)),
+    "nhwc_mask": dict(shape=(8, 3, 3, 4), kwargs=dict(mask=(jnp.arange(8) % 3 != 1)[:, None, None, None])),
     "nchw_ghost": dict(shape=(8, 4, 3, 3), kwargs=dict(axis=1, ghost_batch_size=4)),
     "unbiased_cumulative": dict(
         shape=(12, 5), kwargs=dict(use_unbiased_running_var=True, momentum=None)
@@ -310,7 +310,8 @@ def test_eight_devices_equal_one(ghost):
     """Synced statistics (or per-device ghost batches) over 8 devices = one device."""
     mesh = jax.make_mesh((8,), ("batch",))
     x, scale, bias, weight = _inputs((32, 3, 4), 4)
-    mask = jnp.arange(32) % 5 != 2  # ragged: devices hold different numbers of valid examples
+    # Ragged: devices hold different numbers of valid examples (per example, as in flax).
+    mask = (jnp.arange(32) % 5 != 2)[:, None, None]
     state = _state(4)
     kwargs = dict(r_max=1.5, d_max=0.5, ghost_batch_size=ghost)
     many, one = _sharded_vs_single(mesh, x, mask, state, scale, bias, weight, **kwargs)
@@ -350,11 +351,11 @@ def test_non_finite_batch_updates_nothing_but_skipped():
     _, new = renorm_jit(x.at[2, 1].set(jnp.nan), state, training=True)
     chex.assert_trees_all_close(new, state._replace(skipped=state.skipped + 1))
     # Masked-out garbage is fine.
-    mask = jnp.arange(8) != 2
+    mask = (jnp.arange(8) != 2)[:, None]
     _, new = renorm_jit(x.at[2, 1].set(jnp.nan), state, training=True, mask=mask)
     assert (new.skipped, new.step) == (state.skipped, state.step + 1)
     # Unbiased variance of a single valid example is undefined: both sets skip together.
-    one_valid = jnp.arange(8) == 0
+    one_valid = (jnp.arange(8) == 0)[:, None]
     _, new = renorm_jit(x, state, training=True, mask=one_valid, use_unbiased_running_var=True)
     chex.assert_trees_all_close(new, state._replace(skipped=state.skipped + 1))
 

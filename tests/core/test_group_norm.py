@@ -330,21 +330,6 @@ _BAD_INPUTS = {
         ValueError,
         "`feature_axes`=7",
     ),
-    "in_without_spatial_axes": (
-        lambda: instance_norm(jnp.ones((4, 8))),
-        ValueError,
-        "instance_norm needs spatial axes",
-    ),
-    "gn_single_value_groups": (
-        lambda: group_norm(jnp.ones((4, 8)), num_groups=8),
-        ValueError,
-        "single value",
-    ),
-    "ln_size_one_axis": (
-        lambda: layer_norm(jnp.ones((4, 3, 1))),
-        ValueError,
-        "reduction_axes=-1 would compute each statistic from a single value",
-    ),
     "gn_negative_epsilon": (
         lambda: group_norm(_X, num_groups=2, epsilon=-1e-5),
         ValueError,
@@ -403,3 +388,19 @@ class StatelessTest(chex.TestCase):
         chex.assert_trees_all_equal(
             x, jnp.asarray(_normal((2, 3, 3, 4), seed=15, loc=1.0, scale=2.0))
         )
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: instance_norm(jnp.arange(8.0).reshape(2, 4), bias=jnp.full(4, 0.5)),
+        lambda: group_norm(jnp.arange(8.0).reshape(2, 4), bias=jnp.full(4, 0.5), num_groups=4),
+        lambda: layer_norm(jnp.arange(8.0).reshape(2, 4, 1), bias=jnp.full(1, 0.5)),
+    ],
+    ids=["in_without_spatial_axes", "gn_single_value_groups", "ln_size_one_axis"],
+)
+def test_single_value_statistics_follow_flax_with_a_warning(call):
+    """As flax: each statistic from one value gives the bias alone; bnjax also warns."""
+    with pytest.warns(UserWarning, match="single value"):
+        y = call()
+    np.testing.assert_array_equal(y, np.full(y.shape, 0.5, np.float32))

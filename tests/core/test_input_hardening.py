@@ -110,11 +110,11 @@ def test_renorm_statistics_must_be_float32_or_float64():
 @pytest.mark.parametrize("call", [_bn, _renorm], ids=["batch_norm", "batch_renorm"])
 def test_mask_must_be_boolean(call):
     with pytest.raises(TypeError, match=r"`mask` must be boolean.*mask > 0"):
-        call(mask=jnp.full((8,), 0.5))
+        call(mask=jnp.full((8, 1), 0.5))
 
 
 def test_integer_mask_means_nonzero_as_in_flax():
-    keep = np.arange(8) % 3 != 0
+    keep = (np.arange(8) % 3 != 0)[:, None]
     chex.assert_trees_all_close(_bn(mask=keep.astype(np.int32)), _bn(mask=keep))
 
 
@@ -210,11 +210,15 @@ def test_float_axis_is_named():
         _bn(axis=1.0)
 
 
-@pytest.mark.parametrize("norm", [bnjax.group_norm, bnjax.instance_norm])
-def test_group_norm_takes_one_channel_axis(norm):
-    kwargs = dict(num_groups=2) if norm is bnjax.group_norm else {}
+def test_group_norm_takes_one_channel_axis():
     with pytest.raises(TypeError, match=r"`axis` is the one channel axis.*layer_norm"):
-        norm(X4, axis=(1, 3), **kwargs)
+        bnjax.group_norm(X4, axis=(1, 3), num_groups=2)
+
+
+def test_instance_norm_takes_several_feature_axes_as_flax():
+    """flax's InstanceNorm(feature_axes=(1, 3)): statistics over the remaining axis 2."""
+    y = bnjax.instance_norm(X4, axis=(1, 3))
+    chex.assert_trees_all_close(y, bnjax.layer_norm(X4, reduction_axes=2, feature_axes=(1, 3)))
 
 
 @pytest.mark.parametrize("name", sorted(NORMALIZERS))
