@@ -81,11 +81,10 @@ logits_flax = flax_apply(flax_vars, images[0], train=False)
 logits_bnjax = bnjax_apply(bnjax_vars, images[0], train=False)
 print(f"max |diff| eval logits: {max_diff(logits_flax, logits_bnjax):.2e}")
 
-# A flax checkpoint restores into the bnjax model's variable tree, and serves unchanged.
-# (bnjax's init also creates the optional 'bn_counters' collection; flax has none.)
+# A flax checkpoint restores into the bnjax model's variable tree (the very same tree), and
+# serves unchanged.
 checkpoint = flax.serialization.to_bytes(flax_vars)
 template = jax.eval_shape(lambda: bnjax_model.init(jax.random.key(3), images[0], train=False))
-template = {"params": template["params"], "batch_stats": template["batch_stats"]}
 restored = flax.serialization.from_bytes(template, checkpoint)
 same_tree = jax.tree.structure(template) == jax.tree.structure(flax_vars)
 logits_restored = bnjax_apply(restored, images[0], train=False)
