@@ -13,7 +13,7 @@ import pytest
 from absl.testing import parameterized
 from jax.test_util import check_grads
 
-from bnjax.core.group_norm import group_norm, instance_norm, layer_norm
+from bnjax.core.group_norm import group_norm, instance_norm, layer_norm, rms_norm
 
 NHWC = (2, 3, 4, 8)
 
@@ -404,3 +404,60 @@ def test_single_value_statistics_follow_flax_with_a_warning(call):
     with pytest.warns(UserWarning, match="single value"):
         y = call()
     np.testing.assert_array_equal(y, np.full(y.shape, 0.5, np.float32))
+
+
+# --- masks and devices, as flax's modules take them -----------------------------------------
+
+
+def _split_features(x, devices):
+    """(N, T, C) -> (devices, N, T / devices, C): each device holds part of every example."""
+    n, t, c = x.shape
+    return jnp.moveaxis(x.reshape(n, devices, t // devices, c), 1, 0)
+
+
+@pytest.mark.parametrize(
+    "name, call",
+    [
+        ("layer", lambda x, **kw: layer_norm(x, reduction_axes=(1, 2), **kw)),
+        ("group", lambda x, **kw: group_norm(x, num_groups=2, **kw)),
+        ("instance", lambda x, **kw: instance_norm(x, **kw)),
+        ("rms", lambda x, **kw: rms_norm(x, reduction_axes=(1, 2), **kw)),
+    ],
+)
+def test_axis_name_merges_exactly_with_ragged_masks(name, call):
+    """Devices holding different numbers of valid values of each example (sequence
+    parallelism with padding) give the statistics of the whole example on one device, also at
+    |mean| = 1000 std, where a merge of E[x] and E[x^2] would lose every digit."""
+    devices, shape = 4, (3, 8, 4)
+    x = np.random.default_rng(0).normal(1000.0, 1.0, shape).astype(np.float32)
+    mask = np.random.default_rng(1).random(shape[:2] + (1,)) < 0.6
+    mask[:, :2] = True  # device 0 holds two valid positions of every example,
+    mask[:, 2:4] = False  # device 1 none at all
+    whole = call(jnp.asarray(x), mask=mask)
+    mapped = jax.vmap(lambda xs, ms: call(xs, mask=ms, axis_name="devices"), axis_name="devices")(
+        _split_features(jnp.asarray(x), devices), _split_features(mask, devices)
+    )
+    got = jnp.moveaxis(mapped, 0, 1).reshape(shape)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(whole), rtol=1e-3, atol=1e-3)
+    x64 = x.astype(np.float64)
+    if name == "layer":  # and against float64 arithmetic
+        valid = np.broadcast_to(mask, shape)
+        mean = np.array([x64[i][valid[i]].mean() for i in range(3)])[:, None, None]
+        var = np.array([x64[i][valid[i]].var() for i in range(3)])[:, None, None]
+        np.testing.assert_allclose(
+            np.asarray(got), (x64 - mean) / np.sqrt(var + 1e-6), rtol=1e-3, atol=1e-3
+        )
+
+
+def test_per_example_masks_are_written_as_in_flax():
+    """(N,) with x (N, T, C) does not broadcast: the error shows the flax form."""
+    x = jnp.ones((4, 3, 2))
+    with pytest.raises(ValueError, match=r"mask.reshape\(4, 1, 1\)"):
+        layer_norm(x, mask=jnp.ones(4, bool))
+    padded = jnp.array([True, True, False, True])[:, None, None]
+    y = layer_norm(jnp.arange(24.0).reshape(4, 3, 2), mask=padded, reduction_axes=(1, 2))
+    assert bool(jnp.all(y[2] == 0))  # an example with no valid value: 0, the bias, not NaN
+    gradient = jax.grad(lambda v: layer_norm(v, mask=padded, reduction_axes=(1, 2)).sum())(
+        jnp.arange(24.0).reshape(4, 3, 2)
+    )
+    assert bool(jnp.all(jnp.isfinite(gradient)))
