@@ -16,7 +16,7 @@ import jax
 from flax import nnx, traverse_util
 
 from bnjax.core import stats
-from bnjax.lifecycle import _layers as L
+from bnjax.lifecycle import layers as L
 from bnjax.lifecycle.population import LayerInput, population, population_state
 
 MODES = ("train", "full_batch")
