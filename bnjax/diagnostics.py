@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from bnjax.core import BatchNormState
-from bnjax.lifecycle import _layers as L
+from bnjax.lifecycle import layers as L
 
 __all__ = ["COLLECTION", "LayerTelemetry", "collect", "layer_telemetry", "summaries", "telemetry"]
 

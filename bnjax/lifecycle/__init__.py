@@ -8,7 +8,10 @@
 - `validate_statistics`, `load_checkpoint` and ``python -m bnjax.lifecycle validate DIR``:
   missing, non-finite, negative, never-updated or mis-shaped statistics.
 
-Per-layer telemetry (batch statistics, drift from the running ones) is in `bnjax.diagnostics`.
+`bnjax.lifecycle.layers` is the layer walk these tools share (which layers are batch norms in
+linen variables, nnx models and core states; their paths; their input moments), public for
+tools built on top of them. Per-layer telemetry (batch statistics, drift from the running
+ones) is in `bnjax.diagnostics`.
 """
 
 from bnjax.lifecycle.folding import fold, fold_into, layer_epsilons, pair_by_name

@@ -16,7 +16,7 @@ import jax
 from flax import nnx, traverse_util
 
 from bnjax.core import stats
-from bnjax.lifecycle import _layers as L
+from bnjax.lifecycle import layers as L
 from bnjax.lifecycle.population import LayerInput, population, population_state
 
 MODES = ("train", "full_batch")
@@ -257,10 +257,7 @@ class Functional:
         leaves, self.treedef = jax.tree.flatten(states, is_leaf=L.is_state)
         self.positions = [i for i, leaf in enumerate(leaves) if L.is_state(leaf)]
         paths = jax.tree_util.tree_flatten_with_path(states, is_leaf=L.is_state)[0]
-        self.names = {
-            i: jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
-            for i, (path, _) in enumerate(paths)
-        }
+        self.names = {i: L.path_str(path) for i, (path, _) in enumerate(paths)}
         if not self.positions:
             raise ValueError("`states` holds no BatchNormState or BatchRenormState.")
         self.unbiased = unbiased

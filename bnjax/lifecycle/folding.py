@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.lifecycle import _layers as L
+from bnjax.lifecycle import layers as L
 
 __all__ = ["fold", "fold_into", "layer_epsilons", "pair_by_name"]
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from bnjax.lifecycle import _layers as L
+from bnjax.lifecycle import layers as L
 
 __all__ = [
     "bn_param_labels",

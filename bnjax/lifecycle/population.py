@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from bnjax.core import BatchNormState, BatchRenormState, batch_norm_state, stats
-from bnjax.lifecycle import _layers as L
+from bnjax.lifecycle import layers as L
 
 __all__ = ["LayerInput", "Total", "accumulate", "empty_totals", "population_state"]
 

@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bnjax.lifecycle import _layers as L
+from bnjax.lifecycle import layers as L
 from bnjax.lifecycle._backends import (
     MODES,
     Functional,

@@ -34,7 +34,7 @@ import flax.serialization
 import numpy as np
 from flax import nnx
 
-from bnjax.lifecycle import _layers as L
+from bnjax.lifecycle import layers as L
 
 __all__ = ["LayerReport", "ValidationReport", "load_checkpoint", "validate_statistics"]
 

@@ -1,8 +1,11 @@
-"""Pytree leaves as checkpoints store them: names, host copies, checksums, restore targets.
+"""Pytree leaves as checkpoints store them: names, checksums, restore targets, mismatches.
 
-Leaf names join the keys of a leaf's path with "/" (dict keys, attribute names, sequence
-indices), so a NamedTuple or dataclass state and the plain dicts orbax restores without a
-target give the same names.
+A leaf's name is its key path written by ``jax.tree_util.keystr(path, simple=True,
+separator="/")`` (dict keys, attribute names, sequence indices), so a NamedTuple or dataclass
+state and the plain dicts orbax restores without a target give the same names. Orbax stores
+typed PRNG keys itself (their key data plus the implementation's name) and knows every
+leaf's shape and dtype (its item metadata); what bnjax adds is a CRC32 per leaf, kept in a
+JSON manifest beside the state.
 """
 
 from __future__ import annotations
@@ -16,19 +19,13 @@ import numpy as np
 
 
 def leaf_name(path) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts) or "<root>"
+    """'params/dense/kernel' for a key path; '<root>' for a state that is one leaf."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/") or "<root>"
 
 
-def flatten(tree) -> list:
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
+def named_leaves(tree) -> list[tuple[str, Any]]:
+    """[(name, leaf)] of a pytree, in flattening order."""
+    return [(leaf_name(path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def is_key(leaf) -> bool:
@@ -36,16 +33,65 @@ def is_key(leaf) -> bool:
 
 
 def host_copy(leaf) -> np.ndarray | None:
-    """A host copy of a stored leaf; None for arrays that span several processes."""
+    """The bytes a leaf's checksum covers (a typed key's key data), on the host; None for
+    arrays that span several processes."""
+    if is_key(leaf):
+        leaf = jax.random.key_data(leaf)
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
         return None
     return np.asarray(leaf)
 
 
 def crc32(array: np.ndarray | None) -> int | None:
+    """CRC32 of an array's bytes in C order (None for None)."""
     if array is None:
         return None
     return zlib.crc32(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+FORMAT = "bnjax.checkpoint/2"
+"""The manifest's format: {"format", "step", "leaves": {name: {"crc32": int or None}}}."""
+OLD_FORMATS = ("bnjax.checkpoint/1",)  # shapes, dtypes and PRNG key data in the manifest
+
+
+def manifest_of(step: int, checksums: dict[str, int | None]) -> dict:
+    """The JSON manifest of a step: its format, step number and each leaf's checksum."""
+    leaves = {name: {"crc32": checksum} for name, checksum in checksums.items()}
+    return {"format": FORMAT, "step": step, "leaves": leaves}
+
+
+def manifest_checksums(manifest: Any, step: int) -> dict[str, int | None]:
+    """{leaf name: crc32} of a manifest read back; ValueError unless it is step's manifest."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError("no valid manifest item (not written by Checkpointer?)")
+    if manifest.get("step") != step:
+        raise ValueError(f"manifest is for step {manifest.get('step')}, not {step}")
+    return {name: entry["crc32"] for name, entry in manifest["leaves"].items()}
+
+
+def check_checksums(state: Any, checksums: dict[str, int | None]) -> None:
+    """Raises ValueError unless `state` has the manifest's leaves, each with its CRC32.
+
+    Leaves without a checksum (arrays spanning several processes) are not checked.
+    """
+    leaves = named_leaves(state)
+    if sorted(name for name, _ in leaves) != sorted(checksums):
+        raise ValueError("restored leaves differ from the manifest's")
+    for name, leaf in leaves:
+        host = host_copy(leaf)
+        if checksums[name] is not None and host is not None and crc32(host) != checksums[name]:
+            raise ValueError(f"leaf {name!r} fails its checksum (corrupt data)")
+
+
+def target_types(target: Any, restored: Any) -> Any:
+    """`restored` with the target's Python scalars as Python scalars (orbax gives arrays)."""
+
+    def like(original, leaf):
+        if isinstance(original, (bool, int, float)):
+            return type(original)(np.asarray(leaf).item())
+        return leaf
+
+    return jax.tree.map(like, target, restored)
 
 
 def _finite(leaf, host: np.ndarray | None) -> bool:
@@ -56,62 +102,63 @@ def _finite(leaf, host: np.ndarray | None) -> bool:
     return bool(np.all(np.isfinite(host)))
 
 
-def _abstract(name: str, leaf):
-    """The orbax restore target for one target leaf."""
-    if is_key(leaf):
-        leaf = jax.eval_shape(jax.random.key_data, leaf)
-    if isinstance(leaf, jax.Array):
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-        return leaf
-    if isinstance(leaf, (np.ndarray, np.generic, bool, int, float)):
-        return np.asarray(leaf)
-    raise TypeError(f"restore target leaf {name!r}: unsupported type {type(leaf).__name__}")
+def prepare(state: Any) -> tuple[Any, dict[str, int | None], list[str]]:
+    """(tree to store, {leaf name: crc32}, problems) of a state about to be saved.
 
-
-def prepare(state: Any) -> tuple[Any, dict, list[str]]:
-    """(tree to store, manifest entries {name: shape, dtype, crc32[, prng_impl]}, problems).
-
-    Typed PRNG keys become their key data; scalars become numpy arrays; problems name the
+    Python and numpy scalars become numpy arrays (orbax stores arrays); problems name the
     floating leaves holding NaN/inf.
     """
     leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    stored, entries, bad = [], {}, []
+    stored, checksums, bad = [], {}, []
     for path, leaf in leaves:
         name = leaf_name(path)
-        if name in entries:
+        if name in checksums:
             raise ValueError(f"two leaves of the state are both named {name!r}")
-        impl = str(jax.random.key_impl(leaf)) if is_key(leaf) else None
-        if impl is not None:
-            leaf = jax.random.key_data(leaf)
-        elif not isinstance(leaf, jax.Array):
+        if not isinstance(leaf, jax.Array):
             leaf = np.asarray(leaf)
         host = host_copy(leaf)
         if not _finite(leaf, host):
             bad.append(f"{name} (non-finite)")
-        entry = {"shape": list(leaf.shape), "dtype": str(leaf.dtype), "crc32": crc32(host)}
-        entries[name] = entry if impl is None else {**entry, "prng_impl": impl}
+        checksums[name] = crc32(host)
         stored.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, stored), entries, bad
+    return jax.tree_util.tree_unflatten(treedef, stored), checksums, bad
 
 
-def restore_plan(target: Any) -> tuple[list[str], list, list, Any]:
-    """(names, target leaves, orbax restore targets, treedef) of a restore target."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
-    names = [leaf_name(path) for path, _ in leaves]
-    abstract = [_abstract(name, leaf) for name, (_, leaf) in zip(names, leaves, strict=True)]
-    return names, [leaf for _, leaf in leaves], abstract, treedef
+def restore_target(target: Any) -> Any:
+    """The orbax restore target of a target pytree: arrays (typed keys included) become
+    ``jax.ShapeDtypeStruct`` with their sharding, numpy arrays and scalars numpy arrays."""
+
+    def abstract(path, leaf):
+        if isinstance(leaf, jax.Array):
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        if isinstance(leaf, (np.ndarray, np.generic, bool, int, float)):
+            return np.asarray(leaf)
+        raise TypeError(
+            f"restore target leaf {leaf_name(path)!r}: unsupported type {type(leaf).__name__}"
+        )
+
+    return jax.tree_util.tree_map_with_path(abstract, target)
 
 
-def mismatches(entries: dict, names: list[str], abstract: list) -> list[str]:
-    """How a checkpoint's manifest entries and a restore target disagree, leaf by leaf."""
-    problems = [f"{name}: not in the checkpoint" for name in names if name not in entries]
-    problems += [f"{name}: not in the target" for name in entries if name not in names]
-    for name, leaf in zip(names, abstract, strict=True):
-        saved = entries.get(name)
-        if saved and [saved["shape"], saved["dtype"]] != [list(leaf.shape), str(leaf.dtype)]:
-            problems.append(
-                f"{name}: saved {tuple(saved['shape'])} {saved['dtype']}, "
-                f"target {tuple(leaf.shape)} {leaf.dtype}"
-            )
+def _stored_as(leaf) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype) as orbax's metadata gives them (a typed key: its key data's)."""
+    if is_key(leaf):
+        leaf = jax.eval_shape(jax.random.key_data, leaf)
+    return tuple(leaf.shape), str(np.dtype(leaf.dtype))
+
+
+def mismatches(saved: Any, target: Any) -> list[str]:
+    """How a checkpoint's item metadata (orbax's tree of array metadata) and a restore
+    target disagree, leaf by leaf: missing or extra leaves, other shapes or dtypes."""
+    saved, target = dict(named_leaves(saved)), dict(named_leaves(target))
+    problems = [f"{name}: not in the checkpoint" for name in target if name not in saved]
+    problems += [f"{name}: not in the target" for name in saved if name not in target]
+    for name, leaf in target.items():
+        if name not in saved:
+            continue
+        (shape, dtype), (saved_shape, saved_dtype) = _stored_as(leaf), _stored_as(saved[name])
+        if (shape, dtype) != (saved_shape, saved_dtype):
+            problems.append(f"{name}: saved {saved_shape} {saved_dtype}, target {shape} {dtype}")
     return problems

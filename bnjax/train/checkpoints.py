@@ -2,9 +2,10 @@
 
 `Checkpointer` wraps ``orbax.checkpoint.CheckpointManager``. A step directory holds two items:
 
-    DIRECTORY/<step>/state/      the state pytree (orbax PyTree format, StandardSave)
+    DIRECTORY/<step>/state/      the state pytree (orbax PyTree format, StandardSave; its
+                                 metadata holds every leaf's shape and dtype)
     DIRECTORY/<step>/manifest/   JSON: {"format", "step", "leaves": {"a/b/kernel":
-                                 {"shape", "dtype", "crc32", ["prng_impl"]}}}
+                                 {"crc32": int or null}}}, leaves named by their key path
 
 Guarantees:
 
@@ -34,10 +35,10 @@ Guarantees:
   the target's sharding), Python scalars as Python scalars. Zero-size arrays are not
   supported (orbax refuses them).
 
-PRNG keys: a typed key (``jax.random.key``) leaf is stored as ``jax.random.key_data(key)``
-(uint32) with its implementation name, and restored with ``jax.random.wrap_key_data`` when the
-target leaf is a typed key (or with no target). Raw uint32 keys (``jax.random.PRNGKey``) are
-plain arrays. Either way the restored key is bitwise the saved one.
+PRNG keys: orbax stores a typed key (``jax.random.key``) leaf as its key data with its
+implementation's name and restores it as a typed key (with or without a target); its checksum
+covers the key data. Raw uint32 keys (``jax.random.PRNGKey``) are plain arrays. Either way the
+restored key is bitwise the saved one.
 
     ckpt = Checkpointer(workdir + "/checkpoints", max_to_keep=3, save_interval_steps=100)
     restored = ckpt.restore_latest(state)          # state: a template with the right shapes
@@ -63,20 +64,18 @@ import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from bnjax.lifecycle.validation import validate_statistics
 from bnjax.train._leaves import (
-    crc32,
-    flatten,
-    host_copy,
-    is_key,
-    leaf_name,
+    OLD_FORMATS,
+    check_checksums,
+    manifest_checksums,
+    manifest_of,
     mismatches,
     prepare,
-    restore_plan,
+    restore_target,
+    target_types,
 )
 from bnjax.train.quiet import quietly, root_cause
 
@@ -88,7 +87,6 @@ __all__ = [
     "UnsafeStateError",
 ]
 
-FORMAT = "bnjax.checkpoint/1"
 _STATE, _MANIFEST = "state", "manifest"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax names a step's directory <step><suffix> until commit
 
@@ -183,25 +181,25 @@ class Checkpointer:
                 create=False,
                 cleanup_tmp_directories=False,
             )
-            # Only orbax's notes that it adjusted the options for read-only use are dropped.
-            self._manager = quietly(
-                lambda: ocp.CheckpointManager(self.directory, options=options),
-                keep=lambda record: "read only" not in str(record.msg),
+        else:
+            policies = ocp.checkpoint_managers
+            every_n = [
+                policies.FixedIntervalPolicy(save_interval_steps),
+                policies.PreemptionCheckpointingPolicy(),
+            ]
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                save_decision_policy=policies.AnySavePolicy(every_n),
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
             )
-            return
-        policies = ocp.checkpoint_managers
-        every_n = [
-            policies.FixedIntervalPolicy(save_interval_steps),
-            policies.PreemptionCheckpointingPolicy(),
-        ]
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            save_decision_policy=policies.AnySavePolicy(every_n),
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
+            _remove_unfinished(self.directory)
+        handlers = {_STATE: ocp.StandardCheckpointHandler(), _MANIFEST: ocp.JsonCheckpointHandler()}
+        # Read-only: orbax notes that it adjusted the options for read-only use; drop only that.
+        self._manager = quietly(
+            lambda: ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers),
+            keep=lambda record: not read_only or "read only" not in str(record.msg),
         )
-        _remove_unfinished(self.directory)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         """The newest committed step (not yet verified; `restore_latest` verifies)."""
@@ -241,7 +239,7 @@ class Checkpointer:
             return False
         if step in self._manager.all_steps() and step not in self._corrupt:
             return False
-        stored, entries, bad = prepare(state)
+        stored, checksums, bad = prepare(state)
         report = validate_statistics(state)
         bad += [
             f"{layer.path}: {problem}"
@@ -254,11 +252,10 @@ class Checkpointer:
             raise UnsafeStateError(f"refusing to checkpoint step {step}: {shown}")
         if step in self._manager.all_steps():
             self._discard(step)
-        manifest = {"format": FORMAT, "step": step, "leaves": entries}
         args = ocp.args.Composite(
             **{
                 _STATE: ocp.args.StandardSave(stored),
-                _MANIFEST: ocp.args.JsonSave(manifest),
+                _MANIFEST: ocp.args.JsonSave(manifest_of(step, checksums)),
             }
         )
         return bool(self._manager.save(step, args=args, force=True))
@@ -293,7 +290,7 @@ class Checkpointer:
         (orbax's logs and tracebacks of the failed attempt are held back; the error says why).
         """
         self._manager.wait_until_finished()
-        plan = None if target is None else restore_plan(target)
+        plan = None if target is None else (target, restore_target(target))
         return self._attempt(int(step), plan)
 
     def verify(self, step: int, target: Any = None) -> None:
@@ -313,7 +310,7 @@ class Checkpointer:
                 f"checkpoint step {step} is not in {self.directory} "
                 f"(steps: {self.all_steps()}): never saved, or since removed"
             )
-        plan = None if target is None else restore_plan(target)
+        plan = None if target is None else (target, restore_target(target))
         try:
             self._attempt(step, plan)
         except CheckpointMismatchError:
@@ -333,7 +330,7 @@ class Checkpointer:
         """
         self._manager.wait_until_finished()
         self._manager.reload()
-        plan = None if target is None else restore_plan(target)
+        plan = None if target is None else (target, restore_target(target))
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
                 return step, self._attempt(step, plan)
@@ -362,57 +359,30 @@ class Checkpointer:
             raise
 
     def _restore(self, step: int, plan) -> Any:
-        restored = self._manager.restore(
+        manifest = self._manager.restore(
             step, args=ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()})
-        )
-        manifest = restored[_MANIFEST]
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ValueError(f"no valid {_MANIFEST} item (not written by Checkpointer?)")
-        if manifest.get("step") != step:
-            raise ValueError(f"manifest is for step {manifest.get('step')}, not {step}")
-        entries = manifest["leaves"]
+        )[_MANIFEST]
+        if isinstance(manifest, dict) and manifest.get("format") in OLD_FORMATS:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} is in the older format "
+                f"{manifest['format']!r}; read it with the bnjax version that wrote it"
+            )
+        checksums = manifest_checksums(manifest, step)
         if plan is None:
-            state = self._manager.restore(
-                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore()})
-            )[_STATE]
-            leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-            names, originals = [leaf_name(path) for path, _ in leaves], [None] * len(leaves)
-            leaves = [leaf for _, leaf in leaves]
+            args = ocp.args.StandardRestore()
         else:
-            names, originals, abstract, treedef = plan
-            self._check_fits(step, entries, names, abstract)
-            state = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    **{
-                        _STATE: ocp.args.StandardRestore(
-                            jax.tree_util.tree_unflatten(treedef, abstract)
-                        )
-                    }
-                ),
-            )[_STATE]
-            by_name = {leaf_name(path): leaf for path, leaf in flatten(state)}
-            if sorted(by_name) != sorted(names):
-                raise ValueError("restored leaves differ from the target's")
-            leaves = [by_name[name] for name in names]
-        if sorted(names) != sorted(entries):
-            raise ValueError("restored leaves differ from the manifest's")
-        out = []
-        for name, original, leaf in zip(names, originals, leaves, strict=True):
-            entry, host = entries[name], host_copy(leaf)
-            if [list(np.shape(leaf)), str(leaf.dtype)] != [entry["shape"], entry["dtype"]]:
-                raise ValueError(f"leaf {name!r} restored with the wrong shape or dtype")
-            if entry["crc32"] is not None and host is not None and crc32(host) != entry["crc32"]:
-                raise ValueError(f"leaf {name!r} fails its checksum (corrupt data)")
-            if "prng_impl" in entry and (original is None or is_key(original)):
-                leaf = jax.random.wrap_key_data(jnp.asarray(leaf), impl=entry["prng_impl"])
-            elif isinstance(original, (bool, int, float)):
-                leaf = type(original)(np.asarray(leaf).item())
-            out.append(leaf)
-        return jax.tree_util.tree_unflatten(treedef, out)
+            target, abstract = plan
+            metadata = self._manager.item_metadata(step)[_STATE]
+            if metadata is None:  # orbax returns None where it cannot read the metadata
+                raise FileNotFoundError(f"{_STATE}/_METADATA of step {step} is unreadable")
+            self._check_fits(step, metadata.tree, abstract)
+            args = ocp.args.StandardRestore(abstract)
+        state = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
+        check_checksums(state, checksums)
+        return state if plan is None else target_types(target, state)
 
-    def _check_fits(self, step, entries, names, abstract) -> None:
-        problems = mismatches(entries, names, abstract)
+    def _check_fits(self, step, saved, abstract) -> None:
+        problems = mismatches(saved, abstract)
         if problems:
             shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
             raise CheckpointMismatchError(

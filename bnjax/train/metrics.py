@@ -7,7 +7,10 @@ Files written in `logdir` (by process 0 only when there are several processes):
   Unix wall time. Strict JSON: non-finite values are written as the strings ``"NaN"``,
   ``"Infinity"``, ``"-Infinity"`` (``float()`` parses them; `read_metrics` returns floats).
 - ``events.out.tfevents.*``: the same scalars for TensorBoard (``tensorboard --logdir
-  LOGDIR``), one new file per writer; format in `bnjax.train.event_file`.
+  LOGDIR``), one new file per writer: TFRecord-framed ``Event`` protos, each write one event
+  whose summary holds every scalar as a float32 ``simple_value`` tagged with its name. The
+  records and protos are TensorBoard's own (``tensorboard.summary.writer.record_writer``,
+  ``tensorboard.compat.proto``); no TensorFlow is needed.
 
 Every write is flushed to the operating system, so a killed process loses nothing it had
 written (`flush` and `close` also fsync, for power loss).
@@ -28,13 +31,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
-from bnjax.train.event_file import EventFileWriter
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 __all__ = ["JSONL_NAME", "MetricWriter", "read_metrics"]
 
@@ -130,6 +134,55 @@ def read_metrics(path: str) -> list[dict]:
     return records
 
 
+class _EventFile:
+    """A new ``events.out.tfevents.*`` file in `logdir`, written synchronously.
+
+    Not tensorboard's ``EventFileWriter``: that one writes from a background queue (a killed
+    process loses what is queued) and names files by the second, then host and pid, so two
+    runs started within one second may sort out of order. TensorBoard reads a directory's
+    files in name order, and dropping the orphaned events of a killed run relies on reading
+    the resumed run's file after the killed one's: here names sort by creation time to the
+    nanosecond.
+    """
+
+    _last_ns = 0
+
+    def __init__(self, logdir: str):
+        now = _EventFile._last_ns = max(time.time_ns(), _EventFile._last_ns + 1)
+        name = (
+            f"events.out.tfevents.{now // 10**9:010d}.{now % 10**9:09d}"
+            f".{socket.gethostname()}.{os.getpid()}.v2"
+        )
+        self.path = os.path.join(logdir, name)
+        self._file = open(self.path, "ab")
+        self._records = RecordWriter(self._file)
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event) -> None:
+        self._records.write(event.SerializeToString())
+        self._records.flush()  # to the OS: a killed process loses nothing written
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float], wall_time: float) -> None:
+        """One event holding every scalar (a float32 ``simple_value``) at `step`."""
+        values = [summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in scalars.items()]
+        summary = summary_pb2.Summary(value=values)
+        self._write(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
+
+    def write_session_start(self, step: int) -> None:
+        """Marks a (re)start at `step`: TensorBoard drops the earlier events with step >= it."""
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._write(event_pb2.Event(wall_time=time.time(), step=step, session_log=start))
+
+    def flush(self) -> None:
+        self._records.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._records.closed:
+            self.flush()
+            self._records.close()
+
+
 class MetricWriter:
     """Writes scalar metrics to ``metrics.jsonl`` and TensorBoard event files in `logdir`.
 
@@ -173,7 +226,7 @@ class MetricWriter:
         _keep_through(self.jsonl_path, resume_step)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         if tensorboard:
-            self._events = EventFileWriter(self.logdir)
+            self._events = _EventFile(self.logdir)
             self._events.write_session_start(0 if resume_step is None else resume_step + 1)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:

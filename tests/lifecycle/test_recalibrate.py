@@ -13,7 +13,7 @@ from flax import nnx
 import bnjax
 from bnjax import lifecycle
 from bnjax import nnx as bnnx
-from bnjax.lifecycle._layers import feature_moments
+from bnjax.lifecycle.layers import feature_moments
 from tests.lifecycle.helpers import BATCHES, DATA, MODELS, apply, initialised
 
 EPS = 1e-5

@@ -1,6 +1,7 @@
 """Checkpointer hardening: a quiet fallback, corrupt steps replaced on save, `verify`, read-only."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from bnjax.train.checkpoints import (
     Checkpointer,
+    CheckpointMismatchError,
     CheckpointWarning,
     CorruptCheckpointError,
 )
@@ -173,3 +175,14 @@ def test_read_only_changes_nothing(tmp_path):
     assert sorted(os.listdir(tmp_path)) == before
     with pytest.raises(FileNotFoundError, match="No checkpoint directory"):
         Checkpointer(str(tmp_path / "missing"), read_only=True)
+
+
+def test_an_older_format_is_refused_not_quarantined(tmp_path):
+    saved(tmp_path, steps=(0,))
+    path = tmp_path / "0" / "manifest" / "metadata"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "format": "bnjax.checkpoint/1"}))
+    with Checkpointer(str(tmp_path)) as checkpointer:
+        with pytest.raises(CheckpointMismatchError, match="older format"):
+            checkpointer.restore_latest(state(0))
+        assert checkpointer.all_steps() == [0] and not (tmp_path / "corrupt").exists()

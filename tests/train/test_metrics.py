@@ -7,9 +7,24 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_file_loader
+from tensorboard.compat.proto import event_pb2
 
 from bnjax.train import MetricWriter, read_metrics
-from bnjax.train.event_file import SESSION_START, read_events
+
+SESSION_START = event_pb2.SessionLog.START
+
+
+def read_events(path):
+    """The events of one event file as dicts, read by TensorBoard's own loader."""
+    for record in event_file_loader.RawEventFileLoader(path).Load():
+        event = event_pb2.Event.FromString(record)
+        yield {
+            "step": event.step,
+            "wall_time": event.wall_time,
+            "scalars": {value.tag: value.simple_value for value in event.summary.value},
+            "session_log_status": event.session_log.status,
+        }
 
 
 def _strict(text):

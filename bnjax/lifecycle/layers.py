@@ -1,13 +1,30 @@
-"""What the lifecycle tools share: which modules are batch norms, their input moments, paths.
+"""Finding and reading batch-norm layers: the layer walk shared by the lifecycle tools.
 
-A batch-norm *layer* is found three ways, one per front end:
+`bnjax.lifecycle` (recalibrate, reset, freeze, fold, validate) and `bnjax.diagnostics` all need
+the same three things: which layers of a model are batch norms, where their statistics live,
+and the per-feature moments of a layer's input. This module is that one layer walk.
 
-- linen: a module call seen through ``flax.linen.intercept_methods`` (bnjax's `BatchNorm`,
-  `BatchRenorm`, or flax's own `BatchNorm`), and in a variables tree a dict of 'batch_stats'
-  holding both 'mean' and 'var'. Its key is the module path, e.g. ('stage0_block0', 'norm1'),
-  the same path under 'params' (scale, bias), 'batch_stats' and 'bn_counters'.
-- nnx: a module of those classes found by ``nnx.iter_modules``; key = its attribute path.
-- functional: a `BatchNormState` / `BatchRenormState` leaf of a pytree.
+What counts as a *batch-norm layer*, per front end:
+
+- **linen variables** (``model.init(...)`` output): a dict in the 'batch_stats' collection
+  holding both 'mean' and 'var' (arrays of the feature shape, e.g. ``(C,)``). Its *path* is the
+  module path, a tuple of names such as ``('stage0_block0', 'norm1')``; the same path leads to
+  its 'scale'/'bias' under 'params' and, when the module keeps them, to its 'count'/'skipped'
+  under 'bn_counters' (optional: nothing here requires that collection). In a traced call the
+  layer is a module of `LINEN_BATCH_NORMS` seen through ``flax.linen.intercept_methods``.
+- **nnx**: a module of `NNX_BATCH_NORMS` found by ``nnx.iter_modules``; its path is its
+  attribute path, e.g. ``('blocks', 0, 'norm')``.
+- **the functional core**: a `BatchNormState` / `BatchRenormState` node of any pytree; its
+  path is its jax key path, written ``'bn/0'`` by `path_str`.
+
+Paths are tuples of keys. Users write them as ``'a/b'`` strings or tuples (a `Selection`);
+they are printed with `path_str` (``jax.tree_util.keystr`` with "/" separators). The root
+layer (a model that is one batch norm) has the empty path ``()``, printed ``<root>``.
+
+Example:
+  >>> variables = {"batch_stats": {"block": {"bn": {"mean": jnp.zeros(3), "var": jnp.ones(3)}}}}
+  >>> [path_str(path) for path in stats_layer_paths(variables[STATS])]
+  ['block/bn']
 """
 
 from __future__ import annotations
@@ -20,19 +37,56 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from bnjax import linen as bnn
 from bnjax import nnx as bnnx
 from bnjax.core import BatchNormState, BatchRenormState, stats
 from bnjax.core.checks import normalize_axes
 
+__all__ = [
+    "COUNTERS",
+    "LINEN_BATCH_NORMS",
+    "NNX_BATCH_NORMS",
+    "PARAMS",
+    "RENORM_STATS",
+    "STATE_TYPES",
+    "STATS",
+    "Path",
+    "Selection",
+    "call_in_mode",
+    "call_parent",
+    "feature_moments",
+    "get_path",
+    "is_linen_batch_norm_call",
+    "is_state",
+    "layer_filter",
+    "merge_calls",
+    "nnx_batch_norms",
+    "original_class",
+    "path_str",
+    "read_variable",
+    "set_path",
+    "stats_layer_paths",
+    "subclass",
+    "swap_class",
+    "swapped_classes",
+    "to_dict",
+    "unbiased_of",
+    "write_variable",
+]
+
 Path = tuple[Any, ...]
+"""A layer's path: a tuple of keys (module names, attribute names, sequence indices)."""
 
 STATS = "batch_stats"
+"""The linen collection of the running statistics ('mean', 'var'[, 'renorm_mean', ...])."""
 PARAMS = "params"
+"""The linen collection of the learned 'scale' and 'bias'."""
 COUNTERS = bnn.COUNTERS
+"""The optional linen collection of bnjax's per-layer 'count' and 'skipped' counters."""
 RENORM_STATS = ("renorm_mean", "renorm_var")
+"""BatchRenorm's second pair of statistics (beside 'mean' and 'var')."""
 
 LINEN_BATCH_NORMS = (bnn.BatchNorm, bnn.BatchRenorm, nn.BatchNorm)
 NNX_BATCH_NORMS = (bnnx.BatchNorm, bnnx.BatchRenorm, nnx.BatchNorm)
@@ -40,19 +94,34 @@ STATE_TYPES = (BatchNormState, BatchRenormState)
 
 
 def is_state(node) -> bool:
+    """Whether a pytree node is a functional batch-norm state (a layer of the core)."""
     return isinstance(node, STATE_TYPES)
 
 
 def path_str(path: Path) -> str:
-    return "/".join(str(key) for key in path) or "<root>"
+    """A path as an 'a/b/0' string; the empty (root) path is '<root>'.
+
+    Example:
+      >>> path_str(("stage0", "norm1")), path_str(()), path_str(("blocks", 0))
+      ('stage0/norm1', '<root>', 'blocks/0')
+    """
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/") or "<root>"
 
 
 class Selection:
     """A `layers=` argument: None (every layer), a predicate on the path tuple, or paths.
 
-    Paths are 'a/b' strings or tuples of keys; a single string is one path. `check` raises
-    when a path (or the predicate) matches none of the layers that exist, so a typo is an
-    error instead of a silent no-op.
+    Paths are 'a/b' strings or tuples of keys; a single string is one path. A path matches
+    a layer whose path is equal as a tuple, or equal once each key is a string (so 'blocks/0'
+    selects ('blocks', 0)). `check` raises when a path (or the predicate) matches none of the
+    layers that exist, so a typo is an error instead of a silent no-op.
+
+    Example:
+      >>> select = Selection(["stem/norm", ("blocks", 0, "norm")])
+      >>> select(("stem", "norm")), select(("blocks", 0, "norm")), select(("head", "norm"))
+      (True, True, False)
+      >>> Selection(None)(("anything",))
+      True
     """
 
     def __init__(self, layers, argument: str = "layers"):
@@ -103,7 +172,7 @@ class Selection:
             unmatched = "the predicate"
         else:
             missing = [
-                "/".join(str(k) for k in wanted)
+                path_str(wanted)
                 for wanted in self.paths
                 if not any(self._matches(wanted, path) for path in available)
             ]
@@ -129,10 +198,22 @@ def layer_filter(layers, available: Iterable[Path] | None = None) -> Selection:
 
 
 def feature_moments(x, axis, mask=None) -> stats.Moments:
-    """Moments of `x` per feature (statistics over every axis but `axis`), feature-shaped.
+    """Moments of a layer's input per feature: statistics over every axis but `axis`.
 
-    `mask`: None, (N,) per example, or broadcastable to x (False entries left out), as the
-    batch-norm modules take it.
+    For x of shape (N, H, W, C) and ``axis=-1`` the result holds, per channel c (shape (C,)),
+    ``count_c`` (the number of values), ``mean_c = sum x / count_c`` and
+    ``m2_c = sum (x - mean_c)^2`` over the N*H*W values (masked ones left out). With several
+    feature axes the fields have the shape of those axes, in order.
+
+    Args:
+      x: the layer's input.
+      axis: the feature axis or axes, as the batch-norm modules take it.
+      mask: None, (N,) per example, or broadcastable to x (False entries left out).
+
+    Example:
+      >>> moments = feature_moments(jnp.array([[1.0, 10.0], [3.0, 10.0]]), axis=-1)
+      >>> moments.count.tolist(), moments.mean.tolist(), moments.m2.tolist()
+      ([2.0, 2.0], [2.0, 10.0], [2.0, 0.0])
     """
     x = jnp.asarray(x)
     features = normalize_axes(axis, x.ndim, "axis")
@@ -148,7 +229,11 @@ def feature_moments(x, axis, mask=None) -> stats.Moments:
 
 
 def merge_calls(calls) -> stats.Moments:
-    """One summary from the moments of several calls of the same layer (exact merge)."""
+    """One summary from the moments of several calls of the same layer (exact merge).
+
+    `calls` are `Moments` of equal shapes; the result is the moments of all their values
+    together (Chan et al.'s merge), as if the layer had seen them in one call.
+    """
     calls = tuple(calls)
     if len(calls) == 1:
         return calls[0]
@@ -156,6 +241,7 @@ def merge_calls(calls) -> stats.Moments:
 
 
 def unbiased_of(module) -> bool:
+    """Whether a batch-norm module stores the unbiased running variance (PyTorch's choice)."""
     return bool(getattr(module, "use_unbiased_running_var", False))
 
 
@@ -182,6 +268,7 @@ def call_in_mode(next_fun, module, args, kwargs, *, use_running_average: bool):
 
 
 def is_linen_batch_norm_call(context) -> bool:
+    """Whether an ``intercept_methods`` context is the ``__call__`` of a linen batch norm."""
     return context.method_name == "__call__" and isinstance(context.module, LINEN_BATCH_NORMS)
 
 
@@ -193,6 +280,7 @@ def to_dict(tree):
 
 
 def get_path(tree, path: Path, default=None):
+    """``tree[path[0]][path[1]]...``, or `default` where a key is missing."""
     for key in path:
         if not isinstance(tree, Mapping) or key not in tree:
             return default
@@ -208,20 +296,17 @@ def set_path(tree: dict, path: Path, value) -> None:
 
 
 def stats_layer_paths(collection) -> list[Path]:
-    """Paths of the dicts in a 'batch_stats' collection that hold both 'mean' and 'var'."""
-    found = []
+    """Paths of the layers in a 'batch_stats' collection: the dicts holding 'mean' and 'var'.
 
-    def visit(node, path):
-        if not isinstance(node, Mapping):
-            return
-        if "mean" in node and "var" in node and not isinstance(node["mean"], Mapping):
-            found.append(path)
-            return
-        for key, value in node.items():
-            visit(value, (*path, key))
+    In the order of the collection (the modules' definition order, for ``model.init``).
 
-    visit(collection, ())
-    return found
+    Example:
+      >>> stats = {"norm0": {"mean": jnp.zeros(2), "var": jnp.ones(2)}, "head": {}}
+      >>> stats_layer_paths(stats), stats_layer_paths({"mean": 0.0, "var": 1.0})
+      ([('norm0',)], [()])
+    """
+    flat = traverse_util.flatten_dict(to_dict(collection))
+    return [path[:-1] for path in flat if path[-1] == "mean" and (*path[:-1], "var") in flat]
 
 
 # --------------------------------------------------------------------------- nnx
@@ -286,8 +371,10 @@ def swapped_classes(modules: Iterable, make_class: Callable[[type], type]):
 
 
 def read_variable(variable):
+    """The value of an ``nnx.Variable`` (e.g. a batch norm's ``mean``)."""
     return variable[...]
 
 
 def write_variable(variable, value) -> None:
+    """Sets the value of an ``nnx.Variable`` in place."""
     variable[...] = value
