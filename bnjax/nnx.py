@@ -23,6 +23,7 @@ flax are those of `bnjax.linen` (exact two-pass float32 statistics whatever
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -44,7 +45,7 @@ from bnjax.core import (
     layer_norm,
     rms_norm,
 )
-from bnjax.core.checks import as_int
+from bnjax.core.checks import as_int, normalize_axes
 from bnjax.module_common import check_instance_feature_axes, promote
 
 __all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
@@ -438,6 +439,20 @@ class _PerExample(_Affine):
     def _device_options(self) -> dict:
         return dict(axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
 
+    def _feature_shaped(self, x, scale, bias, feature_axes):
+        """scale and bias in the shape of x along `feature_axes`. flax's constructor takes
+        one int `num_features` (the product, for several feature axes) and reshapes the flat
+        parameters at call time; bnjax takes that and a tuple alike."""
+        axes = normalize_axes(feature_axes, jnp.ndim(x), "feature_axes")
+        shape = tuple(jnp.shape(x)[a] for a in axes)
+
+        def reshape(param):
+            if param is None or param.shape == shape or param.size != math.prod(shape):
+                return param  # a mismatch is reported by the core, naming the argument
+            return param.reshape(shape)
+
+        return reshape(scale), reshape(bias)
+
 
 class GroupNorm(_PerExample):
     """Group normalization (`bnjax.group_norm`), a drop-in for ``flax.nnx.GroupNorm``.
@@ -588,6 +603,7 @@ class LayerNorm(_PerExample):
     def __call__(self, x, *, mask=None):
         """Normalizes `x`; `mask`: booleans broadcastable to x."""
         x, scale, bias, out_dtype = self._inputs(x)
+        scale, bias = self._feature_shaped(x, scale, bias, self.feature_axes)
         y = layer_norm(
             x,
             scale,
@@ -656,6 +672,7 @@ class RMSNorm(_PerExample):
     def __call__(self, x, mask=None):
         """Normalizes `x`; `mask`: booleans broadcastable to x."""
         x, scale, _, out_dtype = self._inputs(x)
+        scale, _ = self._feature_shaped(x, scale, None, self.feature_axes)
         y = rms_norm(
             x,
             scale,
@@ -731,6 +748,7 @@ class InstanceNorm(_PerExample):
         x = jnp.asarray(x)
         check_instance_feature_axes(self.feature_axes, x.ndim)
         x, scale, bias, out_dtype = self._inputs(x)
+        scale, bias = self._feature_shaped(x, scale, bias, self.feature_axes)
         y = instance_norm(
             x,
             scale,
