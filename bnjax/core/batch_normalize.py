@@ -70,10 +70,9 @@ class KernelConfig(NamedTuple):
 
 def batch_moments(x: Array, mask: Array | None, config: KernelConfig) -> stats.Moments:
     """Moments over the reduction axes, merged across devices when `config.axis_name` is set."""
-    local = stats.moments(x, config.reduction_axes, mask)
-    if config.axis_name is None:
-        return local
-    return stats.merge_across_devices(local, config.axis_name, config.axis_index_groups)
+    return stats.reduce_moments(
+        x, config.reduction_axes, mask, config.axis_name, config.axis_index_groups
+    )
 
 
 def _statistics(x, mask, epsilon, config):
