@@ -20,7 +20,7 @@ as an ordinary output, a flax collection (`sow`), so they work under ``jit``/``p
 
     with diagnostics.telemetry():                     # linen, inside your (jitted) step
         logits, updates = model.apply(variables, x, train=True,
-                                      mutable=["batch_stats", "bn_counters", "bn_telemetry"])
+                                      mutable=["batch_stats", "bn_telemetry"])
     metrics = diagnostics.summaries(updates["bn_telemetry"])   # {"bn/stem_norm/drift": ...}
 
     logits, per_layer = diagnostics.collect(model, variables, x, train=False)   # linen
@@ -155,7 +155,7 @@ def telemetry(collection: str = COLLECTION):
         y = next_fun(*args, **kwargs)
         if running.mean is None:  # statistics created by this very call
             return y
-        counters = _counters(lambda name: module.get_variable(L.COUNTERS, name))
+        counters = _counters(lambda name: module.get_variable(L.STATS, name))
         module.sow(
             collection,
             "telemetry",

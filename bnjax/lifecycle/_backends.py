@@ -137,7 +137,6 @@ class Linen:
 
     def write(self, current, totals, *, final: bool):
         new = L.to_dict(current)
-        counters = new.get(L.COUNTERS)
         for path, total in totals.items():
             layer = dict(L.get_path(new[L.STATS], path))
             unbiased = final and self.unbiased.get(path, False)
@@ -148,9 +147,9 @@ class Linen:
                 layer["renorm_mean"], layer["renorm_var"] = population(
                     total.moments, layer["renorm_mean"], layer["renorm_var"], False
                 )
+            if "count" in layer:  # counters kept (track_counters=True): batches merged/left out
+                layer["count"], layer["skipped"] = total.batches, total.skipped
             L.set_path(new[L.STATS], path, layer)
-            if isinstance(L.get_path(counters, path), Mapping):
-                L.set_path(counters, path, {"count": total.batches, "skipped": total.skipped})
         return new
 
     def statistics(self, current):

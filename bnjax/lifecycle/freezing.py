@@ -57,6 +57,13 @@ def _fresh(name: str, value):
     return jnp.full(jnp.shape(value), _FRESH[name], jnp.asarray(value).dtype)
 
 
+def _reset(name: str, value):
+    """A statistic's initial value; counters (track_counters=True) back to 0; others kept."""
+    if name in _FRESH:
+        return _fresh(name, value)
+    return jnp.zeros_like(value) if name in L.COUNTER_NAMES else value
+
+
 def _key_names(key_path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in key_path)
 
@@ -102,14 +109,8 @@ def reset_statistics(target, layers=None):
             L.set_path(
                 new[L.STATS],
                 path,
-                {
-                    name: _fresh(name, value) if name in _FRESH else value
-                    for name, value in layer.items()
-                },
+                {name: _reset(name, value) for name, value in layer.items()},
             )
-            counters = L.get_path(new.get(L.COUNTERS), path)
-            if isinstance(counters, Mapping):
-                L.set_path(new[L.COUNTERS], path, jax.tree.map(jnp.zeros_like, dict(counters)))
         return new
 
     states = jax.tree_util.tree_flatten_with_path(target, is_leaf=L.is_state)[0]

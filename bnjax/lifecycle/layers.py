@@ -9,8 +9,9 @@ What counts as a *batch-norm layer*, per front end:
 - **linen variables** (``model.init(...)`` output): a dict in the 'batch_stats' collection
   holding both 'mean' and 'var' (arrays of the feature shape, e.g. ``(C,)``). Its *path* is the
   module path, a tuple of names such as ``('stage0_block0', 'norm1')``; the same path leads to
-  its 'scale'/'bias' under 'params' and, when the module keeps them, to its 'count'/'skipped'
-  under 'bn_counters' (optional: nothing here requires that collection). In a traced call the
+  its 'scale'/'bias' under 'params'. A module built with ``track_counters=True`` also keeps
+  int32 'count'/'skipped' in that same 'batch_stats' dict (optional: nothing here requires
+  them). In a traced call the
   layer is a module of `LINEN_BATCH_NORMS` seen through ``flax.linen.intercept_methods``.
 - **nnx**: a module of `NNX_BATCH_NORMS` found by ``nnx.iter_modules``; its path is its
   attribute path, e.g. ``('blocks', 0, 'norm')``.
@@ -45,7 +46,7 @@ from bnjax.core import BatchNormState, BatchRenormState, stats
 from bnjax.core.checks import normalize_axes
 
 __all__ = [
-    "COUNTERS",
+    "COUNTER_NAMES",
     "LINEN_BATCH_NORMS",
     "NNX_BATCH_NORMS",
     "PARAMS",
@@ -83,8 +84,8 @@ STATS = "batch_stats"
 """The linen collection of the running statistics ('mean', 'var'[, 'renorm_mean', ...])."""
 PARAMS = "params"
 """The linen collection of the learned 'scale' and 'bias'."""
-COUNTERS = bnn.COUNTERS
-"""The optional linen collection of bnjax's per-layer 'count' and 'skipped' counters."""
+COUNTER_NAMES = ("count", "skipped")
+"""bnjax's optional int32 counters, beside 'mean' and 'var' in a layer's 'batch_stats'."""
 RENORM_STATS = ("renorm_mean", "renorm_var")
 """BatchRenorm's second pair of statistics (beside 'mean' and 'var')."""
 

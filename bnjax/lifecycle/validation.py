@@ -2,9 +2,8 @@
 
 The failures this catches are silent at load time and ruin evaluation: a checkpoint of the
 params alone (the running statistics dropped), statistics never updated because training never
-ran with ``mutable=['batch_stats']`` (exactly the initial mean 0 / var 1, with count 0 or no
-counters; a count of 0 next to statistics that moved is only a note: the layer trained with
-'batch_stats' mutable but not 'bn_counters'), NaN or
+ran with ``mutable=['batch_stats']`` (exactly the initial mean 0 / var 1, or a count of 0 for
+layers built with ``track_counters=True``), NaN or
 infinite statistics from a diverged run, a negative variance from a buggy update or a bad
 merge, and statistics whose shape does not match the layer's.
 
@@ -17,8 +16,8 @@ merge, and statistics whose shape does not match the layer's.
 their checksums, and says which step it read; see ``bnjax/lifecycle/__main__.py``.)
 
 Where the statistics are looked for: every 'batch_stats' collection anywhere in the tree (with
-its sibling 'params' for scale/bias and 'bn_counters' for count/skipped, at the same module
-path), and every dict (or `BatchNormState`) holding 'mean'/'var' directly (functional states,
+its sibling 'params' for scale/bias at the same module path; 'count'/'skipped' beside the
+statistics when the layer keeps them), and every dict (or `BatchNormState`) holding 'mean'/'var' directly (functional states,
 nnx states: ``nnx.state(model)``). Train states (``flax.struct`` dataclasses) are read through
 ``flax.serialization.to_state_dict``; 'opt_state' subtrees are skipped.
 """
@@ -153,9 +152,9 @@ def _find(tree) -> dict[L.Path, tuple[Mapping, Mapping, Mapping]]:
                 layers[(*path, *sub)] = (
                     L.get_path(node[L.STATS], sub),
                     L.get_path(node.get(L.PARAMS), sub, {}),
-                    L.get_path(node.get(L.COUNTERS), sub, {}),
+                    L.get_path(node[L.STATS], sub),
                 )
-            skip = (L.STATS, L.PARAMS, L.COUNTERS, *_SKIP)
+            skip = (L.STATS, L.PARAMS, *_SKIP)
         elif _is_layer(node):
             layers[path] = (node, node, node)
             return
@@ -212,11 +211,8 @@ def _check(statistics, params, counters, expected_shape) -> tuple:
     skipped = None if skipped is None else int(np.asarray(skipped))
     moved = "mean" in present and "var" in present and not _initial(present)
     if count == 0 and moved:
-        # Trained with only 'batch_stats' mutable: the statistics moved, the counters did not.
-        notes.append(
-            "count 0 but the statistics moved from their initial values: counters "
-            "not tracked (apply with mutable=['batch_stats', 'bn_counters'])"
-        )
+        # Statistics set from outside (e.g. loaded) while the counters stayed at 0.
+        notes.append("count 0 but the statistics moved from their initial values")
     elif count == 0:
         problems.append("never updated (count 0)")
     elif count is None and "mean" in present and "var" in present and _initial(present):
