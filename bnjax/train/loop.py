@@ -83,6 +83,36 @@ def _runner(config, mesh, train_step):
     return parallel.jit_sharded_step(train_step, mesh, donate_state=True)
 
 
+def model_settings(config, num_classes: int) -> dict:
+    """The keywords of `bnjax.train.steps.make_model` a training config sets (all but
+    `axis_name` and `for_training`, which the parallel mode and the use decide)."""
+    return dict(
+        name=config.model,
+        num_classes=num_classes,
+        norm=config.norm,
+        norm_groups=config.norm_groups,
+        bn_momentum=config.bn_momentum,
+        ghost_batch_size=config.get("ghost_batch_size"),
+        features=config.model_features,
+        zero_init_residual=config.zero_init_residual,
+        mixed_precision=config.mixed_precision,
+    )
+
+
+def schedule_and_optimizer(config):
+    """(learning-rate schedule, optax optimizer) of a training config."""
+    schedule = learning_rate_schedule(
+        config.learning_rate,
+        num_steps=config.num_steps,
+        warmup_steps=config.warmup_steps,
+        schedule=config.schedule,
+    )
+    optimizer = make_optimizer(
+        config.optimizer, schedule, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    return schedule, optimizer
+
+
 def _sampler(config, train: data.Dataset):
     groups = len(train) if config.sampler == "uniform" else train.groups(config.sampler_groups)
     return data.make_sampler(
@@ -263,13 +293,13 @@ def train_and_evaluate(
     test = data.load(config.dataset, "test", seed=config.seed, data_dir=config.get("data_dir"))
     check_evaluation_batches(config, len(test))
     sampler = _sampler(config, train)
-    optimizer = make_optimizer(config)
-    schedule = learning_rate_schedule(config)
+    schedule, optimizer = schedule_and_optimizer(config)
     mesh, axis_name = _mesh_and_axis(config)
-    model = make_model(config, train.num_classes, axis_name=axis_name)
+    model_options = model_settings(config, train.num_classes)
+    model = make_model(**model_options, axis_name=axis_name)
     train_step = make_train_step(model, optimizer, telemetry=config.get("telemetry", True))
     run = _runner(config, mesh, train_step)
-    eval_model = make_model(config, train.num_classes, for_training=False)
+    eval_model = make_model(**model_options, for_training=False)
     eval_step = make_eval_step(eval_model)
 
     state = initial_state(eval_model, optimizer, train.images[:2], config.seed)
