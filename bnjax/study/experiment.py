@@ -106,10 +106,9 @@ def run_settings(config, run: Run) -> RunSettings:
       ('batch', 4, 0.05)
     """
     steps = run_steps(config, run)
-    ghost = run.normalizer.ghost_batch_size
     return RunSettings(
         norm=run.normalizer.norm,
-        ghost_batch_size=None if ghost is None else min(ghost, run.condition.batch_size),
+        ghost_batch_size=run.ghost_batch_size,
         learning_rate=config.learning_rate * run.lr_scale,
         warmup_steps=round(config.warmup_steps * steps / config.num_steps),
         num_steps=steps,

@@ -192,19 +192,24 @@ class Run:
     lr_scale: float = 1.0
 
     @property
+    def ghost_batch_size(self) -> int | None:
+        """The normalizer's ghost batch size capped at the condition's batch size (None: whole
+        batches). Training only: `bnjax.train.steps.make_model` leaves it out in evaluation."""
+        ghost = self.normalizer.ghost_batch_size
+        return None if ghost is None else min(ghost, self.condition.batch_size)
+
+    @property
     def training_key(self) -> tuple:
         """Runs with equal keys share one training run (same batches, model and seed)."""
         c = self.condition
-        n = self.normalizer
-        ghost = None if n.ghost_batch_size is None else min(n.ghost_batch_size, c.batch_size)
         return (
             c.sampler,
             c.batch_size,
             c.groups,
             c.skew,
             c.shuffle_batches,
-            n.norm,
-            ghost,
+            self.normalizer.norm,
+            self.ghost_batch_size,
             self.num_steps,
             self.lr_scale,
             self.seed,
