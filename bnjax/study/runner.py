@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from collections.abc import Callable
 import ml_collections
 
 from bnjax import data
+from bnjax.progress import Progress
 from bnjax.study import grid, plots, report
 from bnjax.study.experiment import Measured, Study, Trained
 
@@ -125,29 +125,6 @@ class Artifacts:
             self.features[c] = (measured.features, measured.labels)
 
 
-class _Progress:
-    """A rich progress bar on an interactive terminal, a line per run otherwise."""
-
-    def __init__(self, total: int, enabled: bool, log: Callable[[str], None]):
-        self.log, self._bar = log, None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import Progress
-
-            self._bar = Progress(transient=True)
-            self._task = self._bar.add_task("study", total=total)
-            self._bar.start()
-
-    def advance(self, message: str) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=1, description=message)
-        else:
-            self.log(message)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
 def make_runs(config) -> list[grid.Run]:
     """The config's grid (`grid.make_grid`).
 
@@ -210,7 +187,7 @@ def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> l
     measured_runs: dict[tuple, Measured] = {}
     artifacts, rows = Artifacts(), []
     started = time.perf_counter()
-    progress = _Progress(len(runs), config.progress, log)
+    progress = Progress("study", len(runs), enabled=config.progress, log=log)
     csv_path = os.path.join(workdir, "results.csv")
     try:
         for number, run in enumerate(runs, start=1):

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from bnjax import data, models, parallel
+from bnjax.progress import Progress
 from bnjax.train.checkpoints import Checkpointer, CorruptCheckpointError
 from bnjax.train.config import check_config
 from bnjax.train.metrics import MetricWriter
@@ -210,27 +211,6 @@ def _training_batches(train, sampler, start_step: int):
         yield {"image": batch["image"], "label": batch["label"]}
 
 
-class _Progress:
-    """A rich progress bar on an interactive terminal; silent otherwise (logs carry on)."""
-
-    def __init__(self, enabled: bool, start: int, total: int):
-        self._bar = None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import Progress
-
-            self._bar = Progress(transient=True)
-            self._task = self._bar.add_task("training", total=total, completed=start)
-            self._bar.start()
-
-    def update(self, step: int, loss: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step, description=f"loss {loss:.4f}")
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
 def _print_line(step: int, num_steps: int, scalars: dict, started: float) -> None:
     shown = " ".join(
         f"{name.split('/')[-1] if name.startswith('eval/') else name}={value:.4f}"
@@ -319,7 +299,10 @@ def train_and_evaluate(
         writer = MetricWriter(workdir, resume_step=start_step if start_step else None)
         started = time.perf_counter()
         final: dict[str, float] = {}
-        progress = _Progress(config.get("progress", True), start_step, config.num_steps)
+        # A bar on a terminal only: the printed evaluation lines carry on either way.
+        progress = Progress(
+            "training", config.num_steps, completed=start_step, enabled=config.get("progress", True)
+        )
         # Many processes: each read only its rows; jit/shard_map take the assembled global batch.
         assemble = mesh is not None and jax.process_count() > 1
         try:
@@ -336,7 +319,7 @@ def train_and_evaluate(
                         f"The last good checkpoint is step {checkpointer.latest_step()} in "
                         f"{checkpointer.directory}. Lower config.learning_rate or check the data."
                     )
-                progress.update(step, step_metrics["loss"])
+                progress.update(step, f"loss {step_metrics['loss']:.4f}")
                 # Saved before evaluating: a failing evaluation cannot cost this step's state.
                 checkpointer.save(step, state, force=step == config.num_steps)
                 scalars = {}
