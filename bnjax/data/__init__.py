@@ -34,7 +34,7 @@ from bnjax.data.samplers import (
     SkewedSampler,
     UniformSampler,
 )
-from bnjax.data.sharding import local_rows, shard
+from bnjax.data.sharding import shard
 from bnjax.data.synthetic import ClusterConfig
 
 DATASETS = ("clusters", "digits", "mnist", "fashion_mnist", "cifar10")
@@ -53,7 +53,6 @@ __all__ = [
     "composition",
     "kmeans_subclusters",
     "load",
-    "local_rows",
     "make_sampler",
     "shard",
 ]
