@@ -60,6 +60,10 @@ def check_study_config(config) -> None:
       ...
       ValueError: config.norm_groups=5 must divide every width in ... (group norm).
     """
+    if config.dataset not in data.DATASETS:
+        raise ValueError(
+            f"config.dataset={config.dataset!r}: choose one of {tuple(data.DATASETS)}."
+        )
     for key in ("num_seeds", "num_steps", "eval_batch_size", "recalibration_batch_size"):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ValueError(f"config.{key}={config[key]!r}: must be a positive integer.")
