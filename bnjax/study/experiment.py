@@ -84,7 +84,12 @@ class Measured(NamedTuple):
 
 
 class RunSettings(NamedTuple):
-    """What a run changes in the study's network and optimizer (`run_settings`)."""
+    """What a run changes in the study's network and optimizer (`run_settings` builds one).
+
+    Example:
+      >>> RunSettings("batch", None, 0.05, 30, 300).learning_rate
+      0.05
+    """
 
     norm: str  # the model's norm (`bnjax.models.NORMS`)
     ghost_batch_size: int | None  # capped at the run's batch size
@@ -183,7 +188,13 @@ def study_model(config, settings: RunSettings, num_classes: int, *, for_training
 
 
 def study_optimizer(config, settings: RunSettings):
-    """The run's optimizer: the config's, on the run's learning rate and steps."""
+    """The run's optimizer: the config's, on the run's learning rate and steps.
+
+    Example:
+      >>> from bnjax.study.defaults import study_config
+      >>> optimizer = study_optimizer(study_config(), RunSettings("batch", None, 0.05, 30, 300))
+      >>> state = optimizer.init({"w": jnp.ones(3)})          # an optax GradientTransformation
+    """
     schedule = learning_rate_schedule(
         settings.learning_rate,
         num_steps=settings.num_steps,
