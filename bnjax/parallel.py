@@ -126,7 +126,12 @@ def shard_batch(batch, mesh: Mesh):
       (4, 3)
     """
     _check_leading(batch, mesh.size, "batch", f"devices of the mesh {dict(mesh.shape)}")
-    return _put(batch, NamedSharding(mesh, P(mesh_axes(mesh))))
+    return _put(batch, _batch_sharding(mesh))
+
+
+def _batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Axis 0 split over all of `mesh`'s axes: the layout of every data-parallel batch here."""
+    return NamedSharding(mesh, P(mesh_axes(mesh)))
 
 
 def _put(tree, sharding: NamedSharding):
@@ -141,18 +146,41 @@ def _put(tree, sharding: NamedSharding):
     return jax.tree.map(put, tree)
 
 
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+    """The rows of every global batch that process `process_index` of `process_count` reads: a
+    contiguous block, so that the processes' blocks in process order are the global batch (the
+    layout `local_rows` finds on a one-axis data-parallel mesh, and the one the data pipelines
+    of `bnjax.data` read without a mesh).
+
+    Example:
+      >>> [process_rows(8, process_index, 2) for process_index in range(2)]
+      [slice(0, 4, None), slice(4, 8, None)]
+    """
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(
+            f"Need 0 <= process_index < process_count, got {process_index}, {process_count}."
+        )
+    if batch_size % process_count:
+        raise ValueError(
+            f"batch_size={batch_size} is not divisible by process_count={process_count}."
+        )
+    size = batch_size // process_count
+    return slice(process_index * size, (process_index + 1) * size)
+
+
 def local_rows(mesh: Mesh, global_batch_size: int) -> slice:
     """The rows of a global batch that this process's devices hold under `shard_batch`'s
-    layout: what this host's data loader must read for `local_batch_to_global`.
+    layout on `mesh`: what this host's data loader must read for `local_batch_to_global`
+    (`process_rows` of this process on the usual mesh, where each process's devices follow
+    each other).
 
     Example:
       >>> mesh = data_mesh()
       >>> local_rows(mesh, 8 * mesh.size) == slice(0, 8 * mesh.size)   # one process: all
       True
     """
-    sharding = NamedSharding(mesh, P(mesh_axes(mesh)))
-    indices = sharding.addressable_devices_indices_map((global_batch_size,)).values()
-    starts = sorted(index[0].start or 0 for index in indices)
+    indices = _batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
+    starts = sorted(index[0].start or 0 for index in indices.values())
     size = global_batch_size // mesh.size
     if starts != list(range(starts[0], starts[0] + size * len(starts), size)):
         raise ValueError(f"This process's devices are not contiguous in the mesh: {starts}.")
@@ -171,7 +199,7 @@ def local_batch_to_global(local_batch, mesh: Mesh):
       >>> glob["x"].shape == (2 * mesh.size,), len(glob["x"].addressable_shards) == mesh.size
       (True, True)
     """
-    sharding = NamedSharding(mesh, P(mesh_axes(mesh)))
+    sharding = _batch_sharding(mesh)
     local_devices = len(mesh.local_devices)
     _check_leading(local_batch, local_devices, "local_batch", "local devices of this process")
     return jax.tree.map(
@@ -598,7 +626,7 @@ def jit_sharded_step(step_fn: StepFn, mesh: Mesh, *, donate_state: bool = False)
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(
         lambda state, batch: step_fn(state, batch, None),
-        in_shardings=(replicated, NamedSharding(mesh, P(mesh_axes(mesh)))),
+        in_shardings=(replicated, _batch_sharding(mesh)),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,) if donate_state else (),
     )

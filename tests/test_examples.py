@@ -37,6 +37,7 @@ MODULES = [
     "bnjax.models.resnet",
     "bnjax.models.norms",
     "bnjax.diagnostics",
+    "bnjax.progress",
     "bnjax.lifecycle._backends",
     "bnjax.lifecycle.folding",
     "bnjax.lifecycle.freezing",

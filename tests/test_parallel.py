@@ -193,6 +193,7 @@ def test_process_local_batches_build_the_global_batch():
     mesh = parallel.data_mesh()
     batch = BATCHES[0]
     assert parallel.local_rows(mesh, BATCH) == slice(0, BATCH)  # one process holds every row
+    assert parallel.process_rows(BATCH, 0, 1) == parallel.local_rows(mesh, BATCH)
     global_batch = parallel.local_batch_to_global(batch, mesh)
     chex.assert_trees_all_equal(parallel.to_host(global_batch), batch)
     assert global_batch["image"].sharding == parallel.shard_batch(batch, mesh)["image"].sharding

@@ -1,14 +1,17 @@
 """Datasets and batch-composition samplers for the batch-norm study.
 
-Datasets (`load(name, split)` -> an in-memory `Dataset`, standardized float32 NHWC):
+Datasets (`load(name, split)` -> an in-memory `Dataset`, standardized float32 NHWC; the
+registry `DATASETS` maps each name to its loader):
 'clusters' (generated heterogeneous class clusters, no download), 'digits' (scikit-learn's
 bundled 8x8 digits), and 'mnist', 'fashion_mnist', 'cifar10' through `tfds.data_source`
 (prepared beforehand; never downloaded here).
 
 Samplers (the study's lever): `UniformSampler`, `ClusteredSampler`, `SkewedSampler`,
-`BalancedSampler`, or `make_sampler(kind, groups, batch_size, ...)`. `sampler.epoch(e)` is the
-epoch's (num_batches, batch_size) index order, deterministic from (seed, e); `shard` gives a
-process its rows; `batches(...)` iterates a process's batches; `composition` measures them.
+`BalancedSampler`, or `make_sampler(kind, groups, batch_size, ...)` with a name of the
+registry `SAMPLERS`, grouping examples by a name of `GROUPINGS` (`dataset.groups(by)`).
+`sampler.epoch(e)` is the epoch's (num_batches, batch_size) index order, deterministic from
+(seed, e); `shard` gives a process its rows; `batches(...)` iterates a process's batches;
+`composition` measures them.
 
 Example:
   >>> from bnjax import data
@@ -25,7 +28,7 @@ optional dependencies only when used.
 """
 
 from bnjax.data import composition
-from bnjax.data.dataset import Dataset, kmeans_subclusters, load
+from bnjax.data.dataset import DATASETS, GROUPINGS, Dataset, kmeans_subclusters, load
 from bnjax.data.pipeline import SAMPLERS, batches, make_sampler
 from bnjax.data.samplers import (
     BalancedSampler,
@@ -34,13 +37,12 @@ from bnjax.data.samplers import (
     SkewedSampler,
     UniformSampler,
 )
-from bnjax.data.sharding import local_rows, shard
+from bnjax.data.sharding import shard
 from bnjax.data.synthetic import ClusterConfig
-
-DATASETS = ("clusters", "digits", "mnist", "fashion_mnist", "cifar10")
 
 __all__ = [
     "DATASETS",
+    "GROUPINGS",
     "SAMPLERS",
     "BalancedSampler",
     "BatchSampler",
@@ -53,7 +55,6 @@ __all__ = [
     "composition",
     "kmeans_subclusters",
     "load",
-    "local_rows",
     "make_sampler",
     "shard",
 ]

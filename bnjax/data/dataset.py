@@ -1,4 +1,4 @@
-"""The in-memory dataset type and `load`, which dispatches on the dataset's name.
+"""The in-memory dataset type and `load`, which looks the dataset's name up in `DATASETS`.
 
 | name | source | image | classes | train / test | sub-clusters |
 |---|---|---|---|---|---|
@@ -20,8 +20,12 @@ Labels are int32.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import numpy as np
+
+from bnjax.data.tfds_source import TFDS_DATASETS
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -72,17 +76,11 @@ class Dataset:
         return tuple(self.images.shape[1:])
 
     def groups(self, by: str = "class") -> np.ndarray:
-        """(N,) the grouping a sampler uses: 'class' (labels) or 'subcluster'."""
-        if by == "class":
-            return self.labels
-        if by == "subcluster":
-            if self.subclusters is None:
-                raise ValueError(
-                    f"Dataset '{self.name}' has no sub-clusters; compute them with "
-                    "bnjax.data.kmeans_subclusters(train, test) or group by='class'."
-                )
-            return self.subclusters
-        raise ValueError(f"by must be 'class' or 'subcluster', got {by!r}.")
+        """(N,) the grouping a sampler uses: a key of `GROUPINGS`, 'class' (labels) or
+        'subcluster'."""
+        if by not in GROUPINGS:
+            raise ValueError(f"by must be one of {tuple(GROUPINGS)}, got {by!r}.")
+        return GROUPINGS[by](self)
 
     def take(self, indices) -> dict[str, np.ndarray]:
         """A batch: {'image': (b, H, W, C), 'label': (b,), 'index': (b,)} and 'subcluster' (b,)
@@ -120,36 +118,74 @@ def load(
       >>> test.images.shape, test.images.dtype, np.bincount(test.labels).tolist()
       ((8, 4, 4, 3), dtype('float32'), [4, 4])
     """
-    if name == "clusters":
-        from bnjax.data import synthetic
-
-        config = config if config is not None else synthetic.ClusterConfig()
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test' for 'clusters', got {split!r}.")
-        generated = synthetic.generate(config, seed)
-        images, labels, subclusters = generated[split]
-        return Dataset(
-            images,
-            labels,
-            config.num_classes,
-            name,
-            split,
-            subclusters,
-            generated["mean"],
-            generated["std"],
-        )
-    if config is not None:
+    if name not in DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; choose one of {list(DATASETS)}.")
+    if config is not None and name != "clusters":
         raise ValueError(f"config applies to 'clusters' only, not {name!r}.")
-    if name == "digits":
-        from bnjax.data import digits
+    return DATASETS[name](split, seed=seed, config=config, data_dir=data_dir)
 
-        return digits.load_digits(split)
+
+def _by_class(dataset: Dataset) -> np.ndarray:
+    return dataset.labels
+
+
+def _by_subcluster(dataset: Dataset) -> np.ndarray:
+    if dataset.subclusters is None:
+        raise ValueError(
+            f"Dataset '{dataset.name}' has no sub-clusters; compute them with "
+            "bnjax.data.kmeans_subclusters(train, test) or group by='class'."
+        )
+    return dataset.subclusters
+
+
+# The registry of groupings: name -> (N,) group ids of a dataset. Its keys are the valid
+# `Dataset.groups(by)` values (configs' `sampler_groups`, study conditions' `groups`).
+GROUPINGS: dict[str, Callable[[Dataset], np.ndarray]] = {
+    "class": _by_class,
+    "subcluster": _by_subcluster,
+}
+
+
+def _load_clusters(split: str, *, seed: int, config, data_dir) -> Dataset:
+    from bnjax.data import synthetic
+
+    config = config if config is not None else synthetic.ClusterConfig()
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test' for 'clusters', got {split!r}.")
+    generated = synthetic.generate(config, seed)
+    images, labels, subclusters = generated[split]
+    return Dataset(
+        images,
+        labels,
+        config.num_classes,
+        "clusters",
+        split,
+        subclusters,
+        generated["mean"],
+        generated["std"],
+    )
+
+
+def _load_digits(split: str, *, seed: int, config, data_dir) -> Dataset:
+    from bnjax.data import digits
+
+    return digits.load_digits(split)
+
+
+def _load_tfds(name: str, split: str, *, seed: int, config, data_dir) -> Dataset:
     from bnjax.data import tfds_source
 
-    if name in tfds_source.TFDS_DATASETS:
-        return tfds_source.load_tfds(name, split, data_dir=data_dir)
-    known = ["clusters", "digits", *tfds_source.TFDS_DATASETS]
-    raise ValueError(f"Unknown dataset {name!r}; choose one of {known}.")
+    return tfds_source.load_tfds(name, split, data_dir=data_dir)
+
+
+# The registry of datasets: name -> load(split, *, seed, config, data_dir). Its keys are the
+# valid `load` names (configs' `dataset`); the TFDS ones are those of
+# `bnjax.data.tfds_source.TFDS_DATASETS`.
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "clusters": _load_clusters,
+    "digits": _load_digits,
+    **{name: functools.partial(_load_tfds, name) for name in TFDS_DATASETS},
+}
 
 
 def kmeans_subclusters(

@@ -22,7 +22,7 @@ import numpy as np
 
 from bnjax.data.pipeline import resolve_process
 from bnjax.data.samplers import BatchSampler
-from bnjax.data.sharding import local_rows
+from bnjax.parallel import process_rows
 
 
 class EpochBatchSource:
@@ -57,7 +57,7 @@ class EpochBatchSource:
             )
         self.source, self.sampler, self.transform = source, sampler, transform
         self.num_epochs, self.start_epoch = num_epochs, start_epoch
-        self.rows = local_rows(sampler.batch_size, process_index, process_count)
+        self.rows = process_rows(sampler.batch_size, process_index, process_count)
         self._cached: tuple[int, np.ndarray] | None = None  # the last epoch's local order
 
     def __len__(self) -> int:

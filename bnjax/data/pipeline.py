@@ -17,7 +17,7 @@ what `bnjax.parallel.local_batch_to_global` assembles.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -31,7 +31,45 @@ from bnjax.data.samplers import (
 )
 from bnjax.data.sharding import shard
 
-SAMPLERS = ("uniform", "clustered", "skewed", "balanced")
+
+def _group_ids(kind: str, groups_or_size) -> np.ndarray:
+    if np.ndim(groups_or_size) != 1:
+        raise ValueError(f"Sampler {kind!r} needs the (N,) group ids, not a size.")
+    return np.asarray(groups_or_size)
+
+
+def _uniform(groups_or_size, batch_size, seed, **unused) -> BatchSampler:
+    size = groups_or_size if np.ndim(groups_or_size) == 0 else len(groups_or_size)
+    return UniformSampler(num_examples=int(size), batch_size=batch_size, seed=seed)
+
+
+def _clustered(groups_or_size, batch_size, seed, shuffle_batches, **unused) -> BatchSampler:
+    groups = _group_ids("clustered", groups_or_size)
+    return ClusteredSampler(
+        groups=groups, batch_size=batch_size, seed=seed, shuffle_batches=shuffle_batches
+    )
+
+
+def _skewed(groups_or_size, batch_size, seed, skew, num_dominant, **unused) -> BatchSampler:
+    groups = _group_ids("skewed", groups_or_size)
+    return SkewedSampler(
+        groups=groups, batch_size=batch_size, seed=seed, skew=skew, num_dominant=num_dominant
+    )
+
+
+def _balanced(groups_or_size, batch_size, seed, **unused) -> BatchSampler:
+    groups = _group_ids("balanced", groups_or_size)
+    return BalancedSampler(groups=groups, batch_size=batch_size, seed=seed)
+
+
+# The registry: name -> build(groups_or_size, batch_size, seed, skew, num_dominant,
+# shuffle_batches). Its keys are the valid sampler names (configs' `sampler`, study conditions).
+SAMPLERS: dict[str, Callable[..., BatchSampler]] = {
+    "uniform": _uniform,
+    "clustered": _clustered,
+    "skewed": _skewed,
+    "balanced": _balanced,
+}
 
 
 def make_sampler(
@@ -47,7 +85,8 @@ def make_sampler(
     """A sampler by name, for configs and flags.
 
     Args:
-      kind: 'uniform', 'clustered', 'skewed' or 'balanced' (see `bnjax.data.samplers`).
+      kind: a key of `SAMPLERS`: 'uniform', 'clustered', 'skewed' or 'balanced' (see
+        `bnjax.data.samplers`).
       groups_or_size: (N,) group ids (e.g. `dataset.groups('class')` or
         `dataset.groups('subcluster')`), or the number of examples N for 'uniform'.
       batch_size: the global batch size.
@@ -59,19 +98,16 @@ def make_sampler(
       >>> make_sampler("skewed", data.groups("class"), 8, skew=0.75).epoch(0).shape
       (4, 8)
     """
-    if kind == "uniform":
-        size = groups_or_size if np.ndim(groups_or_size) == 0 else len(groups_or_size)
-        return UniformSampler(num_examples=int(size), batch_size=batch_size, seed=seed)
-    if np.ndim(groups_or_size) != 1:
-        raise ValueError(f"Sampler {kind!r} needs the (N,) group ids, not a size.")
-    common = {"groups": np.asarray(groups_or_size), "batch_size": batch_size, "seed": seed}
-    if kind == "clustered":
-        return ClusteredSampler(**common, shuffle_batches=shuffle_batches)
-    if kind == "skewed":
-        return SkewedSampler(**common, skew=skew, num_dominant=num_dominant)
-    if kind == "balanced":
-        return BalancedSampler(**common)
-    raise ValueError(f"Unknown sampler {kind!r}; choose one of {SAMPLERS}.")
+    if kind not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {kind!r}; choose one of {tuple(SAMPLERS)}.")
+    return SAMPLERS[kind](
+        groups_or_size,
+        batch_size,
+        seed,
+        skew=skew,
+        num_dominant=num_dominant,
+        shuffle_batches=shuffle_batches,
+    )
 
 
 def resolve_process(process_index, process_count) -> tuple[int, int]:

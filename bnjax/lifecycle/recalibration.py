@@ -86,19 +86,9 @@ __all__ = ["layer_input_moments", "recalibrate"]
 def _progress(iterable, *, total, description: str, enabled: bool):
     if not enabled:
         return iterable
-    try:
-        from rich.console import Console
-        from rich.progress import track
-    except ImportError:  # pragma: no cover - rich comes with flax
+    from bnjax.progress import track
 
-        def plain():
-            for index, item in enumerate(iterable, 1):
-                print(f"\r{description} {index}/{total or '?'}", end="", file=sys.stderr)
-                yield item
-            print(file=sys.stderr)
-
-        return plain()
-    return track(iterable, total=total, description=description, console=Console(stderr=True))
+    return track(iterable, description, total=total, log=lambda line: print(line, file=sys.stderr))
 
 
 def _one_pass(moments, step, check, current, batches, *, total, description, progress):

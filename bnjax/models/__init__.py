@@ -1,4 +1,7 @@
-"""Models that take a `norm` choice: an MLP, a small CNN and CIFAR-style ResNets.
+"""Models that take a `norm`: an MLP, a small CNN and CIFAR-style ResNets.
+
+`norm` is a norm module factory (``functools.partial(bnjax.linen.BatchNorm, momentum=0.9)``,
+``flax.linen.BatchNorm``, ...) or a name of the registry `NORMS` (see `bnjax.models.norms`).
 
 `MODELS` is the registry of the models a config names: its keys are the valid names, and
 `build_model` is the one place a name becomes a module.
@@ -6,7 +9,14 @@
 
 from bnjax.models.cnn import SmallCNN
 from bnjax.models.mlp import MLP
-from bnjax.models.norms import BATCH_STATISTICS_NORMS, NORMS, apply_norm, make_norm
+from bnjax.models.norms import (
+    BATCH_STATISTICS_NORMS,
+    NORMS,
+    apply_norm,
+    is_batch_statistics,
+    make_norm,
+    norm_factory,
+)
 from bnjax.models.resnet import BasicBlock, ResNet, resnet18, resnet20
 
 # name -> (constructor, whether its layer widths are an option: `features`)
@@ -20,8 +30,8 @@ MODELS = {
 
 def build_model(name: str, *, features=None, zero_init_residual: bool = False, **options):
     """The model called `name` in `MODELS`, with the options every model takes (`num_classes`,
-    `norm`, `norm_groups`, `norm_options`, `dtype`) plus `features` (the MLP's and the small
-    CNN's widths) or `zero_init_residual` (the ResNets').
+    `norm`: a name or a module factory, `norm_groups`, `norm_options`, `dtype`) plus
+    `features` (the MLP's and the small CNN's widths) or `zero_init_residual` (the ResNets').
 
     Example:
       >>> type(build_model("small_cnn", features=(8,), norm="group")).__name__
@@ -67,8 +77,10 @@ __all__ = [
     "SmallCNN",
     "apply_norm",
     "build_model",
+    "is_batch_statistics",
     "layer_widths",
     "make_norm",
+    "norm_factory",
     "resnet18",
     "resnet20",
 ]

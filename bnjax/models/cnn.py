@@ -9,7 +9,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bnjax.models.mlp import check_widths
-from bnjax.models.norms import apply_norm, make_norm, uses_bias_before_norm
+from bnjax.models.norms import (
+    NormFactory,
+    apply_norm,
+    make_layer,
+    norm_factory,
+    uses_bias_before_norm,
+)
 
 
 class SmallCNN(nn.Module):
@@ -22,11 +28,19 @@ class SmallCNN(nn.Module):
       >>> variables = model.init(jax.random.key(0), x, train=False)
       >>> model.apply(variables, x, train=False).shape
       (4, 10)
+
+    `norm` is a name of `bnjax.models.NORMS` or any norm module factory, flax's own included:
+      >>> import functools
+      >>> flax_bn = SmallCNN(features=(8,), norm=functools.partial(nn.BatchNorm, momentum=0.9))
+      >>> variables = flax_bn.init(jax.random.key(0), x, train=False)
+      >>> logits, updates = flax_bn.apply(variables, x, train=True, mutable=["batch_stats"])
+      >>> sorted(updates["batch_stats"]["norm0"])
+      ['mean', 'var']
     """
 
     features: Sequence[int] = (32, 64)
     num_classes: int = 10
-    norm: str = "batch"
+    norm: str | NormFactory | None = "batch"  # see bnjax.models.norms
     norm_groups: int = 8
     norm_options: Mapping[str, Any] | None = None
     dtype: Any = jnp.float32
@@ -36,6 +50,9 @@ class SmallCNN(nn.Module):
         """x (N, H, W, C) -> logits (N, classes); `mask` (N,) marks the examples that enter
         batch statistics (None: all)."""
         check_widths(self.features, "features")
+        factory = norm_factory(
+            self.norm, spatial=True, groups=self.norm_groups, options=self.norm_options
+        )
         x = x.astype(self.dtype)
         for i, width in enumerate(self.features):
             x = nn.Conv(
@@ -45,15 +62,7 @@ class SmallCNN(nn.Module):
                 dtype=self.dtype,
                 name=f"conv{i}",
             )(x)
-            norm = make_norm(
-                self.norm,
-                train=train,
-                spatial=True,
-                groups=self.norm_groups,
-                dtype=self.dtype,
-                options=self.norm_options,
-                name=f"norm{i}",
-            )
+            norm = make_layer(factory, train=train, name=f"norm{i}", dtype=self.dtype)
             x = apply_norm(norm, x, mask)
             x = nn.relu(x)
             if x.shape[1] > 1 and x.shape[2] > 1:

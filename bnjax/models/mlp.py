@@ -9,7 +9,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax.models.norms import apply_norm, make_norm, uses_bias_before_norm
+from bnjax.models.norms import (
+    NormFactory,
+    apply_norm,
+    make_layer,
+    norm_factory,
+    uses_bias_before_norm,
+)
 
 
 def check_widths(widths, name: str) -> None:
@@ -50,7 +56,7 @@ class MLP(nn.Module):
 
     features: Sequence[int] = (256, 256)
     num_classes: int = 10
-    norm: str = "batch"
+    norm: str | NormFactory | None = "batch"  # see bnjax.models.norms
     norm_groups: int = 8
     norm_options: Mapping[str, Any] | None = None
     dtype: Any = jnp.float32
@@ -60,6 +66,9 @@ class MLP(nn.Module):
         """x (N, ...) -> logits (N, classes); `mask` (N,) marks the examples that enter
         batch statistics (None: all)."""
         check_widths(self.features, "features")
+        factory = norm_factory(
+            self.norm, spatial=False, groups=self.norm_groups, options=self.norm_options
+        )
         x = x.reshape((x.shape[0], -1)).astype(self.dtype)
         for i, width in enumerate(self.features):
             x = nn.Dense(
@@ -68,15 +77,7 @@ class MLP(nn.Module):
                 dtype=self.dtype,
                 name=f"dense{i}",
             )(x)
-            norm = make_norm(
-                self.norm,
-                train=train,
-                spatial=False,
-                groups=self.norm_groups,
-                dtype=self.dtype,
-                options=self.norm_options,
-                name=f"norm{i}",
-            )
+            norm = make_layer(factory, train=train, name=f"norm{i}", dtype=self.dtype)
             x = apply_norm(norm, x, mask)
             x = nn.relu(x)
         return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)

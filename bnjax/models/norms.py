@@ -1,21 +1,32 @@
-"""The `norm` choice every bundled model takes, turned into a Flax module.
+"""The `norm` every bundled model takes: a Flax norm module factory, or a registry name.
+
+A model's `norm` is a module class or a ``functools.partial`` of one (as in flax's ImageNet
+example), called once per normalized layer with the layer's `name` (and the model's `dtype`
+unless the partial sets one). Batch-statistics norms (any module with a `use_running_average`
+field: bnjax's BatchNorm and BatchRenorm, ``flax.linen.BatchNorm``) also receive
+``use_running_average=not train``, and the models' optional per-example `mask` (N,):
+
+    model = SmallCNN(features=(8,), norm=functools.partial(flax.linen.BatchNorm, momentum=0.9))
+
+`NORMS` is the registry of names: each builds such a partial (or None, no norm):
 
     'batch'         bnjax.linen.BatchNorm      statistics over batch and space, per channel
     'batch_renorm'  bnjax.linen.BatchRenorm    same, corrected toward running statistics
     'group'         bnjax.linen.GroupNorm      per example, `groups` channel groups + space
     'layer'         bnjax.linen.LayerNorm      per example, over every non-batch axis
     'instance'      bnjax.linen.InstanceNorm   per example and channel, over space
-    'none'          identity                   (layers before it then carry a bias)
+    'none'          None: no norm              (layers before it then carry a bias)
 
-Models call ``apply_norm(make_norm(...), x, mask)`` after each conv/dense; in training mode
-batch-statistics norms update 'batch_stats', so apply with ``mutable=['batch_stats']`` as with
-flax. The models' optional per-example `mask` (N,) reaches the batch-statistics norms only
-(padding rows then stay out of the batch statistics); the other norms are per example.
+A model given a name builds the partial itself, with its `norm_groups` and `norm_options`. In
+training mode batch-statistics norms update 'batch_stats', so apply with
+``mutable=['batch_stats']`` as with flax.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -23,34 +34,50 @@ import jax.numpy as jnp
 
 from bnjax import linen as bnn
 
+NormFactory = Callable[..., nn.Module]  # a module class or a functools.partial of one
 
-def _instance(train, spatial, groups, options):
+
+def _batch(spatial, groups, **options):
+    return functools.partial(bnn.BatchNorm, **options)
+
+
+def _batch_renorm(spatial, groups, **options):
+    return functools.partial(bnn.BatchRenorm, **options)
+
+
+def _group(spatial, groups, **options):
+    return functools.partial(bnn.GroupNorm, num_groups=groups, **options)
+
+
+def _layer(spatial, groups, **options):
+    # Over every non-batch axis: (H, W, C) of an image, C of a vector.
+    reduction_axes = (1, 2, 3) if spatial else -1
+    return functools.partial(
+        bnn.LayerNorm, reduction_axes=reduction_axes, feature_axes=-1, **options
+    )
+
+
+def _instance(spatial, groups, **options):
     if not spatial:
         raise ValueError("`norm`='instance' needs spatial axes; use 'layer' for an MLP.")
-    return bnn.InstanceNorm(**options)
+    return functools.partial(bnn.InstanceNorm, **options)
 
 
-# The registry: name -> build(train, spatial, groups, module options). Its keys are the valid
-# `norm` values. (`bnn` is looked up when a norm is built, so the benchmarks can swap it.)
-NORMS = {
-    "batch": lambda train, spatial, groups, options: bnn.BatchNorm(
-        use_running_average=not train, **options
-    ),
-    "batch_renorm": lambda train, spatial, groups, options: bnn.BatchRenorm(
-        use_running_average=not train, **options
-    ),
-    "group": lambda train, spatial, groups, options: bnn.GroupNorm(num_groups=groups, **options),
-    "layer": lambda train, spatial, groups, options: bnn.LayerNorm(
-        reduction_axes=(1, 2, 3) if spatial else -1, feature_axes=-1, **options
-    ),
+def _none(spatial, groups, **options):
+    return None
+
+
+# The registry: name -> build(spatial, groups, **module options) -> a norm factory (None: no
+# norm). Its keys are the valid `norm` names.
+NORMS: dict[str, Callable[..., NormFactory | None]] = {
+    "batch": _batch,
+    "batch_renorm": _batch_renorm,
+    "group": _group,
+    "layer": _layer,
     "instance": _instance,
-    "none": lambda train, spatial, groups, options: _identity,
+    "none": _none,
 }
 BATCH_STATISTICS_NORMS = ("batch", "batch_renorm")
-
-
-def _identity(x, **unused):
-    return x
 
 
 def check_norm(norm: str) -> None:
@@ -59,9 +86,93 @@ def check_norm(norm: str) -> None:
         raise ValueError(f"`norm`={norm!r} is not one of {tuple(NORMS)}.")
 
 
-def uses_bias_before_norm(norm: str) -> bool:
+def norm_factory(
+    norm: str | NormFactory | None,
+    *,
+    spatial: bool,
+    groups: int = 8,
+    options: Mapping[str, Any] | None = None,
+) -> NormFactory | None:
+    """The module factory for a model's `norm`: a name goes through `NORMS` (with `groups` and
+    the module `options`), a factory (or None) is returned as is.
+
+    Example:
+      >>> norm_factory("batch", spatial=True, options={"momentum": 0.9}).keywords
+      {'momentum': 0.9}
+      >>> norm_factory("none", spatial=True) is None
+      True
+    """
+    if norm is None or not isinstance(norm, str):
+        if options:
+            raise ValueError(
+                "`norm_options` apply to a norm given by name; put the options in the norm's "
+                f"functools.partial instead (got norm={norm!r})."
+            )
+        return norm
+    check_norm(norm)
+    return NORMS[norm](spatial, groups, **dict(options or {}))
+
+
+def _module_class(factory) -> Any:
+    while isinstance(factory, functools.partial):
+        factory = factory.func
+    return factory
+
+
+def is_batch_statistics(factory: NormFactory | None) -> bool:
+    """Whether modules from `factory` normalize with batch statistics in training (they have
+    flax's `use_running_average` field).
+
+    Example:
+      >>> is_batch_statistics(functools.partial(nn.BatchNorm, momentum=0.9))
+      True
+      >>> is_batch_statistics(bnn.GroupNorm), is_batch_statistics(None)
+      (False, False)
+    """
+    cls = _module_class(factory)
+    if not dataclasses.is_dataclass(cls):
+        return False
+    return any(field.name == "use_running_average" for field in dataclasses.fields(cls))
+
+
+def uses_bias_before_norm(norm: str | NormFactory | None) -> bool:
     """A layer followed by a norm needs no bias: the norm's shift (or mean removal) absorbs it."""
-    return norm == "none"
+    return norm is None or norm == "none"
+
+
+def make_layer(
+    factory: NormFactory | None,
+    *,
+    train: bool,
+    name: str,
+    dtype: Any = None,
+    zero_scale: bool = False,
+):
+    """The norm layer `name` from `factory` (None: the identity), in training or evaluation mode.
+
+    Args:
+      factory: from `norm_factory`.
+      train: training mode; batch-statistics norms then use and update batch statistics.
+      name: module name.
+      dtype: computation/output dtype unless the factory sets one (None: from the input).
+      zero_scale: initialise the scale to 0 (last norm of a residual branch: the block starts
+        as the identity, Goyal et al. 2017).
+    """
+    if factory is None:
+        return _identity
+    keywords = getattr(factory, "keywords", {})
+    options: dict[str, Any] = {"name": name}
+    if "dtype" not in keywords:
+        options["dtype"] = dtype
+    if is_batch_statistics(factory):
+        options["use_running_average"] = not train
+    if zero_scale:
+        options["scale_init"] = nn.initializers.zeros
+    return factory(**options)
+
+
+def _identity(x, **unused):
+    return x
 
 
 def apply_norm(layer, x, mask=None):
@@ -78,7 +189,7 @@ def apply_norm(layer, x, mask=None):
       >>> y[:2, 0].round(3).tolist()                    # statistics of the first two rows
       [-1.0, 1.0]
     """
-    if mask is None or not isinstance(layer, (bnn.BatchNorm, bnn.BatchRenorm)):
+    if mask is None or not hasattr(layer, "use_running_average"):
         return layer(x)
     mask = jnp.asarray(mask)
     if mask.shape != x.shape[:1] or mask.dtype != jnp.bool_:
@@ -90,7 +201,7 @@ def apply_norm(layer, x, mask=None):
 
 
 def make_norm(
-    norm: str,
+    norm: str | NormFactory | None,
     *,
     train: bool,
     spatial: bool,
@@ -100,17 +211,17 @@ def make_norm(
     options: Mapping[str, Any] | None = None,
     name: str | None = None,
 ):
-    """A norm layer for activations of shape (N, H, W, C) (`spatial=True`) or (N, C).
+    """A norm layer for activations of shape (N, H, W, C) (`spatial=True`) or (N, C):
+    `make_layer(norm_factory(norm, ...), ...)`.
 
     Args:
-      norm: one of NORMS.
+      norm: one of NORMS, or a module factory (`functools.partial` of a norm module).
       train: training mode; batch-statistics norms then use and update batch statistics.
       spatial: whether the input has spatial axes (instance norm needs them).
       groups: channel groups for 'group' (must divide the channels).
-      zero_scale: initialise the scale to 0 (last norm of a residual branch: the block starts
-        as the identity, Goyal et al. 2017).
+      zero_scale: initialise the scale to 0 (see `make_layer`).
       dtype: computation/output dtype of the layer (None: from the input).
-      options: extra keyword options for the norm module (e.g. momentum, axis_name).
+      options: extra keyword options for a named norm's module (e.g. momentum, axis_name).
       name: module name.
 
     Example:
@@ -121,8 +232,5 @@ def make_norm(
       >>> make_norm("none", train=True, spatial=True)(x) is x                   # identity
       True
     """
-    check_norm(norm)
-    options = dict(options or {})
-    if zero_scale:
-        options["scale_init"] = nn.initializers.zeros
-    return NORMS[norm](train, spatial, groups, dict(dtype=dtype, name=name, **options))
+    factory = norm_factory(norm, spatial=spatial, groups=groups, options=options)
+    return make_layer(factory, train=train, name=name, dtype=dtype, zero_scale=zero_scale)

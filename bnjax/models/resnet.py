@@ -20,7 +20,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bnjax.models.mlp import check_widths
-from bnjax.models.norms import apply_norm, check_norm, make_norm, uses_bias_before_norm
+from bnjax.models.norms import (
+    NormFactory,
+    apply_norm,
+    make_layer,
+    norm_factory,
+    uses_bias_before_norm,
+)
 
 _HE_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -28,7 +34,7 @@ _HE_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 class _NormSettings(nn.Module):
     """Fields every block shares (kept in one place so blocks and networks agree)."""
 
-    norm: str = "batch"
+    norm: str | NormFactory | None = "batch"  # see bnjax.models.norms
     norm_groups: int = 8
     norm_options: Mapping[str, Any] | None = None
     dtype: Any = jnp.float32
@@ -47,16 +53,10 @@ class _NormSettings(nn.Module):
 
     def normalize(self, x, mask, train: bool, name: str, zero_scale: bool = False):
         """The block's norm `name` applied to x (`mask`: see `bnjax.models.norms.apply_norm`)."""
-        layer = make_norm(
-            self.norm,
-            train=train,
-            spatial=True,
-            groups=self.norm_groups,
-            zero_scale=zero_scale,
-            dtype=self.dtype,
-            options=self.norm_options,
-            name=name,
+        factory = norm_factory(
+            self.norm, spatial=True, groups=self.norm_groups, options=self.norm_options
         )
+        layer = make_layer(factory, train=train, name=name, dtype=self.dtype, zero_scale=zero_scale)
         return apply_norm(layer, x, mask)
 
 
@@ -110,7 +110,7 @@ class ResNet(_NormSettings):
     def __call__(self, x, *, train: bool, mask=None):
         """x (N, H, W, C) -> logits (N, classes); `mask` (N,) marks the examples that enter
         batch statistics (None: all)."""
-        check_norm(self.norm)
+        norm_factory(self.norm, spatial=True, groups=self.norm_groups, options=self.norm_options)
         check_widths(self.stage_features, "stage_features")
         if len(self.stage_sizes) != len(self.stage_features):
             raise ValueError(

@@ -35,10 +35,9 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-import ml_collections
 import numpy as np
 
-from bnjax import data, lifecycle, models
+from bnjax import data, lifecycle
 from bnjax.core.batch_renorm import RenormSchedule
 from bnjax.study import evaluation, metrics
 from bnjax.study.grid import Run
@@ -50,8 +49,8 @@ from bnjax.study.training import (
     norm_inputs,
     to_trace,
 )
-from bnjax.train.optim import make_optimizer
-from bnjax.train.steps import initial_state
+from bnjax.train.optim import learning_rate_schedule, make_optimizer
+from bnjax.train.steps import initial_state, make_model
 
 
 class Trained(NamedTuple):
@@ -84,40 +83,41 @@ class Measured(NamedTuple):
     labels: np.ndarray
 
 
-def model_config(config, run: Run) -> ml_collections.ConfigDict:
-    """The keys `study_model` and `bnjax.train.optim.make_optimizer` read, for this run: the
-    run's steps and learning rate (warm-up in proportion: the same fraction of the run), the
-    ghost batch size capped at the run's batch size.
+class RunSettings(NamedTuple):
+    """What a run changes in the study's network and optimizer (`run_settings` builds one).
+
+    Example:
+      >>> RunSettings("batch", None, 0.05, 30, 300).learning_rate
+      0.05
+    """
+
+    norm: str  # the model's norm (`bnjax.models.NORMS`)
+    ghost_batch_size: int | None  # capped at the run's batch size
+    learning_rate: float  # the config's, times the run's `lr_scale`
+    warmup_steps: int  # the config's, in proportion to the run's steps
+    num_steps: int
+
+
+def run_settings(config, run: Run) -> RunSettings:
+    """The run's norm, ghost batch size (capped at the run's batch size), learning rate and
+    steps (warm-up in proportion: the same fraction of the run).
 
     Example:
       >>> from bnjax.study.defaults import study_config
       >>> from bnjax.study.grid import Condition, normalizer
       >>> run = Run(Condition("small", "uniform", 4), normalizer("ghost_batch", 8), seed=0)
-      >>> mc = model_config(study_config(), run)
-      >>> mc.norm, mc.ghost_batch_size, mc.learning_rate
+      >>> settings = run_settings(study_config(), run)
+      >>> settings.norm, settings.ghost_batch_size, settings.learning_rate
       ('batch', 4, 0.05)
     """
     steps = run_steps(config, run)
-    c = ml_collections.ConfigDict(
-        {
-            "model_features": tuple(config.model_features),
-            "norm": run.normalizer.norm,
-            "norm_groups": config.norm_groups,
-            "bn_momentum": config.bn_momentum,
-            "ghost_batch_size": None,
-            "optimizer": config.optimizer,
-            "learning_rate": config.learning_rate * run.lr_scale,
-            "momentum": config.momentum,
-            "weight_decay": config.weight_decay,
-            "schedule": config.schedule,
-            "warmup_steps": round(config.warmup_steps * steps / config.num_steps),
-            "num_steps": steps,
-        }
+    return RunSettings(
+        norm=run.normalizer.norm,
+        ghost_batch_size=run.ghost_batch_size,
+        learning_rate=config.learning_rate * run.lr_scale,
+        warmup_steps=round(config.warmup_steps * steps / config.num_steps),
+        num_steps=steps,
     )
-    ghost = run.normalizer.ghost_batch_size
-    if ghost is not None:
-        c.ghost_batch_size = min(ghost, run.condition.batch_size)
-    return c
 
 
 def run_steps(config, run: Run) -> int:
@@ -154,34 +154,55 @@ def renorm_schedule(config, num_steps: int | None = None) -> RenormSchedule:
     )
 
 
-def study_model(config, mc, num_classes: int, *, for_training: bool) -> models.SmallCNN:
-    """The study's conv net: `models.SmallCNN`, a norm after each of its convs (so the
-    normalized layers sit at several depths), with the run's norm options. `mc` is
-    `model_config`'s output.
+def study_model(config, settings: RunSettings, num_classes: int, *, for_training: bool):
+    """The study's conv net: `models.SmallCNN` from `bnjax.train.steps.make_model`, a norm
+    after each of its convs (so the normalized layers sit at several depths), with the run's
+    norm options (`settings` from `run_settings`).
 
     Example:
       >>> from bnjax.study.defaults import study_config
       >>> from bnjax.study.grid import Condition, normalizer
       >>> config = study_config()
       >>> run = Run(Condition("u", "uniform", 32), normalizer("batch_renorm"), seed=0)
-      >>> model = study_model(config, model_config(config, run), 10, for_training=True)
+      >>> model = study_model(config, run_settings(config, run), 10, for_training=True)
       >>> model.features, model.norm, model.norm_options["schedule"].warmup_steps
       ((16, 32, 64), 'batch_renorm', 30)
     """
-    options: dict[str, Any] = {"momentum": mc.bn_momentum}
-    if mc.norm == "batch_renorm":
-        options["schedule"] = renorm_schedule(config, mc.num_steps)
-        options["renorm_momentum"] = config.renorm_momentum
-    if for_training and mc.ghost_batch_size is not None:
-        options["ghost_batch_size"] = mc.ghost_batch_size
-    if mc.norm not in models.BATCH_STATISTICS_NORMS:
-        options = {}
-    return models.SmallCNN(
-        features=tuple(mc.model_features),
+    renorm = {}
+    if settings.norm == "batch_renorm":
+        renorm = {
+            "schedule": renorm_schedule(config, settings.num_steps),
+            "renorm_momentum": config.renorm_momentum,
+        }
+    return make_model(
+        "small_cnn",
         num_classes=num_classes,
-        norm=mc.norm,
-        norm_groups=mc.norm_groups,
-        norm_options=options,
+        norm=settings.norm,
+        norm_groups=config.norm_groups,
+        bn_momentum=config.bn_momentum,
+        ghost_batch_size=settings.ghost_batch_size,
+        norm_options=renorm,
+        features=config.model_features,
+        for_training=for_training,
+    )
+
+
+def study_optimizer(config, settings: RunSettings):
+    """The run's optimizer: the config's, on the run's learning rate and steps.
+
+    Example:
+      >>> from bnjax.study.defaults import study_config
+      >>> optimizer = study_optimizer(study_config(), RunSettings("batch", None, 0.05, 30, 300))
+      >>> state = optimizer.init({"w": jnp.ones(3)})          # an optax GradientTransformation
+    """
+    schedule = learning_rate_schedule(
+        settings.learning_rate,
+        num_steps=settings.num_steps,
+        warmup_steps=settings.warmup_steps,
+        schedule=config.schedule,
+    )
+    return make_optimizer(
+        config.optimizer, schedule, momentum=config.momentum, weight_decay=config.weight_decay
     )
 
 
@@ -258,13 +279,13 @@ class Study:
     def _models(self, run: Run) -> _Compiled:
         """The run's models and jitted functions, built once per norm, ghost size, steps and
         learning rate and reused (so each compiles once per shape)."""
-        mc = model_config(self.config, run)
-        key = (mc.norm, mc.ghost_batch_size, mc.num_steps, mc.learning_rate)
+        settings = run_settings(self.config, run)
+        key = (settings.norm, settings.ghost_batch_size, settings.num_steps, settings.learning_rate)
         if key not in self._compiled:
             num_classes = self.train_set.num_classes
-            model = study_model(self.config, mc, num_classes, for_training=True)
-            eval_model = study_model(self.config, mc, num_classes, for_training=False)
-            optimizer = make_optimizer(mc)
+            model = study_model(self.config, settings, num_classes, for_training=True)
+            eval_model = study_model(self.config, settings, num_classes, for_training=False)
+            optimizer = study_optimizer(self.config, settings)
 
             def capture(variables, images):
                 _, sown = eval_model.apply(

@@ -28,8 +28,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-SAMPLERS = ("uniform", "clustered", "skewed", "balanced")
-NORMALIZERS = ("batch", "batch_renorm", "group", "layer", "ghost_batch", "batch+recalibration")
+from bnjax.data import GROUPINGS, SAMPLERS
+
 # The paper's row labels, in its order.
 PAPER_LABELS = {
     "uniform": "Uniformly shuffled mini-batches",
@@ -72,16 +72,16 @@ class Condition:
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(
-                f"conditions.{self.name}.sampler={self.sampler!r}: choose one of {SAMPLERS}."
+                f"conditions.{self.name}.sampler={self.sampler!r}: choose one of {tuple(SAMPLERS)}."
             )
         if int(self.batch_size) < 2:
             raise ValueError(
                 f"conditions.{self.name}.batch_size={self.batch_size}: batch statistics need "
                 "at least 2 examples per batch."
             )
-        if self.groups not in ("class", "subcluster"):
+        if self.groups not in GROUPINGS:
             raise ValueError(
-                f"conditions.{self.name}.groups={self.groups!r}: choose 'class' or 'subcluster'."
+                f"conditions.{self.name}.groups={self.groups!r}: choose one of {tuple(GROUPINGS)}."
             )
         if not 0.0 <= self.skew <= 1.0:
             raise ValueError(f"conditions.{self.name}.skew={self.skew}: must be in [0, 1].")
@@ -122,8 +122,24 @@ class Normalizer:
         return self.norm in ("batch", "batch_renorm")
 
 
+# The registry: name -> build(ghost_batch_size). Its keys are the valid normalizer names (the
+# config's `normalizers` and `sweep_normalizers`), in the table's column order.
+NORMALIZERS = {
+    "batch": lambda ghost_batch_size: Normalizer("batch", "batch"),
+    "batch_renorm": lambda ghost_batch_size: Normalizer("batch_renorm", "batch_renorm"),
+    "group": lambda ghost_batch_size: Normalizer("group", "group"),
+    "layer": lambda ghost_batch_size: Normalizer("layer", "layer"),
+    "ghost_batch": lambda ghost_batch_size: Normalizer(
+        "ghost_batch", "batch", ghost_batch_size=ghost_batch_size
+    ),
+    "batch+recalibration": lambda ghost_batch_size: Normalizer(
+        "batch+recalibration", "batch", recalibrate=True
+    ),
+}
+
+
 def normalizer(name: str, ghost_batch_size: int = 8) -> Normalizer:
-    """The `Normalizer` called `name` (one of NORMALIZERS).
+    """The `Normalizer` called `name` (a key of NORMALIZERS).
 
     Example:
       >>> normalizer("ghost_batch", ghost_batch_size=4)
@@ -131,13 +147,9 @@ def normalizer(name: str, ghost_batch_size: int = 8) -> Normalizer:
       >>> normalizer("batch+recalibration").trains_as
       'batch'
     """
-    if name == "ghost_batch":
-        return Normalizer(name, "batch", ghost_batch_size=ghost_batch_size)
-    if name == "batch+recalibration":
-        return Normalizer(name, "batch", recalibrate=True)
-    if name in ("batch", "batch_renorm", "group", "layer"):
-        return Normalizer(name, name)
-    raise ValueError(f"normalizer {name!r} is not one of {NORMALIZERS}.")
+    if name not in NORMALIZERS:
+        raise ValueError(f"normalizer {name!r} is not one of {tuple(NORMALIZERS)}.")
+    return NORMALIZERS[name](ghost_batch_size)
 
 
 def conditions_from_config(conditions: Mapping, names: Iterable[str]) -> list[Condition]:
@@ -192,19 +204,24 @@ class Run:
     lr_scale: float = 1.0
 
     @property
+    def ghost_batch_size(self) -> int | None:
+        """The normalizer's ghost batch size capped at the condition's batch size (None: whole
+        batches). Training only: `bnjax.train.steps.make_model` leaves it out in evaluation."""
+        ghost = self.normalizer.ghost_batch_size
+        return None if ghost is None else min(ghost, self.condition.batch_size)
+
+    @property
     def training_key(self) -> tuple:
         """Runs with equal keys share one training run (same batches, model and seed)."""
         c = self.condition
-        n = self.normalizer
-        ghost = None if n.ghost_batch_size is None else min(n.ghost_batch_size, c.batch_size)
         return (
             c.sampler,
             c.batch_size,
             c.groups,
             c.skew,
             c.shuffle_batches,
-            n.norm,
-            ghost,
+            self.normalizer.norm,
+            self.ghost_batch_size,
             self.num_steps,
             self.lr_scale,
             self.seed,

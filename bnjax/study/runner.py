@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from collections.abc import Callable
 import ml_collections
 
 from bnjax import data
+from bnjax.progress import Progress
 from bnjax.study import grid, plots, report
 from bnjax.study.experiment import Measured, Study, Trained
 
@@ -60,6 +60,10 @@ def check_study_config(config) -> None:
       ...
       ValueError: config.norm_groups=5 must divide every width in ... (group norm).
     """
+    if config.dataset not in data.DATASETS:
+        raise ValueError(
+            f"config.dataset={config.dataset!r}: choose one of {tuple(data.DATASETS)}."
+        )
     for key in ("num_seeds", "num_steps", "eval_batch_size", "recalibration_batch_size"):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ValueError(f"config.{key}={config[key]!r}: must be a positive integer.")
@@ -125,29 +129,6 @@ class Artifacts:
             self.features[c] = (measured.features, measured.labels)
 
 
-class _Progress:
-    """A rich progress bar on an interactive terminal, a line per run otherwise."""
-
-    def __init__(self, total: int, enabled: bool, log: Callable[[str], None]):
-        self.log, self._bar = log, None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import Progress
-
-            self._bar = Progress(transient=True)
-            self._task = self._bar.add_task("study", total=total)
-            self._bar.start()
-
-    def advance(self, message: str) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=1, description=message)
-        else:
-            self.log(message)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
 def make_runs(config) -> list[grid.Run]:
     """The config's grid (`grid.make_grid`).
 
@@ -210,7 +191,7 @@ def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> l
     measured_runs: dict[tuple, Measured] = {}
     artifacts, rows = Artifacts(), []
     started = time.perf_counter()
-    progress = _Progress(len(runs), config.progress, log)
+    progress = Progress("study", len(runs), enabled=config.progress, log=log)
     csv_path = os.path.join(workdir, "results.csv")
     try:
         for number, run in enumerate(runs, start=1):

@@ -9,14 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from bnjax.data import DATASETS, SAMPLERS
+from bnjax.data import DATASETS, GROUPINGS, SAMPLERS
 from bnjax.models import BATCH_STATISTICS_NORMS, MODELS, NORMS, layer_widths
 from bnjax.train.defaults import DESCRIPTIONS
+from bnjax.train.optim import OPTIMIZERS, SCHEDULES
 
-OPTIMIZERS = ("sgd", "nesterov", "adamw")
-SCHEDULES = ("constant", "cosine")
 PARALLEL_MODES = ("jit", "shard_map", "pmap")
-GROUPINGS = ("class", "subcluster")
 
 
 def _positive_int(value) -> bool:
@@ -29,9 +27,9 @@ def _non_negative_number(value) -> bool:
 
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": (lambda v: isinstance(v, int) and v >= 0, "a non-negative int"),
-    "dataset": (lambda v: v in DATASETS, f"one of {DATASETS}"),
-    "sampler": (lambda v: v in SAMPLERS, f"one of {SAMPLERS}"),
-    "sampler_groups": (lambda v: v in GROUPINGS, f"one of {GROUPINGS}"),
+    "dataset": (lambda v: v in DATASETS, f"one of {tuple(DATASETS)}"),
+    "sampler": (lambda v: v in SAMPLERS, f"one of {tuple(SAMPLERS)}"),
+    "sampler_groups": (lambda v: v in GROUPINGS, f"one of {tuple(GROUPINGS)}"),
     "skew": (lambda v: _non_negative_number(v) and v <= 1, "a number in [0, 1]"),
     "model": (lambda v: v in MODELS, f"one of {tuple(MODELS)}"),
     "model_features": (
@@ -44,11 +42,11 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": (_positive_int, "a positive int"),
     "eval_batch_size": (_positive_int, "a positive int"),
     "num_steps": (_positive_int, "a positive int"),
-    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+    "optimizer": (lambda v: v in OPTIMIZERS, f"one of {tuple(OPTIMIZERS)}"),
     "learning_rate": (lambda v: _non_negative_number(v) and v > 0, "a positive number"),
     "momentum": (lambda v: _non_negative_number(v) and v < 1, "a number in [0, 1)"),
     "weight_decay": (_non_negative_number, "a non-negative number"),
-    "schedule": (lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
+    "schedule": (lambda v: v in SCHEDULES, f"one of {tuple(SCHEDULES)}"),
     "warmup_steps": (lambda v: isinstance(v, int) and v >= 0, "a non-negative int"),
     "mixed_precision": (lambda v: isinstance(v, bool), "True or False"),
     "parallel": (lambda v: v in PARALLEL_MODES, f"one of {PARALLEL_MODES}"),

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from bnjax import data, models, parallel
+from bnjax.progress import Progress
 from bnjax.train.checkpoints import Checkpointer, CorruptCheckpointError
 from bnjax.train.config import check_config
 from bnjax.train.metrics import MetricWriter
@@ -81,6 +82,36 @@ def _runner(config, mesh, train_step):
         return parallel.shard_map_step(train_step, mesh)
     # jit: statistics over the sharded batch are global by construction (GSPMD).
     return parallel.jit_sharded_step(train_step, mesh, donate_state=True)
+
+
+def model_settings(config, num_classes: int) -> dict:
+    """The keywords of `bnjax.train.steps.make_model` a training config sets (all but
+    `axis_name` and `for_training`, which the parallel mode and the use decide)."""
+    return dict(
+        name=config.model,
+        num_classes=num_classes,
+        norm=config.norm,
+        norm_groups=config.norm_groups,
+        bn_momentum=config.bn_momentum,
+        ghost_batch_size=config.get("ghost_batch_size"),
+        features=config.model_features,
+        zero_init_residual=config.zero_init_residual,
+        mixed_precision=config.mixed_precision,
+    )
+
+
+def schedule_and_optimizer(config):
+    """(learning-rate schedule, optax optimizer) of a training config."""
+    schedule = learning_rate_schedule(
+        config.learning_rate,
+        num_steps=config.num_steps,
+        warmup_steps=config.warmup_steps,
+        schedule=config.schedule,
+    )
+    optimizer = make_optimizer(
+        config.optimizer, schedule, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    return schedule, optimizer
 
 
 def _sampler(config, train: data.Dataset):
@@ -180,27 +211,6 @@ def _training_batches(train, sampler, start_step: int):
         yield {"image": batch["image"], "label": batch["label"]}
 
 
-class _Progress:
-    """A rich progress bar on an interactive terminal; silent otherwise (logs carry on)."""
-
-    def __init__(self, enabled: bool, start: int, total: int):
-        self._bar = None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import Progress
-
-            self._bar = Progress(transient=True)
-            self._task = self._bar.add_task("training", total=total, completed=start)
-            self._bar.start()
-
-    def update(self, step: int, loss: float) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, completed=step, description=f"loss {loss:.4f}")
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
 def _print_line(step: int, num_steps: int, scalars: dict, started: float) -> None:
     shown = " ".join(
         f"{name.split('/')[-1] if name.startswith('eval/') else name}={value:.4f}"
@@ -263,13 +273,13 @@ def train_and_evaluate(
     test = data.load(config.dataset, "test", seed=config.seed, data_dir=config.get("data_dir"))
     check_evaluation_batches(config, len(test))
     sampler = _sampler(config, train)
-    optimizer = make_optimizer(config)
-    schedule = learning_rate_schedule(config)
+    schedule, optimizer = schedule_and_optimizer(config)
     mesh, axis_name = _mesh_and_axis(config)
-    model = make_model(config, train.num_classes, axis_name=axis_name)
+    model_options = model_settings(config, train.num_classes)
+    model = make_model(**model_options, axis_name=axis_name)
     train_step = make_train_step(model, optimizer, telemetry=config.get("telemetry", True))
     run = _runner(config, mesh, train_step)
-    eval_model = make_model(config, train.num_classes, for_training=False)
+    eval_model = make_model(**model_options, for_training=False)
     eval_step = make_eval_step(eval_model)
 
     state = initial_state(eval_model, optimizer, train.images[:2], config.seed)
@@ -289,7 +299,10 @@ def train_and_evaluate(
         writer = MetricWriter(workdir, resume_step=start_step if start_step else None)
         started = time.perf_counter()
         final: dict[str, float] = {}
-        progress = _Progress(config.get("progress", True), start_step, config.num_steps)
+        # A bar on a terminal only: the printed evaluation lines carry on either way.
+        progress = Progress(
+            "training", config.num_steps, completed=start_step, enabled=config.get("progress", True)
+        )
         # Many processes: each read only its rows; jit/shard_map take the assembled global batch.
         assemble = mesh is not None and jax.process_count() > 1
         try:
@@ -306,7 +319,7 @@ def train_and_evaluate(
                         f"The last good checkpoint is step {checkpointer.latest_step()} in "
                         f"{checkpointer.directory}. Lower config.learning_rate or check the data."
                     )
-                progress.update(step, step_metrics["loss"])
+                progress.update(step, f"loss {step_metrics['loss']:.4f}")
                 # Saved before evaluating: a failing evaluation cannot cost this step's state.
                 checkpointer.save(step, state, force=step == config.num_steps)
                 scalars = {}

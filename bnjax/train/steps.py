@@ -13,6 +13,9 @@ or `pmap` the model's norms sync over `axis_name` and the gradient is averaged o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -23,35 +26,56 @@ from bnjax import diagnostics, models, parallel
 STATE_COLLECTIONS = ("batch_stats", "bn_counters")
 
 
-def make_model(config, num_classes: int, axis_name=None, *, for_training: bool = True):
-    """The config's model; `axis_name` makes batch-statistics norms sync over devices.
+def make_model(
+    name: str,
+    *,
+    num_classes: int,
+    norm: str = "batch",
+    norm_groups: int = 8,
+    bn_momentum: float = 0.99,
+    ghost_batch_size: int | None = None,
+    axis_name=None,
+    norm_options: Mapping[str, Any] | None = None,
+    features: Sequence[int] | None = None,
+    zero_init_residual: bool = False,
+    mixed_precision: bool = False,
+    for_training: bool = True,
+):
+    """The model `name` of `bnjax.models.MODELS` with the norm `norm` of `bnjax.models.NORMS`.
 
-    `for_training=False` leaves out `ghost_batch_size`: ghost groups shape training statistics
-    only, and evaluation batches (of any size) use the whole batch's statistics.
+    Batch-statistics norms get `bn_momentum`, `axis_name` (sync over devices),
+    `ghost_batch_size` and `norm_options` (any other module option); per-example norms take
+    none of them. `features` are the widths of the models that take them (ignored by the
+    others), `mixed_precision` computes in bfloat16 (parameters stay float32).
+
+    This is the one place that decides what the evaluation network leaves out:
+    `for_training=False` drops `ghost_batch_size` and `axis_name`. Ghost groups shape training
+    statistics only; evaluation batches (of any size, under plain jit) are normalized with the
+    whole batch's statistics, also in the batch-statistics evaluation, which runs the norms in
+    training mode (so the modules' own rule, no ghost groups with running statistics, is not
+    enough there).
     """
     options = {}
     # Running-statistics options exist only on batch-statistics norms; group, layer and
     # instance norm are per example and take none of them.
-    if config.norm in models.BATCH_STATISTICS_NORMS:
-        options["momentum"] = config.bn_momentum
-        if axis_name is not None:
+    if norm in models.BATCH_STATISTICS_NORMS:
+        options["momentum"] = bn_momentum
+        if for_training and axis_name is not None:
             options["axis_name"] = axis_name
-        if for_training and config.get("ghost_batch_size") is not None:
-            options["ghost_batch_size"] = config.ghost_batch_size
-    common = dict(
-        num_classes=num_classes,
-        norm=config.norm,
-        norm_groups=config.norm_groups,
-        norm_options=options,
-        dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
-    )
+        if for_training and ghost_batch_size is not None:
+            options["ghost_batch_size"] = ghost_batch_size
+        options.update(norm_options or {})
     # An unknown name reaches build_model, whose error lists the models.
-    takes_widths = models.MODELS.get(config.model, (None, False))[1]
+    takes_widths = models.MODELS.get(name, (None, False))[1]
     return models.build_model(
-        config.model,
-        features=tuple(config.model_features) if takes_widths else None,
-        zero_init_residual=config.zero_init_residual,
-        **common,
+        name,
+        num_classes=num_classes,
+        norm=norm,
+        norm_groups=norm_groups,
+        norm_options=options,
+        dtype=jnp.bfloat16 if mixed_precision else jnp.float32,
+        features=tuple(features) if takes_widths and features is not None else None,
+        zero_init_residual=zero_init_residual,
     )
 
 
@@ -72,20 +96,50 @@ def _variables(state, params=None) -> dict:
     return variables
 
 
-def make_train_step(model, optimizer, *, telemetry: bool):
+class StepInternals(NamedTuple):
+    """What one train step computed, handed to `make_train_step`'s `extras` (per device).
+
+    logits (N, K), labels (N,); intermediates: the 'intermediates' collection the step's
+    `capture_intermediates` filter recorded ({} without one); grads: the loss gradient (as
+    `params`, averaged over devices); changes: the optimizer's update added to `params`.
+    """
+
+    logits: jax.Array
+    labels: jax.Array
+    intermediates: Any
+    grads: Any
+    changes: Any
+
+
+def make_train_step(
+    model,
+    optimizer,
+    *,
+    telemetry: bool = False,
+    capture_intermediates: Callable[[Any, str], bool] | None = None,
+    extras: Callable[[StepInternals], dict] | None = None,
+):
     """`train_step(state, batch, axis_name) -> (state, metrics)` for `bnjax.parallel`.
 
-    Metrics: 'loss' (global mean cross-entropy), 'accuracy', and with `telemetry` each BN
-    layer's drift and skipped-update count from `bnjax.diagnostics` (jit mode only: under
-    shard_map/pmap they would differ per device).
+    `batch` is {'image': (N, ...), 'label': (N,)}. Metrics: 'loss' (global mean cross-entropy),
+    'accuracy', with `telemetry` each BN layer's drift and skipped-update count from
+    `bnjax.diagnostics` (jit mode only: under shard_map/pmap they would differ per device),
+    and whatever `extras(StepInternals)` returns (a dict of arrays), which sees the
+    intermediates `capture_intermediates` (a flax `capture_intermediates` filter) recorded.
     """
     mutable = list(STATE_COLLECTIONS)
+    if capture_intermediates is not None:
+        mutable.append("intermediates")
 
     def loss_fn(params, state, batch, axis_name):
         record = telemetry and axis_name is None
         names = mutable + (["bn_telemetry"] if record else [])
         apply = lambda: model.apply(  # noqa: E731
-            _variables(state, params), batch["image"], train=True, mutable=names
+            _variables(state, params),
+            batch["image"],
+            train=True,
+            mutable=names,
+            capture_intermediates=capture_intermediates or False,
         )
         if record:
             with diagnostics.telemetry():
@@ -117,6 +171,11 @@ def make_train_step(model, optimizer, *, telemetry: bool):
             metrics.update(
                 {k: v for k, v in summaries.items() if k.endswith(("/drift", "/skipped"))}
             )
+        if extras is not None:
+            internals = StepInternals(
+                logits, batch["label"], updates.get("intermediates", {}), grads, changes
+            )
+            metrics.update(extras(internals))
         return new_state, metrics
 
     return train_step

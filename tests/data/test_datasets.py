@@ -112,6 +112,10 @@ def test_dataset_take_and_errors():
         dataset.groups("colour")
     with pytest.raises(ValueError, match="Unknown dataset"):
         data.load("imagenet")
+    with pytest.raises(ValueError, match=r"choose one of \['clusters', 'digits', 'mnist'"):
+        data.load("imagenet")
+    with pytest.raises(ValueError, match=r"by must be one of \('class', 'subcluster'\)"):
+        dataset.groups("colour")
     with pytest.raises(ValueError, match="config applies"):
         data.load("digits", config=SMALL)
     with pytest.raises(ValueError, match="images"):

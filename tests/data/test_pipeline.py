@@ -45,6 +45,9 @@ def test_endless_iteration_and_size_check():
         next(data.batches(train, data.make_sampler("uniform", 10, batch_size=2)))
     with pytest.raises(ValueError, match="Unknown sampler"):
         data.make_sampler("sorted", train.labels, 8)
+    # The error lists the registry's names: the valid values are its keys.
+    with pytest.raises(ValueError, match=r"\('uniform', 'clustered', 'skewed', 'balanced'\)"):
+        data.make_sampler("sorted", train.labels, 8)
     with pytest.raises(ValueError, match="group ids"):
         data.make_sampler("balanced", 512, 8)
 

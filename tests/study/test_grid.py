@@ -107,6 +107,7 @@ def test_scale_full_replaces_the_listed_keys_only():
         ("norm_groups", 5, "config.norm_groups"),
         ("sweep_examples", 1000, "config.sweep_examples"),
         ("normalizers", ("batch", "weight"), "normalizer 'weight'"),
+        ("dataset", "imagenet", r"config.dataset='imagenet': choose one of \('clusters'"),
     ],
 )
 def test_bad_study_config_fails_fast(key, value, message):

@@ -15,7 +15,7 @@ import pytest
 
 from bnjax import data, parallel
 from bnjax.models import NORMS
-from bnjax.train import loop, optim, steps
+from bnjax.train import loop, steps
 from bnjax.train.checkpoints import Checkpointer
 from bnjax.train.defaults import DESCRIPTIONS, base_config
 from bnjax.train.workdir import ConfigChangedError, WorkdirBusyError, WorkdirLock
@@ -108,8 +108,10 @@ def test_evaluation_is_the_same_on_1_3_and_8_devices(tmp_path):
     loop.train_and_evaluate(_tiny(num_steps=6), str(tmp_path))
     config = _tiny()
     test = data.load("clusters", "test", seed=config.seed)
-    model = steps.make_model(config, test.num_classes, for_training=False)
-    template = steps.initial_state(model, optim.make_optimizer(config), test.images[:2], 0)
+    model = steps.make_model(**loop.model_settings(config, test.num_classes), for_training=False)
+    template = steps.initial_state(
+        model, loop.schedule_and_optimizer(config)[1], test.images[:2], 0
+    )
     with Checkpointer(os.path.join(tmp_path, "checkpoints")) as checkpointer:
         state = checkpointer.restore(6, template)
     eval_step = steps.make_eval_step(model)

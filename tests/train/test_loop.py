@@ -187,12 +187,12 @@ def test_evaluation_split_over_devices_counts_the_same():
     every one), padded to a multiple of their number and masked; the counts equal the
     single-device evaluation of every example."""
     from bnjax import data, parallel
-    from bnjax.train import optim, steps
+    from bnjax.train import steps
 
     config = _tiny()
     test = data.load("clusters", "test", config=data.ClusterConfig(test_per_class=20))
-    model = steps.make_model(config, test.num_classes, for_training=False)
-    state = steps.initial_state(model, optim.make_optimizer(config), test.images[:2], 0)
+    model = steps.make_model(**loop.model_settings(config, test.num_classes), for_training=False)
+    state = steps.initial_state(model, loop.schedule_and_optimizer(config)[1], test.images[:2], 0)
     eval_step = steps.make_eval_step(model)
     mesh = parallel.data_mesh()
     whole = loop.evaluate(eval_step, state, test, 100)
