@@ -420,7 +420,7 @@ class RMSNorm(_PerExample):
     Example:
       >>> x = jnp.array([[3.0, 4.0]])
       >>> print(RMSNorm(epsilon=1e-12).init_with_output(jax.random.key(0), x)[0])
-      [[0.8485281 1.1313709]]
+      [[0.84852815 1.1313709 ]]
     """
 
     epsilon: float = 1e-6

@@ -629,7 +629,7 @@ class RMSNorm(_PerExample):
 
     Example:
       >>> print(RMSNorm(2, epsilon=1e-12, rngs=nnx.Rngs(0))(jnp.array([[3.0, 4.0]])))
-      [[0.8485281 1.1313709]]
+      [[0.84852815 1.1313709 ]]
     """
 
     def __init__(

@@ -343,7 +343,7 @@ def rms_norm(
 
     Example:
       >>> print(rms_norm(jnp.array([[3.0, 4.0]]), epsilon=1e-12))
-      [[0.8485281 1.1313709]]
+      [[0.84852815 1.1313709 ]]
     """
     x = _check_common(x, epsilon, axis_name, axis_index_groups)
     reduce = checks.normalize_axes(reduction_axes, x.ndim, "reduction_axes")

@@ -2,10 +2,9 @@
 
 The state is a plain dict pytree, so it checkpoints as is:
 
-    {"step": int32 scalar, "params": ..., "batch_stats": ..., "bn_counters": ...,
-     "opt_state": ...}
+    {"step": int32 scalar, "params": ..., "batch_stats": ..., "opt_state": ...}
 
-('batch_stats' / 'bn_counters' are absent for norms without running statistics.) One
+('batch_stats' is absent for norms without running statistics.) One
 `train_step(state, batch, axis_name)` serves every parallel mode of `bnjax.parallel`: under
 `jit` (`axis_name=None`) batch norm's statistics are global by construction; under `shard_map`
 or `pmap` the model's norms sync over `axis_name` and the gradient is averaged over devices.
@@ -23,7 +22,7 @@ from jax import lax
 
 from bnjax import diagnostics, models, parallel
 
-STATE_COLLECTIONS = ("batch_stats", "bn_counters")
+STATE_COLLECTIONS = ("batch_stats",)
 
 
 def make_model(
