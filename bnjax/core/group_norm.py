@@ -198,26 +198,38 @@ def group_norm(
         channels // num_groups * math.prod(x.shape[a] for a in spatial),
         f"group_norm on x of shape {tuple(x.shape)} with {num_groups} groups",
     )
-    # Per-channel two-pass moments over the other reduction axes of the plain x, then an
-    # exact (Chan) merge of the channels of each group on the small arrays, and the group
-    # statistics repeated back to channels: every full-size pass is a plain per-channel
-    # reduction or elementwise loop, which XLA runs well, and no grouped copy of x is made.
-    per_channel = stats.moments(x, spatial, mask)
-    small = list(per_channel.mean.shape)
-    small[channel_axis : channel_axis + 1] = [num_groups, channels // num_groups]
-    merged = stats.combine(
-        stats.Moments(*(f.reshape(small) for f in per_channel)), axis=channel_axis + 1
-    )
-    if axis_name is not None:
-        stats.check_axis_name_bound(axis_name)
-        merged = stats.merge_across_devices(merged, axis_name, axis_index_groups)
+    size = channels // num_groups
+    channel_view = tuple(1 if a in spatial else n for a, n in enumerate(x.shape))
+    small = [*channel_view[:channel_axis], num_groups, size, *channel_view[channel_axis + 1 :]]
+    if axis_name is None:
+        # Per-channel two-pass moments over the other reduction axes of the plain x, then an
+        # exact (Chan) merge of the channels of each group on the small arrays: every
+        # full-size pass is a plain per-channel reduction or elementwise loop, which XLA runs
+        # well, and no grouped copy of x is made.
+        per_channel = stats.moments(x, spatial, mask)
+        merged = stats.combine(
+            stats.Moments(*(f.reshape(small) for f in per_channel)), axis=channel_axis + 1
+        )
+    else:
+        # Across devices: the moments of each group at once, so that the one-round merge gets
+        # the shifted moments it needs to stay exact (see `stats.merge_across_devices`).
+        grouped = (*x.shape[:channel_axis], num_groups, size, *x.shape[channel_axis + 1 :])
+        axes = (*(a if a < channel_axis else a + 1 for a in spatial), channel_axis + 1)
+        merged = stats.reduce_moments(
+            x.reshape(grouped),
+            tuple(sorted(axes)),
+            None if mask is None else mask.reshape(grouped),
+            axis_name,
+            axis_index_groups,
+        )
+        merged = stats.Moments(*(jnp.squeeze(f, channel_axis + 1) for f in merged))
     inv = _inverse_std(merged, epsilon)
 
     def to_channels(v):
         v = jnp.broadcast_to(jnp.expand_dims(v, channel_axis + 1), small)
-        return v.reshape(per_channel.mean.shape)
+        return v.reshape(channel_view)
 
-    y = (x.astype(per_channel.mean.dtype) - to_channels(merged.mean)) * to_channels(inv)
+    y = (x.astype(merged.mean.dtype) - to_channels(merged.mean)) * to_channels(inv)
     return _affine(y, scale, bias, (channel_axis,), x.dtype)
 
 
