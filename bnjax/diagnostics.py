@@ -84,7 +84,8 @@ def layer_telemetry(
     Args:
       x: the layer's input; `axis` its feature axis (or axes), as for `bnjax.batch_norm`.
       state: the running statistics (a `BatchNormState`, or anything with .mean and .var).
-      epsilon: the layer's. mask: (N,) or broadcastable to x; False entries left out.
+      epsilon: the layer's. mask: broadcastable to x by NumPy rules, as in the modules (a
+        per-example mask is ``mask.reshape(N, 1, ..., 1)``); False entries left out.
       counters: (count, skipped) to report; default the state's (-1 if it has none).
 
     Example:

@@ -12,7 +12,7 @@ from bnjax import diagnostics, lifecycle
 from bnjax import nnx as bnnx
 from tests.lifecycle.helpers import BATCHES, DATA, apply, initialised
 
-MUTABLE = ["batch_stats", "bn_counters"]
+MUTABLE = ["batch_stats"]
 
 
 def _reference(x, mean, var, epsilon=1e-5):
@@ -61,7 +61,7 @@ def _conv_outputs(model, variables, x):
 
 
 def test_linen_telemetry_in_a_jitted_training_step_changes_nothing_else():
-    model, variables = initialised("cnn")
+    model, variables = initialised("cnn", counters=True)
     x = DATA[:16]
 
     @jax.jit
@@ -110,20 +110,27 @@ def test_drift_vanishes_after_recalibration_and_flags_a_shifted_batch():
 
 
 def test_a_skipped_non_finite_batch_is_reported():
-    model, variables = initialised("mlp")
     x = DATA[:16].copy()
     x[3, 0, 0, 0] = np.nan
+    model, variables = initialised("mlp", counters=True)
     _, per_layer = diagnostics.collect(model, variables, x, train=True)
     assert int(per_layer[("norm0",)].skipped) == 1
     assert int(per_layer[("norm0",)].nonfinite) == 8  # NaN reaches every channel of dense0
     assert int(per_layer[("norm0",)].count) == 1  # not updated by this batch
+    # Without counters (the default) the skip shows as non-finite batch statistics.
+    model, variables = initialised("mlp")
+    _, per_layer = diagnostics.collect(model, variables, x, train=True)
+    assert int(per_layer[("norm0",)].nonfinite) == 8
+    assert (int(per_layer[("norm0",)].count), int(per_layer[("norm0",)].skipped)) == (-1, -1)
+    _, clean = diagnostics.collect(model, variables, DATA[:16], train=True)
+    assert int(clean[("norm0",)].nonfinite) == 0
 
 
 def test_nnx_collect():
     class Net(nnx.Module):
         def __init__(self, rngs):
             self.dense = nnx.Linear(2, 3, rngs=rngs)
-            self.norm = bnnx.BatchNorm(3, rngs=rngs)
+            self.norm = bnnx.BatchNorm(3, track_counters=True, rngs=rngs)
             self.flax_norm = nnx.BatchNorm(3, rngs=rngs)
 
         def __call__(self, x):

@@ -43,7 +43,7 @@ from flax import nnx, traverse_util
 from bnjax import linen as bnn
 from bnjax import nnx as bnnx
 from bnjax.core import BatchNormState, BatchRenormState, stats
-from bnjax.core.checks import normalize_axes
+from bnjax.core.checks import broadcast_mask, normalize_axes
 
 __all__ = [
     "COUNTER_NAMES",
@@ -209,7 +209,8 @@ def feature_moments(x, axis, mask=None) -> stats.Moments:
     Args:
       x: the layer's input.
       axis: the feature axis or axes, as the batch-norm modules take it.
-      mask: None, (N,) per example, or broadcastable to x (False entries left out).
+      mask: None, or broadcastable to x by NumPy rules as in the modules (False entries left
+        out); a per-example mask for x of shape (N, ..., C) is ``mask.reshape(N, 1, ..., 1)``.
 
     Example:
       >>> moments = feature_moments(jnp.array([[1.0, 10.0], [3.0, 10.0]]), axis=-1)
@@ -219,11 +220,7 @@ def feature_moments(x, axis, mask=None) -> stats.Moments:
     x = jnp.asarray(x)
     features = normalize_axes(axis, x.ndim, "axis")
     reduction = tuple(a for a in range(x.ndim) if a not in features)
-    if mask is not None:
-        mask = jnp.asarray(mask)
-        if mask.ndim == 1 and x.ndim > 1:
-            mask = mask.reshape((-1,) + (1,) * (x.ndim - 1))
-        mask = jnp.broadcast_to(mask.astype(bool), x.shape)
+    mask = broadcast_mask(mask, x)  # the modules' rule, so recalibration sees what they see
     moments = stats.moments(x, reduction, mask)
     shape = tuple(x.shape[a] for a in features)
     return stats.Moments(*(field.reshape(shape) for field in moments))

@@ -3,7 +3,8 @@
 Variables are drawn with NumPy into the shapes ``jax.eval_shape(model.init)`` gives, so no test
 pays for compiling an ``init`` (seconds for a ResNet on a 2-core machine): kernels scaled by
 1/sqrt(fan-in), scale and bias away from 1 and 0, running statistics away from 0 and 1, and
-counters at 1 (as after one training step).
+(with ``counters=True``: norms built with ``track_counters=True``) 'count' at 1 and 'skipped' at
+0 in each layer's 'batch_stats', as after one training step.
 """
 
 import functools
@@ -40,9 +41,11 @@ def _draw(path, shape, rng):
 
 
 @functools.cache
-def initialised(name: str, norm: str = "batch"):
-    """(model, variables) of a bundled model for inputs shaped like DATA."""
-    model = MODELS[name](norm=norm)
+def initialised(name: str, norm: str = "batch", counters: bool = False):
+    """(model, variables) of a bundled model for inputs shaped like DATA; with `counters` its
+    norms keep 'count' and 'skipped' (``track_counters=True``) in 'batch_stats'."""
+    options = {"norm_options": {"track_counters": True}} if counters else {}
+    model = MODELS[name](norm=norm, **options)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), DATA[:2], train=False))
     rng = np.random.default_rng(0)
     variables = jax.tree_util.tree_map_with_path(

@@ -60,7 +60,7 @@ def test_readme_lifecycle_examples_run(tmp_path):
             variables,
             images[:64],
             train=True,
-            mutable=["batch_stats", "bn_counters", "bn_telemetry"],
+            mutable=["batch_stats", "bn_telemetry"],
         )
     metrics = diagnostics.summaries(updates["bn_telemetry"])
     assert float(metrics["bn/norm0/drift"]) < 0.2

@@ -20,8 +20,9 @@ X_FLAT = DATA.reshape(-1, 8)[:16]
 
 
 def _trained_cnn():
-    """A SmallCNN whose statistics have moved away from their initial values (cached)."""
-    return initialised("cnn")
+    """A SmallCNN whose statistics have moved away from their initial values (cached); its norms
+    keep counters ('count' 1, 'skipped' 0 in 'batch_stats')."""
+    return initialised("cnn", counters=True)
 
 
 def _fine_tune(model, variables, tx, apply_fn, steps=3):
@@ -32,7 +33,7 @@ def _fine_tune(model, variables, tx, apply_fn, steps=3):
             {**state, "params": params},
             IMAGES,
             train=True,
-            mutable=["batch_stats", "bn_counters"],
+            mutable=["batch_stats"],
         )
         return optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean(), updates
 
@@ -57,8 +58,8 @@ def test_linen_freeze_keeps_statistics_bit_identical(freeze_scale_and_bias):
     if freeze_scale_and_bias:
         tx = lifecycle.freeze_optimizer(tx, variables)
     tuned = _fine_tune(model, variables, tx, lifecycle.freeze(model.apply))
-    chex.assert_trees_all_equal(tuned["batch_stats"], variables["batch_stats"])
-    chex.assert_trees_all_equal(tuned["bn_counters"], variables["bn_counters"])
+    chex.assert_trees_all_equal(tuned["batch_stats"], variables["batch_stats"])  # counters too
+    assert int(tuned["batch_stats"]["norm0"]["count"]) == 1
     assert not np.allclose(
         tuned["params"]["conv0"]["kernel"], variables["params"]["conv0"]["kernel"]
     )
@@ -78,6 +79,7 @@ def test_without_freeze_the_statistics_move():
     assert not np.allclose(
         tuned["batch_stats"]["norm0"]["mean"], variables["batch_stats"]["norm0"]["mean"]
     )
+    assert int(tuned["batch_stats"]["norm0"]["count"]) == 2
 
 
 def test_freeze_selected_layers_only():
@@ -112,8 +114,8 @@ def test_flax_batch_norm_with_a_call_argument_freezes_too():
 class _NnxNet(nnx.Module):
     def __init__(self, rngs):
         self.dense = nnx.Linear(8, 4, rngs=rngs)
-        self.norm = bnnx.BatchNorm(4, rngs=rngs)
-        self.renorm = bnnx.BatchRenorm(4, rngs=rngs)
+        self.norm = bnnx.BatchNorm(4, track_counters=True, rngs=rngs)
+        self.renorm = bnnx.BatchRenorm(4, track_counters=True, rngs=rngs)
         self.head = nnx.Linear(4, 10, rngs=rngs)
 
     def __call__(self, x):
@@ -167,12 +169,19 @@ def test_nnx_freeze(freeze_scale_and_bias):
 
 def test_reset_statistics_everywhere():
     _, variables = _trained_cnn()
+    stats = variables["batch_stats"]
+    skipped = {**stats["norm0"], "skipped": jnp.array(3, jnp.int32)}  # a skipped batch
+    variables = {**variables, "batch_stats": {**stats, "norm0": skipped}}
     fresh = lifecycle.reset_statistics(variables)
     for layer in fresh["batch_stats"].values():
         np.testing.assert_array_equal(layer["mean"], 0.0)
         np.testing.assert_array_equal(layer["var"], 1.0)
-    assert all(int(c["count"]) == 0 for c in fresh["bn_counters"].values())
-    assert int(variables["bn_counters"]["norm0"]["count"]) == 1  # the input is not modified
+        assert (int(layer["count"]), int(layer["skipped"])) == (0, 0)
+    assert int(variables["batch_stats"]["norm0"]["count"]) == 1  # the input is not modified
+    _, plain = initialised("cnn")  # without counters (the default) none are added
+    plain_fresh = lifecycle.reset_statistics(plain)
+    assert jax.tree.structure(plain_fresh) == jax.tree.structure(plain)
+    np.testing.assert_array_equal(plain_fresh["batch_stats"]["norm1"]["var"], 1.0)
     partial = lifecycle.reset_statistics(variables, layers=lambda path: path == ("norm1",))
     chex.assert_trees_all_equal(partial["batch_stats"]["norm0"], variables["batch_stats"]["norm0"])
 

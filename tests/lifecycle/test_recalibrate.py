@@ -47,7 +47,7 @@ def _mlp_train_reference(variables, batches, depth: int):
 
 
 def test_train_mode_equals_float64_population_statistics_of_the_layer_inputs():
-    model, variables = initialised("mlp")
+    model, variables = initialised("mlp", counters=True)
     new = lifecycle.recalibrate(model, variables, BATCHES, apply_kwargs=EVAL)
     for i, values in enumerate(_mlp_train_reference(variables, BATCHES, depth=2)):
         mean, var = _population(values)
@@ -55,9 +55,19 @@ def test_train_mode_equals_float64_population_statistics_of_the_layer_inputs():
         # Not the average of the per-batch variances, which misses the spread of batch means.
         per_batch = np.mean([v.var(axis=0) for v in np.split(values, len(BATCHES))], axis=0)
         assert not np.allclose(per_batch, var, rtol=1e-3)
-        assert int(new["bn_counters"][f"norm{i}"]["count"]) == len(BATCHES)
-        assert int(new["bn_counters"][f"norm{i}"]["skipped"]) == 0
+        assert int(new["batch_stats"][f"norm{i}"]["count"]) == len(BATCHES)
+        assert int(new["batch_stats"][f"norm{i}"]["skipped"]) == 0
     chex.assert_trees_all_equal(new["params"], variables["params"])
+    # Without counters (flax's variables, the default) the same statistics, and none are added.
+    plain_model, plain = initialised("mlp")
+    plain_new = lifecycle.recalibrate(plain_model, plain, BATCHES, apply_kwargs=EVAL)
+    assert jax.tree.structure(plain_new) == jax.tree.structure(plain)
+    for i in range(2):
+        chex.assert_trees_all_close(
+            plain_new["batch_stats"][f"norm{i}"],
+            {k: new["batch_stats"][f"norm{i}"][k] for k in ("mean", "var")},
+            rtol=1e-6,
+        )
 
 
 def _conv_outputs(model, variables, batch):
@@ -110,13 +120,18 @@ def test_full_batch_mode_evaluation_equals_training_on_the_whole_data(name):
 
 
 def test_a_non_finite_batch_is_left_out_and_counted():
-    model, variables = initialised("mlp")
+    model, variables = initialised("mlp", counters=True)
     poisoned = [*BATCHES[:3], np.full_like(BATCHES[0], np.nan)]
     new = lifecycle.recalibrate(model, variables, poisoned, apply_kwargs=EVAL)
     clean = lifecycle.recalibrate(model, variables, BATCHES[:3], apply_kwargs=EVAL)
-    chex.assert_trees_all_close(new["batch_stats"], clean["batch_stats"], rtol=1e-6)
     for layer in ("norm0", "norm1"):
-        counters = new["bn_counters"][layer]
+        chex.assert_trees_all_close(
+            {k: new["batch_stats"][layer][k] for k in ("mean", "var")},
+            {k: clean["batch_stats"][layer][k] for k in ("mean", "var")},
+            rtol=1e-6,
+        )
+        counters = new["batch_stats"][layer]
+        assert int(clean["batch_stats"][layer]["skipped"]) == 0
         assert (int(counters["count"]), int(counters["skipped"])) == (3, 1)
 
 
@@ -133,7 +148,7 @@ def test_sync_over_devices_equals_one_device():
 
 
 def test_unjitted_with_progress_bar_and_num_batches(capsys):
-    model, variables = initialised("mlp")
+    model, variables = initialised("mlp", counters=True)
     new = lifecycle.recalibrate(
         model,
         variables,
@@ -143,7 +158,7 @@ def test_unjitted_with_progress_bar_and_num_batches(capsys):
         progress=True,
         apply_kwargs=EVAL,
     )
-    assert int(new["bn_counters"]["norm0"]["count"]) == 2
+    assert int(new["batch_stats"]["norm0"]["count"]) == 2
     assert "recalibrating" in capsys.readouterr().err
 
 
@@ -166,7 +181,7 @@ def test_flax_batch_norm_and_bnjax_renorm():
 class _NnxNet(nnx.Module):
     def __init__(self, rngs):
         self.dense = nnx.Linear(2, 3, rngs=rngs)
-        self.norm = bnnx.BatchNorm(3, rngs=rngs)
+        self.norm = bnnx.BatchNorm(3, track_counters=True, rngs=rngs)
         self.out = nnx.Linear(3, 3, rngs=rngs)
         self.flax_norm = nnx.BatchNorm(3, rngs=rngs)
 
@@ -195,7 +210,7 @@ def test_nnx_models_in_both_modes():
 
 def test_functional_states_with_layer_inputs_and_masks():
     x = DATA.reshape(-1, 2)[:64]
-    mask = np.arange(64) % 4 != 0
+    mask = (np.arange(64) % 4 != 0).reshape(64, 1)  # per example, broadcast as in flax
 
     def layer_inputs(states, batch, training):
         inputs, keep = batch
@@ -206,8 +221,32 @@ def test_functional_states_with_layer_inputs_and_masks():
     states = {"first": bnjax.batch_norm_state(2), "second": bnjax.batch_renorm_state(2)}
     batches = [(x[:32], mask[:32]), (x[32:], mask[32:])]
     new = lifecycle.recalibrate(layer_inputs, states, batches, unbiased=True)
-    _assert_state(new["first"]._asdict(), *_population(x[mask] * 2.0 - 1.0, ddof=1))
+    _assert_state(new["first"]._asdict(), *_population(x[mask[:, 0]] * 2.0 - 1.0, ddof=1))
     assert isinstance(new["second"], bnjax.BatchRenormState) and int(new["second"].count) == 2
+
+
+def test_masks_broadcast_as_in_the_modules():
+    """A mask broadcasts against x by NumPy rules, as the modules apply it: (C,) marks
+    features; a per-example mask is written (N, 1), and a bare (N,) one is refused."""
+    x = DATA.reshape(-1, 2)[:2] * np.array([1.0, -1.0])
+    features = np.array([True, False])
+    # A (2,) mask over x of shape (2, 2): which channels enter, not which examples.
+    moments = feature_moments(x, -1, features)
+    np.testing.assert_array_equal(moments.count, [2.0, 0.0])
+    np.testing.assert_allclose(moments.mean[0], x[:, 0].mean(), rtol=1e-6)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, mask):
+            return bnjax.linen.BatchNorm(use_running_average=True, name="bn")(x, mask=mask)
+
+    x = DATA.reshape(-1, 2)[:32]
+    variables = Net().init(jax.random.key(0), x, x[:, :1] > 0)
+    keep = (np.arange(32) % 2 == 0).reshape(32, 1)
+    new = lifecycle.recalibrate(Net(), variables, [x], apply_kwargs={"mask": keep})
+    _assert_state(new["batch_stats"]["bn"], *_population(x[keep[:, 0]]))
+    with pytest.raises(ValueError, match=r"mask\.reshape\(32, 1\)"):
+        feature_moments(x, -1, keep[:, 0])
 
 
 def test_accumulate_and_population_state_merge_exactly():

@@ -21,8 +21,9 @@ from tests.lifecycle.helpers import DATA, initialised
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _good():
-    return copy.deepcopy(jax.tree.map(np.asarray, initialised("resnet")[1]))
+def _good(counters=True):
+    """A trained-looking ResNet tree; with `counters` its norms keep count/skipped."""
+    return copy.deepcopy(jax.tree.map(np.asarray, initialised("resnet", counters=counters)[1]))
 
 
 def _problems(tree, **kwargs):
@@ -30,13 +31,13 @@ def _problems(tree, **kwargs):
     return {layer.path: layer.problems for layer in report.layers if layer.problems}, report
 
 
-def test_untracked_counters_with_trained_statistics_are_a_note_not_a_problem():
+def test_count_0_with_trained_statistics_is_a_note_not_a_problem():
     tree = _good()
-    tree["bn_counters"]["stage1_block0"]["norm1"]["count"] = np.zeros((), np.int32)
+    tree["batch_stats"]["stage1_block0"]["norm1"]["count"] = np.zeros((), np.int32)
     problems, report = _problems(tree)
     assert report.ok and not problems
     (layer,) = [entry for entry in report.layers if entry.notes]
-    assert "counters not tracked" in layer.notes[0]
+    assert layer.notes[0] == "count 0 but the statistics moved from their initial values"
 
 
 def test_a_good_tree_passes():
@@ -44,10 +45,11 @@ def test_a_good_tree_passes():
     assert report.ok and not problems and not report.problems
     assert len(report.layers) == 6  # stem, 2 x (norm1, norm2), the second block's shortcut
     assert "6 batch-norm layer(s), 0 with problems: OK" in report.format()
+    assert {layer.count for layer in report.layers} == {1}  # read from 'batch_stats'
 
 
 def _plant(tree, defect):
-    stats, counters = tree["batch_stats"], tree["bn_counters"]
+    stats = tree["batch_stats"]
     layer = stats["stage1_block0"]["norm1"]
     if defect == "missing var":
         del layer["var"]
@@ -57,7 +59,7 @@ def _plant(tree, defect):
     elif defect == "negative var":
         layer["var"][0] = -0.5
     elif defect == "count 0":
-        counters["stage1_block0"]["norm1"]["count"] = np.zeros((), np.int32)
+        layer["count"] = np.zeros((), np.int32)
         layer["mean"] = np.zeros_like(layer["mean"])
         layer["var"] = np.ones_like(layer["var"])
     elif defect == "var shape":
@@ -90,16 +92,17 @@ def test_each_planted_defect_is_flagged(defect, message):
 
 
 def test_statistics_that_were_never_updated_without_counters():
-    tree = _good()
-    del tree["bn_counters"]  # a flax checkpoint: no counters
-    assert lifecycle.validate_statistics(tree).ok
+    tree = _good(counters=False)  # flax's variables (the default): no counters
+    assert "count" not in tree["batch_stats"]["stem_norm"]
+    report = lifecycle.validate_statistics(tree)
+    assert report.ok and {layer.count for layer in report.layers} == {None}
     tree["batch_stats"]["stem_norm"] = {"mean": np.zeros(4, np.float32), "var": np.ones(4)}
     problems, _ = _problems(tree)
     assert "initial values" in problems["stem_norm"][0]
 
 
 def test_against_the_model_and_the_params_only_checkpoint():
-    model, variables = initialised("resnet")
+    model, variables = initialised("resnet", counters=True)
     expected = jax.eval_shape(lambda: model.init(jax.random.key(0), DATA[:2], train=False))
     tree = _good()
     del tree["batch_stats"]["stage0_block0"]["norm2"]
@@ -120,14 +123,22 @@ def test_functional_states_nnx_models_and_notes():
     assert report.layers[0].notes == ("var 0 in 1 channel(s)", "2 non-finite batch(es) skipped")
 
     class Net(nnx.Module):
-        def __init__(self):
-            self.norm = bnnx.BatchNorm(2, rngs=nnx.Rngs(0))
+        def __init__(self, track_counters):
+            self.norm = bnnx.BatchNorm(2, track_counters=track_counters, rngs=nnx.Rngs(0))
 
-    model = Net()
+    model = Net(track_counters=True)
     _, report = _problems(model)
     assert report.layers[0].problems == ("never updated (count 0)",)
     model.norm(DATA.reshape(-1, 2)[:8])
-    assert lifecycle.validate_statistics(model).ok
+    report = lifecycle.validate_statistics(model)
+    assert report.ok and report.layers[0].count == 1
+
+    model = Net(track_counters=False)  # flax's variables: judged by the initial values
+    _, report = _problems(model)
+    assert "initial values" in report.layers[0].problems[0]
+    model.norm(DATA.reshape(-1, 2)[:8])
+    report = lifecycle.validate_statistics(model)
+    assert report.ok and report.layers[0].count is None
 
 
 def _save(directory, tree):

@@ -164,16 +164,12 @@ def test_trace_records_the_step_it_took(clusters):
     rows = experiment.batch_rows(s.train_set, run, 3)
     state = initial_state(eval_model, optimizer, s.train_set.images[:2], 0)
     images, labels = s.train_set.images[rows[0]], s.train_set.labels[rows[0]]
-    variables = {
-        "params": state["params"],
-        "batch_stats": state["batch_stats"],
-        "bn_counters": state["bn_counters"],
-    }
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     logits, sown = model.apply(
         variables,
         images,
         train=True,
-        mutable=["batch_stats", "bn_counters", "intermediates"],
+        mutable=["batch_stats", "intermediates"],
         capture_intermediates=training.is_conv_call,
     )
     conv0 = np.asarray(training.norm_inputs(sown["intermediates"])[0], np.float64)
