@@ -339,7 +339,8 @@ def batch_norm(
         Any floating dtype; statistics are computed in float32 (float64 for float64 inputs)
         with a two-pass variance, and `y` has `x`'s dtype.
       state: BatchNormState whose mean/var have the feature shape (see `batch_norm_state`).
-      scale, bias: optional (C,) parameters (the feature shape); None means 1 and 0.
+      scale: optional (C,) parameter (the feature shape); None means 1.
+      bias: optional (C,) parameter (the feature shape); None means 0.
       training: True normalizes with the batch's statistics and updates the state; False uses
         the running statistics and returns `state` unchanged. Required, on purpose.
       momentum: decay of the running average (flax/Keras convention, PyTorch 0.1 == ours 0.9);

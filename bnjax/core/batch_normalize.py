@@ -152,7 +152,8 @@ def normalize(x, scale, bias, mask, config: KernelConfig, epsilon=None):
 
     Args:
       x: input of any floating dtype.
-      scale, bias: float arrays broadcastable to `x` with size 1 on the reduction axes.
+      scale: float array broadcastable to `x` with size 1 on the reduction axes.
+      bias: float array broadcastable to `x` with size 1 on the reduction axes.
       mask: None, or a boolean array broadcastable to `x` (False = not in the statistics).
       config: the static KernelConfig.
       epsilon: the (traced) scalar epsilon when `config.epsilon` is None; else None.

@@ -66,8 +66,10 @@ class BatchRenormState(NamedTuple):
     """Running statistics of a batch-renorm layer (a pytree; pass it in, get it back).
 
     Attributes:
-      mean, var: evaluation statistics (feature shape, float32), as in BatchNormState.
-      renorm_mean, renorm_var: statistics r and d are measured against (biased variance).
+      mean: evaluation mean (feature shape, float32), as in BatchNormState.
+      var: evaluation variance (feature shape, float32), as in BatchNormState.
+      renorm_mean: the mean r and d are measured against.
+      renorm_var: the (biased) variance r and d are measured against.
       count: int32 scalar, batches folded into the running statistics.
       skipped: int32 scalar, training batches left out because their statistics were not finite.
       step: int32 scalar, finite training batches seen; drives the warm-up schedule. Separate
@@ -220,16 +222,24 @@ def batch_renorm(
     """Batch renormalization: ``y = scale * (x_hat * r + d) + bias`` (see the module docstring).
 
     Args:
-      x, scale, bias, epsilon, axis, axis_name, axis_index_groups, mask,
-      use_unbiased_running_var: as in `batch_norm` (stats in float32, y in x's dtype).
+      x: input, as in `batch_norm` (statistics in float32, y in x's dtype).
       state: BatchRenormState with the feature shape (see `batch_renorm_state`).
       training: True normalizes with the corrected batch statistics and updates the state;
         False is exactly `batch_norm` evaluation with (state.mean, state.var), state unchanged.
       momentum: decay of the evaluation statistics (flax/Keras convention; None = cumulative).
       renorm_momentum: decay of the renorm statistics r and d are measured against (Keras).
-      r_max, d_max: fixed clipping bounds (r_max >= 1, d_max >= 0; floats or traced scalars).
+      r_max: fixed clipping bound of r (>= 1; a float or a traced scalar); with `d_max`.
+      d_max: fixed clipping bound of d (>= 0; a float or a traced scalar); with `r_max`.
         Leave both None to follow `schedule`.
       schedule: a RenormSchedule evaluated at `state.step`; default `RenormSchedule()`.
+      scale: optional (C,) parameter; None means 1.
+      bias: optional (C,) parameter; None means 0.
+      epsilon: added to the variances, as in `batch_norm`.
+      axis: feature axis or axes, as in `batch_norm`.
+      axis_name: the mapped axis whose devices share statistics, as in `batch_norm`.
+      axis_index_groups: sub-groups of devices of `axis_name` (pmap only).
+      mask: booleans broadcastable to x (flax's rule), as in `batch_norm`.
+      use_unbiased_running_var: store the unbiased variance, like PyTorch.
       ghost_batch_size: r and d per ghost batch, each against the same renorm statistics; the
         updates take the mean of the ghost batches' statistics, as in `batch_norm`.
 
