@@ -171,14 +171,27 @@ def shifted_moments(
     return shift, moments(x - shift, reduction_axes, mask)
 
 
-def _tracked_as_varying(x: Array, axis_name) -> bool:
-    """Whether JAX tracks `x` as varying over `axis_name` (shard_map's replication types)."""
-    aval = jax.typeof(x)
-    varying = getattr(getattr(aval, "mat", None), "varying", None)
-    if varying is None:
-        varying = getattr(aval, "vma", frozenset())
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    return all(name in varying for name in names)
+def _gather_by_sum(parts: Array, axis_name, axis_index_groups) -> Array:
+    """Every device's `parts`, stacked along a new leading axis, by one `psum`.
+
+    Each device writes its parts into its own slot of zeros and the slots are summed: the
+    result of an all-gather, as an all-reduce. XLA combines independent all-reduces (of the
+    layers of a residual block, of the gradients) into one, which it does not do for
+    all-gathers; and a psum's result is replicated, so under shard_map the merged moments can
+    leave with out_specs=P(). With `axis_index_groups` the slots are positions in the group.
+    """
+    index = lax.axis_index(axis_name)
+    size = lax.axis_size(axis_name)
+    if axis_index_groups is not None:
+        position = [0] * size
+        for group in axis_index_groups:
+            for slot, device in enumerate(group):
+                position[device] = slot
+        index = jnp.asarray(position, jnp.int32)[index]
+        size = len(axis_index_groups[0])
+    slots = jnp.zeros((size, *parts.shape), parts.dtype)
+    slots = lax.dynamic_update_index_in_dim(slots, parts, index, axis=0)
+    return lax.psum(slots, axis_name, axis_index_groups=axis_index_groups)
 
 
 def merge_across_devices(
@@ -186,25 +199,19 @@ def merge_across_devices(
 ) -> Moments:
     """Exact global moments from per-device moments inside `pmap`/`shard_map`, in one round.
 
-    One all-gather of each device's (count, shift, mean, m2), the statistics' size times the
-    number of devices (not the data's), then Chan's merge on every device, so the result is
-    replicated (invariant) over `axis_name` and can leave with `out_specs=P()`. With the
-    shifted moments of `shifted_moments` (`local` describes x - shift), every device's mean is
-    measured against the shift of the device with the most values from small, exact
-    differences, so the result is as accurate as one two-pass reduction over all the data,
-    also at |mean| = 10^4 std (merging rounded means alone leaves a relative variance error of
-    about 1e-4 there).
+    One collective gathers each device's (count, shift, mean, m2), the statistics' size times
+    the number of devices (not the data's), then Chan's merge runs on every device, so the
+    result is replicated over `axis_name`. With the shifted moments of `shifted_moments`
+    (`local` describes x - shift), every device's mean is measured against the shift of the
+    device with the most values from small, exact differences, so the result is as accurate
+    as one two-pass reduction over all the data, also at |mean| = 10^4 std (merging rounded
+    means alone leaves a relative variance error of about 1e-4 there).
     """
     if shift is None:
         shift = jnp.zeros_like(local.mean)
     dtype = jnp.result_type(local.mean, local.m2, shift)
     parts = jnp.stack([local.count, shift, local.mean, local.m2]).astype(dtype)
-    if axis_index_groups is None and _tracked_as_varying(parts, axis_name):
-        # Under shard_map the merged moments are the same on every device: say so, so that
-        # they can leave with out_specs=P() (a plain all_gather's result counts as varying).
-        gathered = lax.all_gather(parts, axis_name, to="invarying")
-    else:  # pmap, vmap, device groups: no replication types to satisfy
-        gathered = lax.all_gather(parts, axis_name, axis_index_groups=axis_index_groups)
+    gathered = _gather_by_sum(parts, axis_name, axis_index_groups)
     count, shifts, means, m2 = (gathered[:, i] for i in range(4))
     count, m2 = count.real, m2.real
     reference = jnp.take_along_axis(shifts, jnp.argmax(count, axis=0)[None], axis=0)
