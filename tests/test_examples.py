@@ -42,6 +42,7 @@ MODULES = [
     "bnjax.lifecycle._backends",
     "bnjax.lifecycle.folding",
     "bnjax.lifecycle.freezing",
+    "bnjax.lifecycle.layers",
     "bnjax.lifecycle.population",
     "bnjax.lifecycle.recalibration",
     "bnjax.lifecycle.validation",
