@@ -38,7 +38,6 @@ MODULES = [
     "bnjax.models.norms",
     "bnjax.diagnostics",
     "bnjax.progress",
-    "bnjax.progress",
     "bnjax.lifecycle._backends",
     "bnjax.lifecycle.folding",
     "bnjax.lifecycle.freezing",
