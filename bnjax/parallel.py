@@ -255,7 +255,8 @@ def to_host(tree):
 
 def define_distributed_flags(flag_values=None) -> None:
     """Defines absl flags --coordinator_address, --num_processes, --process_id (unset: the
-    environment); pass their values to `initialize_distributed`.
+    environment) and --distributed_auto_detect (let JAX find what is unset: Cloud TPU pod
+    slices, Slurm, Open MPI); pass their values to `initialize_distributed`.
 
     Example:
       >>> from absl import flags
@@ -274,6 +275,13 @@ def define_distributed_flags(flag_values=None) -> None:
         (flags.DEFINE_integer, "process_id", "This process's index, 0..num_processes-1."),
     ):
         define(name, None, help_text, flag_values=flag_values)
+    flags.DEFINE_bool(
+        "distributed_auto_detect",
+        False,
+        "Let JAX detect the coordinator, process count and index (Cloud TPU pod slices, Slurm, "
+        "Open MPI) where --coordinator_address etc. are not given.",
+        flag_values=flag_values,
+    )
 
 
 def initialize_distributed(

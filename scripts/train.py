@@ -27,12 +27,20 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    parallel.initialize_distributed()
-    final = cli.run(
-        lambda: loop.train_and_evaluate(
+
+    def train():
+        # Many hosts: the flags, else JAX_COORDINATOR_ADDRESS etc.; one host: a no-op.
+        parallel.initialize_distributed(
+            flags.FLAGS.coordinator_address,
+            flags.FLAGS.num_processes,
+            flags.FLAGS.process_id,
+            auto_detect=flags.FLAGS.distributed_auto_detect,
+        )
+        return loop.train_and_evaluate(
             _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
         )
-    )
+
+    final = cli.run(train)
     print(
         "final: "
         + " ".join(f"{k}={v:.4f}" for k, v in final.items() if not k.startswith("bn/"))

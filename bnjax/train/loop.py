@@ -63,6 +63,13 @@ def _devices(config) -> int:
                 f"{jax.local_device_count()} local devices; use 'jit' or 'shard_map' for fewer."
             )
         return jax.local_device_count()
+    if jax.process_count() > 1 and requested not in (None, jax.device_count()):
+        # Every process reads its share of each batch for its own devices, so the mesh must
+        # hold every process's devices.
+        raise ValueError(
+            f"config.num_devices={requested}: a run of {jax.process_count()} processes uses "
+            f"all {jax.device_count()} devices; leave config.num_devices unset (None)."
+        )
     return jax.device_count() if requested is None else requested
 
 
@@ -82,6 +89,15 @@ def _runner(config, mesh, train_step):
         return parallel.shard_map_step(train_step, mesh)
     # jit: statistics over the sharded batch are global by construction (GSPMD).
     return parallel.jit_sharded_step(train_step, mesh, donate_state=True)
+
+
+def _checkpointable(config, state):
+    """The state as the checkpointer takes it. pmap on many processes returns arrays that live
+    on one process each (the same values on all), which orbax cannot write: they go as host
+    values, written once (by process 0) like any replicated value."""
+    if config.parallel == "pmap" and jax.process_count() > 1:
+        return parallel.to_host(state)
+    return state
 
 
 def model_settings(config, num_classes: int) -> dict:
@@ -321,7 +337,9 @@ def train_and_evaluate(
                     )
                 progress.update(step, f"loss {step_metrics['loss']:.4f}")
                 # Saved before evaluating: a failing evaluation cannot cost this step's state.
-                checkpointer.save(step, state, force=step == config.num_steps)
+                last = step == config.num_steps
+                if last or checkpointer.should_save(step):  # host copies (pmap) only then
+                    checkpointer.save(step, _checkpointable(config, state), force=last)
                 scalars = {}
                 if step % config.log_every == 0 or step == config.num_steps:
                     scalars.update(step_metrics, learning_rate=float(schedule(step - 1)))
@@ -333,7 +351,7 @@ def train_and_evaluate(
                 final.update(scalars)
                 if scalars:
                     writer.write_scalars(step, scalars)
-            _check_final_checkpoint(checkpointer, config.num_steps, state)
+            _check_final_checkpoint(checkpointer, config.num_steps, _checkpointable(config, state))
         finally:
             progress.close()
             writer.close()
