@@ -231,7 +231,7 @@ PUBLIC_PACKAGES = [
     "bnjax.study.training",
 ]
 # Public functions and classes whose docstring needs no example, and why. (Constants such as
-# bnjax.models.NORMS or bnjax.lifecycle.layers.STATS have no __doc__ of their own and are not checked.)
+# bnjax.models.NORMS or bnjax.lifecycle.layers.STATS have no __doc__ of their own: not checked.)
 NO_EXAMPLE = {
     # Raised by bnjax, never called by users; Checkpointer's example shows UnsafeStateError.
     "bnjax.train.CheckpointMismatchError",

@@ -145,7 +145,6 @@ def test_default_module_matches_flax(name):
     train = {"use_running_average": False} if name == "BatchNorm" else {}
     theirs, ours = _flax_and_ours(name, **train)
     flax_vars, our_vars = theirs.init(KEY, x), ours.init(KEY, x)
-    shapes = jax.tree.map(jnp.shape, flax_vars)
     # Exactly flax's variables: collections, names, shapes and dtypes.
     assert jax.tree.map(lambda v: (v.shape, v.dtype), our_vars) == jax.tree.map(
         lambda v: (v.shape, v.dtype), flax_vars

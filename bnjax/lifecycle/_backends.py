@@ -9,8 +9,6 @@ pytree of functional states.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import flax.linen as nn
 import jax
 from flax import nnx, traverse_util

@@ -17,9 +17,10 @@ their checksums, and says which step it read; see ``bnjax/lifecycle/__main__.py`
 
 Where the statistics are looked for: every 'batch_stats' collection anywhere in the tree (with
 its sibling 'params' for scale/bias at the same module path; 'count'/'skipped' beside the
-statistics when the layer keeps them), and every dict (or `BatchNormState`) holding 'mean'/'var' directly (functional states,
-nnx states: ``nnx.state(model)``). Train states (``flax.struct`` dataclasses) are read through
-``flax.serialization.to_state_dict``; 'opt_state' subtrees are skipped.
+statistics when the layer keeps them), and every dict (or `BatchNormState`) holding
+'mean'/'var' directly (functional states, nnx states: ``nnx.state(model)``). Train states
+(``flax.struct`` dataclasses) are read through ``flax.serialization.to_state_dict``;
+'opt_state' subtrees are skipped.
 """
 
 from __future__ import annotations

@@ -33,7 +33,11 @@ def _call(x=X, state=STATE, **kwargs):
         (dict(momentum=1.5), ValueError, "`momentum`.*PyTorch"),
         (dict(epsilon=-1.0), ValueError, "`epsilon` must be >= 0"),
         (dict(mask=jnp.ones(5, bool)), ValueError, r"`mask` of shape \(5,\) does not broadcast"),
-        (dict(mask=jnp.ones(8, bool)), ValueError, r"per-example mask .* mask.reshape\(8, 1, 1, 1\)"),
+        (
+            dict(mask=jnp.ones(8, bool)),
+            ValueError,
+            r"per-example mask .* mask.reshape\(8, 1, 1, 1\)",
+        ),
         (dict(mask=jnp.ones((8, 4), bool)), ValueError, "`mask` of shape"),
         (dict(mask=jnp.ones((8, 2, 1, 1), bool)), ValueError, "`mask` of shape"),
         (dict(axis_index_groups=[[0, 1]]), ValueError, "`axis_index_groups` needs `axis_name`"),

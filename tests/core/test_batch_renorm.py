@@ -67,7 +67,9 @@ def _renorm_part(state):
 
 CASES = {
     "dense": dict(shape=(16, 6), kwargs={}),
-    "nhwc_mask": dict(shape=(8, 3, 3, 4), kwargs=dict(mask=(jnp.arange(8) % 3 != 1)[:, None, None, None])),
+    "nhwc_mask": dict(
+        shape=(8, 3, 3, 4), kwargs=dict(mask=(jnp.arange(8) % 3 != 1)[:, None, None, None])
+    ),
     "nchw_ghost": dict(shape=(8, 4, 3, 3), kwargs=dict(axis=1, ghost_batch_size=4)),
     "unbiased_cumulative": dict(
         shape=(12, 5), kwargs=dict(use_unbiased_running_var=True, momentum=None)
