@@ -140,19 +140,23 @@ def _shift(x: Array, reduction_axes: tuple[int, ...], mask: Array | None) -> Arr
     A value of the data itself, not a computed mean: XLA may contract ``x - sum / n`` into a
     fused multiply-add, so a computed mean sent to other devices and the one the local
     deviations were measured against can differ in the last bit; a loaded value cannot.
+    Without a mask it is a slice; with one, two fused reductions pick the first valid value
+    (its row-major position among the reduction axes), with no transposed copy of x.
     """
-    kept = tuple(a for a in range(x.ndim) if a not in reduction_axes)
-    order = (*kept, *reduction_axes)
-    flat = jnp.transpose(x, order).reshape(*(x.shape[a] for a in kept), -1)
+    shape = tuple(1 if a in reduction_axes else n for a, n in enumerate(x.shape))
+    if any(x.shape[a] == 0 for a in reduction_axes):
+        return jnp.zeros(shape, x.dtype)
     if mask is None:
-        first = flat[..., :1]
-    else:
-        valid = jnp.transpose(jnp.broadcast_to(mask, x.shape), order).reshape(flat.shape)
-        index = jnp.argmax(valid, axis=-1, keepdims=True)
-        first = jnp.take_along_axis(flat, index, axis=-1)
-        first = jnp.where(jnp.take_along_axis(valid, index, axis=-1), first, 0)
-    shape = tuple(1 if a in reduction_axes else x.shape[a] for a in range(x.ndim))
-    return first.reshape(shape)
+        return x[tuple(slice(0, 1) if a in reduction_axes else slice(None) for a in range(x.ndim))]
+    mask = jnp.broadcast_to(mask, x.shape)
+    position, stride = jnp.zeros(x.shape, jnp.int32), 1
+    for axis in reversed(reduction_axes):
+        position = position + lax.broadcasted_iota(jnp.int32, x.shape, axis) * stride
+        stride *= x.shape[axis]
+    first = jnp.min(jnp.where(mask, position, stride), axis=reduction_axes, keepdims=True)
+    chosen = mask & (position == first)
+    # A sum of one value and zeros: that value, exactly (0 where no value is valid).
+    return jnp.sum(jnp.where(chosen, x, 0), axis=reduction_axes, keepdims=True)
 
 
 def shifted_moments(
