@@ -15,12 +15,10 @@ How:
 
   * The flax variant is the same model class given ``norm=flax.linen.BatchNorm`` (the models
     take a norm module factory), so nothing else changes. The script checks that the norms
-    differ (the steps compile to different HLO; flax creates no ``bn_counters``) and that
-    ``params`` and ``batch_stats`` have the same tree structure, shapes and initial values on
-    both sides.
-  * Both steps start from the same variables (bnjax's init, without any ``bn_counters``
-    collection, which the step does not write). Before timing, two steps are run on each side
-    from those variables and compared: the losses of both steps must agree to 1e-4 (relative,
+    differ (the steps compile to different HLO) and that the variables are exactly the same
+    collections, with the same tree structure, shapes and initial values on both sides.
+  * Both steps start from the same variables (bnjax's init). Before timing, two steps are run
+    on each side from those variables and compared: the losses of both steps must agree to 1e-4 (relative,
     2e-2 for bfloat16) and the updated params and batch_stats to 1e-3 (normalized max
     difference, 5e-2 for bfloat16); otherwise the run aborts, because the two columns would not
     time the same computation. The second loss depends on the first step's gradients.
@@ -128,8 +126,10 @@ def init_variables(model, key, images) -> dict:
 
 def check_same_variables(b_vars: dict, f_vars: dict) -> None:
     """bnjax and flax BN create the same params and batch_stats (structure, shapes, values)."""
-    if "bn_counters" in f_vars:
-        raise SystemExit("ABORT: the flax variant has 'bn_counters': it is not flax's BatchNorm")
+    if set(b_vars) != set(f_vars):
+        raise SystemExit(
+            f"ABORT: collections differ: bnjax {sorted(b_vars)}, flax {sorted(f_vars)}"
+        )
     for collection in ("params", "batch_stats"):
         b, f = b_vars[collection], f_vars[collection]
         b_def, f_def = jax.tree.structure(b), jax.tree.structure(f)
