@@ -18,10 +18,11 @@ How:
     differ (the steps compile to different HLO) and that the variables are exactly the same
     collections, with the same tree structure, shapes and initial values on both sides.
   * Both steps start from the same variables (bnjax's init). Before timing, two steps are run
-    on each side from those variables and compared: the losses of both steps must agree to 1e-4 (relative,
-    2e-2 for bfloat16) and the updated params and batch_stats to 1e-3 (normalized max
-    difference, 5e-2 for bfloat16); otherwise the run aborts, because the two columns would not
-    time the same computation. The second loss depends on the first step's gradients.
+    on each side from those variables and compared: the losses of both steps must agree to
+    1e-4 (relative, 2e-2 for bfloat16) and the updated params and batch_stats to 1e-3
+    (normalized max difference, 5e-2 for bfloat16); otherwise the run aborts, because the two
+    columns would not time the same computation. The second loss depends on the first step's
+    gradients.
   * Each step is compiled ahead of time (``jax.jit(step, donate_argnums=0).lower(...).compile()``);
     the executable is timed and asked for ``memory_analysis()``: temp is XLA's scratch beyond
     arguments and outputs (the saved activations of the backward pass live there).
