@@ -123,7 +123,6 @@ def wait(processes: Sequence[subprocess.Popen], timeout: float) -> None:
         for process in processes:
             process.wait(timeout=max(deadline - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
-        stop(processes)
         pytest.fail(f"the processes did not finish within {timeout} s")
     finally:
         stop(processes)

@@ -9,11 +9,7 @@ mode, sub-groups). Two real processes on 127.0.0.1 must match one process with 4
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import chex
@@ -22,6 +18,7 @@ import numpy as np
 import pytest
 
 from bnjax import parallel
+from tests import multihost
 from tests import parallel_model as model
 
 DEVICES = 8
@@ -266,53 +263,10 @@ def test_distributed_flags_feed_initialize(monkeypatch):
     )
 
 
-def _free_loopback_port() -> int:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            return probe.getsockname()[1]
-    except OSError as error:
-        pytest.skip(f"cannot bind a port on 127.0.0.1 ({error})")
-
-
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
-    if os.environ.get("BNJAX_SKIP_MULTIHOST"):
-        pytest.skip("BNJAX_SKIP_MULTIHOST is set")
+    multihost.skip_if_disabled()
     worker = Path(__file__).with_name("multihost_worker.py")
-    environment = {
-        key: value for key, value in os.environ.items() if "proxy" not in key.lower()
-    }  # gRPC would send the coordinator's traffic to a proxy
-    environment.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
-        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_loopback_port()}",
-        JAX_NUM_PROCESSES="2",
-    )
-    processes, logs = [], []
-    try:
-        for process_id in range(2):
-            logs.append((tmp_path / f"log{process_id}.txt").open("w"))
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, str(worker), str(tmp_path), str(STEPS)],
-                    env=dict(environment, JAX_PROCESS_ID=str(process_id)),
-                    stdout=logs[-1],
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        deadline = time.monotonic() + 50
-        for process in processes:
-            process.wait(timeout=max(deadline - time.monotonic(), 1))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        for log in logs:
-            log.close()
-    for process_id, process in enumerate(processes):
-        output = (tmp_path / f"log{process_id}.txt").read_text()[-3000:]
-        assert process.returncode == 0, f"process {process_id} failed:\n{output}"
+    multihost.run([sys.executable, str(worker), str(tmp_path), str(STEPS)], tmp_path, timeout=50)
 
     # The same steps in this process on 4 of its 8 devices, fed the whole global batch.
     mesh = parallel.data_mesh(4)
