@@ -5,21 +5,23 @@ import os
 from bnjax.train.checkpoints import Checkpointer
 from bnjax.train.defaults import base_config
 
+TINY = dict(
+    model_features=(8, 16),
+    batch_size=32,
+    eval_batch_size=200,
+    num_steps=12,
+    warmup_steps=2,
+    log_every=4,
+    eval_every=6,
+    checkpoint_every=4,
+)
+"""The config keys that shrink the default run to seconds on a CPU."""
+
 
 def tiny_config(**overrides):
     """The default config shrunk to seconds on one CPU device, with `overrides` applied."""
     config = base_config()
-    config.update(
-        model_features=(8, 16),
-        batch_size=32,
-        eval_batch_size=200,
-        num_steps=12,
-        warmup_steps=2,
-        log_every=4,
-        eval_every=6,
-        checkpoint_every=4,
-        num_devices=1,
-    )
+    config.update(TINY, num_devices=1)
     config.update(overrides)
     return config
 

@@ -23,19 +23,10 @@ from bnjax import data, parallel
 from bnjax.lifecycle import recalibrate
 from bnjax.train import Checkpointer, loop, steps
 from bnjax.train.defaults import base_config
+from tests.train.helpers import TINY
 
 # The training run of test_multihost_train.py (its checkpoints are what is recalibrated).
-SETTINGS = dict(
-    model_features=(8, 16),
-    batch_size=32,
-    eval_batch_size=200,
-    num_steps=12,
-    warmup_steps=2,
-    log_every=3,
-    eval_every=6,
-    checkpoint_every=3,
-    progress=False,
-)
+SETTINGS = TINY | dict(log_every=3, checkpoint_every=3, progress=False)
 BATCH = 64  # global recalibration batch
 NUM_BATCHES = 3
 
