@@ -102,11 +102,15 @@ def _standardize(x, reduce, epsilon, mask, axis_name, axis_index_groups) -> Arra
     return (x.astype(moments.mean.dtype) - moments.mean) * inv
 
 
+def _inverse_root(count, value, epsilon) -> Array:
+    """1 / sqrt(value + epsilon), and 0 for a statistic with no valid value (count 0): its
+    values then normalize to 0 (the output is the bias) and their gradient is 0, never NaN."""
+    return jnp.where(count > 0, lax.rsqrt(value + epsilon), 0)
+
+
 def _inverse_std(moments: stats.Moments, epsilon) -> Array:
-    """1 / sqrt(var + epsilon), and 0 for a statistic with no valid value: its values then
-    normalize to 0 (the output is the bias) and their gradient is 0, never NaN."""
-    inv = lax.rsqrt(moments.m2 / jnp.maximum(moments.count, 1) + epsilon)
-    return jnp.where(moments.count > 0, inv, 0)
+    """`_inverse_root` of the (biased) variance of `moments`."""
+    return _inverse_root(moments.count, moments.m2 / jnp.maximum(moments.count, 1), epsilon)
 
 
 def group_norm(
@@ -363,6 +367,6 @@ def rms_norm(
     scale, _ = _check_affine(scale, None, tuple(x.shape[a] for a in features), "feature_axes")
     mask = checks.broadcast_mask(mask, x)
     count, square = stats.mean_square(x, reduce, mask, axis_name, axis_index_groups)
-    inv = jnp.where(count > 0, lax.rsqrt(square + epsilon), 0)  # as _inverse_std
+    inv = _inverse_root(count, square, epsilon)
     y = x.astype(stats.stats_dtype(x.dtype)) * inv
     return _affine(y, scale, None, features, x.dtype)
