@@ -44,6 +44,16 @@ def package_version(name: str) -> str:
         return "?"
 
 
+def abort_if_disagreeing(failures: list[str], what: str) -> None:
+    """Stops the benchmark when bnjax and its reference computed different numbers (`what`
+    names the comparison): timing them would compare different computations."""
+    if failures:
+        raise SystemExit(
+            f"ABORT: {what} disagree, so timing them would compare different computations:\n  "
+            + "\n  ".join(failures)
+        )
+
+
 def emit_report(lines: list[str], out: str | None) -> None:
     """Prints the Markdown report, and writes it to `out` when given (for the README)."""
     text = "\n".join(lines) + "\n"

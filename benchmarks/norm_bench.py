@@ -60,7 +60,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import emit_report, fmt_mib, fmt_ratio, fusion_count, package_version
+from common import (
+    abort_if_disagreeing,
+    emit_report,
+    fmt_mib,
+    fmt_ratio,
+    fusion_count,
+    package_version,
+)
 
 import bnjax
 
@@ -464,11 +471,7 @@ def check_agreement(tag: str, pairs, tolerance: float, reference: str) -> float:
         worst = max(worst, err)
         if not err <= tolerance:
             failures.append(f"{label}: normalized max diff {err:.3g} > {tolerance:g}")
-    if failures:
-        raise SystemExit(
-            f"ABORT: bnjax and {reference} disagree on {tag}, so timing them would compare "
-            "different computations:\n  " + "\n  ".join(failures)
-        )
+    abort_if_disagreeing(failures, f"bnjax and {reference} on {tag}")
     return worst
 
 

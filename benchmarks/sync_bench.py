@@ -99,7 +99,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from common import emit_report, fmt_mib, fmt_ratio, package_version  # noqa: E402
+from common import abort_if_disagreeing, emit_report, fmt_mib, fmt_ratio, package_version  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -209,11 +209,7 @@ def check_diffs(tag: str, pairs) -> list[tuple[str, float]]:
         out.append((label, diff))
         if not normalized <= SANITY_TOLERANCE:
             failures.append(f"{label}: normalized max diff {normalized:.3g}")
-    if failures:
-        raise SystemExit(
-            f"ABORT: bnjax and flax disagree on {tag}, so timing them would compare different "
-            "computations:\n  " + "\n  ".join(failures)
-        )
+    abort_if_disagreeing(failures, f"bnjax and flax on {tag}")
     return out
 
 

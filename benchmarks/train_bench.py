@@ -59,7 +59,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import emit_report, fmt_mib, fmt_ratio, fusion_count, package_version
+from common import (
+    abort_if_disagreeing,
+    emit_report,
+    fmt_mib,
+    fmt_ratio,
+    fusion_count,
+    package_version,
+)
 
 import bnjax
 from bnjax import models
@@ -188,11 +195,7 @@ def check_agreement(sides, images, labels, initial_state, loss_tol, tree_tol) ->
         lines.append(f"{name} after step 1: max normalized diff {worst:.1e}")
         if not worst <= tree_tol:
             failures.append(f"{name} after step 1: max normalized diff {worst:.3g} > {tree_tol}")
-    if failures:
-        raise SystemExit(
-            "ABORT: bnjax and flax training steps disagree, so timing them would compare "
-            "different computations:\n  " + "\n  ".join(failures)
-        )
+    abort_if_disagreeing(failures, "bnjax and flax training steps")
     return lines
 
 
