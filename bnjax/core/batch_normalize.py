@@ -19,7 +19,9 @@ and its transpose, which JAX derives for reverse mode, is the classic batch-norm
     A = sum_i scale * inv * dy_i,   B = sum_i scale * inv * dy_i * x_hat_i
 
 (every output, masked ones included, depends on mu and var, so A and B sum over all values).
-With `axis_name` the two sums are `psum`ed: one collective of 2 x channels per direction.
+With `axis_name` the forward statistics are merged in one collective
+(`stats.merge_across_devices`) and the backward's two sums are `psum`ed together: one
+collective of 2 x channels.
 
 epsilon is a static option when its value is known at trace time (the usual Python float), and
 an operand when it is traced (e.g. a jit argument); its tangent then enters through

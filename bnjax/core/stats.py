@@ -13,7 +13,9 @@ exact global moments, and no step ever forms ``E[x^2] - E[x]^2``, which loses ev
 
 Moments are computed with two passes over the data (mean, then squared deviations from it).
 On XLA:CPU both passes fuse into plain reductions and run faster than a one-pass shifted sum,
-and the result is within float32 rounding of a float64 reference.
+and the result is within float32 rounding of a float64 reference. Across devices
+(`reduce_moments` with an `axis_name`) each device summarises x minus one of its own values
+and one collective gathers the summaries (`merge_across_devices`), which every device merges.
 
 References:
   Chan, Golub & LeVeque (1979), Updating Formulae and a Pairwise Algorithm for Computing
