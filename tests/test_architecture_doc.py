@@ -1,7 +1,8 @@
-"""docs/architecture.md and the README's architecture tree name files and registries that exist.
+"""docs/architecture.md and the README's architecture section name files and registries that exist.
 
 The architecture description is a promise about the code's shape; this keeps it true when files
-move: every path it names exists, and every registry or function it names can be imported.
+move: every path either names (in backticks or in their code trees) exists, and every registry
+or function docs/architecture.md names can be imported.
 """
 
 import importlib
@@ -12,6 +13,10 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "architecture.md").read_text()
+README = (ROOT / "README.md").read_text()
+# Paths the README names that a command writes (they exist after `python -m build`, a training
+# run or `mkdocs build`, not in a clean checkout).
+GENERATED = ("dist/", "site/", "workdir/")
 
 
 def _paths(text: str) -> set[str]:
@@ -25,27 +30,61 @@ def test_every_path_in_architecture_md_exists(path):
     assert list(ROOT.glob(path)), f"docs/architecture.md names {path}, which does not exist"
 
 
-def test_every_file_in_the_readme_architecture_tree_exists():
-    readme = (ROOT / "README.md").read_text()
-    tree = readme.split("## Architecture", 1)[1].split("```", 2)[1]
-    missing, folder = [], None
+@pytest.mark.parametrize("path", sorted(p for p in _paths(README) if not p.startswith(GENERATED)))
+def test_every_path_in_the_readme_exists(path):
+    assert list(ROOT.glob(path)), f"README.md names {path}, which does not exist"
+
+
+def _tree(text: str, heading: str) -> str:
+    """The first fenced block after `heading`."""
+    return text.split(heading, 1)[1].split("```", 2)[1]
+
+
+def _tree_paths(tree: str) -> list[str]:
+    """The paths of a code tree: one entry per line at an even indent (two spaces a level),
+    a folder ending in '/' holding the deeper entries below it; description lines that wrap
+    sit at a deeper, odd column and are skipped."""
+    paths, folders = [], []  # folders: [(indent, 'bnjax/core/')]
     for line in tree.splitlines():
         name = line.strip().split(" ", 1)[0]
-        if not name or not re.fullmatch(r"[\w.]+/?|\.ci/run", name):
+        indent = len(line) - len(line.lstrip())
+        if not name or indent % 2 or indent > 6 or not re.fullmatch(r"\.?[\w./]+", name):
             continue
-        depth = len(line) - len(line.lstrip())
-        if depth not in (0, 2, 4):  # a description's continuation line
-            continue
-        if depth <= 2:
-            folder = "bnjax" if depth == 2 else None
-            path = f"{folder}/{name}" if folder else name
-            if name.endswith("/"):
-                folder = path.rstrip("/") if depth == 2 else name.rstrip("/")
-        else:
-            path = f"{folder}/{name}"
-        if not (ROOT / path.rstrip("/")).exists():
-            missing.append(path)
-    assert not missing, f"README architecture names missing files: {missing}"
+        while folders and folders[-1][0] >= indent:
+            folders.pop()
+        path = (folders[-1][1] if folders else "") + name
+        paths.append(path.rstrip("/"))
+        if name.endswith("/"):
+            folders.append((indent, path))
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("where", "text", "heading", "at_least"),
+    [
+        ("README.md", README, "## Architecture", 15),
+        ("docs/architecture.md", DOC, "## The code tree", 35),
+    ],
+)
+def test_every_file_in_the_code_trees_exists(where, text, heading, at_least):
+    paths = _tree_paths(_tree(text, heading))
+    assert len(paths) >= at_least, f"{where}: the tree parser found only {paths}"
+    missing = [path for path in paths if not (ROOT / path).exists()]
+    assert not missing, f"{where}'s code tree names missing files: {missing}"
+
+
+def test_the_tree_parser_nests_folders():
+    tree = (
+        "bnjax/\n  core/   the core\n    stats.py  moments\n"
+        "                wrapped line\n  nnx.py\ndocs/\n"
+    )
+    assert _tree_paths(tree) == [
+        "bnjax",
+        "bnjax/core",
+        "bnjax/core/stats.py",
+        "bnjax/nnx.py",
+        "docs",
+    ]
 
 
 @pytest.mark.parametrize(

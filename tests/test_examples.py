@@ -1,7 +1,10 @@
-"""The documentation's code stays true: docstring examples, README snippets, docstring coverage.
+"""The documentation's code stays true: docstring examples, doc code blocks, docstring coverage.
 
-README blocks preceded by ``<!-- tested: NAME -->`` are extracted and run (each in a fresh
-namespace), so they cannot drift from the code; a few older snippets are copied below.
+Every ```python block of README.md and docs/**/*.md is either preceded by
+``<!-- tested: NAME -->`` (then extracted and run, each in a fresh namespace, so it cannot drift
+from the code) or by ``<!-- not-run: REASON -->`` saying why not and what covers it instead;
+an unmarked block fails `test_every_python_block_is_tested_or_says_why_not`. Shell blocks are
+checked in tests/test_docs_site.py.
 """
 
 import doctest
@@ -10,6 +13,7 @@ import inspect
 import pkgutil
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -81,68 +85,86 @@ def test_docstring_examples_run(name):
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_readme_snippets_run():
-    x = jax.random.normal(jax.random.key(0), (8, 4, 4, 64))
-    scale, bias = jnp.ones(64), jnp.zeros(64)
-    state = bnjax.batch_norm_state(64)
-    y, state = bnjax.batch_norm(x, state, scale, bias, training=True)
-    y, _ = bnjax.batch_norm(x, state, scale, bias, training=False)
-    y = bnjax.group_norm(x, scale, bias, num_groups=32)
-    state = bnjax.batch_renorm_state(64)
-    y, state = bnjax.batch_renorm(x, state, scale, bias, training=True)
-    schedule = bnjax.RenormSchedule(warmup_steps=500, r_relax_steps=3_500, d_relax_steps=2_000)
-    y, state = bnjax.batch_renorm(x, state, scale, bias, training=True, schedule=schedule)
-    y, state = bnjax.batch_renorm(x, state, scale, bias, training=True, r_max=3.0, d_max=5.0)
-    y, _ = bnjax.batch_renorm(x, state, scale, bias, training=False)
-    assert y.shape == x.shape and int(state.step) == 3
-    # The README's PyTorch translation: BatchNorm2d(C, momentum=0.1) on NCHW.
-    nchw = jnp.transpose(x, (0, 3, 1, 2))
-    _, torch_like = bnjax.batch_norm(
-        nchw,
-        bnjax.batch_norm_state(64),
-        training=True,
-        momentum=0.9,
-        axis=1,
-        use_unbiased_running_var=True,
-    )
-    assert torch_like.var.shape == (64,)
+# ------------------------------------------------------------------------- code blocks of the docs
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+# A fence at the start of a line, its language, its code, and the closing fence.
+_FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
+# What may stand on the last non-blank line before a ```python fence.
+_TESTED = re.compile(r"<!-- tested: ([\w-]+) -->")
+_NOT_RUN = re.compile(r"<!-- not-run: (\S.*\S) -->")
 
 
-def test_readme_models_snippet_runs():
-    from bnjax import models
-
-    images = jnp.ones((2, 8, 8, 3))
-    model = models.resnet20(num_classes=10, norm="batch", zero_init_residual=True)
-
-    def snippet():
-        variables = model.init(jax.random.key(0), images, train=False)
-        logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
-        return logits, updates
-
-    # Traced only (shapes): running ResNet-20 op by op costs seconds; tests/models runs it.
-    logits, updates = jax.eval_shape(snippet)
-    assert logits.shape == (2, 10) and "batch_stats" in updates
+class Block(NamedTuple):
+    path: Path
+    line: int  # the line of the block's first code line, 1-based
+    language: str
+    code: str
+    marker: str  # the line before the fence (stripped), "" at the start of the file
 
 
-# --------------------------------------------------------------------------- README blocks
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-_MARKER = "<!-- tested: "
-_TESTED_BLOCK = re.compile(r"<!-- tested: ([\w-]+) -->\n```python\n(.*?)\n```\n", re.S)
-
-
-def _readme_blocks() -> dict[str, tuple[int, str]]:
-    """{name: (line of the block's first code line, code)} of the marked README blocks."""
-    text = README.read_text()
-    blocks = {}
-    for match in _TESTED_BLOCK.finditer(text):
-        assert match.group(1) not in blocks, f"README: two blocks named {match.group(1)!r}"
-        blocks[match.group(1)] = (text.count("\n", 0, match.start(2)) + 1, match.group(2))
-    assert len(blocks) == text.count(_MARKER), "README: a marker not right before ```python"
+def _blocks(path: Path) -> list[Block]:
+    text = path.read_text()
+    blocks = []
+    for match in _FENCE.finditer(text):
+        before = text[: match.start()].rstrip().rsplit("\n", 1)[-1].strip()
+        line = text.count("\n", 0, match.start(2)) + 1
+        blocks.append(Block(path, line, match.group(1), match.group(2), before))
     return blocks
 
 
-# What each marked block must leave behind (or print), beyond running without an error.
+def _all_blocks() -> list[Block]:
+    return [block for path in DOC_FILES for block in _blocks(path)]
+
+
+def _where(block: Block) -> str:
+    return f"{block.path.relative_to(ROOT)}:{block.line}"
+
+
+def _tested_blocks() -> dict[str, Block]:
+    """{name: block} of the python blocks marked ``<!-- tested: NAME -->``, in every file."""
+    tested = {}
+    for block in _all_blocks():
+        match = _TESTED.fullmatch(block.marker)
+        if match and block.language == "python":
+            name = match.group(1)
+            assert name not in tested, f"{_where(block)}: a second block named {name!r}"
+            tested[name] = block
+    return tested
+
+
+def test_every_python_block_is_tested_or_says_why_not():
+    problems = []
+    for path in DOC_FILES:
+        text = path.read_text()
+        blocks = _blocks(path)
+        python = [block for block in blocks if block.language == "python"]
+        # A ```python fence that the pattern missed (indented, in a list) would escape the rule.
+        if len(python) != len(re.findall(r"```python\b", text)):
+            problems.append(f"{path.relative_to(ROOT)}: a ```python fence not at a line start")
+        for block in python:
+            if not (_TESTED.fullmatch(block.marker) or _NOT_RUN.fullmatch(block.marker)):
+                problems.append(
+                    f"{_where(block)}: unmarked python block (<!-- tested: NAME -->"
+                    " or <!-- not-run: REASON -->)"
+                )
+        # A marker must stand right before a python block, or it guards nothing.
+        marked_lines = {b.marker for b in python}
+        for marker in re.findall(r"<!-- (?:tested|not-run): .*? -->", text):
+            if marker not in marked_lines:
+                problems.append(f"{path.relative_to(ROOT)}: {marker} is not right before ```python")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_doc_file_is_scanned():
+    names = {path.relative_to(ROOT).as_posix() for path in DOC_FILES}
+    assert {"README.md", "docs/index.md", "docs/architecture.md"} <= names
+    assert len(_tested_blocks()) >= 20
+
+
+# What a tested block must leave behind (or print), beyond running without an error and its
+# own asserts. Blocks not named here are checked by their asserts alone.
 def _tour_functional(ns, out):
     assert int(ns["bn_state"].count) == 5 and ns["h"].shape == (1, 8)
 
@@ -170,40 +192,35 @@ def _nonfinite(ns, out):
     assert "the incoming running statistics `state.var` are not finite" in out
 
 
-def _ran(ns, out):
-    """The block's own asserts are the check."""
+def _layer_typo(ns, out):
+    assert "'norm9' matched no batch-norm layer" in out
 
 
-README_CHECKS = {
+BLOCK_CHECKS = {
     "tour-functional": _tour_functional,
     "tour-linen": _tour_linen,
     "tour-nnx": _tour_nnx,
-    "faq-eval-mode": _ran,
-    "faq-batch-of-one": _batch_of_one,
-    "faq-freeze": _ran,
-    "faq-sync": _ran,
-    "faq-momentum": _ran,
-    "faq-nonfinite": _nonfinite,
-    "faq-arguments": _arguments,
-    "faq-recalibrate": _ran,
-    "faq-validate": _ran,
-    "faq-fold": _ran,
-    "faq-half-precision": _ran,
+    "trap-batch-of-one": _batch_of_one,
+    "trap-arguments": _arguments,
+    "trap-nonfinite": _nonfinite,
+    "lifecycle-freeze-typo": _layer_typo,
 }
 
 
-def test_readme_marked_blocks_are_the_checked_ones():
-    assert set(_readme_blocks()) == set(README_CHECKS)
+def test_block_checks_name_tested_blocks():
+    assert set(BLOCK_CHECKS) <= set(_tested_blocks()), "a stale BLOCK_CHECKS entry"
 
 
-@pytest.mark.parametrize("name", sorted(README_CHECKS))
-def test_readme_block_runs(name, capsys):
-    line, code = _readme_blocks()[name]
-    # Leading newlines make tracebacks point at README.md's own line numbers.
-    program = compile("\n" * (line - 1) + code, str(README), "exec")
-    namespace = {"__name__": f"readme_{name.replace('-', '_')}"}
+@pytest.mark.parametrize("name", sorted(_tested_blocks()))
+def test_doc_block_runs(name, capsys):
+    block = _tested_blocks()[name]
+    # Leading newlines make tracebacks point at the Markdown file's own line numbers.
+    program = compile("\n" * (block.line - 1) + block.code, str(block.path), "exec")
+    namespace = {"__name__": f"doc_{name.replace('-', '_')}"}
     exec(program, namespace)
-    README_CHECKS[name](namespace, capsys.readouterr().out)
+    check = BLOCK_CHECKS.get(name)
+    if check is not None:
+        check(namespace, capsys.readouterr().out)
 
 
 # --------------------------------------------------------------------------- docstring coverage
