@@ -2,7 +2,8 @@
 
 nbclient executes it in a fresh Jupyter kernel running this interpreter (from a kernelspec
 written for the test, so no user-level `python3` kernelspec can swap in another Python); the
-kernel imports this checkout's bnjax, so the notebook skips its pip install. The kernel's
+kernel imports this checkout's bnjax, so the notebook skips its pip install (the install cell's
+search for a clone or a wheel is tested on its own below). The kernel's
 environment selects the small setting (BNJAX_NOTEBOOK_SMALL=1, read by the parameters cell),
 JAX_PLATFORMS=cpu, ipykernel's inline matplotlib backend, and 8 virtual CPU devices (as
 tests/conftest.py sets for this process): the training step really shards every batch over
@@ -81,7 +82,7 @@ def test_notebook_runs_in_the_small_setting(tmp_path, monkeypatch):
     assert result["backend"] == "cpu"
     assert result["num_devices"] == 8
     assert result["batch_size"] % result["num_devices"] == 0
-    assert result["model"] == "resnet20"
+    assert result["model"] == "cnn" and len(result["features"]) >= 2
     assert result["num_steps"] < 100, "the small setting was not selected"
     assert math.isfinite(result["final_loss"]) and result["final_loss"] > 0
     for key in ("accuracy_running_stats", "accuracy_batch_stats", "accuracy_recalibrated"):
@@ -96,3 +97,38 @@ def test_notebook_runs_in_the_small_setting(tmp_path, monkeypatch):
         if cell.cell_type == "code"
         for output in cell.outputs
     ), "no figure in the outputs"
+
+
+def _install_cell() -> str:
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    (cell,) = [
+        c for c in notebook.cells if c.cell_type == "code" and "def bnjax_source" in c.source
+    ]
+    return cell.source
+
+
+def test_install_cell_finds_a_clone_or_a_wheel_without_editing(tmp_path, monkeypatch):
+    """The install cell needs no edit: it finds a clone at, above or below the working
+    directory, else the newest wheel next to it; BNJAX_SOURCE overrides both."""
+    namespace = {}
+    exec(_install_cell(), namespace)  # bnjax is importable here: the cell installs nothing
+    find = namespace["bnjax_source"]
+
+    assert find(tmp_path) is None  # nothing there: the cell raises, naming the three ways
+    clone = tmp_path / "bnjax"
+    (clone / "notebooks").mkdir(parents=True)
+    (clone / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    assert find(clone / "notebooks") == [str(clone)]  # opened from the clone's notebooks/
+    assert find(tmp_path) == [str(clone)]  # `git clone` into the working directory
+
+    elsewhere = tmp_path / "content"
+    (elsewhere / "dist").mkdir(parents=True)
+    older = elsewhere / "dist" / "bnjax-0.1.0-py3-none-any.whl"
+    newer = elsewhere / "bnjax-0.2.0-py3-none-any.whl"
+    older.write_bytes(b"")
+    newer.write_bytes(b"")
+    os.utime(older, (1, 1))
+    assert find(elsewhere) == [str(newer)]
+
+    namespace["BNJAX_SOURCE"] = "git+https://example.org/bnjax.git"
+    assert find(elsewhere) == ["git+https://example.org/bnjax.git"]
