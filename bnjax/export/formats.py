@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.extend
 import numpy as np
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -74,7 +75,14 @@ def onnx_tools():
 
 def _write_onnx(fn, shape, dtype, directory: str) -> str:
     jax2onnx, _ = onnx_tools()
-    model = jax2onnx.to_onnx(fn, [_batch_polymorphic(shape, dtype)], model_name="bnjax_serving")
+    spec = _batch_polymorphic(shape, dtype)
+    # jax2onnx converts flax modules it recognises by its own rules, which read the module's
+    # parameters and ignore what the fold does around the call (the added bias, the identity
+    # norms). Converting the traced program instead (a replay of its jaxpr) keeps the
+    # computation exactly the one that was traced and verified.
+    program = jax.make_jaxpr(fn)(spec)
+    replay = jax.extend.core.jaxpr_as_fun(program)
+    model = jax2onnx.to_onnx(lambda x: replay(x)[0], [spec], model_name="bnjax_serving")
     name = "model.onnx"
     with open(os.path.join(directory, name), "wb") as handle:
         handle.write(model.SerializeToString())
