@@ -71,9 +71,8 @@ def count(tree):
 
 # The bundled models also fold by name into params for the same model built with norm="none".
 stored = count({k: variables[k] for k in ("params", "batch_stats")})
-print(
-    f"stored values: original {stored} (params + batch_stats), folded {count(lifecycle.fold(variables))}"
-)
+by_name = count(lifecycle.fold(variables))
+print(f"stored values: original {stored} (params + batch_stats), folded {by_name}")
 
 # A verified serving artifact: StableHLO (format="onnx" with pip install 'bnjax[export]').
 out = os.path.join(tempfile.mkdtemp(), "small_cnn")
