@@ -17,7 +17,10 @@ float32 rounding. The pairs of the bundled models are found by name: a norm ``no
 ``stem_conv`` / ``shortcut_conv``; pass `pairs` for other naming schemes. Only a norm over the
 last axis (channels last) that directly follows a Conv or Dense can be folded.
 
-For nnx or the functional core, `fold_into` folds one pair of arrays.
+For any linen or nnx model of your own, `bnjax.lifecycle.fold_model` pairs the layers from the
+traced computation instead (`bnjax.lifecycle.pairing`) and keeps unfoldable norms as their
+`evaluation_affine` map; `pairs=trace_pairs(model, variables, x, train=False).pairs` gives
+`fold` the same pairs. For the functional core, `fold_into` folds one pair of arrays.
 """
 
 from __future__ import annotations
