@@ -22,13 +22,19 @@ from absl import app, flags
 
 from bnjax.train.cli import RUN_FAILED, USAGE_ERROR, fail, parse_flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a scripts/train.py workdir to export")
-_FORMAT = flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "onnx"], "program format")
-_OUT = flags.DEFINE_string("out", None, "the artifact directory to write")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)")
-_EXAMPLES = flags.DEFINE_integer("examples", 16, "held-out inputs in the calibration batch")
-_RTOL = flags.DEFINE_float("rtol", 1e-4, "tolerance, as a fraction of the output scale")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing --out")
+
+def _define_flags():
+    """The export flags, defined when the module runs as a program (importing it, as the
+    documentation checks do, must not claim flag names such as --workdir)."""
+    return {
+        "workdir": flags.DEFINE_string("workdir", None, "a scripts/train.py workdir to export"),
+        "format": flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "onnx"], "format"),
+        "out": flags.DEFINE_string("out", None, "the artifact directory to write"),
+        "step": flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)"),
+        "examples": flags.DEFINE_integer("examples", 16, "held-out inputs to calibrate on"),
+        "rtol": flags.DEFINE_float("rtol", 1e-4, "tolerance, a fraction of the output scale"),
+        "overwrite": flags.DEFINE_bool("overwrite", False, "replace an existing --out"),
+    }
 
 
 def _verify(path: str) -> int:
@@ -43,41 +49,43 @@ def _verify(path: str) -> int:
     return 0 if report.ok else RUN_FAILED
 
 
-def _export() -> int:
-    if not _WORKDIR.value or not _OUT.value:
+def _export(flag) -> int:
+    value = {name: holder.value for name, holder in flag.items()}
+    workdir, out = value["workdir"], value["out"]
+    if not workdir or not out:
         fail("export needs --workdir and --out (or: python -m bnjax.export verify ARTIFACT).")
-    if _EXAMPLES.value < 2:
-        fail(f"--examples={_EXAMPLES.value}: batch independence needs at least 2.")
+    if value["examples"] < 2:
+        fail(f"--examples={value['examples']}: batch independence needs at least 2.")
     from bnjax import lifecycle
     from bnjax.export import VerificationError, export, load_workdir
     from bnjax.train.quiet import root_cause
 
     try:
-        run = load_workdir(_WORKDIR.value, step=_STEP.value, examples=_EXAMPLES.value)
+        run = load_workdir(workdir, step=value["step"], examples=value["examples"])
         folded = lifecycle.fold_model(run.model, run.variables, run.calibration, train=False)
-        print(f"step {run.step} of {_WORKDIR.value}: {run.config.get('model')}")
+        print(f"step {run.step} of {workdir}: {run.config.get('model')}")
         print(folded.plan.format())
         report = export(
             folded,
             run.calibration,
-            _OUT.value,
-            format=_FORMAT.value,
-            rtol=_RTOL.value,
-            overwrite=_OVERWRITE.value,
-            source={"workdir": _WORKDIR.value, "step": run.step, "model": run.config.get("model")},
+            out,
+            format=value["format"],
+            rtol=value["rtol"],
+            overwrite=value["overwrite"],
+            source={"workdir": workdir, "step": run.step, "model": run.config.get("model")},
         )
     except VerificationError as error:
         print(error.report.format())
-        print(f"FAILED: nothing written to {_OUT.value}", file=sys.stderr)
+        print(f"FAILED: nothing written to {out}", file=sys.stderr)
         return RUN_FAILED
     except (OSError, ValueError, TypeError, ImportError) as error:
         fail(root_cause(error))
     print(report.format())
-    print(f"wrote {_OUT.value} ({_FORMAT.value})")
+    print(f"wrote {out} ({value['format']})")
     return 0
 
 
-def main(argv) -> int:
+def main(argv, flag) -> int:
     """``python -m bnjax.export``: see the module docstring for commands and exit status."""
     commands = argv[1:]
     if commands[:1] == ["verify"]:
@@ -86,8 +94,9 @@ def main(argv) -> int:
         return _verify(commands[1])
     if commands:
         fail(f"unexpected arguments {commands}; the command is 'verify ARTIFACT' or flags only.")
-    return _export()
+    return _export(flag)
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+    defined = _define_flags()
+    app.run(lambda argv: sys.exit(main(argv, defined)), flags_parser=parse_flags)

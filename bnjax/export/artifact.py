@@ -39,7 +39,15 @@ STAT_NAMES = ("mean", "var")
 
 
 class ArtifactError(ValueError):
-    """The artifact cannot be read: missing or malformed files (`verify` exits 2)."""
+    """The artifact cannot be read: missing or malformed files (`verify` exits 2).
+
+    Example:
+      >>> try:
+      ...     read_manifest("/nonexistent")
+      ... except ArtifactError as error:
+      ...     print("unreadable:", error)
+      unreadable: '/nonexistent' is not a directory (an artifact is one).
+    """
 
 
 def crc32(array) -> int:
@@ -81,13 +89,21 @@ def write_statistics(directory: str, statistics: Mapping[str, Mapping[str, Any]]
 
 
 def write_manifest(directory: str, manifest: Mapping[str, Any]) -> None:
+    """Writes ``manifest.json`` (with the `MANIFEST_FORMAT` tag) into `directory`."""
     with open(os.path.join(directory, MANIFEST), "w") as handle:
         json.dump({"format": MANIFEST_FORMAT, **manifest}, handle, indent=2, sort_keys=True)
         handle.write("\n")
 
 
 def read_manifest(directory: str) -> dict[str, Any]:
-    """The manifest of the artifact at `directory`; ArtifactError when it is not one."""
+    """The manifest of the artifact at `directory`; ArtifactError when it is not one.
+
+    Example:
+      >>> read_manifest("/nonexistent")
+      Traceback (most recent call last):
+      ...
+      bnjax.export.artifact.ArtifactError: '/nonexistent' is not a directory (an artifact is one).
+    """
     path = os.path.join(directory, MANIFEST)
     if not os.path.isdir(directory):
         raise ArtifactError(f"{directory!r} is not a directory (an artifact is one).")
@@ -113,6 +129,7 @@ def read_manifest(directory: str) -> dict[str, Any]:
 
 
 def read_array(directory: str, name: str) -> np.ndarray:
+    """The .npy array `name` of the artifact; ArtifactError when it cannot be read."""
     try:
         return np.load(os.path.join(directory, name), allow_pickle=False)
     except (OSError, ValueError) as error:
@@ -120,6 +137,7 @@ def read_array(directory: str, name: str) -> np.ndarray:
 
 
 def read_statistics(directory: str) -> dict[str, np.ndarray]:
+    """{'PATH/mean' | 'PATH/var': array} of statistics.npz; ArtifactError when unreadable."""
     try:
         with np.load(os.path.join(directory, STATISTICS), allow_pickle=False) as stored:
             return {key: stored[key] for key in stored.files}

@@ -35,6 +35,8 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 class Format(NamedTuple):
+    """A program format: `write` a function to a file, `load` it back; the `packages` used."""
+
     write: Callable[..., str]
     load: Callable[[str], Callable[[np.ndarray], np.ndarray]]
     packages: tuple[str, ...]  # recorded in the manifest's versions

@@ -39,7 +39,12 @@ __all__ = ["Check", "VerificationError", "VerificationReport", "verify"]
 
 
 class Check(NamedTuple):
-    """One check of `verify`: its name, whether it passed, and what was measured."""
+    """One check of `verify`: its name, whether it passed, and what was measured.
+
+    Example:
+      >>> Check("statistics", False, "bn: var non-finite in 1").ok
+      False
+    """
 
     name: str
     ok: bool
@@ -48,7 +53,14 @@ class Check(NamedTuple):
 
 @dataclasses.dataclass
 class VerificationReport:
-    """The checks of an artifact; ``ok`` when all passed. ``format()`` is one line per check."""
+    """The checks of an artifact; ``ok`` when all passed. ``format()`` is one line per check.
+
+    Example:
+      >>> report = VerificationReport([Check("statistics", True, "1 batch norm(s)"),
+      ...                              Check("outputs", False, "max error 0.5")])
+      >>> report.ok, report.format().splitlines()[-1]
+      (False, 'FAILED: outputs')
+    """
 
     checks: list[Check]
 
@@ -71,7 +83,13 @@ class VerificationReport:
 
 
 class VerificationError(ValueError):
-    """An export whose artifact failed verification (nothing was written); ``.report``."""
+    """An export whose artifact failed verification (nothing was written); ``.report``.
+
+    Example:
+      >>> error = VerificationError(VerificationReport([Check("outputs", False, "off")]))
+      >>> error.report.ok, str(error).splitlines()[-1]
+      (False, 'FAILED: outputs')
+    """
 
     def __init__(self, report: VerificationReport):
         super().__init__(

@@ -27,7 +27,14 @@ __all__ = ["TrainedRun", "load_workdir"]
 
 class TrainedRun(NamedTuple):
     """A restored run: the linen `model` (evaluation network), its `variables` ('params' and
-    'batch_stats'), `calibration` inputs (N, ...), the `step` and the saved `config`."""
+    'batch_stats'), `calibration` inputs (N, ...), the `step` and the saved `config`.
+
+    Example:
+      >>> # run = load_workdir("runs/resnet20"); then, for serving:
+      >>> # folded = lifecycle.fold_model(run.model, run.variables, run.calibration, train=False)
+      >>> TrainedRun._fields
+      ('model', 'variables', 'calibration', 'step', 'config')
+    """
 
     model: Any
     variables: dict

@@ -61,6 +61,14 @@ class FoldedModel:
     Call it as the model: ``folded(*inputs)``; `evaluate` runs the unfolded model in
     evaluation mode (the reference it equals). Attributes: ``plan`` (the `FoldPlan`),
     ``statistics`` ({norm_path: {'mean', 'var'}}, numpy, of every norm), ``model``.
+
+    Example:
+      >>> model, x = nn.Dense(2), jnp.ones((3, 4))
+      >>> bn = nn.BatchNorm(use_running_average=True)
+      >>> net = nn.Sequential([model, bn])
+      >>> folded = fold_model(net, net.init(jax.random.key(0), x), x)
+      >>> folded(x).shape, sorted(folded.statistics[("layers_1",)])
+      ((3, 2), ['mean', 'var'])
     """
 
     def __init__(self, model, plan: FoldPlan, statistics, call, reference):

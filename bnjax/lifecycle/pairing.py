@@ -75,7 +75,12 @@ _NOT_A_LAYER_OUTPUT = "its input is not the output of a Conv/Dense (after an add
 
 
 class NormInfo(NamedTuple):
-    """What folding needs of one batch-norm call: epsilon, feature axes, shapes and dtypes."""
+    """What folding needs of one batch-norm call: epsilon, feature axes, shapes and dtypes.
+
+    Example:
+      >>> NormInfo(1e-5, (3,), (8, 4, 4, 16), np.dtype("float32")).feature_axes
+      (3,)
+    """
 
     epsilon: float
     feature_axes: tuple[int, ...]
@@ -86,7 +91,14 @@ class NormInfo(NamedTuple):
 class FoldPlan(NamedTuple):
     """The traced pairing: `pairs` {norm_path: layer_path} fold; `unfoldable` {norm_path:
     reason} stay evaluation-mode affine maps; `norms` {norm_path: NormInfo} for every norm, in
-    call order; `layers` {layer_path: number of calls}."""
+    call order; `layers` {layer_path: number of calls}.
+
+    Example:
+      >>> plan = FoldPlan({("bn",): ("conv",)}, {}, {("bn",): None}, {("conv",): 1})
+      >>> print(plan.format())
+      bn <- conv (folded)
+      1 of 1 batch norm(s) folded
+    """
 
     pairs: dict[L.Path, L.Path]
     unfoldable: dict[L.Path, str]
