@@ -4,7 +4,9 @@
   (precise BN; AdaBN on target-domain data), for linen and nnx models and the functional core.
 - `reset_statistics`, `freeze` / `frozen_statistics` / `unfreeze`, `freeze_optimizer`,
   `trainable_filter`: fresh statistics; fine-tuning with batch norm frozen.
-- `fold`: evaluation-mode batch norm folded into the Conv/Dense before it, for serving.
+- `fold`: evaluation-mode batch norm folded into the Conv/Dense before it, for serving, by the
+  bundled models' layer names; `fold_model` folds any linen or nnx model, with the pairs
+  `trace_pairs` reads from the traced computation (`bnjax.export` writes it for serving).
 - `validate_statistics`, `load_checkpoint` and ``python -m bnjax.lifecycle validate DIR``:
   missing, non-finite, negative, never-updated or mis-shaped statistics.
 
@@ -14,7 +16,14 @@ tools built on top of them. Per-layer telemetry (batch statistics, drift from th
 ones) is in `bnjax.diagnostics`.
 """
 
-from bnjax.lifecycle.folding import fold, fold_into, layer_epsilons, pair_by_name
+from bnjax.lifecycle.folded_model import FoldedModel, fold_model
+from bnjax.lifecycle.folding import (
+    evaluation_affine,
+    fold,
+    fold_into,
+    layer_epsilons,
+    pair_by_name,
+)
 from bnjax.lifecycle.freezing import (
     bn_param_labels,
     freeze,
@@ -24,6 +33,7 @@ from bnjax.lifecycle.freezing import (
     trainable_filter,
     unfreeze,
 )
+from bnjax.lifecycle.pairing import FoldPlan, trace_pairs
 from bnjax.lifecycle.population import (
     LayerInput,
     Total,
@@ -40,6 +50,8 @@ from bnjax.lifecycle.validation import (
 )
 
 __all__ = [
+    "FoldPlan",
+    "FoldedModel",
     "LayerInput",
     "LayerReport",
     "Total",
@@ -47,8 +59,10 @@ __all__ = [
     "accumulate",
     "bn_param_labels",
     "empty_totals",
+    "evaluation_affine",
     "fold",
     "fold_into",
+    "fold_model",
     "freeze",
     "freeze_optimizer",
     "frozen_statistics",
@@ -59,6 +73,7 @@ __all__ = [
     "population_state",
     "recalibrate",
     "reset_statistics",
+    "trace_pairs",
     "trainable_filter",
     "unfreeze",
     "validate_statistics",

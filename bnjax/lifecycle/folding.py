@@ -17,7 +17,10 @@ float32 rounding. The pairs of the bundled models are found by name: a norm ``no
 ``stem_conv`` / ``shortcut_conv``; pass `pairs` for other naming schemes. Only a norm over the
 last axis (channels last) that directly follows a Conv or Dense can be folded.
 
-For nnx or the functional core, `fold_into` folds one pair of arrays.
+For any linen or nnx model of your own, `bnjax.lifecycle.fold_model` pairs the layers from the
+traced computation instead (`bnjax.lifecycle.pairing`) and keeps unfoldable norms as their
+`evaluation_affine` map; `pairs=trace_pairs(model, variables, x, train=False).pairs` gives
+`fold` the same pairs. For the functional core, `fold_into` folds one pair of arrays.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 
 from bnjax.lifecycle import layers as L
 
-__all__ = ["fold", "fold_into", "layer_epsilons", "pair_by_name"]
+__all__ = ["evaluation_affine", "fold", "fold_into", "layer_epsilons", "pair_by_name"]
 
 
 def _concrete(value):
@@ -75,6 +78,28 @@ def _refuse(where: str, problems: list[str]) -> None:
             f"fix the statistics (recalibrate; validate_statistics finds such layers) or the "
             f"epsilon first."
         )
+
+
+def evaluation_affine(mean, var, scale=None, bias=None, *, epsilon: float = 1e-5):
+    """(gain, shift): evaluation-mode batch norm as the affine map ``y = x * gain + shift``.
+
+    Per feature, ``gain = scale / sqrt(var + epsilon)`` and ``shift = bias - mean * gain``
+    (float32 or wider; shapes of `mean`). Raises ValueError as `fold_into` does.
+
+    Example:
+      >>> gain, shift = evaluation_affine(jnp.array([1.0]), jnp.array([4.0]), epsilon=0.0)
+      >>> gain.tolist(), shift.tolist()               # (x - 1) / 2
+      ([0.5], [-0.5])
+    """
+    _refuse("evaluation_affine", _unfoldable(mean, var, scale, bias, epsilon))
+    dtype = jnp.promote_types(jnp.asarray(mean).dtype, jnp.float32)
+    gain = jax.lax.rsqrt(jnp.asarray(var, dtype) + epsilon)
+    if scale is not None:
+        gain = gain * jnp.asarray(scale, dtype)
+    shift = -jnp.asarray(mean, dtype) * gain
+    if bias is not None:
+        shift = shift + jnp.asarray(bias, dtype)
+    return gain, shift
 
 
 def fold_into(kernel, bias, mean, var, scale=None, norm_bias=None, *, epsilon: float = 1e-5):
@@ -207,8 +232,12 @@ def fold(variables, *, epsilon: float | Mapping = 1e-5, pairs: Mapping | None = 
     unpaired = [L.path_str(p) for p in norms if p not in pairs]
     if unpaired:
         raise ValueError(
-            f"No Conv/Dense layer found before the batch norm(s) {unpaired}; pass `pairs` "
-            f"{{norm_path: layer_path}} (a norm after an addition or a pooling cannot be folded)."
+            f"No Conv/Dense layer found by name before the batch norm(s) {unpaired}. For a "
+            f"model of your own, fold from the traced computation: "
+            f"bnjax.lifecycle.fold_model(model, variables, x, train=False) (or pass "
+            f"pairs=bnjax.lifecycle.trace_pairs(model, variables, x, train=False).pairs here, "
+            f"or `pairs` {{norm_path: layer_path}} by hand). A norm after an addition or a "
+            f"pooling cannot be folded."
         )
     if isinstance(epsilon, Mapping):
         epsilon = {_as_path(path): value for path, value in epsilon.items()}

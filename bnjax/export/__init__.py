@@ -1,0 +1,60 @@
+"""Serving: a trained model to a verified artifact with batch norm folded and in evaluation mode.
+
+    folded = bnjax.lifecycle.fold_model(model, variables, x, train=False)   # nnx: (model, x)
+    bnjax.export.export(folded, calibration_batch, "artifacts/resnet20", format="stablehlo")
+    bnjax.export.verify("artifacts/resnet20").ok                       # from the files alone
+
+    $ python -m bnjax.export --workdir=runs/resnet20 --format=onnx --out=artifacts/r20
+    $ python -m bnjax.export verify artifacts/r20          # exit 0 ok, 1 failed, 2 unreadable
+
+- `export` / `export_function` (`bnjax.export.exporting`): write the program (``jax.export``
+  StableHLO, or ONNX through jax2onnx), the calibration batch with the in-memory model's
+  outputs, every running statistic and a manifest; verify; move into place only if it passes.
+- `verify` (`bnjax.export.verify`): statistics present, finite and unchanged; the reloaded
+  program equals the evaluation-mode model within the stated tolerance; batch independence.
+- `load` runs an artifact's program without the model code; `load_workdir`
+  (`bnjax.export.workdir`) rebuilds a ``scripts/train.py`` run's model and restores it.
+- The artifact layout and manifest: `bnjax.export.artifact`; formats: `bnjax.export.formats`.
+"""
+
+from bnjax.export.artifact import MANIFEST_FORMAT, ArtifactError, read_manifest
+from bnjax.export.exporting import DEFAULT_RTOL, export, export_function
+from bnjax.export.formats import FORMATS
+from bnjax.export.verify import Check, VerificationError, VerificationReport, verify
+from bnjax.export.workdir import TrainedRun, load_workdir
+
+
+def load(path: str):
+    """The program of the artifact at `path` as a function of a numpy batch (no model code).
+
+    Example:
+      >>> import os, tempfile
+      >>> path = os.path.join(tempfile.mkdtemp(), "double")
+      >>> _ = export_function(lambda x: 2 * x, np.ones((3, 2), np.float32), path)
+      >>> load(path)(np.ones((1, 2), np.float32)).tolist()
+      [[2.0, 2.0]]
+    """
+    import os
+
+    program = read_manifest(path)["program"]
+    if program.get("format") not in FORMATS:
+        raise ArtifactError(f"unknown program format {program.get('format')!r}.")
+    return FORMATS[program["format"]].load(os.path.join(path, program["file"]))
+
+
+__all__ = [
+    "DEFAULT_RTOL",
+    "FORMATS",
+    "MANIFEST_FORMAT",
+    "ArtifactError",
+    "Check",
+    "TrainedRun",
+    "VerificationError",
+    "VerificationReport",
+    "export",
+    "export_function",
+    "load",
+    "load_workdir",
+    "read_manifest",
+    "verify",
+]

@@ -1,0 +1,102 @@
+"""Command line: export a training run for serving, or verify an artifact.
+
+    python -m bnjax.export --workdir=WD --format=stablehlo|onnx --out=PATH [--step=N]
+        [--examples=16] [--rtol=1e-4] [--overwrite]
+    python -m bnjax.export verify ARTIFACT
+
+Export rebuilds the run's model from ``WD/config.json``, restores the newest (or ``--step``)
+checkpoint, folds every batch norm it can (`bnjax.lifecycle.fold_model`), writes the artifact
+and verifies it on ``--examples`` held-out inputs of the run's dataset; the fold report and the
+checks are printed. Verify runs the checks of `bnjax.export.verify` from the artifact's files.
+
+Exit status: 0 exported / verified; 1 verification failed (nothing is written by export);
+2 usage error, or the workdir, checkpoint or artifact cannot be read (or its statistics cannot
+be folded: NaN, negative variance, stripped).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from bnjax.train.cli import RUN_FAILED, USAGE_ERROR, fail, parse_flags
+
+
+def _define_flags():
+    """The export flags, defined when the module runs as a program (importing it, as the
+    documentation checks do, must not claim flag names such as --workdir)."""
+    return {
+        "workdir": flags.DEFINE_string("workdir", None, "a scripts/train.py workdir to export"),
+        "format": flags.DEFINE_enum("format", "stablehlo", ["stablehlo", "onnx"], "format"),
+        "out": flags.DEFINE_string("out", None, "the artifact directory to write"),
+        "step": flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)"),
+        "examples": flags.DEFINE_integer("examples", 16, "held-out inputs to calibrate on"),
+        "rtol": flags.DEFINE_float("rtol", 1e-4, "tolerance, a fraction of the output scale"),
+        "overwrite": flags.DEFINE_bool("overwrite", False, "replace an existing --out"),
+    }
+
+
+def _verify(path: str) -> int:
+    from bnjax.export import ArtifactError, verify
+
+    try:
+        report = verify(path)
+    except (ArtifactError, ImportError) as error:
+        fail(f"cannot read artifact {path!r}: {error}")
+    print(f"artifact {path}")
+    print(report.format())
+    return 0 if report.ok else RUN_FAILED
+
+
+def _export(flag) -> int:
+    value = {name: holder.value for name, holder in flag.items()}
+    workdir, out = value["workdir"], value["out"]
+    if not workdir or not out:
+        fail("export needs --workdir and --out (or: python -m bnjax.export verify ARTIFACT).")
+    if value["examples"] < 2:
+        fail(f"--examples={value['examples']}: batch independence needs at least 2.")
+    from bnjax import lifecycle
+    from bnjax.export import VerificationError, export, load_workdir
+    from bnjax.train.quiet import root_cause
+
+    try:
+        run = load_workdir(workdir, step=value["step"], examples=value["examples"])
+        folded = lifecycle.fold_model(run.model, run.variables, run.calibration, train=False)
+        print(f"step {run.step} of {workdir}: {run.config.get('model')}")
+        print(folded.plan.format())
+        report = export(
+            folded,
+            run.calibration,
+            out,
+            format=value["format"],
+            rtol=value["rtol"],
+            overwrite=value["overwrite"],
+            source={"workdir": workdir, "step": run.step, "model": run.config.get("model")},
+        )
+    except VerificationError as error:
+        print(error.report.format())
+        print(f"FAILED: nothing written to {out}", file=sys.stderr)
+        return RUN_FAILED
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        fail(root_cause(error))
+    print(report.format())
+    print(f"wrote {out} ({value['format']})")
+    return 0
+
+
+def main(argv, flag) -> int:
+    """``python -m bnjax.export``: see the module docstring for commands and exit status."""
+    commands = argv[1:]
+    if commands[:1] == ["verify"]:
+        if len(commands) != 2:
+            fail("usage: python -m bnjax.export verify ARTIFACT", USAGE_ERROR)
+        return _verify(commands[1])
+    if commands:
+        fail(f"unexpected arguments {commands}; the command is 'verify ARTIFACT' or flags only.")
+    return _export(flag)
+
+
+if __name__ == "__main__":
+    defined = _define_flags()
+    app.run(lambda argv: sys.exit(main(argv, defined)), flags_parser=parse_flags)

@@ -1,0 +1,256 @@
+"""Any linen or nnx model, in evaluation mode, with its batch norms folded: `fold_model`.
+
+`fold` returns params for a bundled model rebuilt without norms; a user's model has no such
+twin. `fold_model` instead re-runs the user's own model with each batch norm replaced, using
+the pairs `trace_pairs` reads from the traced computation:
+
+- a norm paired with the Conv/Dense L that feeds it is the identity, and L computes
+  ``x * W' + b'`` with ``W' = W * g``, ``b' = (b - mean) * g + beta`` and
+  ``g = scale / sqrt(var + epsilon)`` (`fold_into`, the norm's own epsilon);
+- every other batch norm (after an addition or a pooling, ...) is its evaluation-mode affine
+  map ``x * g + (beta - mean * g)`` over its feature axes (`evaluation_affine`), listed in
+  ``plan.unfoldable`` with the reason.
+
+Either way a norm never sees batch statistics: the folded model is batch independent, and
+equals the unfolded model in evaluation mode to float32 rounding. linen: the model runs under
+``nn.intercept_methods`` with folded params; nnx: a clone of the model with folded kernels
+and biases whose norms are replaced (the original model is untouched).
+
+Example:
+  >>> class Net(nn.Module):
+  ...     @nn.compact
+  ...     def __call__(self, x, train: bool = False):
+  ...         x = nn.Conv(4, (3, 3), use_bias=False, name="features")(x)
+  ...         x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+  ...         return nn.Dense(2, name="head")(nn.relu(x).mean((1, 2)))
+  >>> x = jax.random.normal(jax.random.key(0), (8, 6, 6, 3))
+  >>> variables = Net().init(jax.random.key(1), x)
+  >>> folded = fold_model(Net(), variables, x, train=False)
+  >>> folded.plan.pairs
+  {('bn',): ('features',)}
+  >>> bool(jnp.allclose(folded(x), folded.evaluate(x), atol=1e-5))   # = Net in evaluation
+  True
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bnjax.lifecycle import layers as L
+from bnjax.lifecycle.folding import _refuse, _unfoldable, evaluation_affine, fold_into
+from bnjax.lifecycle.pairing import FoldPlan, NormInfo, trace_pairs
+
+__all__ = ["FoldedModel", "fold_model"]
+
+
+def _affine(x, gain, shift, info: NormInfo):
+    """``x * gain + shift`` with (feature-shaped) gain and shift broadcast over `info`'s axes."""
+    shape = [1] * x.ndim
+    for axis in info.feature_axes:
+        shape[axis] = x.shape[axis]
+    y = x.astype(jnp.promote_types(x.dtype, gain.dtype)) * gain.reshape(shape)
+    return (y + shift.reshape(shape)).astype(info.output_dtype)
+
+
+class FoldedModel:
+    """A model in evaluation mode with its batch norms folded (see the module docstring).
+
+    Call it as the model: ``folded(*inputs)``; `evaluate` runs the unfolded model in
+    evaluation mode (the reference it equals). Attributes: ``plan`` (the `FoldPlan`),
+    ``statistics`` ({norm_path: {'mean', 'var'}}, numpy, of every norm), ``model``.
+
+    Example:
+      >>> model, x = nn.Dense(2), jnp.ones((3, 4))
+      >>> bn = nn.BatchNorm(use_running_average=True)
+      >>> net = nn.Sequential([model, bn])
+      >>> folded = fold_model(net, net.init(jax.random.key(0), x), x)
+      >>> folded(x).shape, sorted(folded.statistics[("layers_1",)])
+      ((3, 2), ['mean', 'var'])
+    """
+
+    def __init__(self, model, plan: FoldPlan, statistics, call, reference):
+        self.model, self.plan, self.statistics = model, plan, statistics
+        self._call, self._reference = call, reference
+
+    def __call__(self, *inputs):
+        return self._call(*inputs)
+
+    def evaluate(self, *inputs):
+        """The unfolded model's outputs with every batch norm in evaluation mode."""
+        return self._reference(*inputs)
+
+    def __repr__(self) -> str:
+        return f"FoldedModel({type(self.model).__name__}:\n{self.plan.format()})"
+
+
+def _norm_arrays(path, mean, var, scale, bias, info: NormInfo):
+    _refuse(f"batch norm {L.path_str(path)!r}", _unfoldable(mean, var, scale, bias, info.epsilon))
+    return {"mean": np.asarray(mean), "var": np.asarray(var)}
+
+
+def _linen(model, variables, inputs, kwargs) -> FoldedModel:
+    plan = trace_pairs(model, variables, *inputs, **kwargs)
+    params, stats = L.to_dict(variables[L.PARAMS]), variables[L.STATS]
+    statistics, affines, added_bias = {}, {}, {}
+    for norm, info in plan.norms.items():
+        state, norm_params = L.get_path(stats, norm), L.get_path(params, norm, {})
+        scale, bias = norm_params.get("scale"), norm_params.get("bias")
+        statistics[norm] = _norm_arrays(norm, state["mean"], state["var"], scale, bias, info)
+        if norm in plan.unfoldable:
+            affines[norm] = evaluation_affine(
+                state["mean"], state["var"], scale, bias, epsilon=info.epsilon
+            )
+            continue
+        layer = plan.pairs[norm]
+        layer_params = L.get_path(params, layer)
+        kernel, new_bias = fold_into(
+            layer_params["kernel"],
+            layer_params.get("bias"),
+            state["mean"],
+            state["var"],
+            scale,
+            bias,
+            epsilon=info.epsilon,
+        )
+        replaced = {**layer_params, "kernel": kernel}
+        if "bias" in layer_params:
+            replaced["bias"] = new_bias
+        else:  # a layer built without a bias gets it added to its output
+            added_bias[layer] = new_bias
+        L.set_path(params, layer, replaced)
+    folded_variables = {**variables, L.PARAMS: params}
+
+    def folding(next_fun, args, call_kwargs, context):
+        module, path = context.module, tuple(context.module.path)
+        if context.method_name != "__call__":
+            return next_fun(*args, **call_kwargs)
+        if path in added_bias and isinstance(module, (nn.Conv, nn.Dense)):
+            y = next_fun(*args, **call_kwargs)
+            return y + added_bias[path].astype(y.dtype)
+        if isinstance(module, L.LINEN_BATCH_NORMS):
+            if path in plan.pairs:
+                return args[0].astype(plan.norms[path].output_dtype)
+            if path in affines:
+                return _affine(args[0], *affines[path], plan.norms[path])
+            return L.call_in_mode(next_fun, module, args, call_kwargs, use_running_average=True)
+        return next_fun(*args, **call_kwargs)
+
+    def evaluating(next_fun, args, call_kwargs, context):
+        if L.is_linen_batch_norm_call(context):
+            return L.call_in_mode(
+                next_fun, context.module, args, call_kwargs, use_running_average=True
+            )
+        return next_fun(*args, **call_kwargs)
+
+    def call(*inputs):
+        with nn.intercept_methods(folding):
+            return model.apply(folded_variables, *inputs, **kwargs)
+
+    def reference(*inputs):
+        with nn.intercept_methods(evaluating):
+            return model.apply(variables, *inputs, **kwargs)
+
+    return FoldedModel(model, plan, statistics, call, reference)
+
+
+def _folded_call(self, x, *args, **kwargs):
+    """An nnx norm folded into the layer before it: the identity (in the norm's out dtype)."""
+    return x.astype(self.folded_output_dtype)
+
+
+def _affine_call(self, x, *args, **kwargs):
+    """An nnx norm that cannot fold: its evaluation-mode affine map."""
+    return _affine(x, self.folded_gain, self.folded_shift, self.folded_info)
+
+
+def _evaluating_call(self, x, *args, **kwargs):
+    if args:
+        args = (True, *args[1:])
+    else:
+        kwargs = {**kwargs, "use_running_average": True}
+    return L.call_parent(self, _evaluating_call, x, *args, **kwargs)
+
+
+def _value(module, name):
+    variable = getattr(module, name, None)
+    return None if variable is None else L.read_variable(variable)
+
+
+def _nnx(model, inputs, kwargs) -> FoldedModel:
+    plan = trace_pairs(model, *inputs, **kwargs)
+    clone = nnx.clone(model)
+    modules = {tuple(path): module for path, module in nnx.iter_modules(clone)}
+    statistics = {}
+    for norm, info in plan.norms.items():
+        module = modules[norm]
+        mean, var = _value(module, "mean"), _value(module, "var")
+        scale, bias = _value(module, "scale"), _value(module, "bias")
+        statistics[norm] = _norm_arrays(norm, mean, var, scale, bias, info)
+        if norm in plan.unfoldable:
+            gain, shift = evaluation_affine(mean, var, scale, bias, epsilon=info.epsilon)
+            L.swap_class(module, L.subclass(type(module), "Affine", _affine_call))
+            # Plain (static) attributes: arrays here would become nnx state.
+            object.__setattr__(module, "folded_gain", np.asarray(gain))
+            object.__setattr__(module, "folded_shift", np.asarray(shift))
+            object.__setattr__(module, "folded_info", info)
+            continue
+        layer = modules[plan.pairs[norm]]
+        layer_bias = _value(layer, "bias")
+        kernel, new_bias = fold_into(
+            _value(layer, "kernel"), layer_bias, mean, var, scale, bias, epsilon=info.epsilon
+        )
+        L.write_variable(layer.kernel, kernel)
+        if layer_bias is None:  # nnx's Conv and Linear read `use_bias` as well as `bias`
+            layer.bias, layer.use_bias = nnx.Param(new_bias), True
+        else:
+            L.write_variable(layer.bias, new_bias)
+        L.swap_class(module, L.subclass(type(module), "Folded", _folded_call))
+        object.__setattr__(module, "folded_output_dtype", info.output_dtype)
+
+    def reference(*inputs):
+        norms = L.nnx_batch_norms(model).values()
+        with L.swapped_classes(norms, lambda cls: L.subclass(cls, "Evaluating", _evaluating_call)):
+            return model(*inputs, **kwargs)
+
+    return FoldedModel(model, plan, statistics, lambda *x: clone(*x, **kwargs), reference)
+
+
+def fold_model(model, *args, **kwargs) -> FoldedModel:
+    """`model` in evaluation mode with every batch norm folded where the computation allows.
+
+    linen: ``fold_model(model, variables, *inputs, **apply_kwargs)``; nnx:
+    ``fold_model(model, *inputs, **call_kwargs)``. The inputs (arrays or
+    ``jax.ShapeDtypeStruct``s: only their shapes are traced) and keywords are those of an
+    evaluation call (``train=False``); batch norms are forced into evaluation mode either way.
+    The result takes inputs of any batch size.
+
+    Raises ValueError naming the layer when a norm's statistics are missing, non-finite or
+    negative, or its epsilon is invalid (nothing is folded then), and when the model has no
+    batch norm.
+
+    Example (nnx; the linen example is in the module docstring):
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.proj = nnx.Linear(3, 4, rngs=rngs)
+      ...         self.norm = nnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.norm(self.proj(x))
+      >>> folded = fold_model(Net(nnx.Rngs(0)), jnp.ones((2, 3)))
+      >>> folded.plan.pairs, folded(jnp.ones((5, 3))).shape
+      ({('norm',): ('proj',)}, (5, 4))
+    """
+    if isinstance(model, nnx.Module):
+        return _nnx(model, args, kwargs)
+    if isinstance(model, nn.Module):
+        if not args or not hasattr(args[0], "keys"):
+            raise TypeError("fold_model(linen_model, variables, *inputs): `variables` missing.")
+        if L.STATS not in args[0] or L.PARAMS not in args[0]:
+            raise ValueError(
+                f"`variables` has no {L.STATS!r} (or no {L.PARAMS!r}): the running statistics "
+                f"were stripped. Pass the full variables of model.init / the training state."
+            )
+        return _linen(model, args[0], args[1:], kwargs)
+    raise TypeError(f"`model` must be a flax linen or nnx Module, got {type(model).__name__}.")
