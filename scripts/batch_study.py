@@ -2,9 +2,9 @@
 --workdir=DIR``. The grid, metrics, tables and plots live in `bnjax.study`; this file only parses
 flags.
 
-Writes DIR/results.csv (one row per condition x normalizer x seed, and per sweep run),
-DIR/table.md (mean ± std over seeds) and DIR/plots/*.png. `--config.scale=full` runs the
-larger grid (meant for an accelerator).
+Writes DIR/results.csv (one row per run), DIR/table.md (mean and 95% bootstrap interval over
+seeds), DIR/verdicts.md (each claim tested) and DIR/plots/*.png; started again on the same DIR it
+resumes. `--config=configs/batch_study.py:quick` runs a small grid in about 2 minutes.
 """
 
 import os

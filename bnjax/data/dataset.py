@@ -82,6 +82,23 @@ class Dataset:
             raise ValueError(f"by must be one of {tuple(GROUPINGS)}, got {by!r}.")
         return GROUPINGS[by](self)
 
+    def subset(self, indices) -> Dataset:
+        """The examples `indices` (in that order) as a Dataset of their own (same classes,
+        standardization and split name), e.g. a validation split held out of training.
+
+        Example:
+          >>> from bnjax.data import ClusterConfig
+          >>> data = load("clusters", "test", config=ClusterConfig(num_classes=2, test_per_class=4))
+          >>> part = data.subset([0, 3])
+          >>> len(part), part.num_classes, bool((part.labels == data.labels[[0, 3]]).all())
+          (2, 2, True)
+        """
+        indices = np.asarray(indices)
+        subclusters = None if self.subclusters is None else self.subclusters[indices]
+        return dataclasses.replace(
+            self, images=self.images[indices], labels=self.labels[indices], subclusters=subclusters
+        )
+
     def take(self, indices) -> dict[str, np.ndarray]:
         """A batch: {'image': (b, H, W, C), 'label': (b,), 'index': (b,)} and 'subcluster' (b,)
         where the dataset has sub-clusters."""

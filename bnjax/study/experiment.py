@@ -1,31 +1,52 @@
-"""Train one run of the study and measure every column of its results row.
+"""Train the runs of one study cell (every seed at once) and measure each run's results row.
 
-`Study` holds what all runs share (data, hyperparameters, compiled functions); `Study.train`
-trains a `grid.Run` and `Study.measure` turns the trained network and its `training.Trace` into
-a flat row of numbers:
+`Study` holds what all runs of a dataset share (data splits, hyperparameters, compiled
+functions); `Study.train(runs)` trains the seeds of one cell together and `Study.measure` turns
+a trained network and its `training.Trace` into a flat row. No measurement reads the training
+batches except the three marked *training*:
 
-    column                          how
-    stability_mean_l{i}, _var_l{i}  `batch_stat_variability` of layer i's norm inputs over the
-                                    last `stability_window` of the steps, in units of the
-                                    population variance (variance method)
-    final_loss                      mean training loss over the last 10 steps
-    loss_oscillation                per-step total variation of the loss curve beyond its net
-                                    descent (`loss_oscillation(per_step=True, excess=True)`)
-    steps_to_target                 first step whose 10-step mean loss <= `loss_target`
-    gradient_noise, update_noise    mean (1 - cos) of consecutive gradients / weight updates
-    running_bias_l{i}, running_bias `running_stat_bias` of layer i's running statistics vs the
-                                    exact population statistics (and the mean over layers);
-                                    only for norms with running statistics
-    accuracy_eval, accuracy_batch_stats, accuracy_gap
-                                    held-out accuracy with running statistics, with each
-                                    evaluation batch's own statistics, and batch - eval
-    silhouette, intra_inter         penultimate features of the held-out set in evaluation mode
+    column                              how
+    probe_loss_final, probe_accuracy_final
+                                        the fixed held-out probe (a slice of the validation
+                                        split) in evaluation mode after the last step
+    probe_loss_auc                      mean probe loss over the probe points after step 0
+                                        (lower = faster convergence)
+    probe_oscillation                   per-point total variation of the probe loss curve
+                                        beyond its net descent (0 = monotone)
+    examples_to_target                  training examples seen when the probe accuracy first
+                                        reaches `probe_target` (None: never)
+    diverged                            1 when the final probe loss is not finite or above
+                                        its value at initialization
+    validation_accuracy                 the whole validation split, evaluation mode (the
+                                        learning-rate sweep's criterion)
+    stability_iid_{mean,var}_l{i}       variability of layer i's batch statistics over
+                                        `stability_batches` uniform batches of the run's B,
+                                        on the trained network in training mode, in units of
+                                        the population variance (`batch_stat_variability`)
+    stability_excess_{mean,var}_l{i}    the same over batches drawn by the run's sampler
+                                        (random batches of one epoch) minus the i.i.d. value:
+                                        what composition adds beyond the noise of B
+    running_{mean,var}_bias_l{i}, running_bias
+                                        `running_stat_bias` of layer i's running statistics
+                                        vs the population statistics (mean and variance parts;
+                                        running_bias: mean over layers of their sum); only for
+                                        norms with running statistics
+    accuracy_eval                       test split, evaluation mode (what serving sees)
+    accuracy_batch_stats                test split, each batch of `eval_batch_size` normalized
+                                        with its own statistics
+    accuracy_batch_stats_train_b        the same with batches of the run's training size B
+                                        (uniformly shuffled test batches)
+    accuracy_gap                        accuracy_batch_stats - accuracy_eval
+    silhouette, intra_inter             penultimate test features in evaluation mode
+    train_loss                          *training*: mean loss of the last 10 batches
+    gradient_noise, update_noise        *training*: mean (1 - cos) of consecutive gradients /
+                                        weight updates
 
-Population statistics of a layer's input: for batch-statistics norms, what
-`lifecycle.recalibrate(mode="full_batch")` computes over the whole training set (each layer's
-input when every layer before it normalizes with the population statistics, i.e. the network
-that precise evaluation would serve); for per-example norms, `population_stats` of the conv
-outputs in evaluation mode (the same network in both modes).
+Population statistics of a layer's input: its per-channel moments over the training split (its
+first `population_examples`, a random sample), computed in batches of about
+`population_batch_size`, batch-statistics norms in training mode
+(each layer before it then normalizes with near-population statistics, the network precise
+evaluation serves), per-example norms and 'none' in evaluation mode (the same network).
 """
 
 from __future__ import annotations
@@ -47,14 +68,17 @@ from bnjax.study.training import (
     make_evaluator,
     make_trainer,
     norm_inputs,
+    probe_schedule,
+    stack_states,
     to_trace,
 )
 from bnjax.train.optim import learning_rate_schedule, make_optimizer
-from bnjax.train.steps import initial_state, make_model
+from bnjax.train.steps import STATE_COLLECTIONS, initial_state, make_model
 
 
 class Trained(NamedTuple):
-    """A finished training run: final variables, what it recorded, wall time in seconds.
+    """A finished training run: final variables, what it recorded, wall time in seconds (the
+    cell's time shared equally among its seeds).
 
     Example (a real one: `Study`):
       >>> Trained(variables={}, trace=None, seconds=1.5).seconds
@@ -67,8 +91,8 @@ class Trained(NamedTuple):
 
 
 class Measured(NamedTuple):
-    """A run's results row, and the arrays the plots draw (per-layer population statistics,
-    held-out features and labels).
+    """A run's results row, and the arrays the plots draw (per-layer population and running
+    statistics, held-out features and labels).
 
     Example (a real one: `Study`):
       >>> m = Measured({"accuracy_eval": 1.0}, [], None, np.zeros((4, 8)), np.arange(4))
@@ -87,70 +111,56 @@ class RunSettings(NamedTuple):
     """What a run changes in the study's network and optimizer (`run_settings` builds one).
 
     Example:
-      >>> RunSettings("batch", None, 0.05, 30, 300).learning_rate
+      >>> RunSettings("batch", None, 0.05, 30, 300, 0.9).learning_rate
       0.05
     """
 
     norm: str  # the model's norm (`bnjax.models.NORMS`)
     ghost_batch_size: int | None  # capped at the run's batch size
-    learning_rate: float  # the config's, times the run's `lr_scale`
-    warmup_steps: int  # the config's, in proportion to the run's steps
+    learning_rate: float  # the run's (chosen and scaled to its batch size)
+    warmup_steps: int  # `warmup_fraction` of the run's steps
     num_steps: int
+    bn_momentum: float
 
 
 def run_settings(config, run: Run) -> RunSettings:
-    """The run's norm, ghost batch size (capped at the run's batch size), learning rate and
-    steps (warm-up in proportion: the same fraction of the run).
+    """The run's norm, ghost batch size, learning rate, warm-up, steps and BN momentum.
 
     Example:
       >>> from bnjax.study.defaults import study_config
       >>> from bnjax.study.grid import Condition, normalizer
-      >>> run = Run(Condition("small", "uniform", 4), normalizer("ghost_batch", 8), seed=0)
+      >>> run = Run("clusters", "table", Condition("small", "uniform", 4),
+      ...           normalizer("ghost_batch", 8), 0, 2400, 0.00625, 0.9)
       >>> settings = run_settings(study_config(), run)
-      >>> settings.norm, settings.ghost_batch_size, settings.learning_rate
-      ('batch', 4, 0.05)
+      >>> settings.norm, settings.ghost_batch_size, settings.warmup_steps
+      ('batch', 4, 240)
     """
-    steps = run_steps(config, run)
     return RunSettings(
         norm=run.normalizer.norm,
         ghost_batch_size=run.ghost_batch_size,
-        learning_rate=config.learning_rate * run.lr_scale,
-        warmup_steps=round(config.warmup_steps * steps / config.num_steps),
-        num_steps=steps,
+        learning_rate=run.learning_rate,
+        warmup_steps=round(config.warmup_fraction * run.num_steps),
+        num_steps=run.num_steps,
+        bn_momentum=run.bn_momentum,
     )
 
 
-def run_steps(config, run: Run) -> int:
-    """The run's training steps: its own `num_steps`, else the config's.
-
-    Example:
-      >>> from bnjax.study.defaults import study_config
-      >>> from bnjax.study.grid import Condition, normalizer
-      >>> uniform, batch = Condition("u", "uniform", 2), normalizer("batch")
-      >>> run_steps(study_config(), Run(uniform, batch, 0)), run_steps(
-      ...     study_config(), Run(uniform, batch, 0, num_steps=4800))
-      (300, 4800)
-    """
-    return config.num_steps if run.num_steps is None else run.num_steps
-
-
-def renorm_schedule(config, num_steps: int | None = None) -> RenormSchedule:
+def renorm_schedule(config, num_steps: int) -> RenormSchedule:
     """Batch renorm's warm-up scaled to the run: the paper's shape (plain BN, then r_max 1 -> 3
     and d_max 0 -> 5) with its step counts replaced by fractions of `num_steps`.
 
     Example:
       >>> from bnjax.study.defaults import study_config
-      >>> s = renorm_schedule(study_config())          # 300 steps
+      >>> s = renorm_schedule(study_config(), 300)
       >>> s.warmup_steps, s.r_relax_steps, s.d_relax_steps
       (30, 150, 90)
     """
-    steps = config.num_steps if num_steps is None else num_steps
     return RenormSchedule(
-        warmup_steps=round(config.renorm_warmup * steps),
+        warmup_steps=round(config.renorm_warmup * num_steps),
         r_max=3.0,
-        r_relax_steps=round(config.renorm_r_relax * steps),
+        r_relax_steps=round(config.renorm_r_relax * num_steps),
         d_max=5.0,
-        d_relax_steps=round(config.renorm_d_relax * steps),
+        d_relax_steps=round(config.renorm_d_relax * num_steps),
     )
 
 
@@ -161,10 +171,9 @@ def study_model(config, settings: RunSettings, num_classes: int, *, for_training
 
     Example:
       >>> from bnjax.study.defaults import study_config
-      >>> from bnjax.study.grid import Condition, normalizer
       >>> config = study_config()
-      >>> run = Run(Condition("u", "uniform", 32), normalizer("batch_renorm"), seed=0)
-      >>> model = study_model(config, run_settings(config, run), 10, for_training=True)
+      >>> settings = RunSettings("batch_renorm", None, 0.05, 30, 300, 0.9)
+      >>> model = study_model(config, settings, 10, for_training=True)
       >>> model.features, model.norm, model.norm_options["schedule"].warmup_steps
       ((16, 32, 64), 'batch_renorm', 30)
     """
@@ -179,7 +188,7 @@ def study_model(config, settings: RunSettings, num_classes: int, *, for_training
         num_classes=num_classes,
         norm=settings.norm,
         norm_groups=config.norm_groups,
-        bn_momentum=config.bn_momentum,
+        bn_momentum=settings.bn_momentum,
         ghost_batch_size=settings.ghost_batch_size,
         norm_options=renorm,
         features=config.model_features,
@@ -192,8 +201,8 @@ def study_optimizer(config, settings: RunSettings):
 
     Example:
       >>> from bnjax.study.defaults import study_config
-      >>> optimizer = study_optimizer(study_config(), RunSettings("batch", None, 0.05, 30, 300))
-      >>> state = optimizer.init({"w": jnp.ones(3)})          # an optax GradientTransformation
+      >>> settings = RunSettings("batch", None, 0.05, 30, 300, 0.9)
+      >>> state = study_optimizer(study_config(), settings).init({"w": jnp.ones(3)})
     """
     schedule = learning_rate_schedule(
         settings.learning_rate,
@@ -206,160 +215,270 @@ def study_optimizer(config, settings: RunSettings):
     )
 
 
-def batch_rows(dataset: data.Dataset, run: Run, num_steps: int) -> np.ndarray:
+def make_batch_sampler(dataset: data.Dataset, condition, seed: int):
+    """The condition's sampler over `dataset` (`bnjax.data.make_sampler`).
+
+    Example:
+      >>> from bnjax.study.grid import Condition
+      >>> test = data.load("clusters", "test", config=data.ClusterConfig(test_per_class=20))
+      >>> make_batch_sampler(test, Condition("s", "skewed", 20, skew=1.0), 0).epoch(0).shape
+      (10, 20)
+    """
+    c = condition
+    groups = len(dataset) if c.sampler == "uniform" else dataset.groups(c.groups)
+    return data.make_sampler(
+        c.sampler, groups, c.batch_size, seed=seed, skew=c.skew, shuffle_batches=c.shuffle_batches
+    )
+
+
+def batch_rows(dataset: data.Dataset, run: Run) -> np.ndarray:
     """(T, B) example indices of the run's training batches, epoch after epoch.
 
     Example:
       >>> from bnjax.study.grid import Condition, normalizer
       >>> train = data.load("clusters", "test", config=data.ClusterConfig(test_per_class=20))
-      >>> run = Run(Condition("skewed", "skewed", 20, skew=1.0), normalizer("batch"), seed=0)
-      >>> rows = batch_rows(train, run, 15)                  # 10 batches per epoch
+      >>> run = Run("clusters", "table", Condition("skewed", "skewed", 20, skew=1.0),
+      ...           normalizer("batch"), 0, 15, 0.05, 0.9)
+      >>> rows = batch_rows(train, run)                  # 10 batches per epoch
       >>> rows.shape, len(set(train.labels[rows[0]].tolist()))
       ((15, 20), 1)
     """
-    c = run.condition
-    groups = len(dataset) if c.sampler == "uniform" else dataset.groups(c.groups)
-    sampler = data.make_sampler(
-        c.sampler,
-        groups,
-        c.batch_size,
-        seed=run.seed,
-        skew=c.skew,
-        shuffle_batches=c.shuffle_batches,
-    )
+    sampler = make_batch_sampler(dataset, run.condition, run.seed)
     epochs, total = [], 0
-    while total < num_steps:
+    while total < run.num_steps:
         epochs.append(sampler.epoch(len(epochs)))
         total += len(epochs[-1])
-    return np.concatenate(epochs)[:num_steps].astype(np.int32)
+    return np.concatenate(epochs)[: run.num_steps].astype(np.int32)
 
 
 class _Compiled(NamedTuple):
-    """What runs with the same norm, ghost size, steps and learning rate share."""
+    """What runs with the same network and optimizer share."""
 
     model: Any  # training model (ghost batches, if any)
     eval_model: Any  # the same network without ghost batches
-    trainer: Any  # make_trainer(model, optimizer)
+    trainer: Any  # make_trainer(model, eval_model, optimizer)
     evaluate: Any  # make_evaluator(eval_model)
-    capture: Any  # jitted: variables, images -> eval-mode conv outputs ('intermediates')
+    capture: Any  # jitted: variables, images, train -> conv outputs (norm inputs) per layer
+    batch_stat_logits: Any  # jitted: variables, (K, B, ...) -> (K, B, classes), batch stats
     optimizer: Any
 
 
-class Study:
-    """Shared data, hyperparameters and compiled functions for all runs of one study config.
+def _evaluation_functions(eval_model):
+    """(evaluate, capture, batch_stat_logits) of `_Compiled` for an evaluation network."""
 
-    `train(run)` returns a `Trained`, `measure(run, trained)` a `Measured` whose row has the
-    columns of the module docstring. Networks with the same norm share compiled functions.
+    def capture(variables, images, train):
+        _, sown = eval_model.apply(
+            variables,
+            images,
+            train=train,
+            mutable=[*STATE_COLLECTIONS, "intermediates"],
+            capture_intermediates=is_conv_call,
+        )
+        return norm_inputs(sown["intermediates"])
+
+    def batch_stat_logits(variables, batches):
+        def one(images):
+            logits, _ = eval_model.apply(
+                variables, images, train=True, mutable=list(STATE_COLLECTIONS)
+            )
+            return logits
+
+        return jax.lax.map(one, batches)
+
+    return (
+        make_evaluator(eval_model),
+        jax.jit(capture, static_argnames="train"),
+        jax.jit(batch_stat_logits),
+    )
+
+
+def _split_batches(n: int, target: int) -> tuple[int, int]:
+    """(number, size) of equal batches of about `target` covering `n` examples (the last
+    n - number * size < number examples left out)."""
+    number = max(1, math.ceil(n / target))
+    return number, n // number
+
+
+class Study:
+    """Shared data splits, hyperparameters and compiled functions for the runs of one dataset.
+
+    `train(runs)` trains runs that differ only in their seed together and returns a `Trained`
+    each; `measure(run, trained)` a `Measured` whose row has the columns of the module
+    docstring. Networks with the same settings share compiled functions.
 
     Example:
       >>> from bnjax.study.defaults import study_config
       >>> from bnjax.study.grid import Condition, normalizer
       >>> config = study_config()
-      >>> config.num_steps, config.warmup_steps = 20, 4
       >>> config.model_features, config.eval_batch_size = (8, 16), 200
+      >>> config.probe_size, config.stability_batches = 100, 4
       >>> small = data.ClusterConfig(train_per_class=40, test_per_class=20)
-      >>> study = Study(config, data.load("clusters", "train", config=small),
+      >>> full = data.load("clusters", "train", config=small)
+      >>> study = Study(config, full.subset(np.arange(300)), full.subset(np.arange(300, 400)),
       ...               data.load("clusters", "test", config=small))
-      >>> run = Run(Condition("skewed", "skewed", 16, skew=0.75), normalizer("batch"), seed=0)
-      >>> trained = study.train(run)
-      >>> trained.trace.loss.shape
-      (20,)
-      >>> row = study.measure(run, trained).row
-      >>> 0 <= row["accuracy_eval"] <= 1, row["running_bias"] >= 0, "stability_mean_l1" in row
-      (True, True, True)
+      >>> skewed = Condition("skewed", "skewed", 16, skew=0.75)
+      >>> runs = [Run("clusters", "table", skewed, normalizer("batch"), s, 20, 0.05, 0.9)
+      ...         for s in (0, 1)]
+      >>> trained = study.train(runs)
+      >>> len(trained), trained[1].trace.loss.shape
+      (2, (20,))
+      >>> row = study.measure(runs[1], trained[1]).row
+      >>> 0 <= row["accuracy_eval"] <= 1, row["running_bias"] >= 0, row["seed"]
+      (True, True, 1)
     """
 
-    def __init__(self, config, train: data.Dataset, test: data.Dataset):
+    def __init__(self, config, train: data.Dataset, validation: data.Dataset, test: data.Dataset):
         self.config = config
-        self.train_set, self.test_set = train, test
+        self.train_set, self.validation_set, self.test_set = train, validation, test
         self._images = jax.device_put(train.images)
         self._labels = jax.device_put(train.labels)
+        size = min(config.probe_size, len(validation))
+        self._probe = (jax.device_put(validation.images[:size]), validation.labels[:size])
         self._compiled: dict = {}
+        self._evaluation: dict = {}
 
     def _models(self, run: Run) -> _Compiled:
-        """The run's models and jitted functions, built once per norm, ghost size, steps and
-        learning rate and reused (so each compiles once per shape)."""
+        """The run's models and jitted functions. Training functions are built per settings
+        (rate, steps and momentum are compiled in); the evaluation functions once per norm,
+        since evaluation does not depend on those (compiling them per run cost more than
+        measuring)."""
         settings = run_settings(self.config, run)
-        key = (settings.norm, settings.ghost_batch_size, settings.num_steps, settings.learning_rate)
-        if key not in self._compiled:
+        if settings not in self._compiled:
             num_classes = self.train_set.num_classes
             model = study_model(self.config, settings, num_classes, for_training=True)
             eval_model = study_model(self.config, settings, num_classes, for_training=False)
             optimizer = study_optimizer(self.config, settings)
-
-            def capture(variables, images):
-                _, sown = eval_model.apply(
-                    variables,
-                    images,
-                    train=False,
-                    mutable=["intermediates"],
-                    capture_intermediates=is_conv_call,
-                )
-                return sown
-
-            self._compiled[key] = _Compiled(
+            shared = self._evaluation.setdefault(settings.norm, _evaluation_functions(eval_model))
+            self._compiled[settings] = _Compiled(
                 model,
                 eval_model,
-                make_trainer(model, optimizer),
-                make_evaluator(eval_model),
-                jax.jit(capture),
+                make_trainer(model, eval_model, optimizer),
+                *shared,
                 optimizer,
             )
-        return self._compiled[key]
+        return self._compiled[settings]
 
-    def train(self, run: Run) -> Trained:
-        """Trains `run` from its seed; returns the final variables and the per-step trace."""
-        compiled = self._models(run)
+    def train(self, runs: list[Run]) -> list[Trained]:
+        """Trains `runs` (equal `group_key`, different seeds) together; one `Trained` each."""
+        if len({r.group_key for r in runs}) != 1:
+            raise ValueError("Study.train: the runs must differ only in their seed.")
+        compiled = self._models(runs[0])
         start = time.perf_counter()
-        state = initial_state(
-            compiled.eval_model, compiled.optimizer, self.train_set.images[:2], run.seed
+        sample = self.train_set.images[:2]
+        states = stack_states(
+            [initial_state(compiled.eval_model, compiled.optimizer, sample, r.seed) for r in runs]
         )
-        rows = batch_rows(self.train_set, run, run_steps(self.config, run))
-        state, record = compiled.trainer(state, self._images, self._labels, rows)
-        trace = to_trace(record)
-        variables = {k: v for k, v in state.items() if k not in ("step", "opt_state")}
-        return Trained(jax.device_get(variables), trace, time.perf_counter() - start)
+        rows = np.stack([batch_rows(self.train_set, r) for r in runs])
+        probe_after = probe_schedule(runs[0].num_steps, self.config.probe_points)
+        states, record, curve = compiled.trainer(
+            states, self._images, self._labels, rows, self._probe, probe_after
+        )
+        variables = jax.device_get(
+            {k: v for k, v in states.items() if k not in ("step", "opt_state")}
+        )
+        seconds = (time.perf_counter() - start) / len(runs)
+        return [
+            Trained(
+                jax.tree.map(lambda a, i=i: a[i], variables),
+                to_trace(record, curve, i, probe_after),
+                seconds,
+            )
+            for i in range(len(runs))
+        ]
 
     # ------------------------------------------------------------------ measurement
 
     def _uniform_batches(self, batch_size: int, seed: int):
-        # One shuffled epoch; the last len % batch_size examples are left out (none by default).
+        # One shuffled epoch; the last len % batch_size examples are left out.
         sampler = data.make_sampler("uniform", len(self.train_set), batch_size, seed=seed)
         return [self.train_set.images[r] for r in sampler.epoch(0)]
 
     def _population(self, run: Run, variables) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per layer, the exact population (mean, var) of the norm's input (module docstring)."""
+        """Per layer, the population (mean, var) of the norm's input (module docstring)."""
         compiled = self._models(run)
-        batches = self._uniform_batches(self.config.eval_batch_size, seed=10_000 + run.seed)
-        if run.normalizer.has_running_stats:
-            full = lifecycle.recalibrate(
-                compiled.eval_model,
-                variables,
-                batches,
-                mode="full_batch",
-                apply_kwargs={"train": False},
-            )
-            return _layer_stats(full["batch_stats"])
-        chunks = [norm_inputs(compiled.capture(variables, b)["intermediates"]) for b in batches]
-        return [metrics.population_stats(c[i] for c in chunks) for i in range(len(chunks[0]))]
+        n = min(len(self.train_set), self.config.population_examples)
+        number, _ = _split_batches(n, self.config.population_batch_size)
+        in_training = run.normalizer.norm in ("batch", "batch_renorm")
+        # The first n examples (the split is in random order), in `number` batches whose sizes
+        # differ by at most one.
+        parts = np.array_split(np.arange(n), number)
+        chunks = [
+            compiled.capture(variables, self._images[p[0] : p[-1] + 1], in_training) for p in parts
+        ]
+        return [
+            metrics.population_stats(np.asarray(c[i]) for c in chunks)
+            for i in range(len(chunks[0]))
+        ]
+
+    def _stability(self, run: Run, variables, population) -> dict[str, float]:
+        """stability_iid_* and stability_excess_* columns (module docstring)."""
+        compiled = self._models(run)
+        k = self.config.stability_batches
+        rng = np.random.default_rng(30_000 + run.seed)
+        values = {}
+        for kind, condition in (("iid", run.condition.iid), ("cond", run.condition)):
+            epoch = make_batch_sampler(self.train_set, condition, 30_000 + run.seed).epoch(0)
+            chosen = epoch[rng.choice(len(epoch), size=min(k, len(epoch)), replace=False)]
+            per_layer = [compiled.capture(variables, self._images[rows], True) for rows in chosen]
+            for i, (_, var) in enumerate(population):
+                x = [np.asarray(layers[i], np.float64) for layers in per_layer]
+                v = metrics.batch_stat_variability(
+                    np.stack([a.mean(axis=(0, 1, 2)) for a in x]),
+                    np.stack([a.var(axis=(0, 1, 2)) for a in x]),
+                    population_var=var,
+                )
+                values[(kind, "mean", i)] = v["mean_variability"]
+                values[(kind, "var", i)] = v["var_variability"]
+        row = {}
+        for i in range(len(population)):
+            for stat in ("mean", "var"):
+                iid = values[("iid", stat, i)]
+                row[f"stability_iid_{stat}_l{i}"] = iid
+                row[f"stability_excess_{stat}_l{i}"] = values[("cond", stat, i)] - iid
+        return row
 
     def recalibrated(self, run: Run, variables) -> dict:
         """Variables with precise running statistics: `recalibrate(mode="train")` over one
         uniformly shuffled epoch of batches of `recalibration_batch_size` (fvcore's PreciseBN)."""
-        batches = self._uniform_batches(self.config.recalibration_batch_size, 20_000 + run.seed)
+        size = min(self.config.recalibration_batch_size, len(self.train_set))
+        batches = self._uniform_batches(size, 20_000 + run.seed)
         return lifecycle.recalibrate(
             self._models(run).eval_model, variables, batches, apply_kwargs={"train": False}
         )
 
     def _evaluate(self, run: Run, variables):
-        evaluate = self._models(run).evaluate
-        size = min(self.config.eval_batch_size, len(self.test_set))
-        usable = len(self.test_set) // size * size
+        """(running logits, batch-statistics logits, features, labels) on the test split, and
+        the accuracy with batch statistics at the run's batch size."""
+        compiled = self._models(run)
+        number, size = _split_batches(len(self.test_set), self.config.eval_batch_size)
         out = [
-            evaluate(variables, self.test_set.images[i : i + size]) for i in range(0, usable, size)
+            compiled.evaluate(variables, self.test_set.images[i * size : (i + 1) * size])
+            for i in range(number)
         ]
         running, batch, features = (np.concatenate(parts) for parts in zip(*out, strict=True))
-        return running, batch, features, self.test_set.labels[:usable]
+        labels = self.test_set.labels[: number * size]
+        b = run.condition.batch_size
+        order = np.random.default_rng(40_000 + run.seed).permutation(len(self.test_set))
+        order = order[: len(order) // b * b]
+        logits = compiled.batch_stat_logits(
+            variables, self.test_set.images[order].reshape(-1, b, *self.test_set.image_shape)
+        )
+        at_b = evaluation.accuracy(
+            np.asarray(logits).reshape(len(order), -1).argmax(-1), self.test_set.labels[order]
+        )
+        return running, batch, features, labels, at_b
+
+    def validation_accuracy(self, run: Run, variables) -> float:
+        """Evaluation-mode accuracy on the whole validation split."""
+        evaluate = self._models(run).evaluate
+        number, size = _split_batches(len(self.validation_set), self.config.eval_batch_size)
+        logits = np.concatenate(
+            [
+                evaluate(variables, self.validation_set.images[i * size : (i + 1) * size])[0]
+                for i in range(number)
+            ]
+        )
+        return evaluation.accuracy(logits.argmax(-1), self.validation_set.labels[: number * size])
 
     def measure(self, run: Run, trained: Trained) -> Measured:
         """The run's results row (module docstring) and the arrays the plots need."""
@@ -367,10 +486,10 @@ class Study:
         variables = trained.variables
         if run.normalizer.recalibrate:
             variables = self.recalibrated(run, variables)
-        population = self._population(run, variables)
         c, n = run.condition, run.normalizer
         row: dict[str, Any] = {
-            "study": run.study,
+            "dataset": run.dataset,
+            "family": run.family,
             "condition": c.name,
             "normalizer": n.name,
             "seed": run.seed,
@@ -378,39 +497,68 @@ class Study:
             "sampler": c.sampler,
             "groups": c.groups,
             "skew": c.skew,
+            "shuffle_batches": int(c.shuffle_batches),
+            "learning_rate": run.learning_rate,
+            "bn_momentum": run.bn_momentum,
+            "num_steps": run.num_steps,
+            "examples": run.examples,
         }
-        window = max(2, round(config.stability_window * len(trace.loss)))
-        for i, (_, var) in enumerate(population):
-            v = metrics.batch_stat_variability(
-                trace.batch_means[i][-window:], trace.batch_vars[i][-window:], population_var=var
-            )
-            row[f"stability_mean_l{i}"] = v["mean_variability"]
-            row[f"stability_var_l{i}"] = v["var_variability"]
-        row["final_loss"] = metrics.final_loss(trace.loss, k=10)
-        row["loss_oscillation"] = metrics.loss_oscillation(trace.loss, per_step=True, excess=True)
-        row["steps_to_target"] = metrics.steps_to_target(
-            trace.loss, config.loss_target, window=10, steps=np.arange(1, len(trace.loss) + 1)
-        )
-        row["gradient_noise"] = _nanmean(trace.grad_pair[1:, 0])
-        row["update_noise"] = _nanmean(trace.update_pair[1:, 0])
+        row.update(probe_columns(trace, c.batch_size, config.probe_target))
+        row["validation_accuracy"] = self.validation_accuracy(run, variables)
+        population = self._population(run, variables)
+        row.update(self._stability(run, variables, population))
         running = None
-        row.update({f"running_bias_l{i}": None for i in range(len(population))}, running_bias=None)
+        row["running_bias"] = None
+        for i in range(len(population)):
+            row[f"running_mean_bias_l{i}"] = row[f"running_var_bias_l{i}"] = None
         if n.has_running_stats:
             running = _layer_stats(variables["batch_stats"])
-            biases = [
-                metrics.running_stat_bias(rm, rv, pm, pv)["bias"]
-                for (rm, rv), (pm, pv) in zip(running, population, strict=True)
-            ]
-            row.update({f"running_bias_l{i}": b for i, b in enumerate(biases)})
+            biases = []
+            for i, ((rm, rv), (pm, pv)) in enumerate(zip(running, population, strict=True)):
+                b = metrics.running_stat_bias(rm, rv, pm, pv)
+                row[f"running_mean_bias_l{i}"] = b["mean_bias"]
+                row[f"running_var_bias_l{i}"] = b["scale_bias"]
+                biases.append(b["bias"])
             row["running_bias"] = float(np.mean(biases))
-        logits_running, logits_batch, features, labels = self._evaluate(run, variables)
+        logits_running, logits_batch, features, labels, at_b = self._evaluate(run, variables)
         row.update(evaluation.accuracy_gap(logits_running, logits_batch, labels))
         row["accuracy_gap"] = row.pop("gap")
-        row["train_accuracy"] = float(np.mean(trace.accuracy[-10:]))
+        row["accuracy_batch_stats_train_b"] = at_b
         row["silhouette"] = evaluation.silhouette(features, labels, seed=run.seed)
         row["intra_inter"] = evaluation.intra_inter_ratio(features, labels)["ratio"]
+        row["train_loss"] = metrics.final_loss(trace.loss, k=10)
+        row["gradient_noise"] = _nanmean(trace.grad_pair[1:, 0])
+        row["update_noise"] = _nanmean(trace.update_pair[1:, 0])
         row["train_seconds"] = trained.seconds
         return Measured(row, population, running, features, labels)
+
+
+def probe_columns(trace: Trace, batch_size: int, target: float) -> dict[str, float | None]:
+    """The probe-curve columns of the module docstring from a `Trace`.
+
+    Example:
+      >>> t = Trace(np.zeros(6), np.zeros(6), (), (), np.zeros((6, 2)), np.zeros((6, 2)),
+      ...           np.array([0, 2, 4, 6]), np.array([2.0, 1.0, 1.5, 0.5]),
+      ...           np.array([0.1, 0.9, 0.7, 0.9]))
+      >>> c = probe_columns(t, batch_size=8, target=0.8)  # first >= 0.8 after 2 steps of 8
+      >>> c["examples_to_target"], c["probe_loss_auc"], c["probe_oscillation"], c["diverged"]
+      (16, 1.0, 0.5, 0)
+    """
+    loss, accuracy = trace.probe_loss, trace.probe_accuracy
+    reached = np.flatnonzero(accuracy >= target)
+    final = float(loss[-1])
+    return {
+        "probe_loss_final": final,
+        "probe_accuracy_final": float(accuracy[-1]),
+        "probe_loss_auc": float(np.mean(loss[1:])),
+        "probe_oscillation": metrics.loss_oscillation(loss[1:], per_step=True, excess=True)
+        if len(loss) > 2
+        else 0.0,
+        "examples_to_target": int(trace.probe_steps[reached[0]]) * batch_size
+        if reached.size
+        else None,
+        "diverged": int(not math.isfinite(final) or final > float(loss[0])),
+    }
 
 
 def _nanmean(x: np.ndarray) -> float:

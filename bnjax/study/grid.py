@@ -1,43 +1,61 @@
-"""What the batch-composition study runs: conditions, normalizers and the grid of runs.
+"""What the batch-composition study runs: conditions, normalizers, families and the grid of runs.
 
-A run is one (condition, normalizer, seed) triple, trained with the study's shared
-hyperparameters. The paper's five training conditions are batch compositions:
+A run is one (dataset, family, condition, normalizer, seed) with its learning rate, BN momentum
+and number of steps. Every run of a dataset sees the same number of training examples (the
+`example_budget`), so a run at batch size B trains `budget // B` steps. The paper's training
+conditions are batch compositions:
 
-    name                   paper's row                                       sampler
-    uniform                Uniformly shuffled mini-batches                  uniform, B
-    clustered              Clustered similar samples in batches             clustered by sub-cluster
-    skewed                 Synthetic class-skewed mini-batches              skewed by class
-    small_batch            Small batch size with distribution consistency   uniform, small B
-    large_inconsistent     Large batch size with distribution inconsistency skewed, large B
+    name                 paper's row                                        sampler, B
+    uniform              Uniformly shuffled mini-batches                   uniform, 32
+    clustered_stream     Clustered similar samples in batches (the paper's  one sub-cluster per
+                         consecutive stream)                               batch, in order, 32
+    clustered_shuffled   the same batches in random order                  idem, shuffled, 32
+    skewed               Synthetic class-skewed mini-batches               80% one class, 32
+    small_batch          Small batch size with distribution consistency    uniform, 4
+    large_inconsistent   Large batch size with distribution inconsistency  80% one class, 128
 
-and the normalizers compared on each ('batch' is the paper's subject, the rest are fixes):
+and the normalizers ('batch' is the paper's subject, 'none' the control, the rest are fixes):
 
-    batch                  batch norm
-    batch_renorm           batch renormalization (Ioffe 2017), bounds warmed up over the run
-    group, layer           statistics per example: independent of batch composition
-    ghost_batch            batch norm over groups of `ghost_batch_size` examples
-    batch+recalibration    the `batch` run, its running statistics then replaced by precise
-                           population statistics (`bnjax.lifecycle.recalibrate`)
+    none                 no normalization (the convolutions carry a bias)
+    batch                batch norm
+    batch_renorm         batch renormalization (Ioffe 2017), bounds warmed up over the run
+    group, layer         statistics per example: independent of batch composition
+    ghost_batch          batch norm over groups of `ghost_batch_size` examples
+    batch+recalibration  the `batch` run, its running statistics then replaced by precise
+                         population statistics (`bnjax.lifecycle.recalibrate`)
 
-`batch+recalibration` trains nothing of its own: it shares the training run (and so every
-training-time column) of `batch`, and differs in the evaluation-time columns.
+The families of runs:
+
+    lr        the learning-rate sweep: uniform batches of the reference size, every candidate
+              learning rate; each normalizer's rate is the one with the best validation accuracy
+    table     conditions x normalizers at the chosen rates (times B / reference B: linear
+              scaling, Goyal et al. 2017)
+    dose      skew levels x batch sizes x a few normalizers (the dose-response)
+    momentum  some of the table's conditions with batch norm at another BN momentum
+    length    shorter training (fractions of the budget) for a few conditions and normalizers
+
+Runs with the same `training_key` train once ('batch' and 'batch+recalibration'; a dose cell
+that is also a table cell); runs with the same `group_key` differ only in the seed and train
+together (vmapped over seeds).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from bnjax.data import GROUPINGS, SAMPLERS
 
-# The paper's row labels, in its order.
+# The paper's row labels, in its order (both clustered variants are its second row).
 PAPER_LABELS = {
     "uniform": "Uniformly shuffled mini-batches",
-    "clustered": "Clustered similar samples in batches",
+    "clustered_stream": "Clustered similar samples in batches (consecutive stream)",
+    "clustered_shuffled": "Clustered similar samples in batches (batches shuffled)",
     "skewed": "Synthetic class-skewed mini-batches",
     "small_batch": "Small batch size with distribution consistency",
     "large_inconsistent": "Large batch size with distribution inconsistency",
 }
+FAMILIES = ("lr", "table", "dose", "momentum", "length")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +106,16 @@ class Condition:
         if not self.label:
             object.__setattr__(self, "label", PAPER_LABELS.get(self.name, self.name))
 
+    @property
+    def iid(self) -> Condition:
+        """The i.i.d. baseline at the same batch size: uniform batches of B.
+
+        Example:
+          >>> Condition("s", "skewed", 64, skew=0.9).iid.sampler
+          'uniform'
+        """
+        return Condition(f"{self.name}_iid", "uniform", self.batch_size)
+
 
 @dataclasses.dataclass(frozen=True)
 class Normalizer:
@@ -95,12 +123,10 @@ class Normalizer:
 
     Attributes:
       name: one of NORMALIZERS.
-      norm: the model's `norm` ('batch', 'batch_renorm', 'group', 'layer').
+      norm: the model's `norm` ('none', 'batch', 'batch_renorm', 'group', 'layer').
       ghost_batch_size: batch norm statistics over groups of this many examples (None: whole
         batch); capped at the run's batch size.
       recalibrate: replace the running statistics by precise ones after training.
-      trains_as: the normalizer whose training run this one shares (itself unless recalibrate).
-      has_running_stats: whether `norm` keeps running statistics (batch, batch_renorm).
 
     Example:
       >>> n = Normalizer("batch+recalibration", "batch", recalibrate=True)
@@ -115,16 +141,19 @@ class Normalizer:
 
     @property
     def trains_as(self) -> str:
+        """The normalizer whose training run this one shares (itself unless recalibrate)."""
         return "batch" if self.recalibrate else self.name
 
     @property
     def has_running_stats(self) -> bool:
+        """Whether `norm` keeps running statistics (batch, batch_renorm)."""
         return self.norm in ("batch", "batch_renorm")
 
 
-# The registry: name -> build(ghost_batch_size). Its keys are the valid normalizer names (the
-# config's `normalizers` and `sweep_normalizers`), in the table's column order.
+# The registry: name -> build(ghost_batch_size). Its keys are the valid normalizer names, in
+# the table's column order.
 NORMALIZERS = {
+    "none": lambda ghost_batch_size: Normalizer("none", "none"),
     "batch": lambda ghost_batch_size: Normalizer("batch", "batch"),
     "batch_renorm": lambda ghost_batch_size: Normalizer("batch_renorm", "batch_renorm"),
     "group": lambda ghost_batch_size: Normalizer("group", "group"),
@@ -181,27 +210,34 @@ def conditions_from_config(conditions: Mapping, names: Iterable[str]) -> list[Co
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One training run of the grid: a condition, a normalizer and a seed.
+    """One training run: a dataset, a family, a condition, a normalizer and a seed.
 
-    `study` is 'table' for the main grid and 'sweep' for the batch-size sweep (a uniform
-    condition per batch size). `num_steps` (None: the config's) and `lr_scale` (the learning
-    rate's factor) let the sweep give every batch size the same budget of examples.
+    `num_steps` is the example budget over the batch size; `learning_rate` the chosen rate
+    (already scaled to the batch size); `bn_momentum` the decay of the running averages.
 
     Example:
       >>> uniform = Condition("uniform", "uniform", 32)
-      >>> batch = Run(uniform, normalizer("batch"), seed=0)
-      >>> Run(uniform, normalizer("batch+recalibration"), seed=0).training_key == batch.training_key
+      >>> batch = Run("clusters", "table", uniform, normalizer("batch"), 0, 300, 0.05, 0.9)
+      >>> recal = dataclasses.replace(batch, normalizer=normalizer("batch+recalibration"))
+      >>> recal.training_key == batch.training_key, batch.examples
+      (True, 9600)
+      >>> dataclasses.replace(batch, seed=1).group_key == batch.group_key
       True
-      >>> Run(uniform, normalizer("batch"), seed=1).training_key == batch.training_key
-      False
     """
 
+    dataset: str
+    family: str
     condition: Condition
     normalizer: Normalizer
     seed: int
-    study: str = "table"
-    num_steps: int | None = None
-    lr_scale: float = 1.0
+    num_steps: int
+    learning_rate: float
+    bn_momentum: float
+
+    @property
+    def examples(self) -> int:
+        """Training examples the run sees: steps x batch size."""
+        return self.num_steps * self.condition.batch_size
 
     @property
     def ghost_batch_size(self) -> int | None:
@@ -211,10 +247,14 @@ class Run:
         return None if ghost is None else min(ghost, self.condition.batch_size)
 
     @property
-    def training_key(self) -> tuple:
-        """Runs with equal keys share one training run (same batches, model and seed)."""
+    def group_key(self) -> tuple:
+        """Runs with equal keys train the same network on differently seeded batches: they
+        train together, vmapped over seeds. The family is not part of it (runs shared across
+        families train once); the momentum only where the norm keeps running statistics."""
         c = self.condition
+        momentum = self.bn_momentum if self.normalizer.has_running_stats else None
         return (
+            self.dataset,
             c.sampler,
             c.batch_size,
             c.groups,
@@ -223,60 +263,134 @@ class Run:
             self.normalizer.norm,
             self.ghost_batch_size,
             self.num_steps,
-            self.lr_scale,
-            self.seed,
+            round(self.learning_rate, 12),
+            momentum,
         )
+
+    @property
+    def training_key(self) -> tuple:
+        """Runs with equal keys share one training run (same batches, model and seed)."""
+        return (*self.group_key, self.seed)
+
+
+def scaled_learning_rate(rate: float, batch_size: int, reference_batch_size: int) -> float:
+    """`rate` (chosen at the reference batch size) times B / reference (linear scaling).
+
+    Example:
+      >>> scaled_learning_rate(0.1, 128, 32), scaled_learning_rate(0.1, 4, 32)
+      (0.4, 0.0125)
+    """
+    return rate * batch_size / reference_batch_size
+
+
+def lr_sweep_runs(
+    dataset: str,
+    normalizer_names: Sequence[str],
+    candidates: Sequence[float],
+    seeds: Iterable[int],
+    *,
+    batch_size: int,
+    example_budget: int,
+    bn_momentum: float,
+    ghost_batch_size: int = 8,
+) -> list[Run]:
+    """The learning-rate sweep: uniform batches of `batch_size`, every candidate rate, for each
+    normalizer that trains (`batch+recalibration` shares `batch`'s rate).
+
+    Example:
+      >>> runs = lr_sweep_runs("digits", ["batch", "batch+recalibration", "group"], [0.05, 0.1],
+      ...                      [0, 1], batch_size=32, example_budget=3200, bn_momentum=0.9)
+      >>> len(runs), {r.num_steps for r in runs}, sorted({r.normalizer.name for r in runs})
+      (8, {100}, ['batch', 'group'])
+    """
+    uniform = Condition("uniform", "uniform", batch_size)
+    names = [n for n in normalizer_names if not normalizer(n).recalibrate]
+    return [
+        Run(
+            dataset,
+            "lr",
+            uniform,
+            normalizer(name, ghost_batch_size),
+            int(seed),
+            example_budget // batch_size,
+            float(rate),
+            bn_momentum,
+        )
+        for name in names
+        for rate in candidates
+        for seed in seeds
+    ]
 
 
 def make_grid(
-    conditions: Iterable[Condition],
-    normalizer_names: Iterable[str],
-    seeds: Iterable[int],
-    *,
-    sweep_batch_sizes: Iterable[int] = (),
-    sweep_normalizers: Iterable[str] = (),
-    ghost_batch_size: int = 8,
-    num_steps: int | None = None,
-    sweep_examples: int | None = None,
-    sweep_reference_batch_size: int | None = None,
+    dataset: str,
+    config,
+    rates: Mapping[str, float],
+    conditions: Sequence[Condition],
 ) -> list[Run]:
-    """Every run of the study: conditions x normalizers x seeds, then the batch-size sweep.
+    """Every run after the learning-rate sweep, for one dataset: table, dose, momentum, length.
 
-    Main-grid runs train `num_steps` steps (None: the config's). A sweep run of batch size B
-    trains `sweep_examples // B` steps (the same examples for every B, as in the Group Norm
-    paper's fixed epochs; None: `num_steps`) at the learning rate times
-    B / `sweep_reference_batch_size` (linear scaling, Goyal et al. 2017; None: unscaled).
+    `rates[normalizer]` is the rate chosen at `config.reference_batch_size`
+    (`batch+recalibration` uses `batch`'s); each run's rate is scaled to its batch size.
 
     Example:
-      >>> grid = make_grid([Condition("uniform", "uniform", 32)], ["batch", "group"], [0, 1],
-      ...                  sweep_batch_sizes=[4, 32], sweep_normalizers=["batch"])
-      >>> [(r.study, r.condition.batch_size, r.normalizer.name, r.seed) for r in grid][-2:]
-      [('sweep', 32, 'batch', 0), ('sweep', 32, 'batch', 1)]
-      >>> len(grid)
-      8
-      >>> sweep = make_grid([], [], [0], sweep_batch_sizes=[2, 32, 128],
-      ...                   sweep_normalizers=["group"], num_steps=300, sweep_examples=9600,
-      ...                   sweep_reference_batch_size=32)
-      >>> [(r.num_steps, r.lr_scale) for r in sweep]
-      [(4800, 0.0625), (300, 1.0), (75, 4.0)]
+      >>> from bnjax.study.defaults import study_config
+      >>> config = study_config()
+      >>> conditions = conditions_from_config(config.conditions, config.run_conditions)
+      >>> rates = {name: 0.05 for name in NORMALIZERS}
+      >>> runs = make_grid("clusters", config, rates, conditions)
+      >>> sorted({r.family for r in runs})
+      ['dose', 'length', 'momentum', 'table']
+      >>> {r.examples for r in runs if r.family != "length"} == {config.example_budget}
+      True
     """
-    conditions, seeds = list(conditions), [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("seeds: the study needs at least one seed.")
-    norms = [normalizer(n, ghost_batch_size) for n in normalizer_names]
-    runs = [Run(c, n, s, num_steps=num_steps) for c in conditions for n in norms for s in seeds]
-    for batch_size in sweep_batch_sizes:
-        batch_size = int(batch_size)
-        condition = Condition(
-            f"uniform_b{batch_size}", "uniform", batch_size, label=f"uniform, batch {batch_size}"
+    seeds = range(config.num_seeds)
+    ghost = config.ghost_batch_size
+    budget = config.example_budget
+
+    def run(family, condition, name, seed, *, momentum=None, budget=budget):
+        n = normalizer(name, ghost)
+        rate = rates[n.trains_as]
+        return Run(
+            dataset,
+            family,
+            condition,
+            n,
+            int(seed),
+            budget // condition.batch_size,
+            scaled_learning_rate(rate, condition.batch_size, config.reference_batch_size),
+            config.bn_momentum if momentum is None else momentum,
         )
-        steps = num_steps if sweep_examples is None else sweep_examples // batch_size
-        scale = 1.0
-        if sweep_reference_batch_size is not None:
-            scale = batch_size / sweep_reference_batch_size
-        for name in sweep_normalizers:
-            n = normalizer(name, ghost_batch_size)
-            runs += [
-                Run(condition, n, s, study="sweep", num_steps=steps, lr_scale=scale) for s in seeds
-            ]
+
+    runs = [run("table", c, n, s) for c in conditions for n in config.normalizers for s in seeds]
+    for batch_size in config.dose_batch_sizes:
+        for skew in config.dose_skews:
+            # Skew 0 is i.i.d. batches: the uniform sampler, not a skewed one with no skew.
+            c = (
+                Condition(f"b{batch_size}_s0", "uniform", int(batch_size), label="skew 0")
+                if skew == 0
+                else Condition(
+                    f"b{batch_size}_s{skew:g}",
+                    "skewed",
+                    int(batch_size),
+                    skew=float(skew),
+                    label=f"skew {skew:g}",
+                )
+            )
+            runs += [run("dose", c, n, s) for n in config.dose_normalizers for s in seeds]
+    by_name = {c.name: c for c in conditions}
+    for momentum in config.other_bn_momenta:
+        runs += [
+            run("momentum", by_name[c], n, s, momentum=momentum)
+            for c in config.momentum_conditions
+            for n in ("batch", "batch+recalibration")
+            for s in seeds
+        ]
+    for fraction in config.length_fractions:
+        runs += [
+            run("length", by_name[c], n, s, budget=round(budget * fraction))
+            for c in config.length_conditions
+            for n in config.length_normalizers
+            for s in seeds
+        ]
     return runs

@@ -1,16 +1,24 @@
 """The study's figures, drawn with matplotlib's Agg backend (no display needed).
 
-    headline.png                held-out accuracy (eval mode), condition x normalizer, ± std
-    loss_curves.png             training loss per condition, a line per normalizer (seed mean)
-    batch_statistics.png        batch norm's per-step batch mean of each layer's input,
-                                channel 0, in population standard deviations, per condition
-    running_vs_population.png   deepest layer: running mean against the population mean per
-                                channel, batch norm before and after recalibration
-    accuracy_vs_batch_size.png  the sweep: accuracy against batch size per normalizer, ± std
-    features_pca.png            2-D PCA of held-out penultimate features, batch norm, by class
+    headline.png            test accuracy (evaluation mode), condition x normalizer, a panel
+                            per dataset; bars = mean over seeds, error bars = 95% bootstrap
+                            interval; dotted line = chance
+    dose_response.png       test accuracy against skew, a panel per (dataset, B), a line per
+                            normalizer, 95% interval bars
+    probe_curves.png        held-out probe loss against training examples, batch norm, a line
+                            per condition (mean over seeds, shaded 95% interval), per dataset
+    running_bias.png        batch norm's running-statistics bias by layer: mean part and
+                            variance part, a line per condition, 95% interval bars
+    stability_by_layer.png  stability excess of the batch means by layer, a line per condition,
+                            a panel per (dataset, normalizer)
+    batch_statistics.png    batch norm's per-step batch mean of channel 0 at layer 0 and the
+                            deepest layer, in population std from the population mean
+    features_pca.png        2-D PCA of the test set's penultimate features (batch norm, seed 0),
+                            coloured by class
 
-Each function takes what `bnjax.study.runner.Artifacts` and the results rows hold and writes
-one PNG; none of them computes a metric.
+Every axis is labelled with its quantity and unit and every panel says which normalizer and
+layer it shows. Each function takes results rows or saved artifacts and writes one PNG; none
+computes a metric (intervals: `bnjax.study.significance.bootstrap_ci`).
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ matplotlib.use("Agg")  # files only; must precede pyplot
 import matplotlib.pyplot as plt
 import numpy as np
 
-from bnjax.study.evaluation import mean_std
+from bnjax.study.significance import bootstrap_ci
+
+_RESAMPLES = 2000  # intervals for drawing; table.md's use the config's resamples
 
 
 def _save(fig, path: str) -> str:
@@ -33,8 +43,8 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def _grid(count: int, width: float = 3.6, height: float = 3.0):
-    cols = min(count, 3)
+def _grid(count: int, width: float = 3.6, height: float = 3.0, cols: int = 3):
+    cols = max(1, min(count, cols))
     rows = -(-count // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
     for ax in axes.flat[count:]:
@@ -42,221 +52,309 @@ def _grid(count: int, width: float = 3.6, height: float = 3.0):
     return fig, list(axes.flat[:count])
 
 
-def headline(
-    rows: Sequence[Mapping], labels: Mapping[str, str], path: str, chance: float | None = None
-) -> str:
-    """Grouped bars: mean held-out accuracy in evaluation mode, std as error bars, and a
-    dotted line at `chance` (1 / classes) when given.
+def _ordered(rows, key):
+    return list(dict.fromkeys(r[key] for r in rows))
 
-    `rows` are results rows (study, condition, normalizer, accuracy_eval); only the main grid's
-    (study 'table') are drawn, a group of bars per condition, a bar per normalizer.
+
+def _interval(values) -> tuple[float, float, float]:
+    """(mean, lower error, upper error) for matplotlib's yerr (0 errors when undefined)."""
+    ci = bootstrap_ci(values, resamples=_RESAMPLES)
+    if ci.n == 0:
+        return np.nan, 0.0, 0.0
+    return ci.mean, ci.mean - ci.low, ci.high - ci.mean
+
+
+def headline(
+    rows: Sequence[Mapping],
+    labels: Mapping[str, str],
+    path: str,
+    chance: Mapping[str, float] | None = None,
+) -> str:
+    """Grouped bars per dataset: mean test accuracy in evaluation mode (family 'table'), a
+    group per condition, a bar per normalizer, 95% bootstrap intervals, chance dotted.
 
     Example:
       >>> import os, tempfile
-      >>> rows = [{"study": "table", "condition": c, "normalizer": n, "accuracy_eval": a}
-      ...         for c, n, a in [("uniform", "batch", 0.9), ("uniform", "group", 0.8),
-      ...                         ("skewed", "batch", 0.4), ("skewed", "group", 0.8)]]
+      >>> rows = [{"dataset": "d", "family": "table", "condition": c, "normalizer": n,
+      ...          "accuracy_eval": a}
+      ...         for c, n, a in [("uniform", "batch", 0.9), ("uniform", "none", 0.8),
+      ...                         ("skewed", "batch", 0.4), ("skewed", "none", 0.8)]]
       >>> with tempfile.TemporaryDirectory() as directory:
       ...     path = headline(rows, {"skewed": "class-skewed"},
-      ...                     os.path.join(directory, "headline.png"))
+      ...                     os.path.join(directory, "headline.png"), chance={"d": 0.1})
       ...     print(os.path.basename(path), os.path.getsize(path) > 0)
       headline.png True
     """
-    main = [r for r in rows if r["study"] == "table"]
-    conditions = list(dict.fromkeys(r["condition"] for r in main))
-    normalizers = list(dict.fromkeys(r["normalizer"] for r in main))
-    fig, ax = plt.subplots(figsize=(11, 4.2))
-    width = 0.8 / len(normalizers)
-    x = np.arange(len(conditions))
-    for j, n in enumerate(normalizers):
-        stats = [
-            mean_std(
-                [r["accuracy_eval"] for r in main if r["condition"] == c and r["normalizer"] == n]
+    main = [r for r in rows if r["family"] == "table"]
+    datasets = _ordered(main, "dataset")
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(12, 4.0 * len(datasets)), squeeze=False)
+    for ax, dataset in zip(axes[:, 0], datasets, strict=True):
+        mine = [r for r in main if r["dataset"] == dataset]
+        conditions, normalizers = _ordered(mine, "condition"), _ordered(mine, "normalizer")
+        width = 0.8 / len(normalizers)
+        x = np.arange(len(conditions))
+        for j, n in enumerate(normalizers):
+            stats = [
+                _interval(
+                    [
+                        r["accuracy_eval"]
+                        for r in mine
+                        if r["condition"] == c and r["normalizer"] == n
+                    ]
+                )
+                for c in conditions
+            ]
+            offset = (j - (len(normalizers) - 1) / 2) * width
+            ax.bar(
+                x + offset,
+                [s[0] for s in stats],
+                width,
+                yerr=np.array([[s[1] for s in stats], [s[2] for s in stats]]),
+                label=n,
+                capsize=2,
             )
-            for c in conditions
-        ]
-        offset = (j - (len(normalizers) - 1) / 2) * width
-        errors = [0 if np.isnan(s.std) else s.std for s in stats]
-        ax.bar(x + offset, [s.mean for s in stats], width, yerr=errors, label=n, capsize=2)
-    ax.set_xticks(
-        x,
-        [
-            labels.get(c, c).replace(" with ", "\nwith ").replace(" in ", "\nin ")
-            for c in conditions
-        ],
-        fontsize=8,
-    )
-    ax.set_ylabel("held-out accuracy, eval mode")
-    ax.set_ylim(0, 1.05)
-    if chance is not None:
-        ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance")
-    ax.legend(fontsize=8, ncol=3, loc="lower left")
-    ax.set_title("Which normalizer survives which batch composition")
+        ax.set_xticks(
+            x,
+            [
+                labels.get(c, c).replace(" with ", "\nwith ").replace(" in ", "\nin ")
+                for c in conditions
+            ],
+            fontsize=7,
+        )
+        ax.set_ylabel("test accuracy, eval mode")
+        ax.set_ylim(0, 1.05)
+        if chance and dataset in chance:
+            ax.axhline(chance[dataset], color="grey", lw=0.8, ls=":", label="chance")
+        ax.legend(fontsize=7, ncol=4, loc="lower left")
+        ax.set_title(
+            f"{dataset}: test accuracy by batch composition and normalizer "
+            "(bars: mean over seeds; error bars: 95% bootstrap interval)",
+            fontsize=9,
+        )
     return _save(fig, path)
 
 
-def _smooth(x: np.ndarray, window: int) -> np.ndarray:
-    window = max(1, min(window, len(x)))
-    return np.convolve(x, np.ones(window) / window, mode="valid")
-
-
-def loss_curves(
-    losses: Mapping[tuple[str, str], list[np.ndarray]],
-    labels: Mapping[str, str],
-    path: str,
-    window: int = 10,
-) -> str:
-    """One panel per condition, a line per normalizer: seed-mean loss, moving average.
-
-    `losses` maps (condition, normalizer) to the (T,) loss curves of its seeds; the moving
-    average over `window` steps is drawn at the window's last step (1-based).
+def dose_response(rows: Sequence[Mapping], path: str) -> str:
+    """Panels per (dataset, B): test accuracy (evaluation mode) against skew, a line per
+    normalizer (family 'dose'), 95% interval bars. Returns "" without dose rows.
 
     Example:
       >>> import os, tempfile
-      >>> losses = {("uniform", "batch"): [np.linspace(2.0, 1.0, 8), np.linspace(2.2, 0.8, 8)],
-      ...           ("uniform", "group"): [np.linspace(2.0, 1.2, 8)]}
+      >>> rows = [{"dataset": "d", "family": "dose", "normalizer": n, "batch_size": 32,
+      ...          "skew": s, "accuracy_eval": 0.9 - s * (n == "batch")}
+      ...         for n in ("batch", "none") for s in (0.0, 0.5, 0.8)]
       >>> with tempfile.TemporaryDirectory() as directory:
-      ...     path = loss_curves(losses, {}, os.path.join(directory, "loss_curves.png"), window=2)
+      ...     path = dose_response(rows, os.path.join(directory, "dose_response.png"))
       ...     print(os.path.basename(path), os.path.getsize(path) > 0)
-      loss_curves.png True
+      dose_response.png True
     """
-    conditions = list(dict.fromkeys(c for c, _ in losses))
-    fig, axes = _grid(len(conditions))
-    for ax, c in zip(axes, conditions, strict=True):
-        for (cc, n), curves in losses.items():
-            if cc == c:
-                curve = np.mean(np.stack(curves), axis=0)
-                mean = _smooth(curve, window)
-                # Each average is drawn at its window's last step (the window may have shrunk).
-                ax.plot(np.arange(len(mean)) + len(curve) - len(mean) + 1, mean, label=n, lw=1)
-        ax.set_title(labels.get(c, c), fontsize=8)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-    axes[0].legend(fontsize=7)
+    dose = [r for r in rows if r["family"] == "dose"]
+    if not dose:
+        return ""
+    panels = [
+        (d, b)
+        for d in _ordered(dose, "dataset")
+        for b in sorted({r["batch_size"] for r in dose if r["dataset"] == d})
+    ]
+    fig, axes = _grid(len(panels), width=3.8, height=3.2)
+    for ax, (d, b) in zip(axes, panels, strict=True):
+        mine = [r for r in dose if r["dataset"] == d and r["batch_size"] == b]
+        for n in _ordered(mine, "normalizer"):
+            skews = sorted({r["skew"] for r in mine if r["normalizer"] == n})
+            stats = [
+                _interval(
+                    [r["accuracy_eval"] for r in mine if r["normalizer"] == n and r["skew"] == s]
+                )
+                for s in skews
+            ]
+            ax.errorbar(
+                skews,
+                [s[0] for s in stats],
+                yerr=np.array([[s[1] for s in stats], [s[2] for s in stats]]),
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=n,
+            )
+        ax.set_title(f"{d}, B = {b}", fontsize=9)
+        ax.set_xlabel("skew (share of each batch from one class)")
+        ax.set_ylabel("test accuracy, eval mode")
+        ax.set_ylim(0, 1.02)
+    axes[0].legend(fontsize=7, title="normalizer (95% CI bars)", title_fontsize=7)
+    return _save(fig, path)
+
+
+def probe_curves(
+    curves: Mapping[tuple[str, str, str], Sequence[tuple[np.ndarray, np.ndarray]]],
+    labels: Mapping[str, str],
+    path: str,
+    normalizer: str = "batch",
+) -> str:
+    """Held-out probe loss against training examples for `normalizer`, a panel per dataset, a
+    line per condition: the mean over seeds and a shaded 95% interval.
+
+    `curves[(dataset, condition, normalizer)]` lists each seed's (examples (P,), loss (P,)).
+
+    Example:
+      >>> import os, tempfile
+      >>> steps = np.array([0, 100, 200])
+      >>> curves = {("d", "u", "batch"): [(steps, np.array([2.3, 1.0, 0.5]))] * 2}
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     path = probe_curves(curves, {}, os.path.join(directory, "probe_curves.png"))
+      ...     print(os.path.basename(path), os.path.getsize(path) > 0)
+      probe_curves.png True
+    """
+    datasets = list(dict.fromkeys(d for d, _, n in curves if n == normalizer))
+    fig, axes = _grid(max(1, len(datasets)), width=5.0, height=3.6, cols=2)
+    for ax, d in zip(axes, datasets, strict=False):
+        for c in dict.fromkeys(c for dd, c, n in curves if dd == d and n == normalizer):
+            seeds = curves[(d, c, normalizer)]
+            x = seeds[0][0]
+            losses = np.stack([loss for _, loss in seeds])
+            stats = [_interval(losses[:, i]) for i in range(losses.shape[1])]
+            mean = np.array([s[0] for s in stats])
+            ax.plot(x, mean, lw=1.0, label=labels.get(c, c))
+            ax.fill_between(
+                x, mean - [s[1] for s in stats], mean + [s[2] for s in stats], alpha=0.2
+            )
+        ax.set_title(f"{d}: {normalizer}, fixed held-out probe (eval mode)", fontsize=9)
+        ax.set_xlabel("training examples seen")
+        ax.set_ylabel("probe cross-entropy (nats)")
+        ax.legend(fontsize=6, title="condition (shade: 95% CI)", title_fontsize=6)
+    return _save(fig, path)
+
+
+def _by_layer(ax, rows, key_prefix: str, labels, conditions):
+    layers = sorted(
+        {
+            int(k[len(key_prefix) :])
+            for r in rows
+            for k in r
+            if k.startswith(key_prefix) and k[len(key_prefix) :].isdigit()
+        }
+    )
+    for c in conditions:
+        stats = [
+            _interval([r.get(f"{key_prefix}{i}") for r in rows if r["condition"] == c])
+            for i in layers
+        ]
+        ax.errorbar(
+            layers,
+            [s[0] for s in stats],
+            yerr=np.array([[s[1] for s in stats], [s[2] for s in stats]]),
+            marker="o",
+            ms=3,
+            capsize=2,
+            label=labels.get(c, c),
+        )
+    ax.set_xticks(layers)
+    ax.set_xlabel("normalized layer (depth)")
+
+
+def running_bias_by_layer(rows: Sequence[Mapping], labels: Mapping[str, str], path: str) -> str:
+    """Batch norm (family 'table'), a row of two panels per dataset: the running mean's bias
+    (population std) and the running variance's (|log std ratio|) by layer, a line per
+    condition, 95% interval bars.
+
+    Example:
+      >>> import os, tempfile
+      >>> rows = [{"dataset": "d", "family": "table", "normalizer": "batch", "condition": c,
+      ...          "running_mean_bias_l0": 0.1, "running_mean_bias_l1": 0.2 + (c == "s"),
+      ...          "running_var_bias_l0": 0.05, "running_var_bias_l1": 0.1} for c in "us"]
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     path = running_bias_by_layer(rows, {}, os.path.join(directory, "rb.png"))
+      ...     print(os.path.basename(path), os.path.getsize(path) > 0)
+      rb.png True
+    """
+    bn = [r for r in rows if r["family"] == "table" and r["normalizer"] == "batch"]
+    datasets = _ordered(bn, "dataset")
+    fig, axes = _grid(2 * len(datasets), width=4.6, height=3.4, cols=2)
+    for k, d in enumerate(datasets):
+        mine = [r for r in bn if r["dataset"] == d]
+        conditions = _ordered(mine, "condition")
+        for j, (part, unit) in enumerate(
+            (("mean", "population std"), ("var", "|log(running std / population std)|"))
+        ):
+            ax = axes[2 * k + j]
+            _by_layer(ax, mine, f"running_{part}_bias_l", labels, conditions)
+            ax.set_ylabel(f"running {part} bias ({unit})", fontsize=8)
+            ax.set_title(f"{d}: batch norm, running {part} vs population", fontsize=9)
+    axes[0].legend(fontsize=6, title="condition (95% CI bars)", title_fontsize=6)
+    return _save(fig, path)
+
+
+def stability_by_layer(rows: Sequence[Mapping], labels: Mapping[str, str], path: str) -> str:
+    """Stability excess of the batch means by layer (family 'table'), a panel per (dataset,
+    normalizer in batch / group / none), a line per condition, 95% interval bars.
+
+    Example:
+      >>> import os, tempfile
+      >>> rows = [{"dataset": "d", "family": "table", "normalizer": "batch", "condition": c,
+      ...          "stability_excess_mean_l0": 0.1 * (c == "s"), "stability_excess_mean_l1": 0.0}
+      ...         for c in "us"]
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     path = stability_by_layer(rows, {}, os.path.join(directory, "st.png"))
+      ...     print(os.path.basename(path), os.path.getsize(path) > 0)
+      st.png True
+    """
+    main = [r for r in rows if r["family"] == "table"]
+    panels = [
+        (d, n)
+        for d in _ordered(main, "dataset")
+        for n in ("batch", "group", "none")
+        if any(r["dataset"] == d and r["normalizer"] == n for r in main)
+    ]
+    fig, axes = _grid(len(panels), width=4.0, height=3.2)
+    for ax, (d, n) in zip(axes, panels, strict=True):
+        mine = [r for r in main if r["dataset"] == d and r["normalizer"] == n]
+        _by_layer(ax, mine, "stability_excess_mean_l", labels, _ordered(mine, "condition"))
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_ylabel("batch-mean variance beyond i.i.d.\n(population variances)", fontsize=7)
+        ax.set_title(f"{d}: {n}", fontsize=9)
+    axes[0].legend(fontsize=6, title="condition (95% CI bars)", title_fontsize=6)
     return _save(fig, path)
 
 
 def batch_statistics(
-    trajectories: Mapping[str, Sequence[np.ndarray]],
-    population: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]],
+    firsts: Mapping[tuple[str, str], Mapping[str, np.ndarray]],
     labels: Mapping[str, str],
     path: str,
 ) -> str:
-    """A panel per layer, a line per condition: (mu_B[t, 0] - mu_pop[0]) / sigma_pop[0].
+    """Batch norm, seed 0: (mu_B[t, 0] - mu_pop[0]) / sigma_pop[0] per training step at layer 0
+    and the deepest layer, a line per condition, a panel per (dataset, layer).
 
-    `trajectories` maps a condition to its per-layer (T, C) batch means mu_B, `population` to
-    its per-layer (mean, var) population statistics ((C,) each); sigma_pop = sqrt(var + 1e-5).
-
-    Example:
-      >>> import os, tempfile
-      >>> rng = np.random.default_rng(0)
-      >>> trajectories = {"uniform": [rng.normal(size=(6, 2)) for _ in range(2)]}  # 2 layers
-      >>> population = {"uniform": [(np.zeros(2), np.ones(2))] * 2}
-      >>> with tempfile.TemporaryDirectory() as directory:
-      ...     path = batch_statistics(trajectories, population, {},
-      ...                             os.path.join(directory, "batch_statistics.png"))
-      ...     print(os.path.basename(path), os.path.getsize(path) > 0)
-      batch_statistics.png True
-    """
-    conditions = list(trajectories)
-    layers = len(next(iter(trajectories.values())))
-    fig, axes = _grid(layers, width=4.2)
-    for i, ax in enumerate(axes):
-        for c in conditions:
-            mean, var = population[c][i]
-            z = (trajectories[c][i][:, 0] - mean[0]) / np.sqrt(var[0] + 1e-5)
-            ax.plot(np.arange(1, len(z) + 1), z, lw=0.6, label=labels.get(c, c))
-        ax.set_title(f"layer {i} input, channel 0", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("batch mean (population std)")
-    axes[0].legend(fontsize=6)
-    return _save(fig, path)
-
-
-def running_vs_population(
-    pairs: Mapping[str, Mapping[str, tuple]], labels: Mapping[str, str], path: str
-) -> str:
-    """Per condition: running mean vs population mean per channel (deepest layer), one marker
-    per normalizer (e.g. batch before and after recalibration); the diagonal is unbiased.
-
-    `pairs` maps a condition to {normalizer: ((running mean, running var), (population mean,
-    population var))}, each (C,); both axes are in population standard deviations.
+    `firsts[(dataset, condition)]` holds 'trajectory_first'/'trajectory_deep' ((T', C') batch
+    means, every 4th step) and 'population_first'/'population_deep' ((2, C') mean and var).
 
     Example:
       >>> import os, tempfile
-      >>> population = (np.zeros(3), np.ones(3))
-      >>> pairs = {"skewed": {"batch": ((np.array([0.5, -0.2, 1.0]), np.ones(3)), population),
-      ...                     "batch+recalibration": (population, population)}}
+      >>> art = {"trajectory_first": np.zeros((5, 2)), "trajectory_deep": np.ones((5, 2)),
+      ...        "population_first": np.array([[0.0, 0.0], [1.0, 1.0]]),
+      ...        "population_deep": np.array([[0.0, 0.0], [1.0, 1.0]])}
       >>> with tempfile.TemporaryDirectory() as directory:
-      ...     path = running_vs_population(
-      ...         pairs, {}, os.path.join(directory, "running_vs_population.png"))
+      ...     path = batch_statistics({("d", "u"): art}, {}, os.path.join(directory, "b.png"))
       ...     print(os.path.basename(path), os.path.getsize(path) > 0)
-      running_vs_population.png True
+      b.png True
     """
-    conditions = list(pairs)
-    fig, axes = _grid(len(conditions), width=3.4, height=3.2)
-    for ax, c in zip(axes, conditions, strict=True):
-        lo, hi = np.inf, -np.inf
-        for n, (running, population) in pairs[c].items():
-            (rm, _), (pm, pv) = running, population
-            x, y = pm / np.sqrt(pv + 1e-5), rm / np.sqrt(pv + 1e-5)
-            ax.scatter(x, y, s=8, label=n, alpha=0.7)
-            lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
-        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8)
-        ax.set_title(labels.get(c, c), fontsize=8)
-        ax.set_xlabel("population mean / pop. std")
-        ax.set_ylabel("running mean / pop. std")
-    axes[0].legend(fontsize=7)
-    return _save(fig, path)
-
-
-def accuracy_vs_batch_size(rows: Sequence[Mapping], path: str) -> str:
-    """The sweep: mean ± std accuracy against batch size (log 2 axis), eval mode solid and
-    batch statistics dashed, a colour per normalizer.
-
-    `rows` are results rows; only the sweep's (study 'sweep': normalizer, batch_size,
-    accuracy_eval, accuracy_batch_stats) are drawn.
-
-    Example:
-      >>> import os, tempfile
-      >>> rows = [{"study": "sweep", "normalizer": n, "batch_size": b, "accuracy_eval": a,
-      ...          "accuracy_batch_stats": a + 0.05}
-      ...         for n, b, a in [("batch", 2, 0.3), ("batch", 32, 0.9), ("group", 2, 0.8),
-      ...                         ("group", 32, 0.85)]]
-      >>> with tempfile.TemporaryDirectory() as directory:
-      ...     path = accuracy_vs_batch_size(
-      ...         rows, os.path.join(directory, "accuracy_vs_batch_size.png"))
-      ...     print(os.path.basename(path), os.path.getsize(path) > 0)
-      accuracy_vs_batch_size.png True
-    """
-    sweep = [r for r in rows if r["study"] == "sweep"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for j, n in enumerate(dict.fromkeys(r["normalizer"] for r in sweep)):
-        sizes = sorted({r["batch_size"] for r in sweep if r["normalizer"] == n})
-        for key, style in (("accuracy_eval", "-"), ("accuracy_batch_stats", "--")):
-            stats = [
-                mean_std([r[key] for r in sweep if r["normalizer"] == n and r["batch_size"] == b])
-                for b in sizes
-            ]
-            mode = "eval mode" if key == "accuracy_eval" else "batch stats"
-            errors = [0 if np.isnan(s.std) else s.std for s in stats]
-            ax.errorbar(
-                sizes,
-                [s.mean for s in stats],
-                yerr=errors,
-                ls=style,
-                color=f"C{j}",
-                marker="o",
-                ms=3,
-                capsize=2,
-                label=f"{n} ({mode})",
+    datasets = list(dict.fromkeys(d for d, _ in firsts))
+    fig, axes = _grid(2 * len(datasets), width=5.0, height=3.2, cols=2)
+    for k, d in enumerate(datasets):
+        for j, layer in enumerate(("first", "deep")):
+            ax = axes[2 * k + j]
+            for (dd, c), art in firsts.items():
+                if dd != d:
+                    continue
+                mean, var = art[f"population_{layer}"]
+                z = (art[f"trajectory_{layer}"][:, 0] - mean[0]) / np.sqrt(var[0] + 1e-5)
+                ax.plot(np.arange(len(z)) * 4, z, lw=0.6, label=labels.get(c, c))
+            ax.set_title(
+                f"{d}: batch norm, {'layer 0' if layer == 'first' else 'deepest layer'}"
+                " input, channel 0 (seed 0)",
+                fontsize=8,
             )
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("Accuracy against batch size (uniform batches)")
-    ax.legend(fontsize=7)
+            ax.set_xlabel("training step")
+            ax.set_ylabel("batch mean - population mean\n(population std)", fontsize=7)
+    axes[0].legend(fontsize=6, title="condition", title_fontsize=6)
     return _save(fig, path)
 
 
@@ -277,33 +375,35 @@ def pca_2d(features: np.ndarray) -> np.ndarray:
 
 
 def features_pca(
-    features: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    firsts: Mapping[tuple[str, str], Mapping[str, np.ndarray]],
     labels: Mapping[str, str],
     path: str,
-    max_points: int = 1000,
 ) -> str:
-    """A panel per condition: held-out features projected on their top two principal axes.
-
-    `features` maps a condition to ((N, D) features, (N,) class labels), D >= 2; the first
-    `max_points` are drawn, coloured by class.
+    """A panel per (dataset, condition): batch norm's test features (seed 0, evaluation mode)
+    on their top two principal axes, coloured by class.
 
     Example:
       >>> import os, tempfile
       >>> x = np.random.default_rng(0).normal(size=(20, 4))
-      >>> features = {"uniform": (x, np.arange(20) % 2)}
+      >>> firsts = {("d", "u"): {"features": x, "labels": np.arange(20) % 2}}
       >>> with tempfile.TemporaryDirectory() as directory:
-      ...     path = features_pca(features, {}, os.path.join(directory, "features_pca.png"))
+      ...     path = features_pca(firsts, {}, os.path.join(directory, "features_pca.png"))
       ...     print(os.path.basename(path), os.path.getsize(path) > 0)
       features_pca.png True
     """
-    conditions = list(features)
-    fig, axes = _grid(len(conditions), width=3.4, height=3.2)
-    for ax, c in zip(axes, conditions, strict=True):
-        x, y = features[c]
-        x, y = x[:max_points], y[:max_points]
-        p = pca_2d(np.asarray(x, np.float64))
-        ax.scatter(p[:, 0], p[:, 1], c=y, cmap="tab10", s=4, alpha=0.7)
-        ax.set_title(labels.get(c, c), fontsize=8)
+    keys = list(firsts)
+    fig, axes = _grid(len(keys), width=3.4, height=3.2)
+    for ax, (d, c) in zip(axes, keys, strict=True):
+        art = firsts[(d, c)]
+        p = pca_2d(np.asarray(art["features"], np.float64))
+        scatter = ax.scatter(p[:, 0], p[:, 1], c=art["labels"], cmap="tab10", s=4, alpha=0.7)
+        ax.set_title(f"{d}: batch norm, {labels.get(c, c)}", fontsize=7)
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
         ax.set_xticks([])
         ax.set_yticks([])
+    if keys:
+        axes[0].legend(
+            *scatter.legend_elements(), fontsize=5, title="class", title_fontsize=5, loc="best"
+        )
     return _save(fig, path)

@@ -1,43 +1,114 @@
-"""The study's written results: `results.csv` (one row per run) and `table.md` (mean ± std).
+"""The study's written results: `results.csv` (one row per run), `table.md` and `verdicts.md`.
 
-`table.md` holds, in order:
-
-1. The paper's Table 1 with numbers: batch norm under the five conditions, one column group per
-   Table 1 column (BN statistical stability, convergence, gradient noise, running-statistics
-   bias, inference accuracy, representation coherence).
-2. Held-out accuracy in evaluation mode for every condition x normalizer (which fix repairs
-   which failure), and the running-statistics bias of the normalizers that keep running
-   statistics.
-3. The same Table 1 layout for every normalizer.
-4. The batch-size sweep: accuracy against batch size for each normalizer.
-
-Cells are "mean ± std" over seeds (`bnjax.study.format_mean_std`); "n/a" where a metric does
-not apply (no running statistics) and "(k/n)" where only k of n seeds gave a finite value
-(a diverged run, or a loss target never reached).
+Every cell of `table.md` is "mean [low, high]": the mean over seeds and its 95% bootstrap
+interval (`bnjax.study.significance.bootstrap_ci`); "n/a" where a metric does not apply (no
+running statistics), "(k/n)" where only k of n seeds gave a value (a probe target never
+reached). In the accuracy tables a cell marked † does not differ significantly from batch
+norm's in the same row (two-sided Welch, Holm-adjusted over that table, alpha 0.05); an
+unmarked cell does. `table.md` starts with the definition of every column and its unit.
 """
 
 from __future__ import annotations
 
 import csv
+import math
+import os
 from collections.abc import Mapping, Sequence
 
-from bnjax.study.evaluation import format_mean_std, mean_std
+from bnjax.study import significance
+from bnjax.study.claims import ALPHA, Verdict
 
-# (column heading, results key, format) of the Table 1 layout; {deep} is the deepest layer.
+# (column heading, results key, format, definition with unit) of the Table 1 layout; {deep} is
+# the deepest layer.
 TABLE1_COLUMNS = (
-    ("stability: batch mean, layer 0", "stability_mean_l0", ".4f"),
-    ("stability: batch mean, layer {deep}", "stability_mean_l{deep}", ".4f"),
-    ("stability: batch var, layer {deep}", "stability_var_l{deep}", ".4f"),
-    ("final loss", "final_loss", ".3f"),
-    ("loss oscillation", "loss_oscillation", ".3f"),
-    ("steps to loss target", "steps_to_target", ".0f"),
-    ("gradient noise (1 - cos)", "gradient_noise", ".3f"),
-    ("update noise (1 - cos)", "update_noise", ".3f"),
-    ("running-stat bias", "running_bias", ".3f"),
-    ("accuracy, eval mode", "accuracy_eval", ".3f"),
-    ("accuracy, batch stats", "accuracy_batch_stats", ".3f"),
-    ("silhouette", "silhouette", ".3f"),
-    ("intra/inter distance", "intra_inter", ".3f"),
+    (
+        "stability excess, mean, layer 0",
+        "stability_excess_mean_l0",
+        ".4f",
+        "variance over batches of layer 0's per-channel batch mean, in population variances, for "
+        "the condition's batches minus for uniform batches of the same B (0 = no worse than "
+        "i.i.d.; trained network, training mode)",
+    ),
+    (
+        "stability excess, mean, layer {deep}",
+        "stability_excess_mean_l{deep}",
+        ".4f",
+        "the same at the deepest normalized layer",
+    ),
+    (
+        "stability, i.i.d., layer 0",
+        "stability_iid_mean_l0",
+        ".4f",
+        "the i.i.d. baseline itself (about 1 / (B * H * W) for independent positions)",
+    ),
+    (
+        "probe loss, final",
+        "probe_loss_final",
+        ".3f",
+        "cross-entropy (nats) of the fixed held-out probe, evaluation mode, after training",
+    ),
+    (
+        "probe loss, mean over run",
+        "probe_loss_auc",
+        ".3f",
+        "mean probe loss over the run's probe points (nats; lower = faster convergence)",
+    ),
+    (
+        "probe oscillation",
+        "probe_oscillation",
+        ".3f",
+        "probe-loss total variation beyond its net descent, per probe interval (nats; 0 = "
+        "monotone)",
+    ),
+    (
+        "examples to probe target",
+        "examples_to_target",
+        ".0f",
+        "training examples seen when the probe accuracy first reached the target",
+    ),
+    (
+        "update noise (1 - cos)",
+        "update_noise",
+        ".3f",
+        "training-time: mean 1 - cosine of consecutive weight updates (0 = same direction)",
+    ),
+    (
+        "running mean bias",
+        "running_mean_bias",
+        ".3f",
+        "mean over layers and channels of |running mean - population mean| / population std",
+    ),
+    (
+        "running var bias",
+        "running_var_bias",
+        ".3f",
+        "mean over layers and channels of |log(running std / population std)|",
+    ),
+    (
+        "accuracy, eval mode",
+        "accuracy_eval",
+        ".3f",
+        "test accuracy with the running statistics (what serving sees)",
+    ),
+    (
+        "accuracy, batch stats, B=500",
+        "accuracy_batch_stats",
+        ".3f",
+        "test accuracy, each test batch of 500 normalized with its own statistics",
+    ),
+    (
+        "accuracy, batch stats, training B",
+        "accuracy_batch_stats_train_b",
+        ".3f",
+        "the same with test batches of the run's training batch size",
+    ),
+    (
+        "silhouette",
+        "silhouette",
+        ".3f",
+        "silhouette of the penultimate test features by class (-1..1; higher = tighter, better "
+        "separated clusters)",
+    ),
 )
 
 
@@ -57,11 +128,13 @@ def write_csv(rows: Sequence[Mapping], path: str) -> None:
       1,,nan loss
     """
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
+    with open(path + ".tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, columns, restval="")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    # Replace in one step: an interrupted write never leaves a truncated results.csv behind.
+    os.replace(path + ".tmp", path)
 
 
 def read_csv(path: str) -> list[dict]:
@@ -80,14 +153,8 @@ def read_csv(path: str) -> list[dict]:
       >>> back[1]
       {'seed': 1, 'accuracy': None, 'note': 'nan loss'}
     """
-    out = []
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            parsed = {}
-            for k, v in row.items():
-                parsed[k] = _parse(v)
-            out.append(parsed)
-    return out
+        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _parse(value: str):
@@ -101,15 +168,51 @@ def _parse(value: str):
     return value
 
 
+def with_layer_means(rows: Sequence[Mapping]) -> list[dict]:
+    """Rows with `running_mean_bias` and `running_var_bias`: the means over layers of the
+    per-layer columns (None where the run has no running statistics).
+
+    Example:
+      >>> with_layer_means([{"running_mean_bias_l0": 0.1, "running_mean_bias_l1": 0.3,
+      ...                    "running_var_bias_l0": None}])[0]["running_mean_bias"]
+      0.2
+    """
+    out = []
+    for row in rows:
+        row = dict(row)
+        for part in ("mean", "var"):
+            values = [v for k, v in row.items() if k.startswith(f"running_{part}_bias_l")]
+            values = [v for v in values if v is not None]
+            row[f"running_{part}_bias"] = sum(values) / len(values) if values else None
+        out.append(row)
+    return out
+
+
 def _select(rows, **where) -> list[Mapping]:
     return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
 
 
-def _cell(rows: Sequence[Mapping], key: str, fmt: str) -> str:
-    values = [r.get(key) for r in rows]
-    if not values or all(v is None for v in values):
+def format_interval(interval: significance.Interval, fmt: str = ".3f", total: int = 0) -> str:
+    """ "mean [low, high]", "n/a" without values, "(k/n)" appended when k < n = `total`.
+
+    Example:
+      >>> format_interval(significance.Interval(0.5, 0.41, 0.6, 5))
+      '0.500 [0.410, 0.600]'
+      >>> format_interval(significance.Interval(200.0, 150.0, 250.0, 2), ".0f", total=5)
+      '200 [150, 250] (2/5)'
+    """
+    if interval.n == 0:
         return "n/a"
-    return format_mean_std(mean_std(values), fmt)
+    text = f"{interval.mean:{fmt}} [{interval.low:{fmt}}, {interval.high:{fmt}}]"
+    return text + (f" ({interval.n}/{total})" if total and interval.n < total else "")
+
+
+def _cell(rows: Sequence[Mapping], key: str, fmt: str, resamples: int) -> str:
+    values = [r.get(key) for r in rows]
+    if not values:
+        return "n/a"
+    ci = significance.bootstrap_ci(values, resamples=resamples)
+    return format_interval(ci, fmt, total=len(values))
 
 
 def _markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
@@ -123,166 +226,340 @@ def _ordered(rows, key: str) -> list:
 
 
 def deepest_layer(rows: Sequence[Mapping]) -> int:
-    """Index of the deepest norm layer with a stability column (`stability_mean_l{i}`).
+    """The highest layer index i with a `stability_excess_mean_l{i}` column.
 
     Example:
-      >>> deepest_layer([{"stability_mean_l0": 0.1, "stability_mean_l2": 0.3, "seed": 0}])
+      >>> deepest_layer([{"stability_excess_mean_l0": 0.1, "stability_excess_mean_l2": 0.3}])
       2
     """
-    prefix = "stability_mean_l"
-    layers = [int(k[len(prefix) :]) for r in rows for k in r if k.startswith(prefix)]
-    if not layers:
-        raise ValueError("rows: no stability_mean_l* columns")
-    return max(layers)
+    prefix = "stability_excess_mean_l"
+    return max(int(k[len(prefix) :]) for r in rows for k in r if k.startswith(prefix))
 
 
-def table1(rows: Sequence[Mapping], normalizer: str, labels: Mapping[str, str]) -> str:
-    """The Table 1 layout for one normalizer: a row per condition, mean ± std over seeds.
-
-    Columns as in TABLE1_COLUMNS, "n/a" where the rows lack a metric.
-
-    Example:
-      >>> rows = [{"study": "table", "condition": "skewed", "normalizer": "batch", "seed": s,
-      ...          "stability_mean_l0": v, "stability_mean_l1": 2 * v, "final_loss": 1.5}
-      ...         for s, v in [(0, 0.01), (1, 0.03)]]
-      >>> lines = table1(rows, "batch", {"skewed": "class-skewed"}).splitlines()
-      >>> lines[0].split(" | ")[:3]
-      ['| condition', 'stability: batch mean, layer 0', 'stability: batch mean, layer 1']
-      >>> lines[2].split(" | ")[:5]
-      ['| class-skewed', '0.0200 ± 0.0141', '0.0400 ± 0.0283', 'n/a', '1.500 ± 0.000']
-    """
-    chosen = _select(rows, study="table", normalizer=normalizer)
-    deep = deepest_layer(chosen)
-    header = ["condition"] + [h.format(deep=deep) for h, _, _ in TABLE1_COLUMNS]
-    body = []
-    for condition in _ordered(chosen, "condition"):
-        runs = _select(chosen, condition=condition)
-        body.append(
-            [labels.get(condition, condition)]
-            + [_cell(runs, key.format(deep=deep), fmt) for _, key, fmt in TABLE1_COLUMNS]
-        )
-    return _markdown(header, body)
-
-
-def grid_table(
-    rows: Sequence[Mapping],
-    key: str,
-    labels: Mapping[str, str],
-    fmt=".3f",
-    normalizers: Sequence[str] | None = None,
+def accuracy_table(
+    rows: Sequence[Mapping], labels: Mapping[str, str], key: str, resamples: int
 ) -> str:
-    """One metric, conditions x normalizers (main grid: rows with study 'table').
+    """Conditions x normalizers, `key` as mean [CI]; † = not significantly different from
+    'batch' in the same row (two-sided Welch, Holm over the table's comparisons).
 
     Example:
-      >>> rows = [{"study": "table", "condition": c, "normalizer": n, "accuracy_eval": a}
-      ...         for c, n, a in [("uniform", "batch", 0.9), ("uniform", "group", 0.8),
-      ...                         ("skewed", "batch", 0.5), ("skewed", "group", 0.8)]]
-      >>> print(grid_table(rows, "accuracy_eval", {"skewed": "class-skewed"}))
-      | condition | batch | group |
-      |---|---|---|
-      | uniform | 0.900 | 0.800 |
-      | class-skewed | 0.500 | 0.800 |
+      >>> rows = [{"condition": "u", "normalizer": n, "seed": s, "acc": v + 0.001 * s}
+      ...         for s in range(5) for n, v in (("batch", 0.9), ("none", 0.5), ("group", 0.9))]
+      >>> print(accuracy_table(rows, {"u": "uniform"}, "acc", 200))
+      | condition | batch | none | group |
+      |---|---|---|---|
+      | uniform | 0.902 [0.901, 0.903] | 0.502 [0.501, 0.503] | 0.902 [0.901, 0.903] † |
     """
-    chosen = _select(rows, study="table")
-    normalizers = normalizers or _ordered(chosen, "normalizer")
-    header = ["condition", *normalizers]
+    conditions, normalizers = _ordered(rows, "condition"), _ordered(rows, "normalizer")
+    tests = {}
+    for c in conditions:
+        base = [r.get(key) for r in _select(rows, condition=c, normalizer="batch")]
+        for n in normalizers:
+            if n != "batch" and base:
+                other = [r.get(key) for r in _select(rows, condition=c, normalizer=n)]
+                tests[(c, n)] = significance.welch(other, base)
+    adjusted = dict(zip(tests, significance.holm(list(tests.values())), strict=True))
+    body = []
+    for c in conditions:
+        cells = [labels.get(c, c)]
+        for n in normalizers:
+            cell = _cell(_select(rows, condition=c, normalizer=n), key, ".3f", resamples)
+            p = adjusted.get((c, n))
+            if p is not None and not p < ALPHA and cell != "n/a":
+                cell += " †"
+            cells.append(cell)
+        body.append(cells)
+    return _markdown(["condition", *normalizers], body)
+
+
+def table1(rows: Sequence[Mapping], labels: Mapping[str, str], resamples: int) -> str:
+    """The paper's Table 1 with numbers for the rows' normalizer: conditions x TABLE1_COLUMNS.
+
+    Example:
+      >>> rows = [{"condition": "u", "stability_excess_mean_l0": 0.01, "seed": s}
+      ...         for s in range(2)]
+      >>> table1(rows, {"u": "uniform"}, 100).splitlines()[2].split(" | ")[:2]
+      ['| uniform', '0.0100 [0.0100, 0.0100]']
+    """
+    deep = deepest_layer(rows)
+    header = ["condition"] + [h.format(deep=deep) for h, _, _, _ in TABLE1_COLUMNS]
     body = [
         [labels.get(c, c)]
-        + [_cell(_select(chosen, condition=c, normalizer=n), key, fmt) for n in normalizers]
-        for c in _ordered(chosen, "condition")
+        + [
+            _cell(_select(rows, condition=c), key.format(deep=deep), fmt, resamples)
+            for _, key, fmt, _ in TABLE1_COLUMNS
+        ]
+        for c in _ordered(rows, "condition")
     ]
     return _markdown(header, body)
 
 
-def sweep_table(rows: Sequence[Mapping], key: str, fmt: str = ".3f") -> str:
-    """One metric of the batch-size sweep (rows with study 'sweep'), batch sizes x normalizers.
-
-    Example:
-      >>> rows = [{"study": "sweep", "normalizer": n, "batch_size": b, "accuracy_eval": a}
-      ...         for n, b, a in [("batch", 2, 0.25), ("batch", 2, 0.75), ("batch", 32, 0.9),
-      ...                         ("group", 2, 0.8), ("group", 32, 0.8)]]
-      >>> print(sweep_table(rows, "accuracy_eval", fmt=".2f"))
-      | batch size | batch | group |
-      |---|---|---|
-      | 2 | 0.50 ± 0.35 | 0.80 |
-      | 32 | 0.90 | 0.80 |
-    """
-    chosen = _select(rows, study="sweep")
-    normalizers = _ordered(chosen, "normalizer")
-    sizes = sorted({r["batch_size"] for r in chosen})
+def _pivot(rows, row_key, column_key, key, fmt, resamples, row_label=str, column_label=str):
+    rows_, columns = _ordered(rows, row_key), _ordered(rows, column_key)
     body = [
-        [str(b)]
-        + [_cell(_select(chosen, batch_size=b, normalizer=n), key, fmt) for n in normalizers]
-        for b in sizes
+        [row_label(a)]
+        + [
+            _cell(_select(rows, **{row_key: a, column_key: b}), key, fmt, resamples)
+            for b in columns
+        ]
+        for a in rows_
     ]
-    return _markdown(["batch size", *normalizers], body)
+    return _markdown([row_key, *(column_label(b) for b in columns)], body)
 
 
-def table_markdown(rows: Sequence[Mapping], labels: Mapping[str, str], *, title: str) -> str:
-    """The whole `table.md` (module docstring).
+def column_definitions() -> str:
+    """The definitions of the Table 1 columns, as a markdown list.
 
     Example:
-      >>> rows = [{"study": "table", "condition": "uniform", "normalizer": n, "seed": 0,
-      ...          "stability_mean_l0": 0.1, "accuracy_eval": 0.9, "running_bias": bias}
-      ...         for n, bias in [("batch", 0.05), ("group", None)]]
-      >>> text = table_markdown(rows, {}, title="Study")
-      >>> print("\\n".join(line for line in text.splitlines() if line.startswith("#")))
-      # Study
-      ## Table 1 with numbers: batch
-      ## Held-out accuracy in evaluation mode: which normalizer repairs what
-      ## Held-out accuracy with batch statistics
-      ## Running-statistics bias (0 = the population's statistics)
-      ## Table 1 layout: group
+      >>> column_definitions().splitlines()[0][:40]
+      '- **stability excess, mean, layer 0**: v'
     """
-    rows = list(rows)
-    seeds = len({r["seed"] for r in rows})
-    plural = "s" if seeds > 1 else ""
+    lines = [f"- **{h.format(deep='L')}**: {d}." for h, _, _, d in TABLE1_COLUMNS]
+    return "\n".join(lines)
+
+
+def rates_table(rows: Sequence[Mapping], chosen: Mapping[tuple[str, str], float]) -> str:
+    """The learning-rate sweep: validation accuracy (mean over its seeds) per dataset,
+    normalizer and candidate rate; the chosen rate in bold.
+
+    Example:
+      >>> rows = [{"dataset": "d", "family": "lr", "normalizer": "batch", "learning_rate": r,
+      ...          "validation_accuracy": a} for r, a in ((0.1, 0.9), (0.3, 0.8))]
+      >>> rates_table(rows, {("d", "batch"): 0.1}).splitlines()[2]
+      '| d | batch | **0.900** | 0.800 |'
+    """
+    sweep = [r for r in rows if r["family"] == "lr"]
+    rates = sorted({r["learning_rate"] for r in sweep})
+    body = []
+    for dataset in _ordered(sweep, "dataset"):
+        for n in _ordered(_select(sweep, dataset=dataset), "normalizer"):
+            cells = [dataset, n]
+            for rate in rates:
+                values = [
+                    r["validation_accuracy"]
+                    for r in _select(sweep, dataset=dataset, normalizer=n)
+                    if math.isclose(r["learning_rate"], rate)
+                ]
+                text = f"{sum(values) / len(values):.3f}" if values else "n/a"
+                if math.isclose(chosen.get((dataset, n), -1), rate):
+                    text = f"**{text}**"
+                cells.append(text)
+            body.append(cells)
+    return _markdown(["dataset", "normalizer", *(f"lr {r:g}" for r in rates)], body)
+
+
+def table_markdown(
+    rows: Sequence[Mapping],
+    labels: Mapping[str, str],
+    chosen: Mapping[tuple[str, str], float],
+    *,
+    title: str,
+    preamble: str,
+    resamples: int = 10_000,
+) -> str:
+    """The whole table.md (module docstring): definitions, the rate sweep, then per dataset
+    Table 1 for batch norm, accuracy per normalizer (evaluation mode, batch statistics at the
+    training B), the dose-response, the momentum and length families, per-layer numbers.
+
+    Example:
+      >>> rows = [{"dataset": "d", "family": "table", "condition": "u", "normalizer": n,
+      ...          "seed": s, "batch_size": 32, "skew": 0.0, "accuracy_eval": 0.9,
+      ...          "accuracy_batch_stats_train_b": 0.9, "stability_excess_mean_l0": 0.0,
+      ...          "learning_rate": 0.1, "bn_momentum": 0.9, "examples": 3200}
+      ...         for n in ("batch", "none") for s in range(2)]
+      >>> text = table_markdown(rows, {}, {}, title="T", preamble="P", resamples=100)
+      >>> text.splitlines()[0], "### Test accuracy, evaluation mode" in text
+      ('# T', True)
+    """
+    rows = with_layer_means(rows)
+    n_seeds = len({r["seed"] for r in rows if r["family"] == "table"})
     parts = [
         f"# {title}",
-        "",
-        f'Mean ± std over {seeds} seed{plural}; see README.md, "The '
-        'batch-composition study", for what each column measures.',
-        "",
+        preamble.strip(),
+        f"Cells: mean [95% bootstrap interval] over {n_seeds} seeds. † = not significantly "
+        "different from batch norm in the same row (two-sided Welch, Holm over the table, "
+        f"alpha {ALPHA}). Claims and their tests: verdicts.md.",
+        "## Columns\n\n" + column_definitions(),
+        "## Learning rates: validation accuracy per candidate (chosen in bold)\n\n"
+        + rates_table(rows, chosen),
     ]
-    main = _select(rows, study="table")
-    if main:
-        normalizers = _ordered(main, "normalizer")
-        first = "batch" if "batch" in normalizers else normalizers[0]
-        parts += [f"## Table 1 with numbers: {first}", "", table1(rows, first, labels), ""]
-        parts += [
-            "## Held-out accuracy in evaluation mode: which normalizer repairs what",
-            "",
-            grid_table(rows, "accuracy_eval", labels),
-            "",
+    for dataset in _ordered(rows, "dataset"):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        table = [r for r in mine if r["family"] == "table"]
+        if not table:
+            continue
+        parts.append(f"## {dataset}")
+        batch = _select(table, normalizer="batch")
+        if batch:
+            parts.append(
+                "### Table 1 with numbers: batch norm\n\n" + table1(batch, labels, resamples)
+            )
+        parts.append(
+            "### Test accuracy, evaluation mode\n\n"
+            + accuracy_table(table, labels, "accuracy_eval", resamples)
+        )
+        parts.append(
+            "### Test accuracy with batch statistics at the training batch size\n\n"
+            + accuracy_table(table, labels, "accuracy_batch_stats_train_b", resamples)
+        )
+        has_running = [r for r in table if r.get("running_bias") is not None]
+        if has_running:
+            parts.append(
+                "### Running-statistics bias, mean part (population std)\n\n"
+                + _pivot(
+                    has_running,
+                    "condition",
+                    "normalizer",
+                    "running_mean_bias",
+                    ".3f",
+                    resamples,
+                    labels.get,
+                )
+                + "\n\n### Running-statistics bias, variance part (|log std ratio|)\n\n"
+                + _pivot(
+                    has_running,
+                    "condition",
+                    "normalizer",
+                    "running_var_bias",
+                    ".3f",
+                    resamples,
+                    labels.get,
+                )
+            )
+        dose = [r for r in mine if r["family"] == "dose"]
+        for n in _ordered(dose, "normalizer"):
+            parts.append(
+                f"### Dose-response, {n}: test accuracy (evaluation mode) by skew and B\n\n"
+                + _pivot(
+                    _select(dose, normalizer=n),
+                    "skew",
+                    "batch_size",
+                    "accuracy_eval",
+                    ".3f",
+                    resamples,
+                    lambda s: f"skew {s:g}",
+                    lambda b: f"B={b}",
+                )
+            )
+        momentum = [r for r in mine if r["family"] == "momentum"]
+        if momentum:
+            # Batch norm only: pooling it with batch+recalibration would hide the fix.
+            bn = [r for r in momentum + table if r["normalizer"] == "batch"]
+            for key, what in (
+                ("accuracy_eval", "test accuracy, evaluation mode"),
+                ("running_bias", "running-statistics bias (mean + variance parts)"),
+            ):
+                parts.append(
+                    f"### BN momentum, batch norm: {what}\n\n"
+                    + _pivot(
+                        bn,
+                        "condition",
+                        "bn_momentum",
+                        key,
+                        ".3f",
+                        resamples,
+                        labels.get,
+                        lambda m: f"momentum {m:g}",
+                    )
+                )
+        length = [r for r in mine if r["family"] == "length"]
+        if length:
+            full = [
+                r
+                for r in table
+                if (r["condition"], r["normalizer"])
+                in {(x["condition"], x["normalizer"]) for x in length}
+            ]
+            for n in _ordered(length, "normalizer"):
+                parts.append(
+                    f"### Training length, {n}: test accuracy (evaluation mode)\n\n"
+                    + _pivot(
+                        _select(length + full, normalizer=n),
+                        "condition",
+                        "examples",
+                        "accuracy_eval",
+                        ".3f",
+                        resamples,
+                        labels.get,
+                        lambda e: f"{e} examples",
+                    )
+                )
+        if batch:
+            deep = deepest_layer(batch)
+            per_layer = []
+            for c in _ordered(batch, "condition"):
+                sel = _select(batch, condition=c)
+                per_layer.append(
+                    [labels.get(c, c)]
+                    + [
+                        _cell(sel, f"stability_excess_mean_l{i}", ".4f", resamples)
+                        for i in range(deep + 1)
+                    ]
+                    + [
+                        _cell(sel, f"running_mean_bias_l{i}", ".3f", resamples)
+                        for i in range(deep + 1)
+                    ]
+                    + [
+                        _cell(sel, f"running_var_bias_l{i}", ".3f", resamples)
+                        for i in range(deep + 1)
+                    ]
+                )
+            header = (
+                ["condition"]
+                + [f"stability excess l{i}" for i in range(deep + 1)]
+                + [f"running mean bias l{i}" for i in range(deep + 1)]
+                + [f"running var bias l{i}" for i in range(deep + 1)]
+            )
+            parts.append("### Batch norm by layer (depth)\n\n" + _markdown(header, per_layer))
+    return "\n\n".join(parts) + "\n"
+
+
+def verdicts_markdown(verdicts: Sequence[Verdict], *, title: str) -> str:
+    """verdicts.md: one row per claim with both sides' mean [CI] per dataset, raw and Holm-
+    adjusted p, the verdict, and what the earlier study did.
+
+    Example:
+      >>> from bnjax.study.claims import Claim, Selection, verdicts
+      >>> rows = [{"dataset": "d", "family": "table", "condition": c, "normalizer": "batch",
+      ...          "bn_momentum": 0.9, "examples": 100, "seed": s, "acc": v + 0.01 * s}
+      ...         for s in range(5) for c, v in (("u", 0.9), ("s", 0.6))]
+      >>> claim = Claim("P7", "paper", "skew lowers accuracy", Selection("acc", "s"),
+      ...               Selection("acc", "u"), "less")
+      >>> found = verdicts(rows, [claim], momentum=0.9, budgets={"d": 100}, resamples=100)
+      >>> verdicts_markdown(found, title="V").splitlines()[2][:40]
+      '1 claims: 1 held on every dataset, 0 on '
+    """
+    datasets = list(verdicts[0].p) if verdicts else []
+    header = ["claim", "source", "statement", "test"]
+    for d in datasets:
+        header += [f"{d}: a", f"{d}: b", f"{d}: p (Holm)"]
+    header += ["verdict", "before (what confounded it)"]
+    body = []
+    for v in verdicts:
+        c = v.claim
+        cells = [
+            c.key,
+            c.source,
+            c.text,
+            f"{c.a.metric} ({c.a.condition}, {c.a.normalizer}) vs "
+            f"{c.b.metric} ({c.b.condition}, {c.b.normalizer}): {c.alternative}, {c.test}",
         ]
-        parts += [
-            "## Held-out accuracy with batch statistics",
-            "",
-            grid_table(rows, "accuracy_batch_stats", labels),
-            "",
-        ]
-        with_stats = [
-            n
-            for n in normalizers
-            if any(r.get("running_bias") is not None for r in _select(main, normalizer=n))
-        ]
-        if with_stats:
-            bias = grid_table(rows, "running_bias", labels, normalizers=with_stats)
-            parts += ["## Running-statistics bias (0 = the population's statistics)", "", bias, ""]
-        for n in normalizers:
-            if n != first:
-                parts += [f"## Table 1 layout: {n}", "", table1(rows, n, labels), ""]
-    if _select(rows, study="sweep"):
-        parts += [
-            "## Batch-size sweep (uniform batches): accuracy in evaluation mode",
-            "",
-            sweep_table(rows, "accuracy_eval"),
-            "",
-        ]
-        parts += [
-            "## Batch-size sweep: accuracy with batch statistics",
-            "",
-            sweep_table(rows, "accuracy_batch_stats"),
-            "",
-        ]
-    return "\n".join(parts)
+        for d in datasets:
+            cells += [
+                format_interval(v.a[d]),
+                format_interval(v.b[d]),
+                f"{v.p[d]:.3g} ({v.p_holm[d]:.3g})" if not math.isnan(v.p[d]) else "n/a",
+            ]
+        cells += [f"**{v.verdict}**", c.before or "new"]
+        body.append(cells)
+    held = sum(v.verdict == "held" for v in verdicts)
+    partly = sum(v.verdict.startswith("held on") for v in verdicts)
+    reversed_ = sum(v.verdict.startswith("reversed") for v in verdicts)
+    summary = (
+        f"{len(verdicts)} claims: {held} held on every dataset, {partly} on one, "
+        f"{reversed_} reversed, {len(verdicts) - held - partly - reversed_} not shown. "
+        f"One-sided tests in the claimed direction; all {len(verdicts) * len(datasets)} "
+        f"p-values Holm-adjusted together (alpha {ALPHA}). A minus sign in a side's selection "
+        "(a drop) is its value on uniform batches minus on the named condition, seed by seed."
+    )
+    return f"# {title}\n\n{summary}\n\n" + _markdown(header, body) + "\n"

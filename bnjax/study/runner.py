@@ -1,51 +1,42 @@
-"""Runs the whole study grid and writes `results.csv`, `table.md` and `plots/` to a workdir.
+"""Runs the whole study and writes `results.csv`, `table.md`, `verdicts.md` and `plots/`.
 
     rows = run_study(config, workdir)        # what scripts/batch_study.py calls
 
-Runs that would train the same thing (same batches, model and seed; e.g. 'batch' and
-'batch+recalibration', or the sweep's batch 32 and the uniform condition) train once, and
-runs that would measure the same thing are measured once. `results.csv` is rewritten after
-every run, so an interrupted study keeps what it finished.
+For each dataset: the learning-rate sweep first (each normalizer's rate is the candidate with
+the best mean validation accuracy), then the grid (`grid.make_grid`) at those rates. Runs that
+differ only in their seed train together (vmapped); runs that would train the same thing
+('batch' and 'batch+recalibration', a dose cell that is also a table cell) train once.
+
+Resume: `results.csv` (and a small `artifacts/` file per run for the plots) is rewritten after
+every cell, and `study_config.json` records the config; started again on the same workdir with
+the same config, the study skips every run that has its row. A different config is refused
+(the rows would mix two studies).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+import json
 import os
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-import ml_collections
+import numpy as np
 
 from bnjax import data
 from bnjax.progress import Progress
-from bnjax.study import grid, plots, report
+from bnjax.study import claims, grid, plots, report
 from bnjax.study.experiment import Measured, Study, Trained
 
-SCALES = ("small", "full")
 TITLE = "Batch normalization under inconsistent mini-batch distributions: measured"
-
-
-def resolve_scale(config) -> ml_collections.ConfigDict:
-    """A copy of `config` with `config.full`'s keys applied when `config.scale == 'full'`.
-
-    Example:
-      >>> from bnjax.study.defaults import study_config
-      >>> config = study_config()
-      >>> config.scale = "full"
-      >>> resolve_scale(config).num_steps, config.num_steps
-      (2000, 300)
-    """
-    if config.scale not in SCALES:
-        raise ValueError(f"config.scale={config.scale!r}: choose one of {SCALES}.")
-    resolved = ml_collections.ConfigDict(config.to_dict())
-    if config.scale == "full":
-        for key, value in config.full.items():
-            if key not in resolved:
-                raise ValueError(f"config.full.{key}: not a study key; check the spelling.")
-            resolved[key] = value
-    return resolved
+CONFIG_FILE = "study_config.json"
+PREAMBLE = """
+Every run of a dataset sees the same number of training examples (`example_budget`; steps =
+budget / B). Each normalizer's learning rate was chosen by a sweep on uniform batches of the
+reference size (best validation accuracy, on a split held out of training) and is scaled
+linearly with B (rate x B / reference B). Convergence is measured on a fixed held-out probe (a
+slice of that validation split), never on the training batches; accuracy on the test split.
+"""
 
 
 def check_study_config(config) -> None:
@@ -60,31 +51,43 @@ def check_study_config(config) -> None:
       ...
       ValueError: config.norm_groups=5 must divide every width in ... (group norm).
     """
-    if config.dataset not in data.DATASETS:
-        raise ValueError(
-            f"config.dataset={config.dataset!r}: choose one of {tuple(data.DATASETS)}."
-        )
-    for key in ("num_seeds", "num_steps", "eval_batch_size", "recalibration_batch_size"):
+    for name in config.datasets:
+        if name not in data.DATASETS:
+            raise ValueError(f"config.datasets: {name!r} is not one of {tuple(data.DATASETS)}.")
+    if not config.datasets:
+        raise ValueError("config.datasets: the study needs at least one dataset.")
+    for key in ("num_seeds", "lr_seeds", "example_budget", "eval_batch_size", "probe_points"):
         if not isinstance(config[key], int) or config[key] < 1:
             raise ValueError(f"config.{key}={config[key]!r}: must be a positive integer.")
-    if config.num_steps < 20:
-        raise ValueError(f"config.num_steps={config.num_steps}: the metrics need >= 20 steps.")
-    if not 0 <= config.warmup_steps < config.num_steps:
+    conditions = grid.conditions_from_config(config.conditions, config.run_conditions)
+    largest = max([c.batch_size for c in conditions] + list(config.dose_batch_sizes))
+    fractions = [1.0, *config.length_fractions]
+    if round(config.example_budget * min(fractions)) // largest < 10:
         raise ValueError(
-            f"config.warmup_steps={config.warmup_steps}: must be in [0, num_steps="
-            f"{config.num_steps}) (the learning rate warms up, then decays)."
+            f"config.example_budget={config.example_budget}: gives the largest batch "
+            f"({largest}) fewer than 10 steps in the shortest run; raise it."
         )
-    if config.sweep_batch_sizes and config.sweep_examples // max(config.sweep_batch_sizes) < 20:
+    if not 0 <= config.warmup_fraction < 1:
+        raise ValueError(f"config.warmup_fraction={config.warmup_fraction}: must be in [0, 1).")
+    if not 0 < config.validation_fraction < 1:
         raise ValueError(
-            f"config.sweep_examples={config.sweep_examples}: gives the largest sweep batch "
-            f"({max(config.sweep_batch_sizes)}) fewer than 20 steps; raise it."
+            f"config.validation_fraction={config.validation_fraction}: must be in (0, 1)."
         )
-    if not 0 < config.stability_window <= 1:
-        raise ValueError(f"config.stability_window={config.stability_window}: must be in (0, 1].")
-    for name in config.normalizers:
+    if not config.lr_candidates:
+        raise ValueError("config.lr_candidates: give at least one learning rate.")
+    for name in (*config.normalizers, *config.dose_normalizers, *config.length_normalizers):
         grid.normalizer(name)  # raises naming the normalizer
-    for name in config.sweep_normalizers:
-        grid.normalizer(name)
+    used = {
+        "length_conditions": config.length_fractions,
+        "momentum_conditions": config.other_bn_momenta,
+    }
+    for key, family in used.items():
+        for name in config[key] if family else ():
+            if name not in config.run_conditions:
+                raise ValueError(f"config.{key}: {name!r} is not in run_conditions.")
+    for skew in config.dose_skews:
+        if not 0 <= skew <= 1:
+            raise ValueError(f"config.dose_skews: {skew} is not in [0, 1].")
     for width in config.model_features:
         if width % config.norm_groups:
             raise ValueError(
@@ -93,187 +96,381 @@ def check_study_config(config) -> None:
             )
 
 
-@dataclasses.dataclass
-class Artifacts:
-    """What the plots draw, gathered while the grid runs (first seed where one run suffices).
-
-    `losses[(condition, normalizer)]` holds every seed's (T,) loss curve; the rest hold batch
-    norm's first seed per condition: per-layer (T, C) batch means (`trajectories`), per-layer
-    population (mean, var), `running_pairs[condition][normalizer]` = (running, population)
-    of the deepest layer, and held-out (features, labels).
+def load_splits(config, dataset: str) -> tuple[data.Dataset, data.Dataset, data.Dataset]:
+    """(train, validation, test): the dataset's training split with `validation_fraction` of
+    it held out (a fixed permutation from `data_seed`), and its test split. A dataset without
+    sub-clusters (digits) gets 3 per class by k-means on the training split
+    (`bnjax.data.kmeans_subclusters`), for the clustered conditions.
 
     Example:
-      >>> Artifacts().losses[("uniform", "batch")]
-      []
+      >>> from bnjax.study.defaults import quick_config
+      >>> train, validation, test = load_splits(quick_config(), "clusters")
+      >>> len(train), len(validation), len(test)
+      (3200, 800, 1000)
     """
-
-    losses: dict = dataclasses.field(default_factory=lambda: defaultdict(list))
-    trajectories: dict = dataclasses.field(default_factory=dict)  # condition -> per layer
-    population: dict = dataclasses.field(default_factory=dict)  # condition -> per layer
-    running_pairs: dict = dataclasses.field(default_factory=lambda: defaultdict(dict))
-    features: dict = dataclasses.field(default_factory=dict)  # condition -> (features, labels)
-
-    def add(self, run: grid.Run, first_seed: bool, trained: Trained, measured: Measured):
-        c, n = run.condition.name, run.normalizer.name
-        if run.study != "table":
-            return
-        if not run.normalizer.recalibrate:
-            self.losses[(c, n)].append(trained.trace.loss)
-        if not first_seed or run.normalizer.norm != "batch":
-            return
-        if measured.running is not None and run.normalizer.ghost_batch_size is None:
-            self.running_pairs[c][n] = (measured.running[-1], measured.population[-1])
-        if n == "batch":
-            self.trajectories[c] = trained.trace.batch_means
-            self.population[c] = measured.population
-            self.features[c] = (measured.features, measured.labels)
+    options = {}
+    if dataset == "clusters":
+        options["config"] = data.ClusterConfig(**config.clusters.to_dict())
+    full = data.load(dataset, "train", seed=config.data_seed, **options)
+    test = data.load(dataset, "test", seed=config.data_seed, **options)
+    if full.subclusters is None:
+        full, test = data.kmeans_subclusters(full, test, seed=config.data_seed)
+    order = np.random.default_rng(config.data_seed).permutation(len(full))
+    held = round(len(full) * config.validation_fraction)
+    return full.subset(np.sort(order[held:])), full.subset(np.sort(order[:held])), test
 
 
-def make_runs(config) -> list[grid.Run]:
-    """The config's grid (`grid.make_grid`).
+def choose_rates(rows: Sequence[dict], dataset: str) -> dict[str, float]:
+    """{normalizer: rate} from the sweep's rows: the best mean validation accuracy (ties: the
+    smaller rate); `batch+recalibration` and the like share their training normalizer's.
 
     Example:
-      >>> from bnjax.study.defaults import study_config
-      >>> runs = make_runs(study_config())
-      >>> len(runs), sum(r.study == "sweep" for r in runs)
-      (153, 63)
+      >>> rows = [{"dataset": "d", "family": "lr", "normalizer": "batch", "learning_rate": lr,
+      ...          "validation_accuracy": a} for lr, a in ((0.05, 0.8), (0.1, 0.9), (0.2, 0.9))]
+      >>> choose_rates(rows, "d")
+      {'batch': 0.1}
     """
-    return grid.make_grid(
-        grid.conditions_from_config(config.conditions, config.run_conditions),
-        config.normalizers,
-        range(config.num_seeds),
-        sweep_batch_sizes=config.sweep_batch_sizes,
-        sweep_normalizers=config.sweep_normalizers,
-        ghost_batch_size=config.ghost_batch_size,
-        num_steps=config.num_steps,
-        sweep_examples=config.sweep_examples,
-        sweep_reference_batch_size=config.sweep_reference_batch_size,
-    )
+    scores: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        if r["dataset"] == dataset and r["family"] == "lr":
+            scores.setdefault(r["normalizer"], {}).setdefault(r["learning_rate"], []).append(
+                r["validation_accuracy"]
+            )
+    return {
+        n: max(sorted(by_rate), key=lambda rate, b=by_rate: np.mean(b[rate]))
+        for n, by_rate in scores.items()
+    }
+
+
+def row_id(row_or_run) -> tuple:
+    """What identifies a results row (and the run that makes it), for resume.
+
+    Example:
+      >>> row_id({"dataset": "d", "family": "table", "condition": "u", "normalizer": "batch",
+      ...         "seed": 0, "learning_rate": 0.05, "bn_momentum": 0.9, "examples": 9600})
+      ('d', 'table', 'u', 'batch', 0, 0.05, 0.9, 9600)
+    """
+    if isinstance(row_or_run, grid.Run):
+        r = row_or_run
+        values = (
+            r.dataset,
+            r.family,
+            r.condition.name,
+            r.normalizer.name,
+            r.seed,
+            r.learning_rate,
+            r.bn_momentum,
+            r.examples,
+        )
+    else:
+        r = row_or_run
+        values = (
+            r["dataset"],
+            r["family"],
+            r["condition"],
+            r["normalizer"],
+            r["seed"],
+            r["learning_rate"],
+            r["bn_momentum"],
+            r["examples"],
+        )
+    *head, rate, momentum, examples = values
+    return (*head, round(float(rate), 10), round(float(momentum), 10), int(examples))
+
+
+def _config_text(config) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, default=str, indent=1)
+
+
+def _claim_resume(config, workdir: str) -> list[dict]:
+    """The rows an earlier run of the same config left in `workdir` (none for a new one)."""
+    path, csv_path = os.path.join(workdir, CONFIG_FILE), os.path.join(workdir, "results.csv")
+    text = _config_text(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() != text:
+                raise ValueError(
+                    f"{workdir} holds a study with a different config ({CONFIG_FILE}); use a "
+                    "new --workdir, or delete the old one to start over."
+                )
+        return report.read_csv(csv_path) if os.path.exists(csv_path) else []
+    with open(path, "w") as f:
+        f.write(text)
+    return []
+
+
+def _artifact_path(workdir: str, run: grid.Run) -> str:
+    digest = hashlib.sha1(repr(row_id(run)).encode()).hexdigest()[:16]
+    return os.path.join(workdir, "artifacts", f"{digest}.npz")
+
+
+def _save_artifacts(workdir: str, run: grid.Run, trained: Trained, measured: Measured) -> None:
+    """What the plots draw that results.csv does not hold: the probe curve, and for the first
+    seed the batch-mean trajectories of layer 0 and the deepest layer (every 4th step), the
+    population, and the test features."""
+    t = trained.trace
+    arrays = {
+        "probe_steps": t.probe_steps,
+        "probe_loss": t.probe_loss,
+        "probe_accuracy": t.probe_accuracy,
+    }
+    if run.seed == 0 and run.family == "table":
+        for name, layer in (("first", 0), ("deep", len(t.batch_means) - 1)):
+            arrays[f"trajectory_{name}"] = t.batch_means[layer][::4, :4].astype(np.float32)
+            pop_mean, pop_var = measured.population[layer]
+            arrays[f"population_{name}"] = np.stack([pop_mean[:4], pop_var[:4]])
+        arrays["features"] = measured.features[:1000].astype(np.float32)
+        arrays["labels"] = measured.labels[:1000]
+    os.makedirs(os.path.dirname(_artifact_path(workdir, run)), exist_ok=True)
+    np.savez_compressed(_artifact_path(workdir, run), **arrays)
+
+
+def load_artifacts(workdir: str, run: grid.Run) -> dict | None:
+    """The run's artifacts (`_save_artifacts`), or None if it has none.
+
+    Example:
+      >>> import tempfile
+      >>> run = grid.Run("d", "table", grid.Condition("u", "uniform", 8),
+      ...                grid.normalizer("batch"), 0, 10, 0.1, 0.9)
+      >>> with tempfile.TemporaryDirectory() as workdir:
+      ...     print(load_artifacts(workdir, run))
+      None
+    """
+    path = _artifact_path(workdir, run)
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as f:
+        return dict(f)
 
 
 def _print(message: str) -> None:
     print(message, flush=True)
 
 
+class _Executor:
+    """Trains and measures runs cell by cell, appending rows and saving after each cell."""
+
+    def __init__(self, config, workdir: str, rows: list[dict], log, total: int):
+        self.config, self.workdir, self.rows = config, workdir, rows
+        self.done = {row_id(r) for r in rows}
+        self.progress = Progress("study", total, enabled=config.progress, log=log)
+        self.started = time.perf_counter()
+        self.trained_cells = 0
+        self.completed = 0
+
+    def run(self, study: Study, runs: Sequence[grid.Run]) -> None:
+        pending = [r for r in runs if row_id(r) not in self.done]
+        self.completed += len(runs) - len(pending)  # resumed rows
+        self.progress.update(self.completed)
+        cells: dict[tuple, list[grid.Run]] = {}
+        for r in pending:
+            cells.setdefault(r.group_key, []).append(r)
+        for cell in cells.values():
+            seeds = sorted({r.seed for r in cell})
+            representative = {r.seed: r for r in reversed(cell)}
+            trained = dict(zip(seeds, study.train([representative[s] for s in seeds]), strict=True))
+            self.trained_cells += 1
+            measured_cache: dict[tuple, Measured] = {}
+            for r in cell:
+                key = (r.seed, r.normalizer.recalibrate)
+                if key not in measured_cache:
+                    measured_cache[key] = study.measure(r, trained[r.seed])
+                m = measured_cache[key]
+                row = dict(m.row)
+                row.update(row_id_fields(r))
+                self.rows.append(row)
+                self.done.add(row_id(r))
+                _save_artifacts(self.workdir, r, trained[r.seed], m)
+                self.completed += 1
+                self.progress.update(
+                    self.completed,
+                    f"{r.dataset} {r.family} {r.condition.name} {r.normalizer.name} seed "
+                    f"{r.seed}: accuracy {row['accuracy_eval']:.3f}  "
+                    f"({time.perf_counter() - self.started:.0f} s)",
+                )
+            report.write_csv(self.rows, os.path.join(self.workdir, "results.csv"))
+
+
+def row_id_fields(run: grid.Run) -> dict:
+    """The identifying columns of a run's row (a measured row shared by several runs gets each
+    run's own).
+
+    Example:
+      >>> run = grid.Run("d", "dose", grid.Condition("b8_s0", "uniform", 8),
+      ...                grid.normalizer("batch"), 1, 10, 0.1, 0.9)
+      >>> fields = row_id_fields(run)
+      >>> fields["family"], fields["condition"], fields["examples"]
+      ('dose', 'b8_s0', 80)
+    """
+    return {
+        "dataset": run.dataset,
+        "family": run.family,
+        "condition": run.condition.name,
+        "normalizer": run.normalizer.name,
+        "seed": run.seed,
+        "learning_rate": run.learning_rate,
+        "bn_momentum": run.bn_momentum,
+        "examples": run.examples,
+        "num_steps": run.num_steps,
+    }
+
+
+def planned_runs(config) -> int:
+    """How many rows the study will write (sweep + grid, every dataset).
+
+    Example:
+      >>> from bnjax.study.defaults import quick_config
+      >>> planned_runs(quick_config())
+      46
+    """
+    conditions = grid.conditions_from_config(config.conditions, config.run_conditions)
+    per_dataset = len(
+        grid.lr_sweep_runs(
+            "x",
+            config.normalizers,
+            config.lr_candidates,
+            range(config.lr_seeds),
+            batch_size=config.reference_batch_size,
+            example_budget=config.example_budget,
+            bn_momentum=config.bn_momentum,
+        )
+    ) + len(grid.make_grid("x", config, {n: 0.1 for n in grid.NORMALIZERS}, conditions))
+    return per_dataset * len(config.datasets)
+
+
 def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> list[dict]:
-    """Trains and measures every run of `config` (scale resolved); writes the outputs.
+    """Runs (or resumes) every run of `config`; writes results.csv, table.md, verdicts.md and
+    plots/ to `workdir`. Returns the rows of results.csv.
 
-    Returns the rows of `results.csv`. `log` receives a line per run (when no progress bar
-    shows) and the closing summary.
-
-    Example (the smallest grid: one condition, one normalizer, one seed; a few seconds):
+    Example (a tiny grid: one dataset, one condition, two normalizers; about 30 seconds):
       >>> import tempfile
-      >>> from bnjax.study.defaults import study_config
-      >>> config = study_config()
-      >>> config.num_steps, config.warmup_steps, config.num_seeds = 20, 4, 1
-      >>> config.model_features = (8,)
-      >>> config.run_conditions, config.normalizers = ("skewed",), ("batch",)
-      >>> config.sweep_batch_sizes, config.plots, config.progress = (), False, False
+      >>> from bnjax.study.defaults import quick_config
+      >>> config = quick_config()
+      >>> config.run_conditions, config.normalizers = ("uniform",), ("batch", "none")
+      >>> config.dose_skews, config.lr_candidates, config.num_seeds = (), (0.1,), 2
+      >>> config.plots, config.progress = False, False
       >>> with tempfile.TemporaryDirectory() as workdir:
       ...     rows = run_study(config, workdir, log=lambda line: None)
       ...     written = sorted(os.listdir(workdir))
-      >>> len(rows), rows[0]["condition"], written
-      (1, 'skewed', ['results.csv', 'table.md'])
+      >>> len(rows), sorted({r["family"] for r in rows})
+      (6, ['lr', 'table'])
+      >>> written
+      ['artifacts', 'results.csv', 'study_config.json', 'table.md', 'verdicts.md']
     """
-    config = resolve_scale(config)
     check_study_config(config)
     os.makedirs(workdir, exist_ok=True)
-    runs = make_runs(config)
+    rows = _claim_resume(config, workdir)
+    if rows:
+        log(f"resuming: {len(rows)} runs already in {workdir}/results.csv")
     conditions = grid.conditions_from_config(config.conditions, config.run_conditions)
     labels = {c.name: c.label for c in conditions}
-    train = data.load(config.dataset, "train", seed=config.data_seed)
-    test = data.load(config.dataset, "test", seed=config.data_seed)
-    study = Study(config, train, test)
-    trained_runs: dict[tuple, Trained] = {}
-    # A trained run (variables and per-step trace) is freed once no later run shares it.
-    uses_left = Counter(run.training_key for run in runs)
-    trained_count = 0
-    measured_runs: dict[tuple, Measured] = {}
-    artifacts, rows = Artifacts(), []
-    started = time.perf_counter()
-    progress = Progress("study", len(runs), enabled=config.progress, log=log)
-    csv_path = os.path.join(workdir, "results.csv")
+    executor = _Executor(config, workdir, rows, log, planned_runs(config))
+    chosen: dict[tuple[str, str], float] = {}
+    all_runs: list[grid.Run] = []
+    classes: dict[str, int] = {}
     try:
-        for number, run in enumerate(runs, start=1):
-            key = run.training_key
-            if key not in trained_runs:
-                trained_runs[key] = study.train(run)
-                trained_count += 1
-            trained = trained_runs[key]
-            measure_key = (key, run.normalizer.recalibrate)
-            if measure_key not in measured_runs:
-                measured_runs[measure_key] = study.measure(run, trained)
-            measured = measured_runs[measure_key]
-            uses_left[key] -= 1
-            if not uses_left[key]:
-                del trained_runs[key]
-            row = dict(
-                measured.row,
-                study=run.study,
-                condition=run.condition.name,
-                normalizer=run.normalizer.name,
+        for dataset in config.datasets:
+            train, validation, test = load_splits(config, dataset)
+            study = Study(config, train, validation, test)
+            classes[dataset] = train.num_classes
+            sweep = grid.lr_sweep_runs(
+                dataset,
+                config.normalizers,
+                config.lr_candidates,
+                range(config.lr_seeds),
+                batch_size=config.reference_batch_size,
+                example_budget=config.example_budget,
+                bn_momentum=config.bn_momentum,
+                ghost_batch_size=config.ghost_batch_size,
             )
-            rows.append(row)
-            artifacts.add(run, run.seed == 0, trained, measured)
-            report.write_csv(rows, csv_path)
-            progress.advance(
-                f"[{number}/{len(runs)}] {run.study} {run.condition.name} "
-                f"{run.normalizer.name} seed {run.seed}: accuracy (eval) "
-                f"{row['accuracy_eval']:.3f}, final loss {row['final_loss']:.3f}  "
-                f"({time.perf_counter() - started:.0f} s)"
-            )
+            executor.run(study, sweep)
+            rates = choose_rates(executor.rows, dataset)
+            chosen.update({(dataset, n): rate for n, rate in rates.items()})
+            runs = grid.make_grid(dataset, config, rates, conditions)
+            executor.run(study, runs)
+            all_runs += sweep + runs
     finally:
-        progress.close()
+        executor.progress.close()
+    rows = executor.rows
+    budgets = {d: config.example_budget for d in config.datasets}
+    deep = report.deepest_layer(rows)
+    verdicts = claims.verdicts(
+        rows,
+        claims.study_claims(
+            deepest_layer=deep,
+            budget=config.example_budget,
+            length_fractions=config.length_fractions,
+            other_momenta=config.other_bn_momenta,
+        ),
+        momentum=config.bn_momentum,
+        budgets=budgets,
+        resamples=config.bootstrap_resamples,
+    )
     with open(os.path.join(workdir, "table.md"), "w") as f:
-        f.write(report.table_markdown(rows, labels, title=TITLE))
-    if config.plots:
-        write_plots(
-            rows, artifacts, labels, os.path.join(workdir, "plots"), chance=1 / train.num_classes
+        f.write(
+            report.table_markdown(
+                rows,
+                labels,
+                chosen,
+                title=TITLE,
+                preamble=PREAMBLE,
+                resamples=config.bootstrap_resamples,
+            )
         )
+    with open(os.path.join(workdir, "verdicts.md"), "w") as f:
+        f.write(report.verdicts_markdown(verdicts, title=f"{TITLE}: the claims, one by one"))
+    if config.plots:
+        write_plots(rows, all_runs, labels, workdir, classes)
+    seconds = time.perf_counter() - executor.started
     log(
-        f"study finished: {len(runs)} runs ({trained_count} trained) in "
-        f"{time.perf_counter() - started:.0f} s; wrote {workdir}/results.csv, table.md"
+        f"study finished: {len(rows)} runs ({executor.trained_cells} cells trained now) in "
+        f"{seconds:.0f} s; wrote {workdir}/results.csv, table.md, verdicts.md"
         + (", plots/" if config.plots else "")
     )
     return rows
 
 
-def write_plots(
-    rows, artifacts: Artifacts, labels, directory: str, chance: float | None = None
-) -> list[str]:
-    """Every figure of `bnjax.study.plots` that the study's runs give data for; returns the
-    paths written (`run_study` calls it; its test draws every figure).
+def write_plots(rows, runs: Sequence[grid.Run], labels, workdir: str, classes) -> list[str]:
+    """Every figure of `bnjax.study.plots` (into workdir/plots); returns the paths written.
+    `classes` is {dataset: number of classes} (the chance lines).
 
-    Example (rows without sweep or training artifacts: the headline and loss curves only):
+    Example (rows only, no saved artifacts: the figures drawn from results.csv alone):
       >>> import tempfile
-      >>> rows = [{"study": "table", "condition": "u", "normalizer": "batch", "seed": 0,
-      ...          "accuracy_eval": 0.9}]
-      >>> artifacts = Artifacts()
-      >>> artifacts.losses[("u", "batch")].append(np.linspace(2, 0.1, 30))
-      >>> with tempfile.TemporaryDirectory() as directory:
-      ...     paths = write_plots(rows, artifacts, {"u": "uniform"}, directory)
-      >>> [os.path.basename(p) for p in paths]
-      ['headline.png', 'loss_curves.png']
+      >>> rows = [{"dataset": "d", "family": "table", "condition": "u", "normalizer": "batch",
+      ...          "seed": s, "accuracy_eval": 0.9, "stability_excess_mean_l0": 0.0,
+      ...          "running_mean_bias_l0": 0.1, "running_var_bias_l0": 0.1} for s in range(2)]
+      >>> with tempfile.TemporaryDirectory() as workdir:
+      ...     paths = write_plots(rows, [], {}, workdir, {"d": 10})
+      >>> sorted(os.path.basename(p) for p in paths)
+      ['headline.png', 'probe_curves.png', 'running_bias.png', 'stability_by_layer.png']
     """
+    directory = os.path.join(workdir, "plots")
     os.makedirs(directory, exist_ok=True)
     path = lambda name: os.path.join(directory, name)  # noqa: E731
-    written = []
-    if any(r["study"] == "table" for r in rows):
-        written.append(plots.headline(rows, labels, path("headline.png"), chance=chance))
-        written.append(plots.loss_curves(artifacts.losses, labels, path("loss_curves.png")))
-    if artifacts.trajectories:
-        written.append(
-            plots.batch_statistics(
-                artifacts.trajectories, artifacts.population, labels, path("batch_statistics.png")
-            )
+    rows = report.with_layer_means(rows)
+    curves: dict = {}
+    firsts: dict = {}
+    for run in runs:
+        if run.family != "table" or run.normalizer.recalibrate:
+            continue
+        art = load_artifacts(workdir, run)
+        if art is None:
+            continue
+        key = (run.dataset, run.condition.name, run.normalizer.name)
+        curves.setdefault(key, []).append(
+            (art["probe_steps"] * run.condition.batch_size, art["probe_loss"])
         )
-        written.append(plots.features_pca(artifacts.features, labels, path("features_pca.png")))
-    if artifacts.running_pairs:
-        written.append(
-            plots.running_vs_population(
-                artifacts.running_pairs, labels, path("running_vs_population.png")
-            )
-        )
-    if any(r["study"] == "sweep" for r in rows):
-        written.append(plots.accuracy_vs_batch_size(rows, path("accuracy_vs_batch_size.png")))
-    return written
+        if "features" in art and run.normalizer.name == "batch":
+            firsts[(run.dataset, run.condition.name)] = art
+    chance = {d: 1 / n for d, n in classes.items()}
+    written = [
+        plots.headline(rows, labels, path("headline.png"), chance=chance),
+        plots.dose_response(rows, path("dose_response.png")),
+        plots.probe_curves(curves, labels, path("probe_curves.png")),
+        plots.running_bias_by_layer(rows, labels, path("running_bias.png")),
+        plots.stability_by_layer(rows, labels, path("stability_by_layer.png")),
+    ]
+    if firsts:
+        written.append(plots.batch_statistics(firsts, labels, path("batch_statistics.png")))
+        written.append(plots.features_pca(firsts, labels, path("features_pca.png")))
+    return [p for p in written if p]

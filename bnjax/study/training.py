@@ -1,7 +1,8 @@
-"""One training run of the study, with everything the Table 1 columns need recorded per step.
+"""Training runs of the study, every seed of a cell at once, with what the metrics need.
 
-The training set sits on the device and each step gathers its rows from a precomputed (T, B)
-index array (the sampler's batches), so no batch is copied from the host. Each step records
+The training set sits on the device and each step gathers its rows from a precomputed
+(S, T, B) index array (each seed's sampler batches), so no batch is copied from the host; the
+S seeds of a cell train together, vmapped. Each step records, per seed,
 
     loss[t]                        mean cross-entropy of batch t                    ()
     accuracy[t]                    training accuracy of batch t                     ()
@@ -13,7 +14,9 @@ index array (the sampler's batches), so no batch is copied from the host. Each s
 
 The layer statistics are those of the norm's *input*, the same quantity for every normalizer,
 so batch norm and its alternatives are measured on one scale. The pair metrics follow
-`bnjax.study.update_pair` (computed here in float32, on device).
+`bnjax.study.update_pair` (computed here in float32, on device). Besides, a fixed held-out
+probe is evaluated in evaluation mode at evenly spaced steps (`probe_schedule`): the
+convergence curves that do not read the training batches.
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ from bnjax.train.steps import STATE_COLLECTIONS, StepInternals, make_train_step
 
 
 class Trace(NamedTuple):
-    """What one run recorded per step (NumPy, T steps); see the module docstring.
+    """What one seed's run recorded (NumPy, T steps, P probe points); see the module docstring.
 
     Example (`make_trainer` shows one from a real run):
       >>> t = Trace(np.zeros(3), np.ones(3), (np.zeros((3, 8)),), (np.ones((3, 8)),),
-      ...           np.full((3, 2), np.nan), np.full((3, 2), np.nan))
-      >>> len(t.loss), t.batch_means[0].shape
-      (3, (3, 8))
+      ...           np.full((3, 2), np.nan), np.full((3, 2), np.nan), np.array([0, 3]),
+      ...           np.array([2.3, 1.0]), np.array([0.1, 0.6]))
+      >>> len(t.loss), t.batch_means[0].shape, float(t.probe_accuracy[-1])
+      (3, (3, 8), 0.6)
     """
 
     loss: np.ndarray  # (T,)
@@ -46,6 +50,9 @@ class Trace(NamedTuple):
     batch_vars: tuple[np.ndarray, ...]  # per norm layer, (T, C_l)
     grad_pair: np.ndarray  # (T, 2): (1 - cos, relative change) of g_t vs g_{t-1}
     update_pair: np.ndarray  # (T, 2): the same for the weight updates
+    probe_steps: np.ndarray  # (P,) steps taken before each probe evaluation (0 first)
+    probe_loss: np.ndarray  # (P,) held-out loss in evaluation mode
+    probe_accuracy: np.ndarray  # (P,) held-out accuracy in evaluation mode
 
 
 def is_conv_call(module, method_name: str) -> bool:
@@ -88,13 +95,17 @@ def _pair(previous, current):
     return jnp.where(defined, jnp.stack([one_minus_cos, relative]), jnp.nan)
 
 
-def make_trainer(model: nn.Module, optimizer: optax.GradientTransformation):
-    """`train(state, images, labels, rows) -> (state, record)`: one jitted step per row, each
-    `bnjax.train.steps.make_train_step`'s step plus the records of the module docstring.
+def make_trainer(model: nn.Module, eval_model: nn.Module, optimizer: optax.GradientTransformation):
+    """`train(states, images, labels, rows, probe, probe_after) -> (states, record, curve)`:
+    one jitted step per row, every seed at once (vmapped), each seed's step
+    `bnjax.train.steps.make_train_step`'s plus the records of the module docstring.
 
-    `state` is `bnjax.train.steps.initial_state`'s dict, `images` (N, H, W, C) and `labels`
-    (N,) the whole training set, `rows` (T, B) int32: row t lists batch t's examples. The
-    state's buffers are donated: keep a copy if you need the initial state afterwards.
+    `states` are `bnjax.train.steps.initial_state` dicts stacked over S seeds, `images`
+    (N, H, W, C) and `labels` (N,) the whole training set, `rows` (S, T, B) int32: row [s, t]
+    lists seed s's batch t. `probe` = (images (P, ...), labels (P,)) is a fixed held-out set,
+    evaluated in evaluation mode (`eval_model`, no ghost batches) before training and after each
+    step listed in `probe_after`: `curve` holds 'loss' and 'accuracy' (S, len(probe_after) + 1).
+    The record's arrays are (S, T, ...). The states' buffers are donated.
 
     Example:
       >>> from bnjax.models import SmallCNN
@@ -103,12 +114,14 @@ def make_trainer(model: nn.Module, optimizer: optax.GradientTransformation):
       >>> images = jax.random.normal(jax.random.key(0), (12, 8, 8, 1))
       >>> labels = jnp.arange(12) % 3
       >>> optimizer = optax.sgd(0.1)
-      >>> state = initial_state(model, optimizer, images[:2], seed=0)
-      >>> rows = np.arange(12, dtype=np.int32).reshape(3, 4)       # 3 steps of 4 examples
-      >>> state, record = make_trainer(model, optimizer)(state, images, labels, rows)
-      >>> trace = to_trace(record)
-      >>> int(state["step"]), trace.loss.shape, [m.shape for m in trace.batch_means]
-      (3, (3,), [(3, 4), (3, 8)])
+      >>> states = stack_states([initial_state(model, optimizer, images[:2], seed=s)
+      ...                        for s in (0, 1)])
+      >>> rows = np.arange(12, dtype=np.int32).reshape(1, 3, 4).repeat(2, axis=0)  # 2 seeds
+      >>> train = make_trainer(model, model, optimizer)
+      >>> states, record, curve = train(states, images, labels, rows, (images, labels), [1, 3])
+      >>> trace = to_trace(record, curve, seed=1)
+      >>> trace.loss.shape, [m.shape for m in trace.batch_means], trace.probe_loss.shape
+      ((3,), [(3, 4), (3, 8)], (3,))
       >>> bool(np.isnan(trace.grad_pair[0]).all()), bool(np.isfinite(trace.grad_pair[1:]).all())
       (True, True)
     """
@@ -137,34 +150,81 @@ def make_trainer(model: nn.Module, optimizer: optax.GradientTransformation):
 
     # One jitted step in a Python loop rather than one `lax.scan`: XLA:CPU runs convolutions
     # inside a while loop ~20x slower than the same step jitted alone (measured: 58 vs 3 ms
-    # per step of the study's net at batch 32), and dispatch is asynchronous anyway.
-    jitted_step = jax.jit(step, donate_argnums=0)
+    # per step of the study's net at batch 32), and dispatch is asynchronous anyway. The
+    # seeds share each dispatch (vmap), which is what makes small batches affordable.
+    jitted_step = jax.jit(jax.vmap(step, in_axes=(0, 0, None, None)), donate_argnums=0)
 
-    def train(state, images, labels, rows):
+    def probe_one(state, probe_images, probe_labels):
+        variables = {k: v for k, v in state.items() if k not in ("step", "opt_state")}
+        logits = eval_model.apply(variables, probe_images, train=False)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, probe_labels).mean()
+        return loss, jnp.mean(jnp.argmax(logits, -1) == probe_labels)
+
+    jitted_probe = jax.jit(jax.vmap(probe_one, in_axes=(0, None, None)))
+
+    def train(states, images, labels, rows, probe, probe_after):
         def zeros():  # a fresh buffer each: the step donates its carry
-            return jax.tree.map(jnp.zeros_like, state["params"])
+            return jax.tree.map(jnp.zeros_like, states["params"])
 
-        carry, records = (state, zeros(), zeros()), []
-        for batch_rows in rows:
-            carry, record = jitted_step(carry, batch_rows, images, labels)
-            records.append(record)
-        return carry[0], jax.tree.map(lambda *steps: jnp.stack(steps), *records)
+        after = set(int(t) for t in probe_after)
+        curve = [jitted_probe(states, *probe)]
+        carry, records = (states, zeros(), zeros()), []
+        for t in range(rows.shape[1]):
+            carry, step_record = jitted_step(carry, rows[:, t], images, labels)
+            records.append(step_record)
+            if t + 1 in after:
+                curve.append(jitted_probe(carry[0], *probe))
+        stacked = jax.tree.map(lambda *steps: jnp.stack(steps, axis=1), *records)
+        losses, accuracies = zip(*curve, strict=True)
+        return (
+            carry[0],
+            stacked,
+            {"loss": jnp.stack(losses, 1), "accuracy": jnp.stack(accuracies, 1)},
+        )
 
     return train
 
 
-def to_trace(record) -> Trace:
-    """The trainer's stacked per-step record, on the host as a float64 `Trace` (example:
-    `make_trainer`).
+def stack_states(states: list[dict]) -> dict:
+    """One state pytree with a leading seed axis from per-seed states (`make_trainer`).
 
     Example:
-      >>> r = {"loss": jnp.ones(2), "accuracy": jnp.zeros(2), "batch_means": (jnp.zeros((2, 4)),),
-      ...      "batch_vars": (jnp.ones((2, 4)),), "grad_pair": jnp.zeros((2, 2)),
-      ...      "update_pair": jnp.zeros((2, 2))}
-      >>> to_trace(r).loss.dtype
-      dtype('float64')
+      >>> stack_states([{"w": jnp.zeros(3)}, {"w": jnp.ones(3)}])["w"].shape
+      (2, 3)
     """
-    r = jax.device_get(record)
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def probe_schedule(num_steps: int, points: int) -> list[int]:
+    """The steps after which the probe is evaluated: `points` steps spread evenly over the run,
+    the last one included (and step 0, before training, by `make_trainer`).
+
+    Example:
+      >>> probe_schedule(300, 4), probe_schedule(3, 10)
+      ([75, 150, 225, 300], [1, 2, 3])
+    """
+    points = min(points, num_steps)
+    return sorted({round(num_steps * (i + 1) / points) for i in range(points)})
+
+
+def to_trace(record, curve, seed: int, probe_after=None) -> Trace:
+    """Seed `seed`'s part of the trainer's stacked record and probe curve, on the host as a
+    float64 `Trace` (example: `make_trainer`). `probe_after` are the trainer's probe steps
+    (None: 1, 2, ...).
+
+    Example:
+      >>> r = {"loss": jnp.ones((1, 2)), "accuracy": jnp.zeros((1, 2)),
+      ...      "batch_means": (jnp.zeros((1, 2, 4)),), "batch_vars": (jnp.ones((1, 2, 4)),),
+      ...      "grad_pair": jnp.zeros((1, 2, 2)), "update_pair": jnp.zeros((1, 2, 2))}
+      >>> c = {"loss": jnp.ones((1, 2)), "accuracy": jnp.zeros((1, 2))}
+      >>> t = to_trace(r, c, seed=0, probe_after=[2])
+      >>> t.loss.dtype, t.probe_steps.tolist()
+      (dtype('float64'), [0, 2])
+    """
+    r = jax.device_get(jax.tree.map(lambda a: a[seed], record))
+    c = jax.device_get(jax.tree.map(lambda a: a[seed], curve))
+    points = len(c["loss"])
+    steps = list(range(points)) if probe_after is None else [0, *sorted(probe_after)]
     return Trace(
         loss=np.asarray(r["loss"], np.float64),
         accuracy=np.asarray(r["accuracy"], np.float64),
@@ -172,6 +232,9 @@ def to_trace(record) -> Trace:
         batch_vars=tuple(np.asarray(v, np.float64) for v in r["batch_vars"]),
         grad_pair=np.asarray(r["grad_pair"], np.float64),
         update_pair=np.asarray(r["update_pair"], np.float64),
+        probe_steps=np.asarray(steps, np.int64),
+        probe_loss=np.asarray(c["loss"], np.float64),
+        probe_accuracy=np.asarray(c["accuracy"], np.float64),
     )
 
 

@@ -1,61 +1,114 @@
-"""The study's grid, config resolution and report writing (no training here)."""
+"""The study's grid, config checks, statistics, claims and report writing (no training here)."""
 
+import math
 import os
 import sys
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from bnjax.study import grid, report, runner
+from bnjax.study import claims, grid, report, runner, significance
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
 import batch_study
 
+RATES = {name: 0.1 for name in grid.NORMALIZERS}
 
-def test_default_config_is_the_papers_five_conditions_in_order():
+
+def _grid(config=None):
+    config = config or batch_study.get_config()
+    conditions = grid.conditions_from_config(config.conditions, config.run_conditions)
+    return config, grid.make_grid("clusters", config, RATES, conditions)
+
+
+def test_default_config_has_the_papers_conditions_deconfounded():
     config = batch_study.get_config()
     conditions = grid.conditions_from_config(config.conditions, config.run_conditions)
     assert [c.label for c in conditions] == list(grid.PAPER_LABELS.values())
     by_name = {c.name: c for c in conditions}
     assert by_name["small_batch"].batch_size < by_name["uniform"].batch_size
     assert by_name["large_inconsistent"].batch_size > by_name["uniform"].batch_size
-    assert by_name["skewed"].sampler == by_name["large_inconsistent"].sampler == "skewed"
-    runner.check_study_config(runner.resolve_scale(config))
+    # Large inconsistent batches differ from the class-skewed ones in B only.
+    assert by_name["skewed"].skew == by_name["large_inconsistent"].skew
+    assert not by_name["clustered_stream"].shuffle_batches
+    assert by_name["clustered_shuffled"].shuffle_batches
+    assert "none" in config.normalizers and config.num_seeds >= 5
+    assert set(config.datasets) == {"clusters", "digits"}
+    runner.check_study_config(config)
+    runner.check_study_config(batch_study.get_config("quick"))
+    with pytest.raises(ValueError, match=r"batch_study\.py:huge"):
+        batch_study.get_config("huge")
 
 
-def test_grid_counts_and_shared_training_runs():
-    config = batch_study.get_config()
-    runs = runner.make_runs(config)
-    table = [r for r in runs if r.study == "table"]
-    sweep = [r for r in runs if r.study == "sweep"]
-    assert len(table) == 5 * len(config.normalizers) * config.num_seeds
-    assert len(sweep) == len(config.sweep_batch_sizes) * len(config.sweep_normalizers) * 3
-    # batch+recalibration reuses batch's training; the sweep's batch 32 reuses the uniform
-    # condition (same steps and learning rate); nothing else is shared.
-    keys = {r.training_key for r in runs}
+def test_every_run_sees_the_same_examples_at_a_linearly_scaled_rate():
+    config, runs = _grid()
+    for r in runs:
+        expected = config.example_budget
+        if r.family == "length":
+            assert r.examples in {round(expected * f) for f in config.length_fractions}
+        else:
+            assert r.examples // r.condition.batch_size * r.condition.batch_size == r.examples
+            assert abs(r.examples - expected) < r.condition.batch_size
+        assert math.isclose(r.learning_rate, 0.1 * r.condition.batch_size / 32)
+    families = {r.family for r in runs}
+    assert families == {"table", "dose", "momentum", "length"}
 
-    def by(name, cond):
-        return [r for r in table if r.normalizer.name == name and r.condition.name == cond]
 
-    recal = by("batch+recalibration", "skewed")[0]
-    assert by("batch", "skewed")[0].training_key == recal.training_key
-    assert by("batch", "skewed")[0].training_key != by("ghost_batch", "skewed")[0].training_key
-    shared_sweep = [r for r in sweep if r.condition.batch_size == 32]
-    assert len(keys) == len(runs) - config.num_seeds * 5 - len(shared_sweep)
+def test_shared_training_runs():
+    _, runs = _grid()
+
+    def find(family, condition, normalizer, **kw):
+        return next(
+            r
+            for r in runs
+            if (r.family, r.condition.name, r.normalizer.name, r.seed)
+            == (family, condition, normalizer, 0)
+            and all(getattr(r, k) == v for k, v in kw.items())
+        )
+
+    batch = find("table", "skewed", "batch")
+    assert find("table", "skewed", "batch+recalibration").training_key == batch.training_key
+    assert find("dose", "b32_s0.8", "batch").training_key == batch.training_key
+    assert find("table", "skewed", "ghost_batch").training_key != batch.training_key
+    # The momentum family changes batch norm, never a norm without running statistics.
+    assert find("momentum", "skewed", "batch").training_key != batch.training_key
+    group = find("table", "skewed", "group")
+    assert group.group_key[-1] is None
+    assert find("dose", "b32_s0.8", "group").training_key == group.training_key
 
 
 def test_ghost_size_is_capped_by_the_batch():
-    small = grid.Run(grid.Condition("u", "uniform", 4), grid.normalizer("ghost_batch", 8), 0)
-    plain = grid.Run(grid.Condition("u", "uniform", 4), grid.normalizer("batch"), 0)
-    assert small.training_key[6] == 4 and plain.training_key[6] is None
+    c = grid.Condition("u", "uniform", 4)
+    small = grid.Run("d", "table", c, grid.normalizer("ghost_batch", 8), 0, 10, 0.1, 0.9)
+    plain = grid.Run("d", "table", c, grid.normalizer("batch"), 0, 10, 0.1, 0.9)
+    assert small.ghost_batch_size == 4 and plain.ghost_batch_size is None
 
 
-def test_sweep_sees_the_same_examples_at_every_batch_size():
-    runs = [r for r in runner.make_runs(batch_study.get_config()) if r.study == "sweep"]
-    config = batch_study.get_config()
-    for r in runs:
-        assert r.num_steps * r.condition.batch_size == config.sweep_examples
-        assert r.lr_scale == r.condition.batch_size / 32
+def test_lr_sweep_and_rate_choice():
+    runs = grid.lr_sweep_runs(
+        "d",
+        ["none", "batch", "batch+recalibration"],
+        [0.03, 0.1],
+        [0, 1],
+        batch_size=32,
+        example_budget=3200,
+        bn_momentum=0.9,
+    )
+    assert {r.normalizer.name for r in runs} == {"none", "batch"} and len(runs) == 8
+    rows = [
+        {
+            "dataset": "d",
+            "family": "lr",
+            "normalizer": "batch",
+            "learning_rate": rate,
+            "validation_accuracy": acc,
+        }
+        for rate, acc in ((0.03, 0.5), (0.03, 0.7), (0.1, 0.6), (0.1, 0.6), (0.3, 0.2))
+    ]
+    assert runner.choose_rates(rows, "d") == {"batch": 0.03}  # tie at 0.6: the smaller rate
+    rows[0]["validation_accuracy"] = 0.4
+    assert runner.choose_rates(rows, "d") == {"batch": 0.1}
 
 
 @pytest.mark.parametrize(
@@ -73,41 +126,19 @@ def test_bad_conditions_name_the_key(fields, message):
         grid.conditions_from_config({"bad": fields}, ["bad"])
 
 
-def test_unknown_names_are_rejected():
-    with pytest.raises(ValueError, match="run_conditions"):
-        grid.conditions_from_config({"a": {"sampler": "uniform", "batch_size": 8}}, ["b"])
-    with pytest.raises(ValueError, match="normalizer 'batchnorm'"):
-        grid.normalizer("batchnorm")
-
-
-def test_scale_full_replaces_the_listed_keys_only():
-    config = batch_study.get_config()
-    config.scale = "full"
-    config.learning_rate = 0.01
-    resolved = runner.resolve_scale(config)
-    assert resolved.num_seeds == config.full.num_seeds
-    assert resolved.num_steps == config.full.num_steps
-    assert resolved.learning_rate == 0.01
-    assert runner.resolve_scale(batch_study.get_config()).num_steps == 300
-    config.full.num_step = 5
-    with pytest.raises(ValueError, match=r"config\.full\.num_step"):
-        runner.resolve_scale(config)
-    config.scale = "huge"
-    with pytest.raises(ValueError, match=r"config\.scale"):
-        runner.resolve_scale(config)
-
-
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
         ("num_seeds", 0, "config.num_seeds"),
-        ("num_steps", 10, "config.num_steps"),
-        ("warmup_steps", 300, "config.warmup_steps"),
-        ("stability_window", 0.0, "config.stability_window"),
+        ("example_budget", 500, "config.example_budget"),
+        ("warmup_fraction", 1.0, "config.warmup_fraction"),
+        ("validation_fraction", 0.0, "config.validation_fraction"),
         ("norm_groups", 5, "config.norm_groups"),
-        ("sweep_examples", 1000, "config.sweep_examples"),
         ("normalizers", ("batch", "weight"), "normalizer 'weight'"),
-        ("dataset", "imagenet", r"config.dataset='imagenet': choose one of \('clusters'"),
+        ("datasets", ("imagenet",), r"config.datasets: 'imagenet' is not one of"),
+        ("length_conditions", ("tiny",), "config.length_conditions"),
+        ("dose_skews", (0.0, 2.0), "config.dose_skews"),
+        ("lr_candidates", (), "config.lr_candidates"),
     ],
 )
 def test_bad_study_config_fails_fast(key, value, message):
@@ -117,44 +148,174 @@ def test_bad_study_config_fails_fast(key, value, message):
         runner.check_study_config(config)
 
 
-def _rows():
+# ---------------------------------------------------------------- statistics
+
+
+def test_holm_matches_the_step_down_by_hand():
+    # m = 5: 5 x 0.01, 4 x 0.02, 3 x 0.03, then the running maximum keeps 0.09.
+    adjusted = significance.holm([0.02, 0.05, 0.01, 0.04, 0.03])
+    np.testing.assert_allclose(adjusted, [0.08, 0.09, 0.05, 0.09, 0.09])
+    assert significance.holm([0.9, 0.8]) == [1.0, 1.0]
+
+
+def test_welch_matches_its_formula_in_float64():
+    a = np.array([0.91, 0.88, 0.93, 0.90, 0.87])
+    b = np.array([0.80, 0.86, 0.78, 0.84, 0.79, 0.83])
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    t = (a.mean() - b.mean()) / np.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    assert math.isclose(significance.welch(a, b, "greater"), stats.t.sf(t, df), rel_tol=1e-9)
+    assert math.isclose(significance.welch(a, b, "less"), stats.t.cdf(t, df), rel_tol=1e-9)
+    assert math.isclose(significance.welch(a, b), 2 * stats.t.sf(abs(t), df), rel_tol=1e-9)
+    assert math.isnan(significance.welch([1.0], b))
+
+
+def test_bootstrap_interval_is_deterministic_and_brackets_the_mean():
+    values = [0.2, 0.5, 0.4, 0.9, 0.6]
+    first = significance.bootstrap_ci(values, seed=3)
+    assert first == significance.bootstrap_ci(values, seed=3)
+    assert first.low < first.mean < first.high and first.n == 5
+    assert math.isclose(first.mean, np.mean(values))
+    # The percentile interval of the mean lies inside the data's range and narrows with n.
+    wide = significance.bootstrap_ci(values * 4, seed=3)
+    assert min(values) <= first.low and first.high <= max(values)
+    assert wide.high - wide.low < first.high - first.low
+    with pytest.raises(ValueError, match="confidence"):
+        significance.bootstrap_ci(values, confidence=1.0)
+
+
+def _claim_rows(gap_d1: float, gap_d2: float) -> list[dict]:
     rows = []
-    for seed, (acc, bias) in enumerate([(0.5, 0.1), (0.7, 0.3)]):
-        common = {"study": "table", "condition": "uniform", "seed": seed, "batch_size": 32}
-        metrics = {f"stability_mean_l{i}": 0.01 * (i + 1) for i in range(3)}
-        metrics.update(
-            stability_var_l2=0.2,
-            final_loss=1.0,
-            loss_oscillation=0.1,
-            steps_to_target=None if seed else 40,
-            gradient_noise=0.9,
-            accuracy_eval=acc,
-            accuracy_batch_stats=acc + 0.1,
-            silhouette=0.2,
-            intra_inter=0.5,
-        )
-        rows.append({**common, "normalizer": "batch", **metrics, "running_bias": bias})
-        rows.append({**common, "normalizer": "group", **metrics, "running_bias": None})
-    rows.append({**rows[0], "study": "sweep", "condition": "uniform_b2", "batch_size": 2})
+    for dataset, gap in (("d1", gap_d1), ("d2", gap_d2)):
+        for seed in range(5):
+            for condition, value in (("uniform", 0.9), ("skewed", 0.9 - gap)):
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "family": "table",
+                        "condition": condition,
+                        "normalizer": "batch",
+                        "bn_momentum": 0.9,
+                        "examples": 100,
+                        "seed": seed,
+                        "acc": value + 0.01 * ((seed * 7) % 5),
+                    }
+                )
     return rows
 
 
-def test_table_cells_are_mean_and_std_over_seeds():
+@pytest.mark.parametrize(
+    ("gaps", "verdict"),
+    [
+        ((0.3, 0.3), "held"),
+        ((0.3, 0.0), "held on d1"),
+        ((0.0, 0.0), "not shown"),
+        ((-0.3, 0.0), "reversed on d1"),
+    ],
+)
+def test_claim_verdicts(gaps, verdict):
+    claim = claims.Claim(
+        "P7",
+        "paper",
+        "skew lowers accuracy",
+        claims.Selection("acc", "skewed"),
+        claims.Selection("acc", "uniform"),
+        "less",
+    )
+    [v] = claims.verdicts(
+        _claim_rows(*gaps), [claim], momentum=0.9, budgets={"d1": 100, "d2": 100}, resamples=200
+    )
+    assert v.verdict == verdict
+    assert set(v.p_holm) == {"d1", "d2"}
+
+
+def test_drop_claims_subtract_seed_by_seed():
+    rows = _claim_rows(0.3, 0.3)
+    drop = claims.seed_values(
+        [r for r in rows if r["dataset"] == "d1"],
+        claims.Selection("acc", "skewed", minus="uniform"),
+        momentum=0.9,
+        budget=100,
+    )
+    np.testing.assert_allclose(list(drop.values()), [0.3] * 5)
+
+
+def test_every_study_claim_names_real_columns():
+    config = batch_study.get_config()
+    every = claims.study_claims(
+        deepest_layer=2,
+        budget=config.example_budget,
+        length_fractions=config.length_fractions,
+        other_momenta=config.other_bn_momenta,
+    )
+    columns = {key for _, key, _, _ in report.TABLE1_COLUMNS} | {
+        "stability_excess_mean_l2",
+        "running_bias",
+        "diverged",
+        "accuracy_eval",
+        "probe_oscillation",
+    }
+    for c in every:
+        for side in (c.a, c.b):
+            assert side.metric in columns, c.key
+            assert side.condition in config.run_conditions, c.key
+            assert side.normalizer in grid.NORMALIZERS, c.key
+    assert sum(c.source == "paper" for c in every) >= 15
+
+
+# ---------------------------------------------------------------- report
+
+
+def _rows():
+    rows = []
+    for seed in range(3):
+        for normalizer, acc in (("batch", 0.8), ("group", 0.8), ("none", 0.4)):
+            rows.append(
+                {
+                    "dataset": "d",
+                    "family": "table",
+                    "condition": "uniform",
+                    "normalizer": normalizer,
+                    "seed": seed,
+                    "batch_size": 32,
+                    "accuracy_eval": acc + 0.01 * seed,
+                    "accuracy_batch_stats_train_b": acc,
+                    "stability_excess_mean_l0": 0.01,
+                    "stability_excess_mean_l1": 0.02,
+                    "examples_to_target": None if seed else 320,
+                    "running_mean_bias_l0": 0.1 if normalizer == "batch" else None,
+                    "running_mean_bias_l1": 0.3 if normalizer == "batch" else None,
+                    "running_bias": 0.5 if normalizer == "batch" else None,
+                    "learning_rate": 0.1,
+                    "bn_momentum": 0.9,
+                    "examples": 3200,
+                }
+            )
+    rows.append({**rows[0], "family": "lr", "validation_accuracy": 0.7})
+    return rows
+
+
+def test_table_cells_are_means_with_bootstrap_intervals_and_marks():
     labels = {"uniform": "Uniformly shuffled mini-batches"}
-    text = report.table_markdown(_rows(), labels, title="T")
-    table1 = report.table1(_rows(), "batch", labels).splitlines()
-    assert "stability: batch mean, layer 2" in table1[0]
+    text = report.table_markdown(
+        _rows(), labels, {("d", "batch"): 0.1}, title="T", preamble="P", resamples=500
+    )
+    assert "over 3 seeds" in text and "## Columns" in text and "**0.700**" in text
+    table1 = report.table1(
+        [r for r in _rows() if r["normalizer"] == "batch" and r["family"] == "table"], labels, 500
+    ).splitlines()
+    assert "stability excess, mean, layer 1" in table1[0]
     cells = [c.strip() for c in table1[2].split("|")[1:-1]]
     assert cells[0] == "Uniformly shuffled mini-batches"
-    assert cells[1] == "0.0100 ± 0.0000"
-    assert cells[6] == "40 (1/2)"  # steps to target: one seed never reached it
-    assert cells[7] == "0.900 ± 0.000" and cells[8] == "n/a"  # gradient / update noise
-    assert cells[9] == "0.200 ± 0.141"  # running bias: mean 0.2, std sqrt(0.02)
-    assert cells[10] == "0.600 ± 0.141"
-    group = report.grid_table(_rows(), "running_bias", labels).splitlines()[2]
-    assert group.endswith("| n/a |")
-    assert "Mean ± std over 2 seeds" in text and "## Batch-size sweep" in text
-    assert "| 2 | 0.500 |" in report.sweep_table(_rows(), "accuracy_eval")
+    assert cells[1] == "0.0100 [0.0100, 0.0100]"
+    assert cells[7].endswith("(1/3)")  # examples to target: one seed of three reached it
+    accuracy = report.accuracy_table(
+        [r for r in _rows() if r["family"] == "table"], labels, "accuracy_eval", 500
+    ).splitlines()[2]
+    assert accuracy.count("†") == 1  # group ties batch; none differs
+    assert "| 0.810 [0.80" in accuracy
+    means = report.with_layer_means(_rows())[0]
+    assert math.isclose(means["running_mean_bias"], 0.2)
 
 
 def test_csv_round_trip(tmp_path):
@@ -162,7 +323,7 @@ def test_csv_round_trip(tmp_path):
     path = str(tmp_path / "results.csv")
     report.write_csv(rows, path)
     back = report.read_csv(path)
-    assert len(back) == len(rows)
+    assert len(back) == len(rows) and not os.path.exists(path + ".tmp")
     for a, b in zip(rows, back, strict=True):
         for key, value in a.items():
             if isinstance(value, float):
@@ -181,7 +342,7 @@ def test_script_reports_a_bad_key_and_exits_1(tmp_path):
         [
             sys.executable,
             "scripts/batch_study.py",
-            "--config=configs/batch_study.py",
+            "--config=configs/batch_study.py:quick",
             f"--workdir={tmp_path}",
             "--config.num_seeds=0",
         ],

@@ -1,4 +1,5 @@
-"""The study end to end on a tiny grid, and its training/measurement pieces against references."""
+"""The study end to end on a tiny grid (with resume), and its training/measurement pieces
+against references."""
 
 import math
 import os
@@ -17,21 +18,27 @@ from bnjax.train.steps import initial_state
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
 import batch_study
 
-NUM_STEPS = 24
-
 
 def tiny_config():
-    config = batch_study.get_config()
-    config.num_seeds = 2
-    config.num_steps = NUM_STEPS
-    config.warmup_steps = 4
+    config = batch_study.get_config("quick")
+    config.clusters.train_per_class, config.clusters.test_per_class = 60, 20
+    config.example_budget = 640
     config.model_features = (8, 16)
     config.run_conditions = ("uniform", "skewed")
-    config.normalizers = ("batch", "group", "batch+recalibration")
-    config.sweep_batch_sizes = (2, 32)
-    config.sweep_normalizers = ("batch",)
-    config.sweep_examples = NUM_STEPS * 32  # batch 2: 384 steps; batch 32: the uniform run
-    config.eval_batch_size = 1000
+    config.normalizers = ("none", "batch", "group", "batch+recalibration")
+    config.lr_candidates = (0.1,)
+    config.dose_skews = (0.0, 0.8)
+    config.dose_batch_sizes = (32,)
+    config.dose_normalizers = ("batch",)
+    config.other_bn_momenta = (0.99,)
+    config.momentum_conditions = ("skewed",)
+    config.length_fractions = (0.5,)
+    config.length_conditions = ("skewed",)
+    config.length_normalizers = ("batch",)
+    config.probe_size, config.probe_points, config.stability_batches = 60, 5, 4
+    config.eval_batch_size, config.population_batch_size = 100, 200
+    config.recalibration_batch_size = 50
+    config.bootstrap_resamples = 200
     config.progress = False
     return config
 
@@ -46,95 +53,138 @@ def tiny_study(tmp_path_factory):
 
 # Every numeric column and the range its values must lie in (None allowed where noted).
 RANGES = {
-    "final_loss": (0, math.inf),
-    "loss_oscillation": (0, math.inf),
+    "probe_loss_final": (0, math.inf),
+    "probe_loss_auc": (0, math.inf),
+    "probe_oscillation": (0, math.inf),
+    "probe_accuracy_final": (0, 1),
+    "validation_accuracy": (0, 1),
+    "train_loss": (0, math.inf),
     "gradient_noise": (0, 2),
     "update_noise": (0, 2),
     "accuracy_eval": (0, 1),
     "accuracy_batch_stats": (0, 1),
+    "accuracy_batch_stats_train_b": (0, 1),
     "accuracy_gap": (-1, 1),
-    "train_accuracy": (0, 1),
     "silhouette": (-1, 1),
     "intra_inter": (0, math.inf),
     "train_seconds": (0, math.inf),
+    "diverged": (0, 1),
 }
-OPTIONAL = {"steps_to_target": (1, NUM_STEPS * 16), "running_bias": (0, math.inf)}
 
 
-def test_tiny_grid_writes_every_output(tiny_study):
+def test_tiny_study_writes_every_output(tiny_study):
     workdir, rows, lines = tiny_study
-    # 2 conditions x 3 normalizers x 2 seeds + 2 batch sizes x 1 normalizer x 2 seeds
-    assert len(rows) == 12 + 4
+    config = tiny_config()
+    assert len(rows) == runner.planned_runs(config)
+    assert {r["family"] for r in rows} == {"lr", "table", "dose", "momentum", "length"}
+    assert {r["dataset"] for r in rows} == {"clusters"}
     assert report.read_csv(os.path.join(workdir, "results.csv"))[0].keys() == rows[0].keys()
     table = open(os.path.join(workdir, "table.md")).read()
-    assert "## Table 1 with numbers: batch" in table
-    assert grid.PAPER_LABELS["skewed"] in table and " ± " in table
+    assert "### Table 1 with numbers: batch norm" in table and "## Columns" in table
+    assert grid.PAPER_LABELS["skewed"] in table and "Dose-response, batch" in table
+    assert "BN momentum" in table and "Training length" in table
+    verdicts = open(os.path.join(workdir, "verdicts.md")).read()
+    assert "| P8 | paper |" in verdicts and "Holm" in verdicts
     for name in (
         "headline",
-        "loss_curves",
+        "dose_response",
+        "probe_curves",
+        "running_bias",
+        "stability_by_layer",
         "batch_statistics",
-        "running_vs_population",
-        "accuracy_vs_batch_size",
         "features_pca",
     ):
         with open(os.path.join(workdir, "plots", f"{name}.png"), "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert lines[-1].startswith("study finished: 16 runs (10 trained)")
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
+    assert lines[-1].startswith(f"study finished: {len(rows)} runs")
 
 
 def test_every_metric_is_finite_and_in_range(tiny_study):
     _, rows, _ = tiny_study
     for row in rows:
-        layers = [k for k in row if k.startswith("stability_")]
-        assert len(layers) == 2 * 2  # mean and var, two norm layers
-        for key in layers:
-            assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
+        excess = [k for k in row if k.startswith("stability_")]
+        assert len(excess) == 2 * 2 * 2  # iid/excess x mean/var x two norm layers
+        for key in excess:
+            assert math.isfinite(row[key]), (key, row)
         for key, (low, high) in RANGES.items():
             assert math.isfinite(row[key]) and low <= row[key] <= high, (key, row[key])
-        for key, (low, high) in OPTIONAL.items():
-            assert row[key] is None or low <= row[key] <= high, (key, row[key])
-        assert (row["running_bias"] is None) == (row["normalizer"] == "group")
+        has_running = row["normalizer"] in ("batch", "batch+recalibration")
+        assert (row["running_bias"] is not None) == has_running
+        assert row["examples"] == row["num_steps"] * row["batch_size"]
 
 
-def test_normalizer_specific_facts(tiny_study):
+def test_shared_runs_and_normalizer_facts(tiny_study):
     _, rows, _ = tiny_study
-    by = {(r["study"], r["condition"], r["normalizer"], r["seed"]): r for r in rows}
+    by = {(r["family"], r["condition"], r["normalizer"], r["seed"]): r for r in rows}
     for seed in (0, 1):
         for condition in ("uniform", "skewed"):
             g = by[("table", condition, "group", seed)]
             assert g["accuracy_gap"] == 0.0  # per-example statistics: both modes agree
             bn = by[("table", condition, "batch", seed)]
             recal = by[("table", condition, "batch+recalibration", seed)]
-            # One training run: identical training-time columns...
-            for key in ("final_loss", "gradient_noise", "stability_mean_l1", "train_accuracy"):
-                assert recal[key] == bn[key]
-            # ...and precise statistics sit much closer to the population than the EMA.
-            assert recal["running_bias"] < 0.5 * bn["running_bias"]
-            assert recal["accuracy_batch_stats"] == bn["accuracy_batch_stats"]
-        # The sweep's batch-32 run is the uniform condition's run.
-        sweep = by[("sweep", "uniform_b32", "batch", seed)]
-        assert sweep["accuracy_eval"] == by[("table", "uniform", "batch", seed)]["accuracy_eval"]
+            for key in ("train_loss", "gradient_noise", "probe_loss_auc"):
+                assert recal[key] == bn[key]  # one training run
+            assert recal["running_bias"] < bn["running_bias"]
+        # The dose cell at skew 0.8, B 32 is the table's skewed cell, trained once.
+        dose = by[("dose", "b32_s0.8", "batch", seed)]
+        assert dose["accuracy_eval"] == by[("table", "skewed", "batch", seed)]["accuracy_eval"]
+        short = by[("length", "skewed", "batch", seed)]
+        assert short["examples"] == 320
+
+
+def test_resume_skips_finished_runs_and_refuses_another_config(tiny_study, tmp_path):
+    workdir, rows, _ = tiny_study
+    config = tiny_config()
+    resumed_dir = str(tmp_path / "resumed")
+    os.makedirs(resumed_dir)
+    for name in ("study_config.json",):
+        with (
+            open(os.path.join(workdir, name)) as f,
+            open(os.path.join(resumed_dir, name), "w") as g,
+        ):
+            g.write(f.read())
+    # An interrupted study: the first half of the rows written, the rest missing.
+    half = len(rows) // 2
+    report.write_csv(rows[:half], os.path.join(resumed_dir, "results.csv"))
+    lines = []
+    resumed = runner.run_study(config, resumed_dir, log=lines.append)
+    assert lines[0] == f"resuming: {half} runs already in {resumed_dir}/results.csv"
+    assert "cells trained now" in lines[-1] and "(0 cells" not in lines[-1]
+    key = runner.row_id
+    assert sorted(map(key, resumed)) == sorted(map(key, rows))
+    again = {key(r): r for r in resumed}
+    for row in rows[half:]:  # retrained: the same numbers (CPU training is deterministic)
+        np.testing.assert_allclose(again[key(row)]["accuracy_eval"], row["accuracy_eval"])
+        np.testing.assert_allclose(
+            again[key(row)]["probe_loss_final"], row["probe_loss_final"], rtol=1e-5
+        )
+    config.num_seeds = 3
+    with pytest.raises(ValueError, match="different config"):
+        runner.run_study(config, resumed_dir, log=lines.append)
 
 
 # ---------------------------------------------------------------- the pieces, vs references
 
 
 @pytest.fixture(scope="module")
-def clusters():
-    config = data.ClusterConfig(train_per_class=60, test_per_class=20)
+def splits():
+    config = data.ClusterConfig(train_per_class=60, test_per_class=20, image_size=8)
+    full = data.load("clusters", "train", config=config)
     return (
-        data.load("clusters", "train", config=config),
+        full.subset(np.arange(500)),
+        full.subset(np.arange(500, 600)),
         data.load("clusters", "test", config=config),
     )
 
 
-def _study(clusters, norm="batch"):
+def _study(splits):
     config = tiny_config()
-    config.eval_batch_size = 200
-    config.recalibration_batch_size = 50
-    train, test = clusters
-    run = grid.Run(grid.Condition("skewed", "skewed", 16, skew=0.75), grid.normalizer(norm), 0)
-    return experiment.Study(config, train, test), run
+    return experiment.Study(config, *splits)
+
+
+def _run(norm="batch", seed=0, condition=None, steps=6):
+    condition = condition or grid.Condition("skewed", "skewed", 16, skew=0.75)
+    return grid.Run("clusters", "table", condition, grid.normalizer(norm), seed, steps, 0.1, 0.9)
 
 
 def test_pair_metric_matches_float64_reference():
@@ -151,21 +201,30 @@ def test_norm_inputs_are_ordered_by_depth():
     assert training.norm_inputs(sown) == [0, 1, 2, 10]
 
 
-def test_trace_records_the_step_it_took(clusters):
-    """Step 0's loss and layer statistics equal a direct forward pass at the initial params."""
-    s, run = _study(clusters)
+def test_seeds_trained_together_equal_each_seed_trained_alone(splits):
+    """vmap over seeds changes nothing: seed 1 in a group of two = seed 1 on its own."""
+    s = _study(splits)
+    together = s.train([_run(seed=0), _run(seed=1)])[1]
+    alone = s.train([_run(seed=1)])[0]
+    np.testing.assert_allclose(together.trace.loss, alone.trace.loss, rtol=2e-5)
+    np.testing.assert_allclose(together.trace.probe_loss, alone.trace.probe_loss, rtol=2e-5)
+    for a, b in zip(
+        jax.tree.leaves(together.variables), jax.tree.leaves(alone.variables), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_trace_and_probe_record_the_step_they_took(splits):
+    """Step 0's loss and layer statistics equal a direct forward pass at the initial params,
+    and the probe's first point is the initial network on the probe in evaluation mode."""
+    s = _study(splits)
+    run = _run(steps=3)
     compiled = s._models(run)
-    model, eval_model, trainer, optimizer = (
-        compiled.model,
-        compiled.eval_model,
-        compiled.trainer,
-        compiled.optimizer,
-    )
-    rows = experiment.batch_rows(s.train_set, run, 3)
-    state = initial_state(eval_model, optimizer, s.train_set.images[:2], 0)
+    rows = experiment.batch_rows(s.train_set, run)
+    state = initial_state(compiled.eval_model, compiled.optimizer, s.train_set.images[:2], 0)
     images, labels = s.train_set.images[rows[0]], s.train_set.labels[rows[0]]
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-    logits, sown = model.apply(
+    logits, sown = compiled.model.apply(
         variables,
         images,
         train=True,
@@ -174,39 +233,56 @@ def test_trace_records_the_step_it_took(clusters):
     )
     conv0 = np.asarray(training.norm_inputs(sown["intermediates"])[0], np.float64)
     loss0 = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    _, record = trainer(jax.tree.map(jnp.copy, state), s._images, s._labels, rows)
-    trace = training.to_trace(record)
+    probe_logits = compiled.eval_model.apply(variables, s._probe[0], train=False)
+    probe0 = optax.softmax_cross_entropy_with_integer_labels(probe_logits, s._probe[1]).mean()
+    trace = s.train([run])[0].trace
     assert trace.loss.shape == (3,) and trace.batch_means[0].shape == (3, 8)
     np.testing.assert_allclose(trace.loss[0], loss0, rtol=1e-5)
     np.testing.assert_allclose(trace.batch_means[0][0], conv0.mean(axis=(0, 1, 2)), atol=1e-5)
     np.testing.assert_allclose(trace.batch_vars[0][0], conv0.var(axis=(0, 1, 2)), rtol=1e-4)
+    np.testing.assert_allclose(trace.probe_loss[0], probe0, rtol=1e-5)
+    assert trace.probe_steps.tolist() == [0, 1, 2, 3]
     assert np.isnan(trace.grad_pair[0]).all() and np.isfinite(trace.grad_pair[1:]).all()
 
 
-def test_batch_rows_follow_the_condition(clusters):
-    s, run = _study(clusters)
-    rows = experiment.batch_rows(s.train_set, run, 100)  # more than one epoch (37 batches)
+def test_batch_rows_follow_the_condition(splits):
+    s = _study(splits)
+    rows = experiment.batch_rows(s.train_set, _run(steps=100))  # more than one epoch
     assert rows.shape == (100, 16) and rows.dtype == np.int32
     dominant = [np.bincount(s.train_set.labels[r]).max() for r in rows]
     assert np.mean(dominant) >= 12  # 75% of 16 from one class, plus the filler's share
 
 
-def test_population_of_layer_0_is_the_conv_outputs_statistics(clusters):
-    """Batch norm's population statistics come from full-batch recalibration; layer 0's input
-    does not depend on any norm, so they must equal `population_stats` of its conv outputs."""
+def test_population_of_layer_0_is_the_conv_outputs_statistics(splits):
+    """Layer 0's input does not depend on any norm, so its population statistics must equal
+    `population_stats` of the conv outputs over the whole training split (float64)."""
     for norm in ("batch", "group"):
-        s, run = _study(clusters, norm)
-        trained = s.train(run)
+        s = _study(splits)
+        run = _run(norm)
+        trained = s.train([run])[0]
         population = s._population(run, trained.variables)
-        eval_model = s._models(run).eval_model
-        _, sown = eval_model.apply(
+        _, sown = s._models(run).eval_model.apply(
             trained.variables,
             s.train_set.images,
             train=False,
             mutable=["intermediates"],
             capture_intermediates=training.is_conv_call,
         )
-        conv0 = training.norm_inputs(sown["intermediates"])[0]
+        conv0 = np.asarray(training.norm_inputs(sown["intermediates"])[0], np.float64)
         mean, var = study.population_stats(conv0)
         np.testing.assert_allclose(population[0][0], mean, atol=2e-5)
         np.testing.assert_allclose(population[0][1], var, rtol=2e-4)
+
+
+def test_stability_excess_sees_composition_not_batch_size(splits):
+    """One-class batches move layer 0's batch means far more than i.i.d. batches of the same
+    B; uniform batches measured against uniform batches add nothing beyond noise."""
+    s = _study(splits)
+    one_class = grid.Condition("one", "skewed", 16, skew=1.0)
+    uniform = grid.Condition("u", "uniform", 16)
+    trained = s.train([_run(condition=one_class)])[0]
+    population = s._population(_run(condition=one_class), trained.variables)
+    skewed = s._stability(_run(condition=one_class), trained.variables, population)
+    iid = s._stability(_run(condition=uniform), trained.variables, population)
+    assert skewed["stability_excess_mean_l0"] > 3 * skewed["stability_iid_mean_l0"]
+    assert abs(iid["stability_excess_mean_l0"]) < skewed["stability_excess_mean_l0"] / 3
