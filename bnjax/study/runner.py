@@ -324,18 +324,30 @@ def planned_runs(config) -> int:
       46
     """
     conditions = grid.conditions_from_config(config.conditions, config.run_conditions)
-    per_dataset = len(
-        grid.lr_sweep_runs(
-            "x",
-            config.normalizers,
-            config.lr_candidates,
-            range(config.lr_seeds),
-            batch_size=config.reference_batch_size,
-            example_budget=config.example_budget,
-            bn_momentum=config.bn_momentum,
-        )
-    ) + len(grid.make_grid("x", config, {n: 0.1 for n in grid.NORMALIZERS}, conditions))
+    per_dataset = len(rate_sweep(config, "x")) + len(
+        grid.make_grid("x", config, {n: 0.1 for n in grid.NORMALIZERS}, conditions)
+    )
     return per_dataset * len(config.datasets)
+
+
+def rate_sweep(config, dataset: str) -> list[grid.Run]:
+    """The config's learning-rate sweep for `dataset` (`grid.lr_sweep_runs`).
+
+    Example:
+      >>> from bnjax.study.defaults import quick_config
+      >>> len(rate_sweep(quick_config(), "clusters"))  # 3 trained normalizers x 2 rates x 1
+      6
+    """
+    return grid.lr_sweep_runs(
+        dataset,
+        config.normalizers,
+        config.lr_candidates,
+        range(config.lr_seeds),
+        batch_size=config.reference_batch_size,
+        example_budget=config.example_budget,
+        bn_momentum=config.bn_momentum,
+        ghost_batch_size=config.ghost_batch_size,
+    )
 
 
 def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> list[dict]:
@@ -373,16 +385,7 @@ def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> l
             train, validation, test = load_splits(config, dataset)
             study = Study(config, train, validation, test)
             classes[dataset] = train.num_classes
-            sweep = grid.lr_sweep_runs(
-                dataset,
-                config.normalizers,
-                config.lr_candidates,
-                range(config.lr_seeds),
-                batch_size=config.reference_batch_size,
-                example_budget=config.example_budget,
-                bn_momentum=config.bn_momentum,
-                ghost_batch_size=config.ghost_batch_size,
-            )
+            sweep = rate_sweep(config, dataset)
             executor.run(study, sweep)
             rates = choose_rates(executor.rows, dataset)
             chosen.update({(dataset, n): rate for n, rate in rates.items()})
