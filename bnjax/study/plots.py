@@ -122,10 +122,11 @@ def headline(
             fontsize=7,
         )
         ax.set_ylabel("test accuracy, eval mode")
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.3)  # headroom for the legend above the bars
+        ax.set_yticks(np.linspace(0, 1, 6))
         if chance and dataset in chance:
             ax.axhline(chance[dataset], color="grey", lw=0.8, ls=":", label="chance")
-        ax.legend(fontsize=7, ncol=4, loc="lower left")
+        ax.legend(fontsize=7, ncol=len(normalizers) + 1, loc="upper center")
         ax.set_title(
             f"{dataset}: test accuracy by batch composition and normalizer "
             "(bars: mean over seeds; error bars: 95% bootstrap interval)",
