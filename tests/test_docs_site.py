@@ -16,8 +16,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 DOC_FILES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
-# Pages deliberately left out of the nav: the study's generated table, linked from study.md.
-NOT_IN_NAV = {"study/table.md"}
+# Pages deliberately left out of the nav: the study's generated table and claim verdicts, linked
+# from study.md.
+NOT_IN_NAV = {"study/table.md", "study/verdicts.md"}
 
 
 def _nav_pages(entries) -> list[str]:
@@ -44,7 +45,7 @@ def test_the_nav_lists_every_page_once_and_only_pages_that_exist():
 def test_every_package_has_an_api_page():
     api = {path.stem for path in (DOCS / "api").glob("*.md")}
     packages = {"core", "linen", "nnx", "parallel", "lifecycle", "diagnostics", "models"}
-    assert packages | {"data", "train", "study"} <= api
+    assert packages | {"data", "train", "study", "export"} <= api
     for path in (DOCS / "api").glob("*.md"):
         assert re.search(r"^::: bnjax", path.read_text(), re.M), f"{path.name}: no ::: directive"
 
