@@ -87,10 +87,11 @@ def headline(
     """
     main = [r for r in rows if r["family"] == "table"]
     datasets = _ordered(main, "dataset")
+    normalizers = _ordered(main, "normalizer")  # one colour per normalizer in every panel
     fig, axes = plt.subplots(len(datasets), 1, figsize=(12, 4.0 * len(datasets)), squeeze=False)
     for ax, dataset in zip(axes[:, 0], datasets, strict=True):
         mine = [r for r in main if r["dataset"] == dataset]
-        conditions, normalizers = _ordered(mine, "condition"), _ordered(mine, "normalizer")
+        conditions = _ordered(mine, "condition")
         width = 0.8 / len(normalizers)
         x = np.arange(len(conditions))
         for j, n in enumerate(normalizers):
@@ -111,6 +112,7 @@ def headline(
                 width,
                 yerr=np.array([[s[1] for s in stats], [s[2] for s in stats]]),
                 label=n,
+                color=f"C{j}",
                 capsize=2,
             )
         ax.set_xticks(
@@ -157,10 +159,13 @@ def dose_response(rows: Sequence[Mapping], path: str) -> str:
         for d in _ordered(dose, "dataset")
         for b in sorted({r["batch_size"] for r in dose if r["dataset"] == d})
     ]
+    normalizers = _ordered(dose, "normalizer")  # one colour per normalizer in every panel
     fig, axes = _grid(len(panels), width=3.8, height=3.2)
     for ax, (d, b) in zip(axes, panels, strict=True):
         mine = [r for r in dose if r["dataset"] == d and r["batch_size"] == b]
-        for n in _ordered(mine, "normalizer"):
+        for j, n in enumerate(normalizers):
+            if not any(r["normalizer"] == n for r in mine):
+                continue
             skews = sorted({r["skew"] for r in mine if r["normalizer"] == n})
             stats = [
                 _interval(
@@ -176,6 +181,7 @@ def dose_response(rows: Sequence[Mapping], path: str) -> str:
                 ms=3,
                 capsize=2,
                 label=n,
+                color=f"C{j}",
             )
         ax.set_title(f"{d}, B = {b}", fontsize=9)
         ax.set_xlabel("skew (share of each batch from one class)")
@@ -206,17 +212,24 @@ def probe_curves(
       probe_curves.png True
     """
     datasets = list(dict.fromkeys(d for d, _, n in curves if n == normalizer))
+    conditions = list(dict.fromkeys(c for _, c, n in curves if n == normalizer))
     fig, axes = _grid(max(1, len(datasets)), width=5.0, height=3.6, cols=2)
     for ax, d in zip(axes, datasets, strict=False):
-        for c in dict.fromkeys(c for dd, c, n in curves if dd == d and n == normalizer):
+        for j, c in enumerate(conditions):  # condition j has colour Cj in every panel
+            if (d, c, normalizer) not in curves:
+                continue
             seeds = curves[(d, c, normalizer)]
             x = seeds[0][0]
             losses = np.stack([loss for _, loss in seeds])
             stats = [_interval(losses[:, i]) for i in range(losses.shape[1])]
             mean = np.array([s[0] for s in stats])
-            ax.plot(x, mean, lw=1.0, label=labels.get(c, c))
+            ax.plot(x, mean, lw=1.0, label=labels.get(c, c), color=f"C{j}")
             ax.fill_between(
-                x, mean - [s[1] for s in stats], mean + [s[2] for s in stats], alpha=0.2
+                x,
+                mean - [s[1] for s in stats],
+                mean + [s[2] for s in stats],
+                alpha=0.2,
+                color=f"C{j}",
             )
         ax.set_title(f"{d}: {normalizer}, fixed held-out probe (eval mode)", fontsize=9)
         ax.set_xlabel("training examples seen")
@@ -234,7 +247,10 @@ def _by_layer(ax, rows, key_prefix: str, labels, conditions):
             if k.startswith(key_prefix) and k[len(key_prefix) :].isdigit()
         }
     )
-    for c in conditions:
+    # `conditions` is the figure's whole list: condition j has colour Cj in every panel.
+    for j, c in enumerate(conditions):
+        if not any(r["condition"] == c for r in rows):
+            continue
         stats = [
             _interval([r.get(f"{key_prefix}{i}") for r in rows if r["condition"] == c])
             for i in layers
@@ -247,6 +263,7 @@ def _by_layer(ax, rows, key_prefix: str, labels, conditions):
             ms=3,
             capsize=2,
             label=labels.get(c, c),
+            color=f"C{j}",
         )
     ax.set_xticks(layers)
     ax.set_xlabel("normalized layer (depth)")
@@ -268,11 +285,10 @@ def running_bias_by_layer(rows: Sequence[Mapping], labels: Mapping[str, str], pa
       rb.png True
     """
     bn = [r for r in rows if r["family"] == "table" and r["normalizer"] == "batch"]
-    datasets = _ordered(bn, "dataset")
+    datasets, conditions = _ordered(bn, "dataset"), _ordered(bn, "condition")
     fig, axes = _grid(2 * len(datasets), width=4.6, height=3.4, cols=2)
     for k, d in enumerate(datasets):
         mine = [r for r in bn if r["dataset"] == d]
-        conditions = _ordered(mine, "condition")
         for j, (part, unit) in enumerate(
             (("mean", "population std"), ("var", "|log(running std / population std)|"))
         ):
@@ -308,7 +324,7 @@ def stability_by_layer(rows: Sequence[Mapping], labels: Mapping[str, str], path:
     fig, axes = _grid(len(panels), width=4.0, height=3.2)
     for ax, (d, n) in zip(axes, panels, strict=True):
         mine = [r for r in main if r["dataset"] == d and r["normalizer"] == n]
-        _by_layer(ax, mine, "stability_excess_mean_l", labels, _ordered(mine, "condition"))
+        _by_layer(ax, mine, "stability_excess_mean_l", labels, _ordered(main, "condition"))
         ax.axhline(0, color="grey", lw=0.6)
         ax.set_ylabel("batch-mean variance beyond i.i.d.\n(population variances)", fontsize=7)
         ax.set_title(f"{d}: {n}", fontsize=9)
@@ -338,6 +354,7 @@ def batch_statistics(
       b.png True
     """
     datasets = list(dict.fromkeys(d for d, _ in firsts))
+    conditions = list(dict.fromkeys(c for _, c in firsts))  # condition j: colour Cj
     fig, axes = _grid(2 * len(datasets), width=5.0, height=3.2, cols=2)
     for k, d in enumerate(datasets):
         for j, layer in enumerate(("first", "deep")):
@@ -345,9 +362,10 @@ def batch_statistics(
             for (dd, c), art in firsts.items():
                 if dd != d:
                     continue
+                color = f"C{conditions.index(c)}"
                 mean, var = art[f"population_{layer}"]
                 z = (art[f"trajectory_{layer}"][:, 0] - mean[0]) / np.sqrt(var[0] + 1e-5)
-                ax.plot(np.arange(len(z)) * 4, z, lw=0.6, label=labels.get(c, c))
+                ax.plot(np.arange(len(z)) * 4, z, lw=0.6, label=labels.get(c, c), color=color)
             ax.set_title(
                 f"{d}: batch norm, {'layer 0' if layer == 'first' else 'deepest layer'}"
                 " input, channel 0 (seed 0)",

@@ -294,8 +294,16 @@ def table1(rows: Sequence[Mapping], labels: Mapping[str, str], resamples: int) -
     return _markdown(header, body)
 
 
+def _sorted_values(rows, key) -> list:
+    """The distinct values of `key`: numbers ascending, anything else in first-seen order."""
+    values = _ordered(rows, key)
+    if all(isinstance(v, (int, float)) for v in values):
+        return sorted(values)
+    return values
+
+
 def _pivot(rows, row_key, column_key, key, fmt, resamples, row_label=str, column_label=str):
-    rows_, columns = _ordered(rows, row_key), _ordered(rows, column_key)
+    rows_, columns = _sorted_values(rows, row_key), _sorted_values(rows, column_key)
     body = [
         [row_label(a)]
         + [
@@ -443,8 +451,14 @@ def table_markdown(
             )
         momentum = [r for r in mine if r["family"] == "momentum"]
         if momentum:
-            # Batch norm only: pooling it with batch+recalibration would hide the fix.
-            bn = [r for r in momentum + table if r["normalizer"] == "batch"]
+            # Batch norm only (pooling it with batch+recalibration would hide the fix), on the
+            # momentum family's conditions.
+            conditions = {r["condition"] for r in momentum}
+            bn = [
+                r
+                for r in momentum + table
+                if r["normalizer"] == "batch" and r["condition"] in conditions
+            ]
             for key, what in (
                 ("accuracy_eval", "test accuracy, evaluation mode"),
                 ("running_bias", "running-statistics bias (mean + variance parts)"),
