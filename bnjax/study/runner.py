@@ -178,8 +178,14 @@ def row_id(row_or_run) -> tuple:
     return (*head, round(float(rate), 10), round(float(momentum), 10), int(examples))
 
 
+# Keys that change how results are shown, not what a run computes: a resumed study may change
+# them (e.g. --config.plots=False), every other key must match the workdir's.
+PRESENTATION_KEYS = ("plots", "progress", "bootstrap_resamples")
+
+
 def _config_text(config) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True, default=str, indent=1)
+    values = {k: v for k, v in config.to_dict().items() if k not in PRESENTATION_KEYS}
+    return json.dumps(values, sort_keys=True, default=str, indent=1)
 
 
 def _claim_resume(config, workdir: str) -> list[dict]:

@@ -158,6 +158,8 @@ def test_resume_skips_finished_runs_and_refuses_another_config(tiny_study, tmp_p
         np.testing.assert_allclose(
             again[key(row)]["probe_loss_final"], row["probe_loss_final"], rtol=1e-5
         )
+    config.plots, config.bootstrap_resamples = False, 100  # presentation: may change
+    assert len(runner.run_study(config, resumed_dir, log=lines.append)) == len(rows)
     config.num_seeds = 3
     with pytest.raises(ValueError, match="different config"):
         runner.run_study(config, resumed_dir, log=lines.append)
