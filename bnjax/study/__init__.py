@@ -1,9 +1,11 @@
 """The batch-composition study: metrics that turn the paper's Table 1 into numbers.
 
-`metrics` holds those measured on the training run (BN statistical stability, convergence,
+`metrics` holds those measured on a run (batch-statistic variability, loss-curve shape,
 gradient noise, running-statistics bias), `evaluation` those measured on held-out data
-(accuracy, representation coherence) and the mean ± std summary over seeds. Everything is
-re-exported here.
+(accuracy, representation coherence) and a mean ± std summary; both are re-exported here.
+The study itself: `grid` (what runs), `experiment` (train and measure), `significance`
+(bootstrap intervals, Welch tests, Holm), `claims` (the paper's claims as tests), `report`,
+`plots` and `runner` (`scripts/batch_study.py`).
 
 References:
   Branson, Batch Normalization Behavior Under Inconsistent Mini-Batch Distributions (the
