@@ -12,7 +12,7 @@ import ml_collections
 
 
 def study_config() -> ml_collections.ConfigDict:
-    """Every key the study reads, at the default values (about 30 minutes on 2 CPU cores).
+    """Every key the study reads, at the default values (22 minutes on 2 CPU cores).
 
     Example:
       >>> config = study_config()
@@ -117,7 +117,7 @@ def study_config() -> ml_collections.ConfigDict:
 
 
 def quick_config() -> ml_collections.ConfigDict:
-    """A small grid to try the study (about 2 minutes on 2 CPU cores): one dataset, two
+    """A small grid to try the study (about 70 seconds on 2 CPU cores): one dataset, two
     seeds, three conditions, four normalizers, a short budget, no momentum or length family.
 
     Example:
