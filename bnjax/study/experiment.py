@@ -446,17 +446,22 @@ class Study:
             self._models(run).eval_model, variables, batches, apply_kwargs={"train": False}
         )
 
-    def _evaluate(self, run: Run, variables):
-        """(running logits, batch-statistics logits, features, labels) on the test split, and
-        the accuracy with batch statistics at the run's batch size."""
-        compiled = self._models(run)
-        number, size = _split_batches(len(self.test_set), self.config.eval_batch_size)
+    def _evaluate_split(self, run: Run, variables, dataset: data.Dataset):
+        """(running logits, batch-statistics logits, features, labels) of `dataset` in equal
+        batches of about `eval_batch_size` (the last few examples left out)."""
+        evaluate = self._models(run).evaluate
+        number, size = _split_batches(len(dataset), self.config.eval_batch_size)
         out = [
-            compiled.evaluate(variables, self.test_set.images[i * size : (i + 1) * size])
-            for i in range(number)
+            evaluate(variables, dataset.images[i * size : (i + 1) * size]) for i in range(number)
         ]
         running, batch, features = (np.concatenate(parts) for parts in zip(*out, strict=True))
-        labels = self.test_set.labels[: number * size]
+        return running, batch, features, dataset.labels[: number * size]
+
+    def _evaluate(self, run: Run, variables):
+        """`_evaluate_split` of the test split, and the accuracy with batch statistics at the
+        run's batch size."""
+        compiled = self._models(run)
+        running, batch, features, labels = self._evaluate_split(run, variables, self.test_set)
         b = run.condition.batch_size
         order = np.random.default_rng(40_000 + run.seed).permutation(len(self.test_set))
         order = order[: len(order) // b * b]
@@ -470,15 +475,8 @@ class Study:
 
     def validation_accuracy(self, run: Run, variables) -> float:
         """Evaluation-mode accuracy on the whole validation split."""
-        evaluate = self._models(run).evaluate
-        number, size = _split_batches(len(self.validation_set), self.config.eval_batch_size)
-        logits = np.concatenate(
-            [
-                evaluate(variables, self.validation_set.images[i * size : (i + 1) * size])[0]
-                for i in range(number)
-            ]
-        )
-        return evaluation.accuracy(logits.argmax(-1), self.validation_set.labels[: number * size])
+        running, _, _, labels = self._evaluate_split(run, variables, self.validation_set)
+        return evaluation.accuracy(running.argmax(-1), labels)
 
     def measure(self, run: Run, trained: Trained) -> Measured:
         """The run's results row (module docstring) and the arrays the plots need."""

@@ -142,6 +142,18 @@ def choose_rates(rows: Sequence[dict], dataset: str) -> dict[str, float]:
     }
 
 
+ROW_ID_KEYS = (
+    "dataset",
+    "family",
+    "condition",
+    "normalizer",
+    "seed",
+    "learning_rate",
+    "bn_momentum",
+    "examples",
+)
+
+
 def row_id(row_or_run) -> tuple:
     """What identifies a results row (and the run that makes it), for resume.
 
@@ -150,30 +162,9 @@ def row_id(row_or_run) -> tuple:
       ...         "seed": 0, "learning_rate": 0.05, "bn_momentum": 0.9, "examples": 9600})
       ('d', 'table', 'u', 'batch', 0, 0.05, 0.9, 9600)
     """
-    if isinstance(row_or_run, grid.Run):
-        r = row_or_run
-        values = (
-            r.dataset,
-            r.family,
-            r.condition.name,
-            r.normalizer.name,
-            r.seed,
-            r.learning_rate,
-            r.bn_momentum,
-            r.examples,
-        )
-    else:
-        r = row_or_run
-        values = (
-            r["dataset"],
-            r["family"],
-            r["condition"],
-            r["normalizer"],
-            r["seed"],
-            r["learning_rate"],
-            r["bn_momentum"],
-            r["examples"],
-        )
+    # A run is identified by the columns its row will carry (`row_id_fields`).
+    r = row_id_fields(row_or_run) if isinstance(row_or_run, grid.Run) else row_or_run
+    values = tuple(r[k] for k in ROW_ID_KEYS)
     *head, rate, momentum, examples = values
     return (*head, round(float(rate), 10), round(float(momentum), 10), int(examples))
 
