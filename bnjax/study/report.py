@@ -11,9 +11,10 @@ unmarked cell does. `table.md` starts with the definition of every column and it
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 from bnjax.study import significance
 from bnjax.study.claims import ALPHA, Verdict
@@ -112,8 +113,43 @@ TABLE1_COLUMNS = (
 )
 
 
+# The columns of results.csv that hold text; every other column holds numbers (or is empty).
+TEXT_COLUMNS = ("dataset", "family", "condition", "normalizer", "sampler", "groups")
+
+
+def write_atomically(path: str, content: str | bytes) -> None:
+    """Writes `content` (text, or bytes) to `path` atomically: into ``path.tmp``, synced to
+    disk, then renamed over `path`. A kill, a power cut or a full disk leaves the old file whole
+    (or no file), never a truncated one; on failure the temporary file is removed and the error
+    raised.
+
+    Example:
+      >>> import os, tempfile
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     path = os.path.join(directory, "table.md")
+      ...     write_atomically(path, "# Results\\n")
+      ...     print(open(path).read(), end="", flush=True)
+      ...     print(os.listdir(directory))
+      # Results
+      ['table.md']
+    """
+    temporary = path + ".tmp"
+    try:
+        mode, options = ("wb", {}) if isinstance(content, bytes) else ("w", {"newline": ""})
+        with open(temporary, mode, **options) as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
 def write_csv(rows: Sequence[Mapping], path: str) -> None:
-    """All rows, columns in first-seen order; a missing value or None is an empty cell.
+    """All rows, columns in first-seen order; a missing value or None is an empty cell. Written
+    atomically (`write_atomically`): an interrupted write never leaves a truncated results.csv.
 
     Example:
       >>> import os, tempfile
@@ -128,18 +164,30 @@ def write_csv(rows: Sequence[Mapping], path: str) -> None:
       1,,nan loss
     """
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    # Replace in one step: an interrupted write never leaves a truncated results.csv behind.
-    os.replace(path + ".tmp", path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, restval="")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    write_atomically(path, buffer.getvalue())
 
 
-def read_csv(path: str) -> list[dict]:
-    """`write_csv`'s rows back: each cell an int if it reads as one, else a float if it reads as
-    one, else the string; '' (an empty cell) as None. Every row has every column.
+def read_csv(
+    path: str,
+    *,
+    text_columns: Sequence[str] = TEXT_COLUMNS,
+    required: Sequence[str] = (),
+    key: Callable[[dict], Hashable] | None = None,
+) -> list[dict]:
+    """`write_csv`'s rows back, validated: every row has every column of the header; a cell of
+    one of `text_columns` is a string, any other cell an int if it reads as one, else a float
+    ('nan' and 'inf' included); '' (an empty cell) is None. Blank lines are skipped.
+
+    Raises ValueError naming the file, the line (as an editor counts them, header = 1) and the
+    column for: a row with more or fewer cells than the header (a garbage line), text in a
+    numeric column, a column of `required` missing from the header or empty in a row, and,
+    with `key` (a row's identity, e.g. its run), a row whose key an earlier row already has.
+    An exact copy is refused too: which row to keep is for the user to decide.
 
     Example:
       >>> import os, tempfile
@@ -147,25 +195,79 @@ def read_csv(path: str) -> list[dict]:
       >>> with tempfile.TemporaryDirectory() as directory:
       ...     path = os.path.join(directory, "results.csv")
       ...     write_csv(rows, path)
-      ...     back = read_csv(path)
+      ...     back = read_csv(path, text_columns=("note",))
+      ...     read_csv(path)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: .../results.csv, line 3, column 'note': 'nan loss' is not a number; ...
       >>> back[0]  # every row has every column
       {'seed': 0, 'accuracy': 0.5, 'note': None}
       >>> back[1]
       {'seed': 1, 'accuracy': None, 'note': 'nan loss'}
     """
+    fix = "correct or delete that line"
     with open(path, newline="") as f:
-        return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return []
+        for column in required:
+            if column not in header:
+                raise ValueError(f"{path}: no column {column!r} in the header (line 1).")
+        text = set(text_columns)
+        rows, first_line = [], {}
+        start = reader.line_num + 1
+        for cells in reader:
+            # The record's first line (a quoted cell may span lines): where an editor finds it.
+            line, start = start, reader.line_num + 1
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                raise ValueError(
+                    f"{path}, line {line}: {len(cells)} cells where the header has "
+                    f"{len(header)}; {fix}."
+                )
+            row = {}
+            for column, value in zip(header, cells, strict=True):
+                row[column] = _parse(value, column in text)
+                if row[column] is _NOT_A_NUMBER:
+                    raise ValueError(
+                        f"{path}, line {line}, column {column!r}: {value!r} is not a number; {fix}."
+                    )
+                if row[column] is None and column in required:
+                    raise ValueError(
+                        f"{path}, line {line}, column {column!r}: empty; every row needs it. "
+                        f"{fix.capitalize()}."
+                    )
+            if key is not None:
+                identity = key(row)
+                if identity in first_line:
+                    earlier = first_line[identity]
+                    same = rows[earlier[1]] == row
+                    raise ValueError(
+                        f"{path}, line {line}: the run of line {earlier[0]} again ("
+                        + ("an exact copy" if same else "with other values")
+                        + "); delete one of the two lines."
+                    )
+                first_line[identity] = (line, len(rows))
+            rows.append(row)
+    return rows
 
 
-def _parse(value: str):
+_NOT_A_NUMBER = object()
+
+
+def _parse(value: str, is_text: bool):
     if value == "":
         return None
+    if is_text:
+        return value
     for kind in (int, float):
         try:
             return kind(value)
         except ValueError:
             pass
-    return value
+    return _NOT_A_NUMBER
 
 
 def with_layer_means(rows: Sequence[Mapping]) -> list[dict]:

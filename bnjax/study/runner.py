@@ -16,6 +16,7 @@ the same config, the study skips every run that has its row. A different config 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -37,6 +38,23 @@ reference size (best validation accuracy, on a split held out of training) and i
 linearly with B (rate x B / reference B). Convergence is measured on a fixed held-out probe (a
 slice of that validation split), never on the training batches; accuracy on the test split.
 """
+
+
+class StudyStartError(ValueError):
+    """The study could not start (nothing trained, nothing written but the workdir): a config
+    key out of range, a workdir that is a file, a workdir holding another config's study or
+    results without their saved config, a results.csv that does not read back. The message
+    names the key, file or line, and the fix. The study CLI exits 2 on it.
+
+    Example:
+      >>> from bnjax.study.defaults import quick_config
+      >>> config = quick_config()
+      >>> config.num_seeds = 0
+      >>> run_study(config, "unused")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      bnjax.study.runner.StudyStartError: config.num_seeds=0: must be a positive integer.
+    """
 
 
 def check_study_config(config) -> None:
@@ -180,7 +198,12 @@ def _config_text(config) -> str:
 
 
 def _claim_resume(config, workdir: str) -> list[dict]:
-    """The rows an earlier run of the same config left in `workdir` (none for a new one)."""
+    """The rows an earlier run of the same config left in `workdir` (none for a new one).
+
+    Refused (ValueError, before anything trains): a config other than the saved one, results
+    without a saved config (nothing to check them against), and a results.csv that does not
+    read back (`report.read_csv`: a garbage line, text in a numeric cell, a run twice).
+    """
     path, csv_path = os.path.join(workdir, CONFIG_FILE), os.path.join(workdir, "results.csv")
     text = _config_text(config)
     if os.path.exists(path):
@@ -190,10 +213,52 @@ def _claim_resume(config, workdir: str) -> list[dict]:
                     f"{workdir} holds a study with a different config ({CONFIG_FILE}); use a "
                     "new --workdir, or delete the old one to start over."
                 )
-        return report.read_csv(csv_path) if os.path.exists(csv_path) else []
-    with open(path, "w") as f:
-        f.write(text)
+        return read_results(csv_path) if os.path.exists(csv_path) else []
+    if os.path.exists(csv_path):
+        # Resuming would keep rows made with a config nobody can check any more (another
+        # learning rate, say) and mix them with new ones.
+        raise ValueError(
+            f"{workdir} holds results.csv but its {CONFIG_FILE} is missing, so the config the "
+            f"results were made with cannot be checked; restore {CONFIG_FILE}, or use a new "
+            "--workdir (or empty this one to start over)."
+        )
+    report.write_atomically(path, text)
     return []
+
+
+def read_results(path: str) -> list[dict]:
+    """The rows of a study's results.csv, validated (`report.read_csv`): every run key column
+    present in each row, and each run at most once. Deleting a row is always safe: a resumed
+    study trains that run again.
+
+    Example:
+      >>> import tempfile
+      >>> row = {"dataset": "d", "family": "table", "condition": "u", "normalizer": "batch",
+      ...        "seed": 0, "learning_rate": 0.05, "bn_momentum": 0.9, "examples": 9600}
+      >>> with tempfile.TemporaryDirectory() as workdir:
+      ...     path = os.path.join(workdir, "results.csv")
+      ...     report.write_csv([row, row], path)
+      ...     read_results(path)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: .../results.csv, line 3: the run of line 2 again (an exact copy); ...
+    """
+    return report.read_csv(path, required=ROW_ID_KEYS, key=row_id)
+
+
+def _check_workdir(workdir: str) -> None:
+    """Fail before anything trains when `workdir` cannot hold the study."""
+    if not workdir:
+        raise ValueError("--workdir is empty: give the directory the study writes to.")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(
+            f"{workdir} is a file, not a directory: give --workdir a directory (it is created "
+            "if missing)."
+        )
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--workdir {workdir}: cannot create it ({error.strerror}).") from error
 
 
 def _artifact_path(workdir: str, run: grid.Run) -> str:
@@ -218,8 +283,13 @@ def _save_artifacts(workdir: str, run: grid.Run, trained: Trained, measured: Mea
             arrays[f"population_{name}"] = np.stack([pop_mean[:4], pop_var[:4]])
         arrays["features"] = measured.features[:1000].astype(np.float32)
         arrays["labels"] = measured.labels[:1000]
-    os.makedirs(os.path.dirname(_artifact_path(workdir, run)), exist_ok=True)
-    np.savez_compressed(_artifact_path(workdir, run), **arrays)
+    path = _artifact_path(workdir, run)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Into a buffer, then `report.write_atomically`: a kill never leaves a truncated .npz
+    # that would break the plots of the resumed study.
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    report.write_atomically(path, buffer.getvalue())
 
 
 def load_artifacts(workdir: str, run: grid.Run) -> dict | None:
@@ -366,9 +436,12 @@ def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> l
       >>> written
       ['artifacts', 'results.csv', 'study_config.json', 'table.md', 'verdicts.md']
     """
-    check_study_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    rows = _claim_resume(config, workdir)
+    try:
+        check_study_config(config)
+        _check_workdir(workdir)
+        rows = _claim_resume(config, workdir)
+    except ValueError as error:
+        raise StudyStartError(str(error)) from error
     if rows:
         log(f"resuming: {len(rows)} runs already in {workdir}/results.csv")
     conditions = grid.conditions_from_config(config.conditions, config.run_conditions)
@@ -406,19 +479,14 @@ def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> l
         budgets=budgets,
         resamples=config.bootstrap_resamples,
     )
-    with open(os.path.join(workdir, "table.md"), "w") as f:
-        f.write(
-            report.table_markdown(
-                rows,
-                labels,
-                chosen,
-                title=TITLE,
-                preamble=PREAMBLE,
-                resamples=config.bootstrap_resamples,
-            )
-        )
-    with open(os.path.join(workdir, "verdicts.md"), "w") as f:
-        f.write(report.verdicts_markdown(verdicts, title=f"{TITLE}: the claims, one by one"))
+    table = report.table_markdown(
+        rows, labels, chosen, title=TITLE, preamble=PREAMBLE, resamples=config.bootstrap_resamples
+    )
+    report.write_atomically(os.path.join(workdir, "table.md"), table)
+    report.write_atomically(
+        os.path.join(workdir, "verdicts.md"),
+        report.verdicts_markdown(verdicts, title=f"{TITLE}: the claims, one by one"),
+    )
     if config.plots:
         write_plots(rows, all_runs, labels, workdir, classes)
     seconds = time.perf_counter() - executor.started

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -332,24 +333,101 @@ def test_csv_round_trip(tmp_path):
                 assert b[key] == value
 
 
-def test_script_reports_a_bad_key_and_exits_1(tmp_path):
-    """The absl entry point wires --config overrides through to the checks (fails before any
-    data is loaded or any run trains)."""
+def _write_lines(tmp_path, lines):
+    path = str(tmp_path / "results.csv")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+HEADER = "dataset,family,condition,normalizer,seed,learning_rate,accuracy_eval"
+
+
+def test_read_csv_refuses_text_in_a_numeric_cell_naming_file_line_and_column(tmp_path):
+    path = _write_lines(
+        tmp_path, [HEADER, "d,table,u,batch,0,0.1,0.9", "d,table,u,batch,1,0.1,high"]
+    )
+    message = f"{path}, line 3, column 'accuracy_eval': 'high' is not a number"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        report.read_csv(path)
+    # A text column keeps its text; an empty numeric cell is None, not an error.
+    path = _write_lines(tmp_path, [HEADER, "d,table,u,batch,0,0.1,"])
+    assert report.read_csv(path)[0]["accuracy_eval"] is None
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("garbage", "1 cells where the header has 7"),
+        ("d,table,u,batch,0,0.1,0.9,extra", "8 cells where the header has 7"),
+    ],
+)
+def test_read_csv_refuses_a_garbage_line(tmp_path, line, problem):
+    path = _write_lines(tmp_path, [HEADER, "d,table,u,batch,0,0.1,0.9", line])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 3: {problem}")):
+        report.read_csv(path)
+
+
+@pytest.mark.parametrize(
+    "second, kind",
+    [("d,table,u,batch,0,0.1,0.9", "an exact copy"), ("d,table,u,batch,0,0.1,0.5", "")],
+)
+def test_read_csv_refuses_a_repeated_run(tmp_path, second, kind):
+    """Two rows of one run are refused, an exact copy too: which one a resume should keep is
+    the user's call, and a copy usually means the file was assembled by hand."""
+    lines = [HEADER, "d,table,u,batch,0,0.1,0.9", "d,table,u,batch,1,0.1,0.9", second]
+    path = _write_lines(tmp_path, lines)
+    key = lambda row: (row["condition"], row["normalizer"], row["seed"])  # noqa: E731
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 4: the run of line 2")) as info:
+        report.read_csv(path, key=key)
+    assert kind in str(info.value)
+    assert len(report.read_csv(path)) == 3  # without a key, rows are not compared
+
+
+def test_read_csv_requires_the_key_columns(tmp_path):
+    path = _write_lines(tmp_path, [HEADER, "d,table,u,batch,,0.1,0.9"])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, line 2, column 'seed': empty")):
+        report.read_csv(path, required=("seed",))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no column 'examples'")):
+        report.read_csv(path, required=("examples",))
+
+
+def test_writes_are_atomic_and_synced(tmp_path, monkeypatch):
+    """A failed write (here: the sync fails, as on a full disk) leaves the old file whole."""
+    path = str(tmp_path / "study_config.json")
+    report.write_atomically(path, "old")
+
+    def fail(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="No space"):
+        report.write_atomically(path, "new")
+    with pytest.raises(OSError, match="No space"):
+        report.write_csv(_rows(), str(tmp_path / "results.csv"))
+    assert open(path).read() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["study_config.json"]
+
+
+def _script(*args):
     import subprocess
 
     root = os.path.join(os.path.dirname(__file__), "..", "..")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "scripts/batch_study.py",
-            "--config=configs/batch_study.py:quick",
-            f"--workdir={tmp_path}",
-            "--config.num_seeds=0",
-        ],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    assert "error: config.num_seeds=0: must be a positive integer." in result.stderr
+    command = [sys.executable, "scripts/batch_study.py", "--config=configs/batch_study.py:quick"]
+    return subprocess.run([*command, *args], cwd=root, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("--config.num_seeds=0", "error: config.num_seeds=0: must be a positive integer."),
+        ("--config.foo=1", "error: --config.foo is not a config key of the study; the keys are"),
+    ],
+)
+def test_script_reports_a_usage_error_in_one_line_and_exits_2(tmp_path, case, message):
+    """The absl entry point wires --config overrides through to the checks (fails before any
+    data is loaded or any run trains): one `error:` line, no traceback, exit 2."""
+    result = _script(f"--workdir={tmp_path}", case)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines

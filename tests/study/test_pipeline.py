@@ -3,6 +3,8 @@ against references."""
 
 import math
 import os
+import re
+import shutil
 import sys
 
 import jax
@@ -163,6 +165,46 @@ def test_resume_skips_finished_runs_and_refuses_another_config(tiny_study, tmp_p
     config.num_seeds = 3
     with pytest.raises(ValueError, match="different config"):
         runner.run_study(config, resumed_dir, log=lines.append)
+
+
+def test_resume_refuses_a_repeated_row_naming_its_line(tiny_study, tmp_path):
+    """A results.csv with a run's row twice (pasted from another workdir, say) is refused
+    before anything trains, not kept as a sixth seed of that cell."""
+    workdir, rows, _ = tiny_study
+    resumed_dir = str(tmp_path / "repeated")
+    os.makedirs(resumed_dir)
+    shutil.copy(os.path.join(workdir, runner.CONFIG_FILE), resumed_dir)
+    changed = {**rows[3], "accuracy_eval": 0.5}
+    report.write_csv([*rows[:5], changed], os.path.join(resumed_dir, "results.csv"))
+    message = f"{resumed_dir}/results.csv, line 7: the run of line 5"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        runner.run_study(tiny_config(), resumed_dir, log=lambda line: None)
+
+
+def test_resume_without_the_saved_config_is_refused(tiny_study, tmp_path):
+    """results.csv without study_config.json: the rows' config cannot be checked, so a changed
+    learning rate (or anything else) would mix two studies; the runner refuses, saying what to
+    do, and leaves the results as they were."""
+    _, rows, _ = tiny_study
+    resumed_dir = str(tmp_path / "no_config")
+    os.makedirs(resumed_dir)
+    csv_path = os.path.join(resumed_dir, "results.csv")
+    report.write_csv(rows[:4], csv_path)
+    before = open(csv_path).read()
+    config = tiny_config()
+    config.lr_candidates = (0.2,)
+    with pytest.raises(ValueError, match=f"{runner.CONFIG_FILE} is missing") as info:
+        runner.run_study(config, resumed_dir, log=lambda line: None)
+    assert "restore" in str(info.value) and "new --workdir" in str(info.value)
+    assert sorted(os.listdir(resumed_dir)) == ["results.csv"]
+    assert open(csv_path).read() == before
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "study"
+    path.write_text("")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        runner.run_study(tiny_config(), str(path), log=lambda line: None)
 
 
 # ---------------------------------------------------------------- the pieces, vs references
