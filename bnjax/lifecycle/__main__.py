@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 
 def _steps(directory: str) -> list[int]:
@@ -35,24 +36,21 @@ def _steps(directory: str) -> list[int]:
     )
 
 
-def _locate(path: str, step: int | None) -> tuple[str, int | None, bool]:
-    """(directory or file, step, whether it holds `Checkpointer` steps) for PATH."""
-    path = os.path.abspath(path)
-    inner = os.path.join(path, "checkpoints")
-    if (
-        os.path.isdir(inner)
-        and not _steps(path)
-        and not os.path.exists(os.path.join(path, "_METADATA"))
-    ):
-        path = inner  # a training workdir
-    name = os.path.basename(path)
-    if name.isdigit() and os.path.isdir(os.path.join(path, "manifest")):  # a Checkpointer step
-        if step is not None and step != int(name):
-            raise ValueError(f"--step {step} conflicts with the step directory {path!r}")
-        return os.path.dirname(path), int(name), True
-    steps = _steps(path)
-    managed = any(os.path.isdir(os.path.join(path, str(s), "manifest")) for s in steps)
-    return path, step, managed
+def _note_unverified(load, *args):
+    """`load(*args)`, its `UnverifiedCheckpointWarning` turned into one note on stderr."""
+    from bnjax.lifecycle.checkpoint_reading import UnverifiedCheckpointWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnverifiedCheckpointWarning)
+        tree = load(*args)
+    for warning in caught:
+        if issubclass(warning.category, UnverifiedCheckpointWarning):
+            print(f"note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return tree
 
 
 def main(argv=None) -> int:
@@ -81,7 +79,13 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from bnjax.lifecycle.validation import load_checkpoint, validate_statistics
+    from bnjax.lifecycle.checkpoint_reading import (
+        load_checkpoint,
+        locate,
+        read_checkpointer_step,
+    )
+    from bnjax.lifecycle.validation import validate_statistics
+    from bnjax.train.checkpoints import Checkpointer, CorruptCheckpointError
     from bnjax.train.quiet import root_cause
 
     def cannot_read(error: BaseException) -> int:
@@ -89,19 +93,17 @@ def main(argv=None) -> int:
         return 2
 
     try:
-        path, step, managed = _locate(args.checkpoint, args.step)
-        if managed:
-            from bnjax.train.checkpoints import Checkpointer  # verifies checksums
-
-            checkpointer = Checkpointer(path, read_only=True)
-            steps, load = checkpointer.all_steps(), checkpointer.restore
+        path, step, managed = locate(args.checkpoint, args.step)
+        if managed:  # a bnjax.train.Checkpointer's steps: each read through its checksums
+            steps = Checkpointer(path, read_only=True).all_steps()
+            load = lambda s: read_checkpointer_step(path, s)  # noqa: E731
         else:
             steps = _steps(path)
-            load = lambda s: load_checkpoint(path, step=s)  # noqa: E731
+            load = lambda s: _note_unverified(load_checkpoint, path, s)  # noqa: E731
         if steps and step is not None and step not in steps:
             raise FileNotFoundError(f"No step {step} in {path!r}; steps: {steps}.")
         if not steps:
-            tree, read, corrupt = load_checkpoint(path, step=step), path, []
+            tree, read, corrupt = _note_unverified(load_checkpoint, path, step), path, []
     except Exception as error:  # any failure to read is exit status 2
         return cannot_read(error)
     if steps:
@@ -109,6 +111,10 @@ def main(argv=None) -> int:
         for candidate in [step] if step is not None else steps[::-1]:
             try:
                 tree = load(candidate)
+            except CorruptCheckpointError as error:  # it names the step and why
+                corrupt.append(candidate)
+                print(error, file=sys.stderr)
+                continue
             except Exception as error:
                 corrupt.append(candidate)
                 print(
