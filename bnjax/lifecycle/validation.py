@@ -115,12 +115,34 @@ class ValidationReport:
 
 
 def _plain(tree):
-    """Dicts all the way down: nnx states/modules, train states and NamedTuples converted."""
+    """Dicts all the way down: nnx states/modules, train states and NamedTuples converted;
+    lists of numbers become arrays."""
     if isinstance(tree, nnx.Module):
         tree = nnx.state(tree)
     if isinstance(tree, nnx.State):
         tree = nnx.to_pure_dict(tree)
-    return flax.serialization.to_state_dict(tree)
+    return flax.serialization.to_state_dict(_numbers_as_arrays(tree))
+
+
+def _is_numbers(node) -> bool:
+    """A (nested) plain list or tuple of numbers, e.g. a mean written as [0.5, 0.5]."""
+    return (
+        type(node) in (list, tuple)
+        and len(node) > 0
+        and all(isinstance(item, (int, float, np.number)) or _is_numbers(item) for item in node)
+    )
+
+
+def _numbers_as_arrays(node):
+    """`node` with its lists of numbers as numpy arrays: flax's state dicts would make a list
+    a dict {'0': ..., '1': ...}, where no statistics are looked for."""
+    if _is_numbers(node):
+        return np.asarray(node)
+    if isinstance(node, Mapping):
+        return {key: _numbers_as_arrays(value) for key, value in node.items()}
+    if type(node) in (list, tuple):
+        return type(node)(_numbers_as_arrays(item) for item in node)
+    return node
 
 
 def _is_layer(node) -> bool:
