@@ -145,3 +145,13 @@ def test_validate_a_model_without_batch_norm(group_norm_workdir, capsys):
     assert report.ok and not report.layers and "no batch-norm statistics" in report.notes[0]
     # The same parameters saved alone are still refused: nothing says the model has no BN.
     assert not lifecycle.validate_statistics({"params": tree["params"]}).ok
+
+
+def test_a_manifest_that_lists_other_leaves_names_them(workdir):
+    manifest = workdir / "checkpoints" / "100" / "manifest" / "metadata"
+    content = json.loads(manifest.read_text())
+    content["leaves"]["params/b"] = content["leaves"].pop("params/w")
+    manifest.write_text(json.dumps(content))
+    pattern = r"'params/b' in the manifest, not restored; 'params/w' restored, not in the"
+    with pytest.raises(CorruptCheckpointError, match=pattern):
+        lifecycle.load_checkpoint(str(workdir), step=100)
