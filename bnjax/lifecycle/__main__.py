@@ -1,21 +1,26 @@
 """Command line: ``python -m bnjax.lifecycle validate PATH [--step N] [--quiet]``.
 
 PATH is a training workdir (its ``checkpoints/`` directory is read), a directory of
-`bnjax.train.Checkpointer` steps or one of its step directories, any other orbax checkpoint (a
-``CheckpointManager``'s root, a step, a PyTree item), or a flax msgpack file. The first line
-says what was read, e.g. ``step 600 of /runs/a/checkpoints``; then comes a per-layer table of
-the batch-norm statistics and a summary line (see `validate_statistics`).
+`bnjax.train.Checkpointer` steps, one of its steps or a step's ``state`` (or ``manifest``)
+item, any other orbax checkpoint (a ``CheckpointManager``'s root, a step, a PyTree item), or
+a flax msgpack file. The first line says what was read, e.g. ``step 600 of
+/runs/a/checkpoints``; then comes a per-layer table of the batch-norm statistics and a summary
+line (see `validate_statistics`). A model without batch norm (norm='group') has nothing to
+check: OK, with a note saying so.
 
-Checkpointer steps are read through ``Checkpointer.restore``, so every leaf is checked against
-the CRC32 written at save time: flipped bytes, truncated or missing files make a step
-corrupt. Without ``--step`` the newest step is read. When it is corrupt, a line on stderr
-says so (one per corrupt step), the newest readable step is validated and printed, and the
-exit status is 2 whatever its statistics: the step that a resumed run or a server would pick
-is broken. Nothing is written: corrupt steps are not moved.
+Checkpointer steps are read through ``Checkpointer.restore`` whichever of those paths names
+them (see `bnjax.lifecycle.checkpoint_reading`), so every leaf is checked against the CRC32
+written at save time: flipped bytes, truncated or missing files, and a missing manifest make
+a step corrupt. Without ``--step`` the newest step is read. When it is corrupt, a line on
+stderr says so (one per corrupt step), the newest readable step is validated and printed, and
+the exit status is 2 whatever its statistics: the step that a resumed run or a server would
+pick is broken. Other checkpoints carry no checksums: a ``note:`` line on stderr says their
+bytes were not verified, and the statistics decide the exit status. Nothing is written:
+corrupt steps are not moved.
 
 Exit status: 0 the statistics are sound; 1 they have problems; 2 the checkpoint is unreadable
-or corrupt (nothing readable, the requested step corrupt, or a step newer than the one
-validated corrupt).
+or corrupt (nothing readable, the requested step corrupt or without its manifest, or a step
+newer than the one validated corrupt).
 """
 
 from __future__ import annotations
@@ -70,7 +75,8 @@ def main(argv=None) -> int:
     )
     validate.add_argument(
         "checkpoint",
-        help="a training workdir (reads WORKDIR/checkpoints), an orbax "
+        help="a training workdir (reads WORKDIR/checkpoints), a checkpoints directory, a "
+        "step or a step's state item (each checked against its checksums), another orbax "
         "checkpoint directory (a manager's root, a step, or an item), or a flax msgpack file",
     )
     validate.add_argument("--step", type=int, default=None, help="step of a manager's root")

@@ -40,7 +40,20 @@ _CONFIG = "config.json"  # beside the checkpoints directory of a training workdi
 
 
 class UnverifiedCheckpointWarning(UserWarning):
-    """A checkpoint was read with no checksums to check it against (not a Checkpointer's)."""
+    """A checkpoint was read with no checksums to check it against (not a Checkpointer's).
+
+    Example:
+      >>> import os, tempfile
+      >>> with tempfile.TemporaryDirectory() as directory:
+      ...     path = os.path.join(directory, "variables.msgpack")
+      ...     with open(path, "wb") as file:
+      ...         _ = file.write(flax.serialization.to_bytes({"w": np.ones(2)}))
+      ...     with warnings.catch_warnings(record=True) as caught:
+      ...         warnings.simplefilter("always")
+      ...         _ = load_checkpoint(path)
+      >>> caught[0].category.__name__, "has no checksums" in str(caught[0].message)
+      ('UnverifiedCheckpointWarning', True)
+    """
 
 
 class CheckpointLocation(NamedTuple):

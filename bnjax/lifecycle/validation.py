@@ -13,14 +13,17 @@ merge, and statistics whose shape does not match the layer's.
     $ python -m bnjax.lifecycle validate WORKDIR    # exit 0 ok, 1 problems, 2 unreadable/corrupt
 
 (The command reads ``WORKDIR/checkpoints``, checks `bnjax.train.Checkpointer` steps against
-their checksums, and says which step it read; see ``bnjax/lifecycle/__main__.py``.)
+their checksums whatever the path names, and says which step it read; see
+``bnjax/lifecycle/__main__.py``. `load_checkpoint` is `bnjax.lifecycle.checkpoint_reading`'s.)
 
 Where the statistics are looked for: every 'batch_stats' collection anywhere in the tree (with
 its sibling 'params' for scale/bias at the same module path; 'count'/'skipped' beside the
 statistics when the layer keeps them), and every dict (or `BatchNormState`) holding
 'mean'/'var' directly (functional states, nnx states: ``nnx.state(model)``). Train states
 (``flax.struct`` dataclasses) are read through ``flax.serialization.to_state_dict``;
-'opt_state' subtrees are skipped.
+'opt_state' subtrees are skipped. Statistics written as lists of numbers are read as arrays.
+A training state ('params' beside 'opt_state') without 'batch_stats' is the state of a model
+with no batch norm (group, layer or no norm): nothing to check, OK with a note.
 """
 
 from __future__ import annotations
@@ -264,8 +267,10 @@ def validate_statistics(tree: Any, *, expected: Any = None) -> ValidationReport:
 
     Problems (``report.ok`` is False): missing mean/var, non-finite values, negative variance,
     count 0 (or, without counters, exactly the initial mean 0 / var 1), shapes that disagree
-    (mean, var, scale, bias, the model), and no batch-norm statistics at all. Notes (not
-    failures): skipped non-finite batches, channels with variance exactly 0.
+    (mean, var, scale, bias, the model), and no batch-norm statistics at all (unless the
+    model has none: `expected` without batch norms, or a training state without
+    'batch_stats'; then a note of the report says so). Notes (not failures): skipped
+    non-finite batches, channels with variance exactly 0.
 
     Example:
       >>> ok = {"batch_stats": {"bn": {"mean": np.ones(2), "var": np.ones(2)}}}
