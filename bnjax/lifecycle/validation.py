@@ -104,6 +104,7 @@ class ValidationReport:
             "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
             for row in rows
         ]
+        lines = lines if self.layers else []  # no table of no layers
         lines += [f"problem: {problem}" for problem in self.problems]
         lines += [f"note: {note}" for note in self.notes]
         failing = sum(bool(layer.problems) for layer in self.layers)
