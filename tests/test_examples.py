@@ -43,6 +43,7 @@ MODULES = [
     "bnjax.diagnostics",
     "bnjax.progress",
     "bnjax.lifecycle._backends",
+    "bnjax.lifecycle.checkpoint_reading",
     "bnjax.lifecycle.folded_model",
     "bnjax.lifecycle.folding",
     "bnjax.lifecycle.freezing",

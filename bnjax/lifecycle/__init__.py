@@ -8,7 +8,8 @@
   bundled models' layer names; `fold_model` folds any linen or nnx model, with the pairs
   `trace_pairs` reads from the traced computation (`bnjax.export` writes it for serving).
 - `validate_statistics`, `load_checkpoint` and ``python -m bnjax.lifecycle validate DIR``:
-  missing, non-finite, negative, never-updated or mis-shaped statistics.
+  missing, non-finite, negative, never-updated or mis-shaped statistics; checkpoints of
+  `bnjax.train.Checkpointer` read back through their checksums, whatever the path names.
 
 `bnjax.lifecycle.layers` is the layer walk these tools share (which layers are batch norms in
 linen variables, nnx models and core states; their paths; their input moments), public for
@@ -16,6 +17,7 @@ tools built on top of them. Per-layer telemetry (batch statistics, drift from th
 ones) is in `bnjax.diagnostics`.
 """
 
+from bnjax.lifecycle.checkpoint_reading import UnverifiedCheckpointWarning, load_checkpoint
 from bnjax.lifecycle.folded_model import FoldedModel, fold_model
 from bnjax.lifecycle.folding import (
     evaluation_affine,
@@ -42,12 +44,7 @@ from bnjax.lifecycle.population import (
     population_state,
 )
 from bnjax.lifecycle.recalibration import layer_input_moments, recalibrate
-from bnjax.lifecycle.validation import (
-    LayerReport,
-    ValidationReport,
-    load_checkpoint,
-    validate_statistics,
-)
+from bnjax.lifecycle.validation import LayerReport, ValidationReport, validate_statistics
 
 __all__ = [
     "FoldPlan",
@@ -55,6 +52,7 @@ __all__ = [
     "LayerInput",
     "LayerReport",
     "Total",
+    "UnverifiedCheckpointWarning",
     "ValidationReport",
     "accumulate",
     "bn_param_labels",

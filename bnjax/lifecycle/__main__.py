@@ -1,21 +1,26 @@
 """Command line: ``python -m bnjax.lifecycle validate PATH [--step N] [--quiet]``.
 
 PATH is a training workdir (its ``checkpoints/`` directory is read), a directory of
-`bnjax.train.Checkpointer` steps or one of its step directories, any other orbax checkpoint (a
-``CheckpointManager``'s root, a step, a PyTree item), or a flax msgpack file. The first line
-says what was read, e.g. ``step 600 of /runs/a/checkpoints``; then comes a per-layer table of
-the batch-norm statistics and a summary line (see `validate_statistics`).
+`bnjax.train.Checkpointer` steps, one of its steps or a step's ``state`` (or ``manifest``)
+item, any other orbax checkpoint (a ``CheckpointManager``'s root, a step, a PyTree item), or
+a flax msgpack file. The first line says what was read, e.g. ``step 600 of
+/runs/a/checkpoints``; then comes a per-layer table of the batch-norm statistics and a summary
+line (see `validate_statistics`). A model without batch norm (norm='group') has nothing to
+check: OK, with a note saying so.
 
-Checkpointer steps are read through ``Checkpointer.restore``, so every leaf is checked against
-the CRC32 written at save time: flipped bytes, truncated or missing files make a step
-corrupt. Without ``--step`` the newest step is read. When it is corrupt, a line on stderr
-says so (one per corrupt step), the newest readable step is validated and printed, and the
-exit status is 2 whatever its statistics: the step that a resumed run or a server would pick
-is broken. Nothing is written: corrupt steps are not moved.
+Checkpointer steps are read through ``Checkpointer.restore`` whichever of those paths names
+them (see `bnjax.lifecycle.checkpoint_reading`), so every leaf is checked against the CRC32
+written at save time: flipped bytes, truncated or missing files, and a missing manifest make
+a step corrupt. Without ``--step`` the newest step is read. When it is corrupt, a line on
+stderr says so (one per corrupt step), the newest readable step is validated and printed, and
+the exit status is 2 whatever its statistics: the step that a resumed run or a server would
+pick is broken. Other checkpoints carry no checksums: a ``note:`` line on stderr says their
+bytes were not verified, and the statistics decide the exit status. Nothing is written:
+corrupt steps are not moved.
 
 Exit status: 0 the statistics are sound; 1 they have problems; 2 the checkpoint is unreadable
-or corrupt (nothing readable, the requested step corrupt, or a step newer than the one
-validated corrupt).
+or corrupt (nothing readable, the requested step corrupt or without its manifest, or a step
+newer than the one validated corrupt).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 
 def _steps(directory: str) -> list[int]:
@@ -35,24 +41,21 @@ def _steps(directory: str) -> list[int]:
     )
 
 
-def _locate(path: str, step: int | None) -> tuple[str, int | None, bool]:
-    """(directory or file, step, whether it holds `Checkpointer` steps) for PATH."""
-    path = os.path.abspath(path)
-    inner = os.path.join(path, "checkpoints")
-    if (
-        os.path.isdir(inner)
-        and not _steps(path)
-        and not os.path.exists(os.path.join(path, "_METADATA"))
-    ):
-        path = inner  # a training workdir
-    name = os.path.basename(path)
-    if name.isdigit() and os.path.isdir(os.path.join(path, "manifest")):  # a Checkpointer step
-        if step is not None and step != int(name):
-            raise ValueError(f"--step {step} conflicts with the step directory {path!r}")
-        return os.path.dirname(path), int(name), True
-    steps = _steps(path)
-    managed = any(os.path.isdir(os.path.join(path, str(s), "manifest")) for s in steps)
-    return path, step, managed
+def _note_unverified(load, *args):
+    """`load(*args)`, its `UnverifiedCheckpointWarning` turned into one note on stderr."""
+    from bnjax.lifecycle.checkpoint_reading import UnverifiedCheckpointWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnverifiedCheckpointWarning)
+        tree = load(*args)
+    for warning in caught:
+        if issubclass(warning.category, UnverifiedCheckpointWarning):
+            print(f"note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return tree
 
 
 def main(argv=None) -> int:
@@ -72,7 +75,8 @@ def main(argv=None) -> int:
     )
     validate.add_argument(
         "checkpoint",
-        help="a training workdir (reads WORKDIR/checkpoints), an orbax "
+        help="a training workdir (reads WORKDIR/checkpoints), a checkpoints directory, a "
+        "step or a step's state item (each checked against its checksums), another orbax "
         "checkpoint directory (a manager's root, a step, or an item), or a flax msgpack file",
     )
     validate.add_argument("--step", type=int, default=None, help="step of a manager's root")
@@ -81,7 +85,13 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from bnjax.lifecycle.validation import load_checkpoint, validate_statistics
+    from bnjax.lifecycle.checkpoint_reading import (
+        load_checkpoint,
+        locate,
+        read_checkpointer_step,
+    )
+    from bnjax.lifecycle.validation import validate_statistics
+    from bnjax.train.checkpoints import Checkpointer, CorruptCheckpointError
     from bnjax.train.quiet import root_cause
 
     def cannot_read(error: BaseException) -> int:
@@ -89,19 +99,17 @@ def main(argv=None) -> int:
         return 2
 
     try:
-        path, step, managed = _locate(args.checkpoint, args.step)
-        if managed:
-            from bnjax.train.checkpoints import Checkpointer  # verifies checksums
-
-            checkpointer = Checkpointer(path, read_only=True)
-            steps, load = checkpointer.all_steps(), checkpointer.restore
+        path, step, managed = locate(args.checkpoint, args.step)
+        if managed:  # a bnjax.train.Checkpointer's steps: each read through its checksums
+            steps = Checkpointer(path, read_only=True).all_steps()
+            load = lambda s: read_checkpointer_step(path, s)  # noqa: E731
         else:
             steps = _steps(path)
-            load = lambda s: load_checkpoint(path, step=s)  # noqa: E731
+            load = lambda s: _note_unverified(load_checkpoint, path, s)  # noqa: E731
         if steps and step is not None and step not in steps:
             raise FileNotFoundError(f"No step {step} in {path!r}; steps: {steps}.")
         if not steps:
-            tree, read, corrupt = load_checkpoint(path, step=step), path, []
+            tree, read, corrupt = _note_unverified(load_checkpoint, path, step), path, []
     except Exception as error:  # any failure to read is exit status 2
         return cannot_read(error)
     if steps:
@@ -109,6 +117,10 @@ def main(argv=None) -> int:
         for candidate in [step] if step is not None else steps[::-1]:
             try:
                 tree = load(candidate)
+            except CorruptCheckpointError as error:  # it names the step and why
+                corrupt.append(candidate)
+                print(error, file=sys.stderr)
+                continue
             except Exception as error:
                 corrupt.append(candidate)
                 print(

@@ -106,13 +106,14 @@ def fold_into(kernel, bias, mean, var, scale=None, norm_bias=None, *, epsilon: f
     """(kernel', bias') of the layer equal to ``layer`` then evaluation-mode batch norm.
 
     Args:
-      kernel: (..., C) with the output channels last (Conv (kh, kw, C_in, C), Dense (D, C)).
+      kernel: (..., C) with the output channels last (Conv (kh, kw, C_in, C), Dense (D, C)),
+        floating; any array-like (a nested list is taken as an array).
       bias: (C,) or None (no bias). mean, var: (C,) running statistics of the norm.
       scale, norm_bias: (C,) norm parameters, None for 1 and 0. epsilon: the norm's.
 
-    Raises ValueError for a negative or non-finite variance, non-finite mean/scale/bias, a
-    negative or non-finite epsilon, or var + epsilon = 0 (checked where the values are
-    known: not for arrays traced under jit).
+    Raises TypeError for a kernel that is not floating, ValueError for a negative or
+    non-finite variance, non-finite mean/scale/bias, a negative or non-finite epsilon, or
+    var + epsilon = 0 (checked where the values are known: not for arrays traced under jit).
 
     Example:
       >>> kernel, bias = fold_into(jnp.ones((2, 1)), None, jnp.array([1.0]), jnp.array([4.0]),
@@ -120,7 +121,13 @@ def fold_into(kernel, bias, mean, var, scale=None, norm_bias=None, *, epsilon: f
       >>> kernel.ravel().tolist(), bias.tolist()      # (x1 + x2 - 1) / 2
       ([0.5, 0.5], [-0.5])
     """
-    dtype = jnp.promote_types(jnp.asarray(kernel).dtype, jnp.float32)
+    kernel = jnp.asarray(kernel)  # a nested list folds as the array it spells
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+        raise TypeError(
+            f"`kernel` has dtype {kernel.dtype}: the folded kernel keeps the kernel's dtype, "
+            "and scaled by the norm's gain it would be rounded; pass a floating kernel"
+        )
+    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
     channels = kernel.shape[-1]
     for name, value in (("mean", mean), ("var", var), ("scale", scale), ("norm_bias", norm_bias)):
         if value is not None and tuple(jnp.shape(value)) != (channels,):

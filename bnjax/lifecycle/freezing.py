@@ -68,6 +68,11 @@ def _key_names(key_path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in key_path)
 
 
+def _short_repr(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def reset_statistics(target, layers=None):
     """Resets statistics to mean 0, variance 1 (and BatchRenorm's renorm ones), counters 0.
 
@@ -78,6 +83,8 @@ def reset_statistics(target, layers=None):
         (updated in place and returned), or any pytree of `BatchNormState` /
         `BatchRenormState` (returns a new pytree).
       layers: which layers (see the module docstring); None: all.
+
+    Raises TypeError when `target` is none of these (a number, an array, None).
 
     Example:
       >>> state = reset_statistics({"layer": bnjax.BatchNormState(
@@ -114,6 +121,16 @@ def reset_statistics(target, layers=None):
         return new
 
     states = jax.tree_util.tree_flatten_with_path(target, is_leaf=L.is_state)[0]
+    if not any(L.is_state(leaf) for _, leaf in states) and (
+        target is None or jax.tree_util.treedef_is_leaf(jax.tree.structure(target))
+    ):
+        # A lone value (42, an array, a string) holds no batch norm: returning it as it is
+        # would pass for a reset.
+        raise TypeError(
+            "`target` must be linen variables (a dict with 'batch_stats'), an nnx model or a "
+            f"pytree of BatchNormState / BatchRenormState; got {type(target).__name__} "
+            f"{_short_repr(target)}"
+        )
     select = L.layer_filter(layers, [_key_names(path) for path, leaf in states if L.is_state(leaf)])
 
     def reset(key_path, state):

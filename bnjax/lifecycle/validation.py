@@ -13,20 +13,22 @@ merge, and statistics whose shape does not match the layer's.
     $ python -m bnjax.lifecycle validate WORKDIR    # exit 0 ok, 1 problems, 2 unreadable/corrupt
 
 (The command reads ``WORKDIR/checkpoints``, checks `bnjax.train.Checkpointer` steps against
-their checksums, and says which step it read; see ``bnjax/lifecycle/__main__.py``.)
+their checksums whatever the path names, and says which step it read; see
+``bnjax/lifecycle/__main__.py``. `load_checkpoint` is `bnjax.lifecycle.checkpoint_reading`'s.)
 
 Where the statistics are looked for: every 'batch_stats' collection anywhere in the tree (with
 its sibling 'params' for scale/bias at the same module path; 'count'/'skipped' beside the
 statistics when the layer keeps them), and every dict (or `BatchNormState`) holding
 'mean'/'var' directly (functional states, nnx states: ``nnx.state(model)``). Train states
 (``flax.struct`` dataclasses) are read through ``flax.serialization.to_state_dict``;
-'opt_state' subtrees are skipped.
+'opt_state' subtrees are skipped. Statistics written as lists of numbers are read as arrays.
+A training state ('params' beside 'opt_state') without 'batch_stats' is the state of a model
+with no batch norm (group, layer or no norm): nothing to check, OK with a note.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -35,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from bnjax.lifecycle import layers as L
+from bnjax.lifecycle.checkpoint_reading import load_checkpoint
 
 __all__ = ["LayerReport", "ValidationReport", "load_checkpoint", "validate_statistics"]
 
@@ -72,6 +75,7 @@ class ValidationReport:
 
     layers: list[LayerReport]
     problems: list[str]
+    notes: list[str] = dataclasses.field(default_factory=list)  # of the tree; not failures
 
     @property
     def ok(self) -> bool:
@@ -100,7 +104,9 @@ class ValidationReport:
             "  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
             for row in rows
         ]
+        lines = lines if self.layers else []  # no table of no layers
         lines += [f"problem: {problem}" for problem in self.problems]
+        lines += [f"note: {note}" for note in self.notes]
         failing = sum(bool(layer.problems) for layer in self.layers)
         lines.append(
             f"{len(self.layers)} batch-norm layer(s), {failing} with problems"
@@ -113,12 +119,34 @@ class ValidationReport:
 
 
 def _plain(tree):
-    """Dicts all the way down: nnx states/modules, train states and NamedTuples converted."""
+    """Dicts all the way down: nnx states/modules, train states and NamedTuples converted;
+    lists of numbers become arrays."""
     if isinstance(tree, nnx.Module):
         tree = nnx.state(tree)
     if isinstance(tree, nnx.State):
         tree = nnx.to_pure_dict(tree)
-    return flax.serialization.to_state_dict(tree)
+    return flax.serialization.to_state_dict(_numbers_as_arrays(tree))
+
+
+def _is_numbers(node) -> bool:
+    """A (nested) plain list or tuple of numbers, e.g. a mean written as [0.5, 0.5]."""
+    return (
+        type(node) in (list, tuple)
+        and len(node) > 0
+        and all(isinstance(item, (int, float, np.number)) or _is_numbers(item) for item in node)
+    )
+
+
+def _numbers_as_arrays(node):
+    """`node` with its lists of numbers as numpy arrays: flax's state dicts would make a list
+    a dict {'0': ..., '1': ...}, where no statistics are looked for."""
+    if _is_numbers(node):
+        return np.asarray(node)
+    if isinstance(node, Mapping):
+        return {key: _numbers_as_arrays(value) for key, value in node.items()}
+    if type(node) in (list, tuple):
+        return type(node)(_numbers_as_arrays(item) for item in node)
+    return node
 
 
 def _is_layer(node) -> bool:
@@ -240,8 +268,10 @@ def validate_statistics(tree: Any, *, expected: Any = None) -> ValidationReport:
 
     Problems (``report.ok`` is False): missing mean/var, non-finite values, negative variance,
     count 0 (or, without counters, exactly the initial mean 0 / var 1), shapes that disagree
-    (mean, var, scale, bias, the model), and no batch-norm statistics at all. Notes (not
-    failures): skipped non-finite batches, channels with variance exactly 0.
+    (mean, var, scale, bias, the model), and no batch-norm statistics at all (unless the
+    model has none: `expected` without batch norms, or a training state without
+    'batch_stats'; then a note of the report says so). Notes (not failures): skipped
+    non-finite batches, channels with variance exactly 0.
 
     Example:
       >>> ok = {"batch_stats": {"bn": {"mean": np.ones(2), "var": np.ones(2)}}}
@@ -251,13 +281,14 @@ def validate_statistics(tree: Any, *, expected: Any = None) -> ValidationReport:
       >>> validate_statistics(bad).layers[0].problems
       ('negative var in 1 channel(s) (min -1)',)
     """
-    found = _find(_plain(tree))
+    plain = _plain(tree)
+    found = _find(plain)
     want = {}
     if expected is not None:
         want = {
             p: _shape(s[0].get("mean", s[0].get("var"))) for p, s in _find(_plain(expected)).items()
         }
-    reports, problems = [], []
+    reports, problems, notes = [], [], []
     for path, (statistics, params, counters) in found.items():
         shape, count, skipped, layer_problems, notes = _check(
             statistics, params, counters, want.get(path)
@@ -268,61 +299,27 @@ def validate_statistics(tree: Any, *, expected: Any = None) -> ValidationReport:
     for path, shape in want.items():
         if path not in found:
             reports.append(LayerReport(L.path_str(path), shape, None, None, ("missing",)))
-    if not reports:
+    if not reports and expected is not None:
+        notes.append("no batch-norm statistics to check: the model has no batch norm")
+    elif not reports and _training_state_without_statistics(plain):
+        notes.append(
+            "no batch-norm statistics to check: a training state without 'batch_stats' (its "
+            "model has no batch norm, e.g. norm='group')"
+        )
+    elif not reports:
         problems.append(
             "no batch-norm statistics found (a checkpoint of the params alone? save the whole "
             "variables dict, 'batch_stats' included)"
         )
-    return ValidationReport(reports, problems)
+    return ValidationReport(reports, problems, notes)
 
 
-def _is_pytree_dir(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "_METADATA"))
-
-
-def load_checkpoint(path: str, step: int | None = None) -> Any:
-    """Restores a checkpoint without knowing its structure (no target), as numpy-backed dicts.
-
-    `path` may be an orbax PyTree checkpoint directory, a step directory of a
-    ``CheckpointManager`` (its PyTree items are restored into {item: tree}, or the tree itself
-    when there is one, e.g. the default item), a manager's root
-    (the latest step, or `step`), or a flax msgpack file. Raises FileNotFoundError or
-    ValueError when there is nothing to restore.
-
-    Example:
-      >>> import os, tempfile
-      >>> variables = {"batch_stats": {"bn": {"mean": np.zeros(2), "var": np.ones(2)}}}
-      >>> with tempfile.TemporaryDirectory() as directory:
-      ...     path = os.path.join(directory, "variables.msgpack")
-      ...     with open(path, "wb") as file:
-      ...         _ = file.write(flax.serialization.to_bytes(variables))
-      ...     restored = load_checkpoint(path)
-      >>> restored["batch_stats"]["bn"]["var"].tolist()
-      [1.0, 1.0]
-    """
-    import orbax.checkpoint as ocp
-
-    if os.path.isfile(path):
-        with open(path, "rb") as file:
-            return flax.serialization.msgpack_restore(file.read())
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"No checkpoint at {path!r}.")
-    if _is_pytree_dir(path):
-        return ocp.StandardCheckpointer().restore(os.path.abspath(path))
-    steps = sorted(int(name) for name in os.listdir(path) if name.isdigit())
-    if steps:
-        if step is not None and step not in steps:
-            raise FileNotFoundError(f"No step {step} in {path!r}; steps: {steps}.")
-        return load_checkpoint(os.path.join(path, str(step if step is not None else steps[-1])))
-    items = {
-        name: os.path.join(path, name)
-        for name in sorted(os.listdir(path))
-        if _is_pytree_dir(os.path.join(path, name))
-    }
-    if not items:
-        raise ValueError(f"{path!r} holds no orbax PyTree checkpoint (no _METADATA file).")
-    trees = {
-        name: ocp.StandardCheckpointer().restore(os.path.abspath(item))
-        for name, item in items.items()
-    }
-    return next(iter(trees.values())) if len(trees) == 1 else trees
+def _training_state_without_statistics(tree) -> bool:
+    """Whether `tree` is a training state ('params' beside 'opt_state') with no 'batch_stats':
+    a training state keeps the model's whole state, so its model has no running statistics."""
+    return (
+        isinstance(tree, Mapping)
+        and isinstance(tree.get(L.PARAMS), Mapping)
+        and "opt_state" in tree
+        and L.STATS not in tree
+    )

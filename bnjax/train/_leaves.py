@@ -75,8 +75,16 @@ def check_checksums(state: Any, checksums: dict[str, int | None]) -> None:
     Leaves without a checksum (arrays spanning several processes) are not checked.
     """
     leaves = named_leaves(state)
-    if sorted(name for name, _ in leaves) != sorted(checksums):
-        raise ValueError("restored leaves differ from the manifest's")
+    names = {name for name, _ in leaves}
+    if names != set(checksums):
+        missing, extra = sorted(set(checksums) - names), sorted(names - set(checksums))
+        raise ValueError(
+            "restored leaves differ from the manifest's: "
+            + "; ".join(
+                [f"{name!r} in the manifest, not restored" for name in missing[:4]]
+                + [f"{name!r} restored, not in the manifest" for name in extra[:4]]
+            )
+        )
     for name, leaf in leaves:
         host = host_copy(leaf)
         if checksums[name] is not None and host is not None and crc32(host) != checksums[name]:

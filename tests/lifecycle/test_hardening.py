@@ -250,3 +250,35 @@ def test_validate_a_workdir_with_checksums(tmp_path, capsys):
     assert main(["validate", str(checkpoints / "100"), "--step", "200"]) == 2
     assert "conflicts" in capsys.readouterr().err
     assert sorted(os.listdir(checkpoints)) == ["100", "200"]  # read-only: nothing moved
+
+
+# ------------------------------------------------------------------ 5. inputs of the wrong type
+
+
+@pytest.mark.parametrize("target", [42, None, "variables", np.ones(3)], ids=repr)
+def test_reset_statistics_refuses_what_holds_no_batch_norm(target):
+    with pytest.raises(TypeError, match=r"`target` must be linen variables .* got "):
+        lifecycle.reset_statistics(target)  # 42 used to come back as 42
+
+
+def test_fold_into_takes_a_list_kernel_as_an_array():
+    statistics = dict(mean=jnp.array([1.0]), var=jnp.array([4.0]), epsilon=0.0)
+    kernel, bias = lifecycle.fold_into([[1.0], [1.0]], None, **statistics)  # was AttributeError
+    expected_kernel, expected_bias = lifecycle.fold_into(jnp.ones((2, 1)), None, **statistics)
+    chex.assert_trees_all_equal((kernel, bias), (expected_kernel, expected_bias))
+    with pytest.raises(TypeError, match=r"`kernel` has dtype int32: .* a floating kernel"):
+        lifecycle.fold_into([[1], [1]], None, **statistics)  # folded, it would be rounded
+
+
+def test_validate_statistics_reads_lists_as_arrays():
+    as_lists = {"batch_stats": {"bn": {"mean": [0.5, 0.5], "var": [1.0, 2.0]}}}
+    report = lifecycle.validate_statistics(as_lists)  # was "no batch-norm statistics found"
+    assert report.ok and report.layers[0].features == (2,)
+    negative = {"bn": {"mean": [0.5, 0.5], "var": (1.0, -2.0)}}
+    report = lifecycle.validate_statistics(negative)
+    assert report.layers[0].problems == ("negative var in 1 channel(s) (min -2)",)
+    integers = lifecycle.validate_statistics({"bn": {"mean": [0, 0], "var": [1, 1]}})
+    assert integers.layers[0].problems[0] == "mean has dtype int64, not floating"
+    # A list of layers is still a list of layers, not an array.
+    states = [bnjax.BatchNormState(jnp.ones(2), jnp.ones(2), jnp.array(1), jnp.array(0))] * 2
+    assert [layer.path for layer in lifecycle.validate_statistics(states).layers] == ["0", "1"]
