@@ -60,7 +60,7 @@ def test_export_a_workdir_then_verify_it(workdir, tmp_path):
     manifest = artifact.read_manifest(out)
     assert manifest["source"]["step"] == 3 and manifest["calibration"]["examples"] == 4
     result = _cli("verify", out)
-    assert result.returncode == 0 and "verified: all 3 check(s) passed" in result.stdout
+    assert result.returncode == 0 and "verified: all 4 check(s) passed" in result.stdout
 
     stored = artifact.read_statistics(out)
     stored["norm1/mean"] = stored["norm1/mean"] + 1.0  # changed after export
