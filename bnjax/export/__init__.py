@@ -10,14 +10,15 @@
 - `export` / `export_function` (`bnjax.export.exporting`): write the program (``jax.export``
   StableHLO, or ONNX through jax2onnx), the calibration batch with the in-memory model's
   outputs, every running statistic and a manifest; verify; move into place only if it passes.
-- `verify` (`bnjax.export.verify`): statistics present, finite and unchanged; the reloaded
-  program equals the evaluation-mode model within the stated tolerance; batch independence.
+- `verify` (`bnjax.export.verify`): the manifest and its files unchanged since export (checksums);
+  statistics present, finite and unchanged; the reloaded program equals the evaluation-mode
+  model within the stated tolerance (held to a ceiling in code); batch independence.
 - `load` runs an artifact's program without the model code; `load_workdir`
   (`bnjax.export.workdir`) rebuilds a ``scripts/train.py`` run's model and restores it.
 - The artifact layout and manifest: `bnjax.export.artifact`; formats: `bnjax.export.formats`.
 """
 
-from bnjax.export.artifact import MANIFEST_FORMAT, ArtifactError, read_manifest
+from bnjax.export.artifact import MANIFEST_FORMAT, ArtifactError, member, read_manifest
 from bnjax.export.exporting import DEFAULT_RTOL, export, export_function
 from bnjax.export.formats import FORMATS
 from bnjax.export.verify import Check, VerificationError, VerificationReport, verify
@@ -34,12 +35,11 @@ def load(path: str):
       >>> load(path)(np.ones((1, 2), np.float32)).tolist()
       [[2.0, 2.0]]
     """
-    import os
-
     program = read_manifest(path)["program"]
-    if program.get("format") not in FORMATS:
-        raise ArtifactError(f"unknown program format {program.get('format')!r}.")
-    return FORMATS[program["format"]].load(os.path.join(path, program["file"]))
+    if not isinstance(program, dict) or program.get("format") not in FORMATS:
+        found = program.get("format") if isinstance(program, dict) else program
+        raise ArtifactError(f"unknown program format {found!r}.")
+    return FORMATS[program["format"]].load(member(path, program.get("file")))
 
 
 __all__ = [

@@ -7,6 +7,12 @@ every batch norm's statistics. `export_function` exports any function of one arr
 reference defaults to the function itself). Either way the artifact is written to a temporary
 directory, checked with `bnjax.export.verify`, and moved to `out` only when every check passes;
 otherwise `VerificationError` says which check failed and nothing is left at `out`.
+
+``overwrite=True`` replaces only a serving artifact (a directory with a manifest of ours and
+no file that is not part of it, `bnjax.export.artifact.check_replaceable`); anything else at
+`out` (a run's workdir, a folder holding an artifact among other files, a file) raises
+FileExistsError and is left untouched. The old artifact is moved aside, the new one moved in,
+and only then is the old one deleted.
 """
 
 from __future__ import annotations
@@ -22,13 +28,10 @@ import numpy as np
 
 from bnjax.export import artifact as A
 from bnjax.export.formats import FORMATS, PLATFORMS
-from bnjax.export.verify import VerificationError, VerificationReport, verify
+from bnjax.export.verify import DEFAULT_RTOL, VerificationError, VerificationReport, verify
 from bnjax.lifecycle import layers as L
 
 __all__ = ["DEFAULT_RTOL", "export", "export_function"]
-
-DEFAULT_RTOL = 1e-4
-"""Outputs must match within this fraction of their scale (justified in `bnjax.export.verify`)."""
 
 
 def _calibration_batch(calibration) -> np.ndarray:
@@ -60,10 +63,11 @@ def export_function(
     Args:
       fn: the serving function; traced for any batch size.
       calibration: (N >= 2, ...) real inputs, stored with the reference outputs for `verify`.
-      out: the artifact directory (must not exist unless `overwrite`).
+      out: the artifact directory: must not exist, unless `overwrite` and it is an artifact.
       format: 'stablehlo' or 'onnx' (`bnjax.export.formats.FORMATS`).
       reference: what the outputs must equal (default `fn`): the model in evaluation mode.
-      rtol: tolerance as a fraction of ``max |reference outputs|``.
+      rtol: tolerance as a fraction of ``max |reference outputs|``; recorded in the manifest
+        (a later `verify` accepts one above `DEFAULT_RTOL` only when passed it explicitly).
       statistics: {norm path: {'mean', 'var'}} recorded and checked; fold: the fold report.
       source: provenance for the manifest (e.g. {'workdir': ..., 'step': ...}).
       check: verify before moving the artifact to `out` (raise `VerificationError` on failure).
@@ -74,18 +78,23 @@ def export_function(
       >>> import tempfile
       >>> path = os.path.join(tempfile.mkdtemp(), "double")
       >>> print(export_function(lambda x: 2 * x, np.ones((3, 2), np.float32), path))
+      ok    integrity: manifest and 4 file(s) match their checksums
       ok    statistics: 0 batch norm(s): present, finite, checksums
       ok    outputs: max |artifact - model| = 0, 0 of output scale 2 (rtol 0.0001)
       ok    batch independence: max |alone - in batch| = 0, 0 of output scale 2 (rtol 0.0001)
-      verified: all 3 check(s) passed
+      verified: all 4 check(s) passed
     """
     if format not in FORMATS:
         raise ValueError(f"`format` is {format!r}; expected one of {sorted(FORMATS)}.")
     if not (isinstance(rtol, (int, float)) and 0 < rtol < 1):
         raise ValueError(f"`rtol` is {rtol!r}; it must be a fraction in (0, 1), e.g. 1e-4.")
     out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"`out` {out!r} exists; choose another path or pass overwrite=True.")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise FileExistsError(
+                f"`out` {out!r} exists; choose another path or pass overwrite=True."
+            )
+        A.check_replaceable(out)
     batch = _calibration_batch(calibration)
     expected = jax.jit(reference or fn)(batch)
     if not isinstance(expected, jax.Array | np.ndarray):
@@ -125,15 +134,30 @@ def export_function(
             "source": dict(source or {}),
         }
         A.write_manifest(partial, manifest)
-        report = verify(partial) if check else VerificationReport([])
+        report = verify(partial, rtol=float(rtol)) if check else VerificationReport([])
         if not report.ok:
             raise VerificationError(report)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(partial, out)
+        _move_into_place(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return report
+
+
+def _move_into_place(partial: str, out: str) -> None:
+    """Moves the verified `partial` to `out`, replacing the artifact there (checked again
+    here: it may have changed while the new one was written)."""
+    if not os.path.lexists(out):
+        os.replace(partial, out)
+        return
+    A.check_replaceable(out)
+    old = f"{out}.replaced-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)
+    try:
+        os.replace(partial, out)
+    except OSError:
+        os.replace(old, out)  # the old artifact back where it was
+        raise
+    shutil.rmtree(old)
 
 
 def export(folded, calibration, out: str, **options) -> VerificationReport:
@@ -152,7 +176,7 @@ def export(folded, calibration, out: str, **options) -> VerificationReport:
       >>> folded = lifecycle.fold_model(model, variables, x, train=False)
       >>> report = export(folded, x, os.path.join(tempfile.mkdtemp(), "cnn"))
       >>> report.ok, [check.name for check in report.checks]
-      (True, ['statistics', 'outputs', 'batch independence'])
+      (True, ['integrity', 'statistics', 'outputs', 'batch independence'])
     """
     plan = folded.plan
     fold = {

@@ -1,5 +1,10 @@
-"""Check a serving artifact from its files alone: ``verify(path)`` and its three checks.
+"""Check a serving artifact from its files alone: ``verify(path)`` and its four checks.
 
+0. **integrity**: the manifest equals its own checksum, and every file it names (the program,
+   the calibration arrays, the statistics) equals the SHA-256 recorded at export. An edited
+   manifest (a loosened tolerance, another program file), a swapped program or a cut
+   calibration batch fails here. Every name is confined to the artifact's directory
+   (`bnjax.export.artifact.member`): a name that leaves it makes the artifact unreadable.
 1. **statistics**: every batch norm the manifest lists has its running 'mean' and 'var' in
    statistics.npz, equal to the CRC32 recorded at export, finite, with var >= 0. A stripped,
    corrupted or NaN statistic fails here.
@@ -10,7 +15,13 @@
 3. **batch independence**: each calibration example's output in the full batch equals its
    output in a batch of one, to the same tolerance. A program that normalizes with batch
    statistics (a model exported in training mode) fails here: its output for an example
-   depends on the other examples of the batch.
+   depends on the other examples of the batch. It needs at least 2 calibration examples.
+
+The tolerance a verification accepts does not come from the file it verifies: the manifest's
+``rtol`` is used only up to a ceiling held in code, `DEFAULT_RTOL`, unless the caller passes a
+looser ``rtol`` to `verify` explicitly (as `export` does for the ``rtol`` it was given). An
+error within float32 rounding of the output scale (`FLOAT32_ROUNDING`) that still exceeds a
+smaller ``rtol`` is reported as a tolerance below float32 precision, not as a fault.
 
 The tolerance: folding reassociates float32 products, ``(x . W) * g`` becomes ``x . (W * g)``,
 so each output moves by about ``sqrt(K) * eps32 * |terms|`` per layer (K the terms of a dot
@@ -35,7 +46,22 @@ import numpy as np
 from bnjax.export import artifact as A
 from bnjax.export.formats import FORMATS
 
-__all__ = ["Check", "VerificationError", "VerificationReport", "verify"]
+__all__ = [
+    "DEFAULT_RTOL",
+    "FLOAT32_ROUNDING",
+    "Check",
+    "VerificationError",
+    "VerificationReport",
+    "verify",
+]
+
+DEFAULT_RTOL = 1e-4
+"""Outputs must match within this fraction of their scale (justified in the module docstring);
+also the ceiling on the tolerance a manifest may state."""
+
+FLOAT32_ROUNDING = 1e-6
+"""An error up to this fraction of the output scale is float32 rounding (eps32 = 1.2e-7, a few
+reassociated products): a tolerance below it fails exact programs."""
 
 
 class Check(NamedTuple):
@@ -126,19 +152,70 @@ def _check_statistics(directory: str, manifest: dict) -> Check:
     return Check("statistics", True, f"{len(entries)} batch norm(s): present, finite, checksums")
 
 
+def _check_integrity(directory: str, manifest: dict, names: list[str]) -> Check:
+    """The manifest's own checksum and the SHA-256 of each file in `names` (all it names)."""
+    stated = manifest.get(A.CHECKSUM)
+    files = manifest.get(A.FILES)
+    if not isinstance(stated, str) or not isinstance(files, dict):
+        return Check(
+            "integrity",
+            False,
+            "the manifest has no checksum (written by an older bnjax, or removed): nothing "
+            "vouches for its files; re-export the model",
+        )
+    problems = []
+    if A.manifest_digest(manifest) != stated:
+        problems.append(f"{A.MANIFEST} changed since export")
+    for name in names:
+        path = A.member(directory, name)
+        if name not in files:
+            problems.append(f"{name} is not covered by a checksum")
+        elif not os.path.isfile(path):
+            problems.append(f"{name} missing")
+        elif A.file_digest(path) != files[name]:
+            problems.append(f"{name} changed since export")
+    if problems:
+        return Check("integrity", False, "; ".join(problems))
+    return Check("integrity", True, f"manifest and {len(names)} file(s) match their checksums")
+
+
 def _within(name: str, error: float, atol: float, rtol: float, scale: float, what: str) -> Check:
     relative = error / scale if scale > 0 else float("inf") if error else 0.0
     measured = f"max |{what}| = {error:.3g}, {relative:.2g} of output scale {scale:.3g}"
     detail = f"{measured} (rtol {rtol:g})"
-    return Check(name, bool(error <= atol), detail)
+    ok = bool(error <= atol)
+    if not ok and relative <= FLOAT32_ROUNDING:
+        detail += (
+            f"; that is float32 rounding: rtol {rtol:g} is below float32 precision (use rtol "
+            f">= {FLOAT32_ROUNDING:g}; the default is {DEFAULT_RTOL:g})"
+        )
+    return Check(name, ok, detail)
 
 
-def verify(path: str) -> VerificationReport:
+def _tolerance(stated, ceiling) -> tuple[float, str]:
+    """(rtol, note): the manifest's `stated` rtol, held to `ceiling`."""
+    if not (isinstance(stated, (int, float)) and 0 < stated < 1):
+        return ceiling, f"; the manifest states rtol {stated!r}, not a fraction in (0, 1)"
+    if stated > ceiling:
+        return ceiling, (
+            f"; the manifest states rtol {stated:g}, above the ceiling {ceiling:g} (pass "
+            f"rtol={stated:g} to verify to accept it)"
+        )
+    return float(stated), ""
+
+
+def verify(path: str, *, rtol: float | None = None) -> VerificationReport:
     """Runs the checks of the module docstring on the artifact directory `path`.
 
+    Args:
+      path: the artifact directory.
+      rtol: the loosest tolerance to accept (default `DEFAULT_RTOL`). The manifest's own
+        ``rtol`` applies when it is tighter; a looser one stated in the manifest is held to
+        this ceiling, so editing the file cannot loosen its own check.
+
     Raises `ArtifactError` (``python -m bnjax.export verify`` exits 2) when the artifact
-    cannot be read (no manifest, missing files, a program that does not load); a failed check
-    is in the report instead (exit 1).
+    cannot be read (no manifest, missing files, a file name outside the artifact, a program
+    that does not load); a failed check is in the report instead (exit 1).
 
     Example:
       >>> import tempfile
@@ -152,21 +229,35 @@ def verify(path: str) -> VerificationReport:
       >>> verify(path).ok
       True
     """
+    ceiling = DEFAULT_RTOL if rtol is None else rtol
+    if not (isinstance(ceiling, (int, float)) and 0 < ceiling < 1):
+        raise ValueError(f"`rtol` is {rtol!r}; it must be a fraction in (0, 1), e.g. 1e-4.")
     manifest = A.read_manifest(path)
     program = manifest["program"]
-    if program.get("format") not in FORMATS:
-        raise A.ArtifactError(f"unknown program format {program.get('format')!r}.")
-    checks = [_check_statistics(path, manifest)]
     calibration = manifest["calibration"]
-    inputs = A.read_array(path, calibration.get("inputs", A.INPUTS))
-    reference = A.read_array(path, calibration.get("outputs", A.OUTPUTS)).astype(np.float64)
+    if not isinstance(program, dict) or program.get("format") not in FORMATS:
+        found = program.get("format") if isinstance(program, dict) else program
+        raise A.ArtifactError(f"unknown program format {found!r}.")
+    if not isinstance(calibration, dict):
+        raise A.ArtifactError(f"the manifest's calibration is {calibration!r}, not a mapping.")
+    names = [
+        program.get("file"),
+        calibration.get("inputs", A.INPUTS),
+        calibration.get("outputs", A.OUTPUTS),
+        A.STATISTICS,
+    ]
+    for name in names:  # before anything is read: no file outside the artifact
+        A.member(path, name)
+    checks = [_check_integrity(path, manifest, names), _check_statistics(path, manifest)]
+    inputs = A.read_array(path, names[1])
+    reference = A.read_array(path, names[2]).astype(np.float64)
     try:
-        run = FORMATS[program["format"]].load(os.path.join(path, program["file"]))
+        run = FORMATS[program["format"]].load(A.member(path, names[0]))
     except ImportError:
         raise
     except Exception as error:
         raise A.ArtifactError(f"program {program.get('file')!r} does not load: {error}") from None
-    rtol = float(calibration["rtol"])
+    rtol, note = _tolerance(calibration.get("rtol"), ceiling)
     scale = float(np.max(np.abs(reference))) if reference.size else 0.0
     atol = rtol * scale
     try:
@@ -179,8 +270,19 @@ def verify(path: str) -> VerificationReport:
             Check("outputs", False, f"shape {outputs.shape}, reference {reference.shape}")
         )
         return VerificationReport(checks)
-    error = float(np.max(np.abs(outputs - reference)))
-    checks.append(_within("outputs", error, atol, rtol, scale, "artifact - model"))
+    error = float(np.max(np.abs(outputs - reference))) if outputs.size else 0.0
+    check = _within("outputs", error, atol, rtol, scale, "artifact - model")
+    checks.append(check._replace(detail=check.detail + note))
+    if len(inputs) < 2:
+        checks.append(
+            Check(
+                "batch independence",
+                False,
+                f"the calibration batch has {len(inputs)} example(s); comparing each example "
+                f"alone and in its batch needs at least 2 (re-export with a larger batch)",
+            )
+        )
+        return VerificationReport(checks)
     try:
         alone = np.concatenate([run(inputs[i : i + 1]) for i in range(len(inputs))])
     except Exception as error:
@@ -188,10 +290,10 @@ def verify(path: str) -> VerificationReport:
         return VerificationReport(checks)
     error = float(np.max(np.abs(alone.astype(np.float64) - outputs)))
     check = _within("batch independence", error, atol, rtol, scale, "alone - in batch")
-    if not check.ok:
+    if not check.ok and "float32 precision" not in check.detail:
         check = check._replace(
             detail=check.detail + "; an example's output depends on the rest of its batch: "
             "batch statistics in the program (exported in training mode?)"
         )
-    checks.append(check)
+    checks.append(check._replace(detail=check.detail + note))
     return VerificationReport(checks)

@@ -4,8 +4,13 @@ The workdir holds the config the run trained with (``config.json``, `bnjax.train
 its checkpoints (``checkpoints/<step>``, `bnjax.train.Checkpointer`). `load_workdir` rebuilds
 the evaluation network from the config exactly as the training loop does
 (``make_model(**model_settings(config, num_classes), for_training=False)``), restores a step
-(the newest by default; every leaf checked against its CRC32) and draws a calibration batch
-from the run's held-out split, evenly spread over it.
+(every leaf checked against its CRC32) and draws a calibration batch from the run's held-out
+split, evenly spread over it.
+
+Without `step`, the newest step that restores is used, as when training resumes: a newer one
+that does not (truncated files, a missing checksum manifest) is passed over with a
+`bnjax.train.CheckpointWarning` naming it. Nothing in the workdir is moved or deleted. An
+explicitly requested step that does not restore is a ValueError naming it.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import ml_collections
 import numpy as np
 
 from bnjax import data, models
-from bnjax.train.checkpoints import Checkpointer
+from bnjax.train.checkpoints import Checkpointer, CheckpointMismatchError
 from bnjax.train.loop import model_settings
+from bnjax.train.quiet import root_cause
 from bnjax.train.steps import STATE_COLLECTIONS, make_model
 from bnjax.train.workdir import CONFIG_FILE, load_config
 
@@ -43,11 +49,24 @@ class TrainedRun(NamedTuple):
     config: dict
 
 
+def _restore_step(checkpointer: Checkpointer, step: int, directory: str, steps: list[int]):
+    try:
+        return checkpointer.restore(step)
+    except CheckpointMismatchError:
+        raise
+    except Exception as error:  # any failure to read: the step is unusable, say which
+        raise ValueError(
+            f"checkpoint step {step} in {directory} does not restore ({root_cause(error)}); "
+            f"export another --step of {steps}, or leave --step out for the newest readable one."
+        ) from None
+
+
 def load_workdir(workdir: str, *, step: int | None = None, examples: int = 16) -> TrainedRun:
     """Restores the run in `workdir` (the newest step unless `step`) for export.
 
-    Raises FileNotFoundError when `workdir` holds no config.json or no checkpoint, and
-    ValueError when the checkpoint lacks the batch-norm statistics its model needs.
+    Raises FileNotFoundError when `workdir` holds no config.json or no readable checkpoint,
+    and ValueError when the requested `step` does not restore or the checkpoint lacks the
+    batch-norm statistics its model needs.
 
     Example:
       >>> load_workdir("/nonexistent")  # doctest: +ELLIPSIS
@@ -71,10 +90,16 @@ def load_workdir(workdir: str, *, step: int | None = None, examples: int = 16) -
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {directory}: has the run saved a step?")
         if step is None:
-            step = steps[-1]
+            restored = checkpointer.restore_latest()  # warns of each step passed over
+            if restored is None:
+                raise FileNotFoundError(
+                    f"no readable checkpoint in {directory}: steps {steps} all fail to restore."
+                )
+            step, state = restored
         elif step not in steps:
             raise FileNotFoundError(f"no step {step} in {directory}; steps: {steps}.")
-        state = checkpointer.restore(step)
+        else:
+            state = _restore_step(checkpointer, step, directory, steps)
     finally:
         checkpointer.close()
     variables = {"params": state["params"]}

@@ -12,7 +12,15 @@ the pairs `trace_pairs` reads from the traced computation:
   ``plan.unfoldable`` with the reason.
 
 Either way a norm never sees batch statistics: the folded model is batch independent, and
-equals the unfolded model in evaluation mode to float32 rounding. linen: the model runs under
+equals the unfolded model in evaluation mode to float32 rounding. A model without batch norm
+has nothing to fold: the result runs the model as it is (``plan.format()`` says so).
+
+Lifted transforms: norms inside ``nnx.remat`` and ``nn.remat``, and inside an ``nn.vmap`` or
+``nn.scan`` whose variables are shared (broadcast), fold as anywhere else. A norm whose
+variables a transform stacks (``nn.scan`` / ``nn.vmap`` with ``variable_axes`` on the
+statistics: one set per step or member) is refused with a ValueError naming the transform:
+each step would need its own folded kernel. Export such a model unfolded
+(``bnjax.export.export_function`` of its evaluation-mode apply). linen: the model runs under
 ``nn.intercept_methods`` with folded params; nnx: a clone of the model with folded kernels
 and biases whose norms are replaced (the original model is untouched).
 
@@ -86,14 +94,30 @@ class FoldedModel:
         return f"FoldedModel({type(self.model).__name__}:\n{self.plan.format()})"
 
 
+def _refuse_stacked(path, mean, info: NormInfo) -> None:
+    """A norm whose statistics hold more than one call's features: stacked by a transform."""
+    shape = tuple(np.shape(mean))
+    if int(np.prod(shape)) == int(np.prod(info.features)):
+        return
+    where = info.transform or "a lifted transform (nn.scan, nn.vmap, nnx.scan, nnx.vmap)"
+    raise ValueError(
+        f"batch norm {L.path_str(path)!r} is inside {where}, which stacks its variables: its "
+        f"running mean has shape {shape} for {info.features} features per call. fold_model "
+        f"cannot fold a stacked layer (each step or member needs its own folded kernel); export "
+        f"the model unfolded, e.g. bnjax.export.export_function(lambda x: model.apply("
+        f"variables, x, train=False), x, out), or share its variables (variable_axes None)."
+    )
+
+
 def _norm_arrays(path, mean, var, scale, bias, info: NormInfo):
+    _refuse_stacked(path, mean, info)
     _refuse(f"batch norm {L.path_str(path)!r}", _unfoldable(mean, var, scale, bias, info.epsilon))
     return {"mean": np.asarray(mean), "var": np.asarray(var)}
 
 
 def _linen(model, variables, inputs, kwargs) -> FoldedModel:
     plan = trace_pairs(model, variables, *inputs, **kwargs)
-    params, stats = L.to_dict(variables[L.PARAMS]), variables[L.STATS]
+    params, stats = L.to_dict(variables.get(L.PARAMS, {})), variables.get(L.STATS, {})
     statistics, affines, added_bias = {}, {}, {}
     for norm, info in plan.norms.items():
         state, norm_params = L.get_path(stats, norm), L.get_path(params, norm, {})
@@ -121,7 +145,7 @@ def _linen(model, variables, inputs, kwargs) -> FoldedModel:
         else:  # a layer built without a bias gets it added to its output
             added_bias[layer] = new_bias
         L.set_path(params, layer, replaced)
-    folded_variables = {**variables, L.PARAMS: params}
+    folded_variables = {**variables, L.PARAMS: params} if L.PARAMS in variables else variables
 
     def folding(next_fun, args, call_kwargs, context):
         module, path = context.module, tuple(context.module.path)
@@ -158,12 +182,25 @@ def _linen(model, variables, inputs, kwargs) -> FoldedModel:
 
 def _folded_call(self, x, *args, **kwargs):
     """An nnx norm folded into the layer before it: the identity (in the norm's out dtype)."""
-    return x.astype(self.folded_output_dtype)
+    return x.astype(type(self).folded_info.output_dtype)
 
 
 def _affine_call(self, x, *args, **kwargs):
     """An nnx norm that cannot fold: its evaluation-mode affine map."""
-    return _affine(x, self.folded_gain, self.folded_shift, self.folded_info)
+    cls = type(self)
+    return _affine(x, cls.folded_gain, cls.folded_shift, cls.folded_info)
+
+
+def _replace_norm(module, role: str, call, **attributes) -> None:
+    """Gives the nnx norm `module` a class of its own whose ``__call__`` is `call`.
+
+    What the call needs is on the class, not the instance: nnx transforms (``nnx.remat``, ...)
+    run copies of the module, which keep its class, and arrays on an instance would become
+    nnx state.
+    """
+    base = L.original_class(type(module))
+    namespace = {"__call__": call, "_bnjax_base": base, "__module__": __name__, **attributes}
+    L.swap_class(module, type(f"{role}{base.__name__}", (type(module),), namespace))
 
 
 def _evaluating_call(self, x, *args, **kwargs):
@@ -191,11 +228,14 @@ def _nnx(model, inputs, kwargs) -> FoldedModel:
         statistics[norm] = _norm_arrays(norm, mean, var, scale, bias, info)
         if norm in plan.unfoldable:
             gain, shift = evaluation_affine(mean, var, scale, bias, epsilon=info.epsilon)
-            L.swap_class(module, L.subclass(type(module), "Affine", _affine_call))
-            # Plain (static) attributes: arrays here would become nnx state.
-            object.__setattr__(module, "folded_gain", np.asarray(gain))
-            object.__setattr__(module, "folded_shift", np.asarray(shift))
-            object.__setattr__(module, "folded_info", info)
+            _replace_norm(
+                module,
+                "Affine",
+                _affine_call,
+                folded_gain=np.asarray(gain),
+                folded_shift=np.asarray(shift),
+                folded_info=info,
+            )
             continue
         layer = modules[plan.pairs[norm]]
         layer_bias = _value(layer, "bias")
@@ -207,15 +247,22 @@ def _nnx(model, inputs, kwargs) -> FoldedModel:
             layer.bias, layer.use_bias = nnx.Param(new_bias), True
         else:
             L.write_variable(layer.bias, new_bias)
-        L.swap_class(module, L.subclass(type(module), "Folded", _folded_call))
-        object.__setattr__(module, "folded_output_dtype", info.output_dtype)
+        _replace_norm(module, "Folded", _folded_call, folded_info=info)
+
+    # Both run functionally (merged at each call): a closed-over module that runs an nnx
+    # transform (nnx.remat, ...) under jit would be updated from the wrong trace.
+    folded_graph, folded_state = nnx.split(clone)
+    norms = L.nnx_batch_norms(model).values()
+    with L.swapped_classes(norms, lambda cls: L.subclass(cls, "Evaluating", _evaluating_call)):
+        reference_graph, reference_state = nnx.split(model)
+
+    def call(*inputs):
+        return nnx.merge(folded_graph, folded_state, copy=True)(*inputs, **kwargs)
 
     def reference(*inputs):
-        norms = L.nnx_batch_norms(model).values()
-        with L.swapped_classes(norms, lambda cls: L.subclass(cls, "Evaluating", _evaluating_call)):
-            return model(*inputs, **kwargs)
+        return nnx.merge(reference_graph, reference_state, copy=True)(*inputs, **kwargs)
 
-    return FoldedModel(model, plan, statistics, lambda *x: clone(*x, **kwargs), reference)
+    return FoldedModel(model, plan, statistics, call, reference)
 
 
 def fold_model(model, *args, **kwargs) -> FoldedModel:
@@ -228,8 +275,9 @@ def fold_model(model, *args, **kwargs) -> FoldedModel:
     The result takes inputs of any batch size.
 
     Raises ValueError naming the layer when a norm's statistics are missing, non-finite or
-    negative, or its epsilon is invalid (nothing is folded then), and when the model has no
-    batch norm.
+    negative, or its epsilon is invalid, and naming the transform when a lifted transform
+    stacks the norm's variables (nothing is folded then). A model without batch norm is
+    returned as it is, with an empty plan.
 
     Example (nnx; the linen example is in the module docstring):
       >>> class Net(nnx.Module):
@@ -247,10 +295,7 @@ def fold_model(model, *args, **kwargs) -> FoldedModel:
     if isinstance(model, nn.Module):
         if not args or not hasattr(args[0], "keys"):
             raise TypeError("fold_model(linen_model, variables, *inputs): `variables` missing.")
-        if L.STATS not in args[0] or L.PARAMS not in args[0]:
-            raise ValueError(
-                f"`variables` has no {L.STATS!r} (or no {L.PARAMS!r}): the running statistics "
-                f"were stripped. Pass the full variables of model.init / the training state."
-            )
+        # Statistics missing for a norm the model calls are refused while tracing, naming it;
+        # a model without batch norm needs none.
         return _linen(model, args[0], args[1:], kwargs)
     raise TypeError(f"`model` must be a flax linen or nnx Module, got {type(model).__name__}.")

@@ -14,9 +14,16 @@ primitive), and then reads the jaxpr. A norm is *foldable* into the layer L when
 Any other norm (after an addition, a pooling, an activation or a reshape; on another axis;
 inside a different traced scope than its layer, e.g. across an ``nn.remat`` boundary) is
 *unfoldable*, with the reason; `bnjax.lifecycle.fold_model` keeps it as an evaluation-mode
-affine map. Layers are flax's ``nn.Conv``/``nn.Dense`` (linen) and ``nnx.Conv``/``nnx.Linear``
-(nnx), subclasses included; norms are those of `bnjax.lifecycle.layers` (bnjax's BatchNorm and
-BatchRenorm, flax's BatchNorm).
+affine map. A model without batch norm has an empty plan: nothing to fold. Layers are flax's
+``nn.Conv``/``nn.Dense`` (linen) and ``nnx.Conv``/``nnx.Linear`` (nnx), subclasses included;
+norms are those of `bnjax.lifecycle.layers` (bnjax's BatchNorm and BatchRenorm, flax's
+BatchNorm).
+
+Lifted transforms: a linen norm called inside ``nn.scan``, ``nn.vmap``, ``nn.remat`` (...) has
+the transform's name in its `NormInfo` (``transform``), so that `fold_model` can refuse, naming
+it, a layer whose variables the transform stacks (one set per step or member). An nnx model is
+traced functionally (split, then merged inside the trace), and its modules are recorded by
+their class, which the copies that ``nnx.remat`` and other nnx transforms run keep.
 
 Example:
   >>> class Net(nn.Module):                      # names that say nothing about pairs
@@ -75,17 +82,25 @@ _NOT_A_LAYER_OUTPUT = "its input is not the output of a Conv/Dense (after an add
 
 
 class NormInfo(NamedTuple):
-    """What folding needs of one batch-norm call: epsilon, feature axes, shapes and dtypes.
+    """What folding needs of one batch-norm call: epsilon, feature axes, shapes and dtypes,
+    and the innermost linen lifted transform it runs in (e.g. ``"nn.scan"``; None: none).
 
     Example:
-      >>> NormInfo(1e-5, (3,), (8, 4, 4, 16), np.dtype("float32")).feature_axes
-      (3,)
+      >>> info = NormInfo(1e-5, (3,), (8, 4, 4, 16), np.dtype("float32"))
+      >>> info.feature_axes, info.features, info.transform
+      ((3,), (16,), None)
     """
 
     epsilon: float
     feature_axes: tuple[int, ...]
     input_shape: tuple[int, ...]
     output_dtype: Any
+    transform: str | None = None
+
+    @property
+    def features(self) -> tuple[int, ...]:
+        """The shape of one call's statistics: the input's sizes on the feature axes."""
+        return tuple(self.input_shape[axis] for axis in self.feature_axes)
 
 
 class FoldPlan(NamedTuple):
@@ -107,6 +122,8 @@ class FoldPlan(NamedTuple):
 
     def format(self) -> str:
         """One line per norm: 'norm <- layer (folded)' or 'norm: kept as affine (reason)'."""
+        if not self.norms:
+            return "no batch norm: nothing to fold"
         lines = []
         for norm in self.norms:
             if norm in self.pairs:
@@ -131,14 +148,33 @@ class _Recorder:
 _RECORDER: contextvars.ContextVar[Any] = contextvars.ContextVar("bnjax_fold_recorder", default=None)
 
 
-def _norm_info(x, axis, epsilon, output) -> NormInfo:
+def _norm_info(x, axis, epsilon, output, transform=None) -> NormInfo:
     axes = tuple(int(a) for a in normalize_axes(axis, x.ndim, "axis"))
-    return NormInfo(float(epsilon), axes, tuple(x.shape), np.dtype(output.dtype))
+    return NormInfo(float(epsilon), axes, tuple(x.shape), np.dtype(output.dtype), transform)
+
+
+def _lifted_transform(module) -> str | None:
+    """'nn.scan' for the class ``nn.scan(Block)`` builds (named 'ScanBlock'), ...; else None."""
+    cls = type(module)
+    if cls.__module__ != nn.transforms.__name__ or len(cls.__mro__) < 2:
+        return None
+    base = cls.__mro__[1].__name__
+    prefix = cls.__name__[: -len(base)] if cls.__name__.endswith(base) else cls.__name__
+    return f"nn.{prefix.lower() or 'transform'}"
 
 
 def _linen_interceptor(recorder: _Recorder, variables_present):
+    transforms: list[str] = []  # the lifted transforms around the current call, innermost last
+
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
+        transform = _lifted_transform(module)
+        if transform is not None:
+            transforms.append(transform)
+            try:
+                return next_fun(*args, **kwargs)
+            finally:
+                transforms.pop()
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         path = tuple(module.path)
@@ -151,7 +187,9 @@ def _linen_interceptor(recorder: _Recorder, variables_present):
             y = L.call_in_mode(
                 next_fun, module, (marked, *args[1:]), kwargs, use_running_average=True
             )
-            recorder.calls[-1] = ("norm", path, _norm_info(x, module.axis, module.epsilon, y))
+            within = transforms[-1] if transforms else None
+            info = _norm_info(x, module.axis, module.epsilon, y, within)
+            recorder.calls[-1] = ("norm", path, info)
             return y
         return next_fun(*args, **kwargs)
 
@@ -170,8 +208,8 @@ def _check_statistics_present(module) -> None:
 
 
 def _record_nnx_call(self, *args, **kwargs):
-    recorder, paths = _RECORDER.get()
-    path = paths[id(self)]
+    recorder = _RECORDER.get()
+    path = type(self)._bnjax_fold_path  # the class: nnx transforms call copies of the module
     if isinstance(self, NNX_LAYERS):
         return recorder.mark(L.call_parent(self, _record_nnx_call, *args, **kwargs), "layer", path)
     x = args[0]
@@ -187,20 +225,38 @@ def _record_nnx_call(self, *args, **kwargs):
 
 @contextlib.contextmanager
 def _recording(recorder: _Recorder, model):
-    """nnx: the model's layers and norms record their calls (class swap, undone on exit)."""
-    modules = {
-        tuple(path): module
+    """nnx: the model's layers and norms record their calls (class swap, undone on exit).
+
+    Each module gets a class of its own that carries its path: nnx transforms (``nnx.remat``,
+    ...) run copies of the modules, which keep the class but not the identity.
+    """
+    modules = [
+        (tuple(path), module)
         for path, module in nnx.iter_modules(model)
         if isinstance(module, (*NNX_LAYERS, *L.NNX_BATCH_NORMS))
-    }
-    token = _RECORDER.set((recorder, {id(m): p for p, m in modules.items()}))
+    ]
+    originals = [type(module) for _, module in modules]
     try:
-        with L.swapped_classes(
-            modules.values(), lambda cls: L.subclass(cls, "Recording", _record_nnx_call)
-        ):
-            yield
+        for (path, module), cls in zip(modules, originals, strict=True):
+            L.swap_class(module, _recording_class(cls, path))
+        yield
     finally:
-        _RECORDER.reset(token)
+        for (_, module), cls in zip(modules, originals, strict=True):
+            L.swap_class(module, cls)
+
+
+def _recording_class(base: type, path: L.Path) -> type:
+    """A subclass of `base` whose calls are recorded as the module at `path`."""
+    return type(
+        f"Recording{L.original_class(base).__name__}",
+        (base,),
+        {
+            "__call__": _record_nnx_call,
+            "_bnjax_base": L.original_class(base),
+            "_bnjax_fold_path": path,
+            "__module__": __name__,
+        },
+    )
 
 
 def _all_jaxprs(jaxpr):
@@ -247,8 +303,8 @@ def trace_pairs(model, *args, **kwargs) -> FoldPlan:
     mode, whatever the keywords say; pass the keywords of evaluation (``train=False``) for the
     rest of the model. Norm paths are module paths (linen) or attribute paths (nnx).
 
-    Raises ValueError when a linen norm's running statistics are missing from `variables`,
-    and when the model has no batch norm.
+    Raises ValueError when a linen norm's running statistics are missing from `variables`.
+    A model without batch norm gives an empty plan (nothing to fold).
 
     Example:
       >>> from bnjax import models
@@ -263,11 +319,14 @@ def trace_pairs(model, *args, **kwargs) -> FoldPlan:
     """
     recorder = _Recorder()
     if isinstance(model, nnx.Module):
-        traced = args
+        # Traced functionally (merged inside the trace): nnx transforms in the model, such
+        # as nnx.remat, update the modules they run, which must then belong to this trace.
+        with _recording(recorder, model):
+            graphdef, state = nnx.split(model)
+        traced = (state, *args)
 
-        def run(*inputs):
-            with _recording(recorder, model):
-                return model(*inputs, **kwargs)
+        def run(state, *inputs):
+            return nnx.merge(graphdef, state, copy=True)(*inputs, **kwargs)
 
     elif isinstance(model, nn.Module):
         if not args:
@@ -288,10 +347,12 @@ def trace_pairs(model, *args, **kwargs) -> FoldPlan:
             f"`model` must be a flax linen or nnx Module, got {type(model).__name__}; for plain "
             f"functions use bnjax.lifecycle.fold_into on each (kernel, statistics) pair."
         )
-    jaxpr = jax.make_jaxpr(run)(*traced).jaxpr
+    token = _RECORDER.set(recorder)
+    try:
+        jaxpr = jax.make_jaxpr(run)(*traced).jaxpr
+    finally:
+        _RECORDER.reset(token)
     calls = recorder.calls
-    if not any(kind == "norm" for kind, _, _ in calls):
-        raise ValueError("`model` has no batch norm (bnjax's BatchNorm/BatchRenorm, flax's).")
     pair_index, reasons = _read_pairs(jaxpr, calls)
     times = collections.Counter((kind, path) for kind, path, _ in calls)
     norms, pairs, unfoldable = {}, {}, {}

@@ -104,14 +104,150 @@ def test_a_stripped_or_nan_statistic_is_refused_naming_the_layer():
         lifecycle.fold_model(model, {**variables, "batch_stats": stats}, IMAGES[:2])
 
 
-def test_a_model_without_batch_norm_is_an_error():
-    model = nn.Dense(3)
-    with pytest.raises(ValueError, match="no batch norm"):
-        lifecycle.fold_model(
-            model,
-            {
-                "params": model.init(jax.random.key(0), IMAGES[:1, 0, 0])["params"],
-                "batch_stats": {},
-            },
-            IMAGES[:1, 0, 0],
+class _NoBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.relu(nn.GroupNorm(num_groups=2)(nn.Dense(4)(x))))
+
+
+class _NnxNoBatchNorm(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(self.proj(x))
+
+
+def test_a_model_without_batch_norm_has_nothing_to_fold_and_is_kept_as_it_is():
+    x = DATA.reshape(-1, 4)[:4]
+    variables = _NoBatchNorm().init(jax.random.key(0), x)
+    assert "batch_stats" not in variables
+    for folded in (
+        lifecycle.fold_model(_NoBatchNorm(), variables, x),
+        lifecycle.fold_model(_NoBatchNorm(), {**variables, "batch_stats": {}}, x),
+    ):
+        assert folded.plan.pairs == {} and folded.plan.norms == {} and folded.statistics == {}
+        assert folded.plan.format() == "no batch norm: nothing to fold"
+        np.testing.assert_array_equal(folded(x), _NoBatchNorm().apply(variables, x))
+        np.testing.assert_array_equal(folded.evaluate(x), folded(x))
+    model = _NnxNoBatchNorm(nnx.Rngs(0))
+    folded = lifecycle.fold_model(model, x)
+    assert folded.plan.norms == {}
+    np.testing.assert_array_equal(folded(x), model(x))
+
+
+# --------------------------------------------------------------------------- lifted transforms
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+        return nn.relu(nn.BatchNorm(use_running_average=True, name="bn")(nn.Dense(4)(x))), None
+
+
+class _Scanned(nn.Module):
+    """Two blocks stacked by nn.scan: each variable has a leading axis of 2."""
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(
+            _Block,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True},
+            length=2,
         )
+        return stack(name="stack")(x, None)[0]
+
+
+class _VBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _Block(name="block")(x)[0]
+
+
+class _Ensemble(nn.Module):
+    """nn.vmap over a member axis: stacked (2 members) or shared (broadcast) variables."""
+
+    stacked: bool
+
+    @nn.compact
+    def __call__(self, x):
+        axis = 0 if self.stacked else None
+        members = nn.vmap(
+            _VBlock,
+            variable_axes={"params": axis, "batch_stats": axis},
+            split_rngs={"params": self.stacked},
+            in_axes=1,
+            out_axes=1,
+        )
+        return members(name="members")(x)
+
+
+def _trained(model, x):
+    variables = model.init(jax.random.key(0), x)
+    rng = np.random.default_rng(0)
+
+    def away(path, value):  # statistics as after training, so a wrong fold shows
+        name = path[-1].key
+        if name in ("mean", "bias"):
+            return jnp.asarray(rng.normal(size=value.shape), value.dtype)
+        if name in ("var", "scale"):
+            return jnp.asarray(rng.uniform(0.5, 2.0, value.shape), value.dtype)
+        return value
+
+    return jax.tree_util.tree_map_with_path(away, variables)
+
+
+def test_stacked_lifted_transforms_are_refused_naming_the_transform():
+    x = DATA.reshape(-1, 4)[:4]
+    for model, inputs, transform in (
+        (_Scanned(), x, "nn.scan"),
+        (_Ensemble(stacked=True), np.stack([x, x + 1.0], axis=1), "nn.vmap"),
+    ):
+        variables = _trained(model, inputs)
+        with pytest.raises(ValueError, match=transform) as caught:
+            lifecycle.fold_model(model, variables, inputs)
+        assert "stacked" in str(caught.value) and "export_function" in str(caught.value)
+
+
+def test_an_nn_vmap_with_shared_variables_folds():
+    x = np.stack([DATA.reshape(-1, 4)[:4], DATA.reshape(-1, 4)[4:8]], axis=1)
+    model = _Ensemble(stacked=False)
+    folded = lifecycle.fold_model(model, _trained(model, x), x)
+    assert folded.plan.pairs == {("members", "block", "bn"): ("members", "block", "Dense_0")}
+    assert _relative_error(folded, x) < 2e-5
+
+
+class _NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = nnx.Linear(4, 4, rngs=rngs)
+        self.norm = nnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(self.norm(self.proj(x)))
+
+
+class _NnxRemat(nnx.Module):
+    """A block under nnx.remat (recomputed in the backward pass) and a norm outside it."""
+
+    def __init__(self, rngs):
+        self.block = _NnxBlock(rngs)
+        self.head = nnx.Linear(4, 4, rngs=rngs)
+        self.head_norm = nnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.remat(lambda block, x: block(x))(self.block, x)
+        return self.head_norm(self.head(x))
+
+
+def test_an_nnx_remat_model_folds():
+    model = _NnxRemat(nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for norm in (model.block.norm, model.head_norm):
+        norm.mean[...] = jnp.asarray(rng.normal(size=4), jnp.float32)
+        norm.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, 4), jnp.float32)
+    x = DATA.reshape(-1, 4)[:8]
+    folded = lifecycle.fold_model(model, x)
+    assert folded.plan.pairs == {("block", "norm"): ("block", "proj"), ("head_norm",): ("head",)}
+    assert _relative_error(folded, x) < 2e-5
+    assert type(model.block.norm) is nnx.BatchNorm  # the model itself is untouched
