@@ -60,9 +60,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _OPTIONAL_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     name: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, what)
     for name, what in [
-        ("renorm_warmup_steps", "a non-negative int, or None for num_steps // 20"),
-        ("renorm_r_relax_steps", "a non-negative int, or None for 7 * num_steps // 20"),
-        ("renorm_d_relax_steps", "a non-negative int, or None for num_steps // 5"),
+        ("renorm_warmup_steps", "a non-negative int, or None for num_steps // 10"),
+        ("renorm_r_relax_steps", "a non-negative int, or None for num_steps // 2"),
+        ("renorm_d_relax_steps", "a non-negative int, or None for 3 * num_steps // 10"),
     ]
 }
 

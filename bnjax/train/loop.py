@@ -166,7 +166,7 @@ def _warn_if_renorm_never_engages(config) -> None:
             f"warning: batch renorm never engages in this run: its warm-up "
             f"(config.renorm_warmup_steps={schedule.warmup_steps}) lasts the whole "
             f"config.num_steps={config.num_steps}, so it trains as plain batch norm; lower "
-            "config.renorm_warmup_steps (unset: num_steps // 20).",
+            "config.renorm_warmup_steps (unset: num_steps // 10).",
             flush=True,
         )
 

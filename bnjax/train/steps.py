@@ -113,17 +113,18 @@ def renorm_schedule(
 ) -> RenormSchedule:
     """Batch renorm's warm-up scaled to a run of `num_steps` steps, for the steps not given.
 
-    The paper's schedule (plain batch norm for 5k steps, then r_max 1 -> 3 over 35k steps and
-    d_max 0 -> 5 over 20k) in proportion to the run: warm-up num_steps // 20, r relaxed over
-    7 * num_steps // 20 steps, d over num_steps // 5 (its 5k/35k/20k on a 100k-step run). The
-    fixed default would keep any run shorter than 5000 steps at plain batch norm.
+    The paper's shape (plain batch norm for 5k steps, then r_max 1 -> 3 over 35k steps and
+    d_max 0 -> 5 over 20k) in proportion to the run, with the fractions the study uses:
+    warm-up num_steps // 10, r relaxed over num_steps // 2 steps, d over 3 * num_steps // 10.
+    The fixed default, `RenormSchedule()`, would keep any run shorter than 5000 steps at plain
+    batch norm.
 
     Example:
       >>> schedule = renorm_schedule(600)
       >>> schedule.warmup_steps, schedule.r_relax_steps, schedule.d_relax_steps
-      (30, 210, 120)
+      (60, 300, 180)
     """
-    derived = (num_steps // 20, 7 * num_steps // 20, num_steps // 5)
+    derived = (num_steps // 10, num_steps // 2, 3 * num_steps // 10)
     given = (warmup_steps, r_relax_steps, d_relax_steps)
     warmup, r_relax, d_relax = (d if g is None else g for g, d in zip(given, derived, strict=True))
     return RenormSchedule(warmup_steps=warmup, r_relax_steps=r_relax, d_relax_steps=d_relax)

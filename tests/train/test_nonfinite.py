@@ -164,7 +164,7 @@ def test_a_run_that_ends_before_renorm_engages_says_so(tmp_path, capsys, monkeyp
         raise RuntimeError("stopped before training")
 
     monkeypatch.setattr(loop, "_sampler", stop)
-    for warmup, warned in [(4, True), (3, False), (None, False)]:
+    for warmup, warned in [(3, True), (2, False), (None, False)]:
         config = _tiny(norm="batch_renorm", renorm_warmup_steps=warmup)  # 4 steps
         with pytest.raises(RuntimeError, match="stopped before training"):
             loop.train_and_evaluate(config, str(tmp_path))
@@ -185,10 +185,10 @@ def _largest_difference(tree, other):
 
 def test_the_renorm_schedule_scales_with_the_run():
     schedule = steps.renorm_schedule(600)
-    assert (schedule.warmup_steps, schedule.r_relax_steps, schedule.d_relax_steps) == (30, 210, 120)
+    assert (schedule.warmup_steps, schedule.r_relax_steps, schedule.d_relax_steps) == (60, 300, 180)
     given = steps.renorm_schedule(600, warmup_steps=0, r_relax_steps=5, d_relax_steps=0)
     assert (given.warmup_steps, given.r_relax_steps, given.d_relax_steps) == (0, 5, 0)
-    assert steps.renorm_engages(schedule, 600) and not steps.renorm_engages(schedule, 31)
+    assert steps.renorm_engages(schedule, 600) and not steps.renorm_engages(schedule, 61)
     assert steps.renorm_engages(given, 1)  # relax 0: full bounds from the first step
 
 
