@@ -241,8 +241,8 @@ def evaluate(eval_step, state, test: data.Dataset, batch_size: int, mesh=None) -
 
     'eval/nonfinite_inputs' counts the held-out examples holding a NaN/inf value,
     'eval/nonfinite_outputs_running_stats' and '..._batch_stats' those whose logits are not
-    finite in each evaluation (such an example counts as wrong; with batch statistics one bad
-    example spoils its whole batch). When any is above 0 a warning line says so.
+    finite in each evaluation (with batch statistics one bad example spoils the statistics of
+    its whole batch). When any is above 0 a warning line says so.
     """
     batches = evaluation_batches(len(test), batch_size)
     shard = mesh is not None and jax.process_count() == 1

@@ -304,7 +304,7 @@ class EvalCounts(NamedTuple):
 
     running, batch: correct predictions with running / batch statistics; nonfinite_inputs:
     examples with a NaN/inf input value; nonfinite_running, nonfinite_batch: examples whose
-    logits are not finite (counted as wrong by argmax's NaN rule or not) in each evaluation.
+    logits are not finite in each evaluation (whatever argmax then picks is not a prediction).
     """
 
     running: jax.Array
@@ -323,8 +323,9 @@ def make_eval_step(model):
     count normalizes each evaluation batch with its own statistics (training mode, state
     discarded), so the gap between the two is the cost of the running averages. Rows where
     `valid` is False (padding) are left out of those batch statistics and of every count. One
-    NaN example spoils its own running-statistics output but every output of its batch with
-    batch statistics: the non-finite counts say which happened.
+    NaN example reaches only its own output with running statistics, but the statistics of
+    its whole batch with batch statistics; the non-finite counts say that it was there (XLA
+    on CPU may turn a NaN into a finite, wrong, output on its way through the network).
     """
 
     @jax.jit
