@@ -65,6 +65,7 @@ MODULES = [
     "bnjax.train.cli",
     "bnjax.train.loop",
     "bnjax.train.metrics",
+    "bnjax.train.steps",
     "bnjax.train.workdir",
     "bnjax.export",
     "bnjax.export.artifact",

@@ -56,6 +56,16 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "keep_checkpoints": (_positive_int, "a positive int"),
 }
 
+# Keys that may be None (unset) and otherwise must pass their rule.
+_OPTIONAL_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    name: (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, what)
+    for name, what in [
+        ("renorm_warmup_steps", "a non-negative int, or None for num_steps // 10"),
+        ("renorm_r_relax_steps", "a non-negative int, or None for num_steps // 2"),
+        ("renorm_d_relax_steps", "a non-negative int, or None for 3 * num_steps // 10"),
+    ]
+}
+
 
 def check_config(config, num_devices: int) -> None:
     """Raises ValueError naming `config.<key>` for a missing or invalid setting.
@@ -76,6 +86,10 @@ def check_config(config, num_devices: int) -> None:
             raise ValueError(f"config.{key} is missing; expected {expected}.")
         value = config[key]
         if not valid(value):
+            raise ValueError(f"config.{key}={value!r} is invalid; expected {expected}.")
+    for key, (valid, expected) in _OPTIONAL_RULES.items():
+        value = config.get(key)
+        if value is not None and not valid(value):
             raise ValueError(f"config.{key}={value!r} is invalid; expected {expected}.")
     if config.batch_size % num_devices:
         raise ValueError(

@@ -27,6 +27,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.norm = "batch"  # batch | batch_renorm | group | layer | instance | none
     config.norm_groups = 8
     config.bn_momentum = 0.9
+    # Batch renorm's warm-up (bnjax.RenormSchedule): plain BN for renorm_warmup_steps, then
+    # r_max 1 -> 3 and d_max 0 -> 5 over their relax steps. None: in proportion to num_steps.
+    config.renorm_warmup_steps = ml_collections.FieldReference(None, field_type=int)
+    config.renorm_r_relax_steps = ml_collections.FieldReference(None, field_type=int)
+    config.renorm_d_relax_steps = ml_collections.FieldReference(None, field_type=int)
     # Per-group ("ghost") batch statistics; = per-device batch for local (unsynced) BN.
     config.ghost_batch_size = ml_collections.FieldReference(None, field_type=int)
     config.zero_init_residual = False
@@ -70,6 +75,9 @@ DESCRIPTIONS = {
     "norm": "batch | batch_renorm | group | layer | instance | none",
     "norm_groups": "group norm: number of channel groups (divides every layer's width)",
     "bn_momentum": "decay of BN running statistics (flax convention; PyTorch 0.1 = 0.9)",
+    "renorm_warmup_steps": "batch_renorm: steps of plain BN first (None: num_steps // 10)",
+    "renorm_r_relax_steps": "batch_renorm: steps r_max takes from 1 to 3 (None: num_steps // 2)",
+    "renorm_d_relax_steps": "batch_renorm: steps d_max takes from 0 to 5 (None: 3*num_steps // 10)",
     "ghost_batch_size": "BN statistics per group of this many examples (None: whole batch)",
     "zero_init_residual": "resnets: start each block's last norm scale at 0",
     "mixed_precision": "bf16 compute; parameters and BN statistics stay float32",

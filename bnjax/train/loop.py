@@ -20,8 +20,13 @@ What a run does, in order:
 Determinism: the state after step s depends only on the config (the data order is a pure
 function of (seed, epoch), the model has no dropout), so a run killed at any moment and
 restarted with the same command ends bit-identical to an uninterrupted one on CPU (tested).
-A non-finite loss stops the run with `NonFiniteLossError`; the last checkpoint, written
-before, stays the last good one (the checkpointer refuses non-finite states anyway).
+Non-finite values stop the run with `NonFiniteError` at the step that makes them: a NaN/inf
+loss, or any NaN/inf in the new parameters, statistics, optimizer state or gradient (checked
+inside the step). That state is not saved; the last checkpoint stays the last good one (the
+checkpointer refuses non-finite states anyway). Batch norms whose batch statistics overflow
+(a huge finite input) skip that batch's update and leave the state finite: the step prints a
+warning and logs 'bn/<layer>/nonfinite'. Evaluation counts and reports the NaN/inf inputs and
+outputs it meets.
 """
 
 from __future__ import annotations
@@ -41,12 +46,35 @@ from bnjax.train.checkpoints import Checkpointer, CorruptCheckpointError
 from bnjax.train.config import check_config
 from bnjax.train.metrics import MetricWriter
 from bnjax.train.optim import learning_rate_schedule, make_optimizer
-from bnjax.train.steps import initial_state, make_eval_step, make_model, make_train_step
+from bnjax.train.steps import (
+    FINITE_CHECK,
+    checked_leaf_names,
+    initial_state,
+    make_eval_step,
+    make_model,
+    make_train_step,
+    renorm_engages,
+    renorm_schedule,
+)
 from bnjax.train.workdir import WorkdirLock, check_resume_config, load_config, save_config
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped without saving that state."""
+class NonFiniteError(RuntimeError):
+    """A training step made the loss or the state NaN/inf; the run stopped without saving it.
+
+    Attributes:
+      step: the step that made them.
+      leaves: the non-finite leaves, named as in `bnjax.train.steps.checked_leaf_names`
+        ('params/conv0/kernel', 'grads/conv0/kernel', ...); empty when only the loss is.
+      last_good_step: the newest checkpoint (None when none was saved yet).
+    """
+
+    def __init__(self, message: str, *, step: int, leaves=(), last_good_step=None):
+        super().__init__(message)
+        self.step, self.leaves, self.last_good_step = step, tuple(leaves), last_good_step
+
+
+NonFiniteLossError = NonFiniteError  # the former name, from when only the loss was checked
 
 
 class FinalCheckpointError(RuntimeError):
@@ -113,7 +141,34 @@ def model_settings(config, num_classes: int) -> dict:
         features=config.model_features,
         zero_init_residual=config.zero_init_residual,
         mixed_precision=config.mixed_precision,
+        renorm_schedule=_renorm_schedule(config),
     )
+
+
+def _renorm_schedule(config):
+    """Batch renorm's warm-up for the run (`bnjax.train.steps.renorm_schedule`: the config's
+    step counts, the unset ones in proportion to config.num_steps); None for other norms."""
+    if config.norm != "batch_renorm":
+        return None
+    return renorm_schedule(
+        config.num_steps,
+        warmup_steps=config.get("renorm_warmup_steps"),
+        r_relax_steps=config.get("renorm_r_relax_steps"),
+        d_relax_steps=config.get("renorm_d_relax_steps"),
+    )
+
+
+def _warn_if_renorm_never_engages(config) -> None:
+    """One line when batch renorm stays plain batch norm for the whole run."""
+    schedule = _renorm_schedule(config)
+    if schedule is not None and not renorm_engages(schedule, config.num_steps):
+        print(
+            f"warning: batch renorm never engages in this run: its warm-up "
+            f"(config.renorm_warmup_steps={schedule.warmup_steps}) lasts the whole "
+            f"config.num_steps={config.num_steps}, so it trains as plain batch norm; lower "
+            "config.renorm_warmup_steps (unset: num_steps // 10).",
+            flush=True,
+        )
 
 
 def schedule_and_optimizer(config):
@@ -183,6 +238,11 @@ def evaluate(eval_step, state, test: data.Dataset, batch_size: int, mesh=None) -
     any number of devices and any parallel mode; 'eval/examples' is the whole split. With a
     `mesh` (one process), each batch is split over its devices instead of being recomputed
     whole on every one.
+
+    'eval/nonfinite_inputs' counts the held-out examples holding a NaN/inf value,
+    'eval/nonfinite_outputs_running_stats' and '..._batch_stats' those whose logits are not
+    finite in each evaluation (with batch statistics one bad example spoils the statistics of
+    its whole batch). When any is above 0 a warning line says so.
     """
     batches = evaluation_batches(len(test), batch_size)
     shard = mesh is not None and jax.process_count() == 1
@@ -190,7 +250,8 @@ def evaluate(eval_step, state, test: data.Dataset, batch_size: int, mesh=None) -
     padded = math.ceil(max(len(rows) for rows in batches) / devices) * devices
     if shard:  # a no-op for a state the step already replicated (a restored one is not)
         state = parallel.replicate(state, mesh)
-    running = batch = 0
+    totals = np.zeros(5, np.int64)  # the fields of EvalCounts, summed over the batches
+    spoiled = 0  # examples whose batch statistics include a NaN/inf input
     for rows in batches:
         images = np.zeros((padded, *test.images.shape[1:]), test.images.dtype)
         labels = np.zeros(padded, test.labels.dtype)
@@ -203,12 +264,26 @@ def evaluate(eval_step, state, test: data.Dataset, batch_size: int, mesh=None) -
         inputs = (images, labels, valid)
         if shard:
             inputs = parallel.shard_batch(inputs, mesh)
-        counts = eval_step(state, *inputs)
-        running, batch = running + int(counts[0]), batch + int(counts[1])
+        counts = np.asarray(jax.device_get(tuple(eval_step(state, *inputs))), np.int64)
+        totals += counts
+        spoiled += len(rows) if counts[2] else 0
+    running, batch, nonfinite_inputs, nonfinite_running, nonfinite_batch = map(int, totals)
+    if nonfinite_inputs or nonfinite_running or nonfinite_batch:
+        print(
+            f"warning: evaluation met {nonfinite_inputs} held-out example(s) with NaN/inf "
+            f"values (their batches hold {spoiled} examples, whose batch statistics they "
+            f"spoil) and non-finite outputs for {nonfinite_running} (running statistics) and "
+            f"{nonfinite_batch} (batch statistics) of the {len(test)}; the accuracies count "
+            "them as they come out.",
+            flush=True,
+        )
     return {
         "eval/accuracy_running_stats": running / len(test),
         "eval/accuracy_batch_stats": batch / len(test),
         "eval/examples": len(test),
+        "eval/nonfinite_inputs": nonfinite_inputs,
+        "eval/nonfinite_outputs_running_stats": nonfinite_running,
+        "eval/nonfinite_outputs_batch_stats": nonfinite_batch,
     }
 
 
@@ -225,6 +300,57 @@ def _training_batches(train, sampler, start_step: int):
     )
     for batch in itertools.islice(stream, offset, None):
         yield {"image": batch["image"], "label": batch["label"]}
+
+
+def _stop_if_not_finite(step: int, loss: float, check: dict, state, checkpointer) -> None:
+    """Raises NonFiniteError when step `step`'s loss or its `FINITE_CHECK` flags (`check`,
+    fetched) show a NaN/inf, naming the leaves, the batch's NaN/inf inputs and the last good
+    checkpoint."""
+    bad = [
+        name for name, flag in zip(checked_leaf_names(state), check["leaves"], strict=True) if flag
+    ]
+    if not bad and math.isfinite(loss):
+        return
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+        what = f"step {step} made the training state non-finite: {shown} (loss {loss:.6g})"
+    else:
+        what = f"the training loss is {loss} at step {step}"
+    inputs = int(check["inputs"])
+    cause = (
+        f"its batch held {inputs} NaN/inf input value(s): check the training data"
+        if inputs
+        else "its batch was finite: lower config.learning_rate or look for extreme inputs"
+    )
+    last = checkpointer.latest_step()
+    where = (
+        f"the last good checkpoint is step {last} in {checkpointer.directory}"
+        if last is not None
+        else f"no step was saved before it in {checkpointer.directory}, so the last good "
+        "checkpoint is step 0 (the initial state, which a re-run recreates from config.seed)"
+    )
+    raise NonFiniteError(
+        f"{what}; {cause}. Stopped without saving that state; {where}.",
+        step=step,
+        leaves=bad,
+        last_good_step=last,
+    )
+
+
+def _warn_of_skipped_batches(step: int, step_metrics: dict) -> None:
+    """One line when batch norms skipped this step's batch ('bn/<layer>/nonfinite' > 0)."""
+    layers = [
+        name.removeprefix("bn/").removesuffix("/nonfinite")
+        for name, value in step_metrics.items()
+        if name.startswith("bn/") and name.endswith("/nonfinite") and value > 0
+    ]
+    if layers:
+        print(
+            f"warning: step {step}: the batch statistics of {', '.join(layers)} are not finite "
+            "(an extreme or NaN input?); those layers left their running statistics as they "
+            "were for this batch.",
+            flush=True,
+        )
 
 
 def _print_line(step: int, num_steps: int, scalars: dict, started: float) -> None:
@@ -281,19 +407,23 @@ def train_and_evaluate(
 
     Raises ValueError (a `ConfigChangedError` among them) for a config that cannot run or
     that differs from the one a resumed run trained with (unless `allow_config_change`),
-    `WorkdirBusyError` when another run holds `workdir`, `NonFiniteLossError` when training
-    diverges and `FinalCheckpointError` when the last step could not be saved and read back.
+    `WorkdirBusyError` when another run holds `workdir`, `NonFiniteError` when a step makes
+    the loss or the state NaN/inf and `FinalCheckpointError` when the last step could not be
+    saved and read back.
     """
     check_config(config, _devices(config))
     train = data.load(config.dataset, "train", seed=config.seed, data_dir=config.get("data_dir"))
     test = data.load(config.dataset, "test", seed=config.seed, data_dir=config.get("data_dir"))
     check_evaluation_batches(config, len(test))
+    _warn_if_renorm_never_engages(config)
     sampler = _sampler(config, train)
     schedule, optimizer = schedule_and_optimizer(config)
     mesh, axis_name = _mesh_and_axis(config)
     model_options = model_settings(config, train.num_classes)
     model = make_model(**model_options, axis_name=axis_name)
-    train_step = make_train_step(model, optimizer, telemetry=config.get("telemetry", True))
+    train_step = make_train_step(
+        model, optimizer, telemetry=config.get("telemetry", True), check_finite=True
+    )
     run = _runner(config, mesh, train_step)
     eval_model = make_model(**model_options, for_training=False)
     eval_step = make_eval_step(eval_model)
@@ -328,13 +458,12 @@ def train_and_evaluate(
                 if assemble:
                     batch = parallel.local_batch_to_global(batch, mesh)
                 state, metrics = run(state, batch)
-                step_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(step_metrics["loss"]):
-                    raise NonFiniteLossError(
-                        f"the training loss is {step_metrics['loss']} at step {step}; stopping. "
-                        f"The last good checkpoint is step {checkpointer.latest_step()} in "
-                        f"{checkpointer.directory}. Lower config.learning_rate or check the data."
-                    )
+                metrics = jax.device_get(metrics)
+                check = metrics.pop(FINITE_CHECK)
+                step_metrics = {k: float(v) for k, v in metrics.items()}
+                # Before any save: a state holding a NaN/inf is never written.
+                _stop_if_not_finite(step, step_metrics["loss"], check, state, checkpointer)
+                _warn_of_skipped_batches(step, step_metrics)
                 progress.update(step, f"loss {step_metrics['loss']:.4f}")
                 # Saved before evaluating: a failing evaluation cannot cost this step's state.
                 last = step == config.num_steps
