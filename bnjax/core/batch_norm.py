@@ -200,28 +200,31 @@ def all_finite(*arrays) -> Array:
 
 def running_update(
     state: BatchNormState,
-    batch_mean: Array,
-    batch_var: Array,
+    batch: BatchUpdate,
     momentum: float | None,
     guard: checks.StateGuard | None = None,
 ) -> BatchNormState:
-    """Folds one batch's statistics into the state, unless they are not finite.
+    """Folds one batch's statistics into the state, per feature, unless they are not finite.
 
-    A batch whose statistics are not finite is left out and counted in `skipped`. A state that
-    is itself not finite (`guard.finite` False; no guard: tested here) cannot be updated: it is
+    Features the batch could not estimate (`batch.estimated` False: fewer than two valid
+    values) keep their running statistics. A batch whose estimated statistics are not finite,
+    or that estimated no feature at all, is left out and counted in `skipped`. A state that is
+    itself not finite (`guard.finite` False; no guard: tested here) cannot be updated: it is
     returned unchanged, with neither `count` nor `skipped` advanced.
     """
     if guard is None:
         guard = checks.StateGuard(all_finite(state.mean, state.var), 0)
     new_mean, new_var = averaged_statistics(
-        state.mean, state.var, batch_mean, batch_var, state.count, momentum
+        state.mean, state.var, batch.mean, batch.var, state.count, momentum
     )
-    finite = all_finite(new_mean, new_var)
+    new_mean = jnp.where(batch.estimated, new_mean, state.mean)
+    new_var = jnp.where(batch.estimated, new_var, state.var)
+    folded = all_finite(new_mean, new_var) & batch.any_estimated
     return BatchNormState(
-        mean=jnp.where(finite, new_mean, state.mean),
-        var=jnp.where(finite, new_var, state.var),
-        count=state.count + finite.astype(jnp.int32),
-        skipped=state.skipped + (~finite & guard.finite).astype(jnp.int32) + guard.alert,
+        mean=jnp.where(folded, new_mean, state.mean),
+        var=jnp.where(folded, new_var, state.var),
+        count=state.count + folded.astype(jnp.int32),
+        skipped=state.skipped + (~folded & guard.finite).astype(jnp.int32) + guard.alert,
     )
 
 
@@ -281,6 +284,24 @@ def plan_training(
     )
 
 
+class BatchUpdate(NamedTuple):
+    """One batch's contribution to the running statistics (feature shape)."""
+
+    mean: Array
+    var: Array  # biased, or unbiased when the state stores the unbiased variance
+    estimated: Array  # bool: the feature had at least two valid values (in some ghost batch)
+
+    @property
+    def any_estimated(self) -> Array | bool:
+        """The batch estimated some feature (a layer with no features counts every batch)."""
+        return jnp.any(self.estimated) if self.estimated.size else True
+
+
+MIN_VALUES_PER_ESTIMATE = 2
+"""Fewest valid values whose variance updates a running variance: the variance of one value
+is 0 whatever the data, and folding that in drives the running variance towards 0."""
+
+
 def batch_statistics_for_update(
     mean: Array,
     var: Array,
@@ -289,18 +310,20 @@ def batch_statistics_for_update(
     plan: TrainingPlan,
     *,
     use_unbiased_running_var: bool,
-) -> tuple[Array, Array]:
-    """One (mean, var) per feature from per-ghost-batch statistics.
+) -> BatchUpdate:
+    """One (mean, var) per feature from per-ghost-batch statistics, and which features they
+    estimate.
 
     Ghost batches are averaged with equal weight, so the update equals the average of what each
-    ghost batch would give on its own (local mode = independent devices). Ghost batches with no
-    valid value (or a single one, for the unbiased variance) are left out; if none is left, the
-    result is NaN and the update is skipped. With `axis_name`, the average runs over the ghost
-    batches of every device so the replicated state stays identical.
+    ghost batch would give on its own (local mode = independent devices). Ghost batches with
+    fewer than two valid values of a feature (`MIN_VALUES_PER_ESTIMATE`) are left out for that
+    feature; a feature no ghost batch estimates is marked in `estimated` and keeps its running
+    statistics. With `axis_name`, the average runs over the ghost batches of every device so
+    the replicated state stays identical (the counts are global without ghost batches).
     """
+    usable = count >= MIN_VALUES_PER_ESTIMATE
     if use_unbiased_running_var:
-        var = var * count / (count - 1)
-    usable = count > (1 if use_unbiased_running_var else 0)
+        var = var * count / jnp.maximum(count - 1, 1)
     weight = usable.astype(var.dtype)
     sums = (
         jnp.sum(weight, axis=0),
@@ -312,8 +335,13 @@ def batch_statistics_for_update(
             sums, plan.update_axis_name, axis_index_groups=plan.update_axis_index_groups
         )
     total, mean_sum, var_sum = sums
+    safe_total = jnp.maximum(total, 1)
     feature_shape = layout.feature_shape
-    return (mean_sum / total).reshape(feature_shape), (var_sum / total).reshape(feature_shape)
+    return BatchUpdate(
+        (mean_sum / safe_total).reshape(feature_shape),
+        (var_sum / safe_total).reshape(feature_shape),
+        (total > 0).reshape(feature_shape),
+    )
 
 
 def batch_norm(
@@ -430,7 +458,7 @@ def batch_norm(
         plan.kernel,
         plan.epsilon,
     )
-    batch_mean, batch_var = batch_statistics_for_update(
+    update = batch_statistics_for_update(
         lax.stop_gradient(mean),
         lax.stop_gradient(var),
         count,
@@ -438,5 +466,5 @@ def batch_norm(
         plan,
         use_unbiased_running_var=use_unbiased_running_var,
     )
-    new_state = running_update(state, batch_mean, batch_var, momentum, guard)
+    new_state = running_update(state, update, momentum, guard)
     return grouped_y.reshape(x.shape), new_state

@@ -323,7 +323,7 @@ def batch_renorm(
     )
 
     def update(running_mean, running_var, unbiased: bool, decay):
-        batch_mean, batch_var = batch_statistics_for_update(
+        batch = batch_statistics_for_update(
             lax.stop_gradient(mean),
             lax.stop_gradient(var),
             count,
@@ -331,16 +331,22 @@ def batch_renorm(
             plan,
             use_unbiased_running_var=unbiased,
         )
-        return averaged_statistics(
-            running_mean, running_var, batch_mean, batch_var, state.count, decay
+        new_mean, new_var = averaged_statistics(
+            running_mean, running_var, batch.mean, batch.var, state.count, decay
         )
+        # Features with fewer than two valid values keep their statistics (as in batch_norm);
+        # the biased and unbiased updates agree on which those are.
+        return (
+            jnp.where(batch.estimated, new_mean, running_mean),
+            jnp.where(batch.estimated, new_var, running_var),
+        ), batch.any_estimated
 
-    evaluation = update(state.mean, state.var, use_unbiased_running_var, momentum)
-    renorm = update(state.renorm_mean, state.renorm_var, False, renorm_momentum)
-    # Skip the batch for both sets when either is not finite (e.g. the unbiased variance of
-    # single-value batches), so the sets stay in step. A state that was not finite to begin
-    # with is not the batch's fault: it stays as it is, and the batch is not counted as skipped.
-    finite = all_finite(*evaluation, *renorm)
+    evaluation, estimated = update(state.mean, state.var, use_unbiased_running_var, momentum)
+    renorm, _ = update(state.renorm_mean, state.renorm_var, False, renorm_momentum)
+    # Skip the batch for both sets when either is not finite, or when it estimated no feature,
+    # so the sets stay in step. A state that was not finite to begin with is not the batch's
+    # fault: it stays as it is, and the batch is not counted as skipped.
+    finite = all_finite(*evaluation, *renorm) & estimated
     keep = finite.astype(jnp.int32)
     new_state = BatchRenormState(
         mean=jnp.where(finite, evaluation[0], state.mean),
