@@ -87,8 +87,9 @@ def batch_norm_state(num_features: int | Sequence[int], dtype=None) -> BatchNorm
         shape = tuple(checks.as_int(n, "num_features") for n in num_features)
     else:
         shape = (checks.as_int(num_features, "num_features"),)
-    if any(n < 1 for n in shape):
-        raise ValueError(f"`num_features` must be positive, got {num_features!r}.")
+    if any(n < 0 for n in shape):
+        # 0 is a layer without features (e.g. an (N, 0) input): nothing to normalize, valid.
+        raise ValueError(f"`num_features` must be non-negative, got {num_features!r}.")
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype is None else dtype)
     if dtype not in checks.STATISTICS_DTYPES:
         raise TypeError(
@@ -344,6 +345,38 @@ def batch_statistics_for_update(
     )
 
 
+def evaluate(
+    x: Array,
+    state: BatchNormState,
+    scale: Array | None,
+    bias: Array | None,
+    *,
+    epsilon,
+    layout: BatchLayout,
+    function: str,
+) -> Array:
+    """``scale * (x - state.mean) / sqrt(state.var + epsilon) + bias`` in the statistics
+    dtype, with y in x's dtype (the checked arguments of an evaluation call).
+
+    A known running variance (eager, or closed over) is read once: a negative one would give
+    NaN, so it raises a ValueError naming `state.var`. A traced one is not read.
+    """
+    checks.check_known_statistics(state, ("var",), function, finite=False)
+    dtype = stats.stats_dtype(x.dtype)
+    feature_view = [1] * x.ndim
+    for a in layout.feature_axes:
+        feature_view[a] = x.shape[a]
+    inv = lax.rsqrt(state.var.astype(stats.real_dtype(dtype)) + epsilon)
+    if scale is not None:
+        inv = inv * scale.astype(dtype)
+    y = (x.astype(dtype) - state.mean.astype(dtype).reshape(feature_view)) * inv.reshape(
+        feature_view
+    )
+    if bias is not None:
+        y = y + bias.astype(dtype).reshape(feature_view)
+    return y.astype(x.dtype)
+
+
 def batch_norm(
     x: Array,
     state: BatchNormState,
@@ -421,25 +454,17 @@ def batch_norm(
     layout = batch_layout(x, axis, ghost_batch_size if training else None)
     given_state, state = state, check_state(state, layout.feature_shape, axis)
     scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
-    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis")
-    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis")
-    dtype = stats.stats_dtype(x.dtype)
-    feature_view = [1] * x.ndim
-    for a in layout.feature_axes:
-        feature_view[a] = x.shape[a]
-
+    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis", input_dtype=x.dtype)
+    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis", input_dtype=x.dtype)
+    use_unbiased_running_var = checks.check_option_flag(
+        use_unbiased_running_var, "use_unbiased_running_var"
+    )
     if not training:
-        inv = lax.rsqrt(state.var.astype(stats.real_dtype(dtype)) + epsilon)
-        if scale is not None:
-            inv = inv * scale.astype(dtype)
-        y = (x.astype(dtype) - state.mean.astype(dtype).reshape(feature_view)) * inv.reshape(
-            feature_view
-        )
-        if bias is not None:
-            y = y + bias.astype(dtype).reshape(feature_view)
-        return y.astype(x.dtype), given_state
+        y = evaluate(x, state, scale, bias, epsilon=epsilon, layout=layout, function="batch_norm")
+        return y, given_state
 
     guard = checks.guard_statistics(state, ("mean", "var"), "batch_norm")
+    dtype = stats.stats_dtype(x.dtype)
     plan = plan_training(
         x,
         layout,

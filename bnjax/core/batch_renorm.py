@@ -44,9 +44,9 @@ from bnjax.core.batch_norm import (
     as_param,
     averaged_statistics,
     batch_layout,
-    batch_norm,
     batch_norm_state,
     batch_statistics_for_update,
+    evaluate,
     grouped_mask,
     plan_training,
 )
@@ -274,21 +274,23 @@ def batch_renorm(
     given_state, state = state, _check_state(state, layout.feature_shape, axis)
     dtype = stats.stats_dtype(x.dtype)
     r_bound, d_bound = _bounds(state, r_max, d_max, schedule, dtype)
-    if not training:
-        y, _ = batch_norm(
+    scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
+    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis", input_dtype=x.dtype)
+    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis", input_dtype=x.dtype)
+    use_unbiased_running_var = checks.check_option_flag(
+        use_unbiased_running_var, "use_unbiased_running_var"
+    )
+    if not training:  # batch_norm's evaluation, on (mean, var)
+        y = evaluate(
             x,
             state.as_batch_norm_state(),
             scale,
             bias,
-            training=False,
             epsilon=epsilon,
-            axis=axis,
-            ghost_batch_size=ghost_batch_size,
+            layout=layout,
+            function="batch_renorm",
         )
         return y, given_state
-    scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
-    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis")
-    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis")
     guard = checks.guard_statistics(state, _STATISTICS, "batch_renorm")
 
     plan = plan_training(
