@@ -52,7 +52,7 @@ from bnjax.core import (
     rms_norm,
 )
 from bnjax.core.checks import normalize_axes
-from bnjax.module_common import check_instance_feature_axes, promote
+from bnjax.module_common import check_instance_feature_axes, check_use_running_average, promote
 
 __all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
@@ -103,7 +103,9 @@ class _RunningStats(_AffineMixin, nn.Module):
 
     def _training(self, use_running_average) -> bool:
         return not nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
+            "use_running_average",
+            check_use_running_average(self.use_running_average),
+            check_use_running_average(use_running_average),
         )
 
     def _counters(self, training: bool):
