@@ -25,6 +25,10 @@ What differs from flax, on purpose (each for correctness):
 - A training batch with non-finite statistics leaves ``batch_stats`` untouched (flax stores
   NaN); `bnjax.diagnostics` reports it, and ``track_counters=True`` counts it.
 - A statistic with no valid value (everything masked) uses mean 0 and variance 0; flax gives NaN.
+  A channel with fewer than two valid values keeps its running statistics (flax folds in the
+  variance 0 of a single value).
+- `use_running_average` must be True, False or None (flax reads any value as a bool, so the
+  string 'False' would evaluate).
 - BatchNorm statistics from a single value (a batch of one in training, outside ``init``)
   raise an error instead of silently returning the bias.
 """

@@ -56,7 +56,8 @@ class BatchNormState(NamedTuple):
       var: running variance, same shape; biased unless the layer stores the unbiased one.
       count: int32 scalar, number of batches folded into the running statistics.
       skipped: int32 scalar, number of training batches whose statistics were not finite (or
-        had no valid value) and were therefore left out of the running statistics.
+        that had fewer than two valid values in every feature) and were therefore left out of
+        the running statistics.
 
     Example:
       >>> x = jnp.array([[1.0], [3.0]])                    # batch mean 2, biased variance 1
@@ -75,7 +76,8 @@ def batch_norm_state(num_features: int | Sequence[int], dtype=None) -> BatchNorm
     """A fresh state: mean 0, variance 1, nothing counted.
 
     Args:
-      num_features: channels C, or the feature shape for several feature axes.
+      num_features: channels C, or the feature shape for several feature axes (0 is a layer
+        without features, e.g. for an (N, 0) input).
       dtype: statistics dtype; default float32 (float64 when x64 is enabled).
 
     Example:
@@ -419,12 +421,17 @@ def batch_norm(
         shape (N, ..., C) is ``mask.reshape(N, 1, ..., 1)``); False entries are left
         out of the statistics but still normalized. Their values never reach the statistics or
         the state, even NaN; keep them finite if you differentiate (0 * NaN is NaN in any
-        backward pass, so a NaN there makes the batch's gradients NaN).
+        backward pass, so a NaN there makes the batch's gradients NaN). A feature left with
+        fewer than two valid values keeps its running statistics (the variance of one value
+        is 0, not an estimate); the other features are updated.
       use_unbiased_running_var: store ``var * n / (n - 1)`` in the state, like PyTorch.
 
     Returns:
-      (y, new_state). In training mode a batch whose statistics are not finite leaves the
-      running statistics untouched and increments `state.skipped` (y may then be non-finite).
+      (y, new_state). In training mode a batch whose statistics are not finite, or that has
+      fewer than two valid values in every feature, leaves the running statistics untouched
+      and increments `state.skipped` (y may then be non-finite). A known negative `state.var`
+      (eager calls, or a state closed over under a transform) raises a ValueError in either
+      mode, as it would give NaN; a traced one is not read.
       Running statistics that are already not finite when they come in can never recover,
       and are no fault of the batch: when their values are known (eager calls) training
       raises a ValueError naming the field; when they are traced (jit, vmap, pmap, shard_map)

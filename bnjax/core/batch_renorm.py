@@ -71,7 +71,8 @@ class BatchRenormState(NamedTuple):
       renorm_mean: the mean r and d are measured against.
       renorm_var: the (biased) variance r and d are measured against.
       count: int32 scalar, batches folded into the running statistics.
-      skipped: int32 scalar, training batches left out because their statistics were not finite.
+      skipped: int32 scalar, training batches left out because their statistics were not finite
+        (or had fewer than two valid values in every feature).
       step: int32 scalar, finite training batches seen; drives the warm-up schedule. Separate
         from `count` so that resetting or recalibrating statistics does not restart the warm-up.
 
@@ -244,8 +245,11 @@ def batch_renorm(
         updates take the mean of the ghost batches' statistics, as in `batch_norm`.
 
     Returns:
-      (y, new_state). A training batch whose statistics are not finite updates nothing but
-      `state.skipped` (neither the statistics, `count` nor `step`). Incoming statistics (any of
+      (y, new_state). A training batch whose statistics are not finite, or that has fewer
+      than two valid values in every feature, updates nothing but `state.skipped` (neither the
+      statistics, `count` nor `step`); a feature with fewer than two valid values keeps both
+      its sets of statistics. A known negative variance (`var`, `renorm_var`) raises, as in
+      `batch_norm`. Incoming statistics (any of
       the four) that are not finite are handled as in `batch_norm`: a ValueError when their
       values are known, else the state comes back unchanged (not even `skipped` advances) and
       on CPU and TPU a RuntimeWarning names the field at run time.
