@@ -25,6 +25,10 @@ What differs from flax, on purpose (each for correctness):
 - A training batch with non-finite statistics leaves ``batch_stats`` untouched (flax stores
   NaN); `bnjax.diagnostics` reports it, and ``track_counters=True`` counts it.
 - A statistic with no valid value (everything masked) uses mean 0 and variance 0; flax gives NaN.
+  A channel with fewer than two valid values keeps its running statistics (flax folds in the
+  variance 0 of a single value).
+- `use_running_average` must be True, False or None (flax reads any value as a bool, so the
+  string 'False' would evaluate).
 - BatchNorm statistics from a single value (a batch of one in training, outside ``init``)
   raise an error instead of silently returning the bias.
 """
@@ -52,7 +56,7 @@ from bnjax.core import (
     rms_norm,
 )
 from bnjax.core.checks import normalize_axes
-from bnjax.module_common import check_instance_feature_axes, promote
+from bnjax.module_common import check_instance_feature_axes, check_use_running_average, promote
 
 __all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
@@ -103,7 +107,9 @@ class _RunningStats(_AffineMixin, nn.Module):
 
     def _training(self, use_running_average) -> bool:
         return not nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
+            "use_running_average",
+            check_use_running_average(self.use_running_average),
+            check_use_running_average(use_running_average),
         )
 
     def _counters(self, training: bool):

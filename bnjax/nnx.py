@@ -46,7 +46,7 @@ from bnjax.core import (
     rms_norm,
 )
 from bnjax.core.checks import as_int, normalize_axes
-from bnjax.module_common import check_instance_feature_axes, promote
+from bnjax.module_common import check_instance_feature_axes, check_use_running_average, promote
 
 __all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
@@ -158,8 +158,9 @@ class _RunningStats(_Affine):
         self.track_counters = track_counters
 
     def _training(self, use_running_average) -> bool:
+        use_running_average = check_use_running_average(use_running_average)
         if use_running_average is None:
-            use_running_average = self.use_running_average
+            use_running_average = check_use_running_average(self.use_running_average)
         if use_running_average is None:
             raise ValueError(
                 f"{type(self).__name__} needs `use_running_average`: set it in the constructor, "

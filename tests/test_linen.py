@@ -10,6 +10,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import serialization
@@ -316,3 +317,27 @@ def test_pmap_with_axis_name_equals_one_device():
     _close(y_p.reshape(x.shape), y)
     for device in range(devices):
         _close(jax.tree.map(lambda a, d=device: a[d], updates_p), updates, 1e-6)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm", "BatchRenorm"])
+@pytest.mark.parametrize("flag", ["False", 0, 1.0], ids=["string", "int", "float"])
+def test_use_running_average_must_be_a_bool(name, flag):
+    """'False' is a truthy string: it used to select evaluation without a word."""
+    x = _random()
+    variables = getattr(bnn, name)(use_running_average=True).init(KEY, x)
+    with pytest.raises(TypeError, match=r"`use_running_average` must be True or False, got"):
+        getattr(bnn, name)(use_running_average=flag).apply(variables, x, mutable=TRAIN)
+    with pytest.raises(TypeError, match="`use_running_average` must be True or False"):
+        getattr(bnn, name)().apply(variables, x, use_running_average=flag, mutable=TRAIN)
+
+
+def test_use_running_average_takes_concrete_bool_scalars():
+    x = _random()
+    bn = bnn.BatchNorm(**COUNTED)
+    variables = bn.init(KEY, x, use_running_average=True)
+    for flag in (np.bool_(False), jnp.array(False)):
+        _, updates = bn.apply(variables, x, use_running_average=flag, mutable=TRAIN)
+        assert int(updates["batch_stats"]["count"]) == 1
+    traced = jax.jit(lambda flag: bn.apply(variables, x, use_running_average=flag))
+    with pytest.raises(TypeError, match="`use_running_average` must be True or False, known"):
+        traced(True)

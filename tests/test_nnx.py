@@ -8,6 +8,7 @@ import inspect
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
@@ -283,3 +284,27 @@ def test_state_round_trips_through_orbax(tmp_path):
 def test_bad_group_count_raises():
     with pytest.raises(ValueError, match="divide"):
         bnx.GroupNorm(C, num_groups=5, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("name", ["BatchNorm", "BatchRenorm"])
+@pytest.mark.parametrize("flag", ["False", 0, 1.0], ids=["string", "int", "float"])
+def test_use_running_average_must_be_a_bool(name, flag):
+    """'False' is a truthy string: it used to select evaluation without a word."""
+    x = jnp.arange(24.0).reshape(8, 3)
+    layer = getattr(bnx, name)(3, use_running_average=flag, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"`use_running_average` must be True or False, got"):
+        layer(x)
+    layer = getattr(bnx, name)(3, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"`use_running_average` must be True or False, got"):
+        layer(x, use_running_average=flag)
+    layer.set_view(use_running_average=flag)
+    with pytest.raises(TypeError, match=r"`use_running_average` must be True or False, got"):
+        layer(x)
+
+
+def test_use_running_average_takes_concrete_bool_scalars():
+    x = jnp.arange(24.0).reshape(8, 3)
+    layer = bnx.BatchNorm(3, track_counters=True, rngs=nnx.Rngs(0))
+    layer(x, use_running_average=np.bool_(False))
+    layer(x, use_running_average=jnp.array(False))
+    assert int(layer.count[...]) == 2

@@ -16,6 +16,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from bnjax import parallel
 from tests import multihost
@@ -309,3 +310,63 @@ def test_pmap_step_refuses_states_that_differ_across_devices():
     _, whole = bnjax.batch_norm(x, bnjax.batch_norm_state(3), training=True)
     _, whole = bnjax.batch_norm(x, whole, training=True)
     np.testing.assert_allclose(state.var, whole.var, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules whose variables are closed over inside jax.shard_map (constants, not arguments).
+
+
+def _sharded_rows():
+    mesh = jax.make_mesh((DEVICES,), ("batch",))
+    x = jax.random.normal(jax.random.key(3), (BATCH, 3)) * 2.0 + 1.0
+    return mesh, x, jax.device_put(x, jax.sharding.NamedSharding(mesh, P("batch")))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
+def test_closed_over_linen_variables_work_inside_shard_map(training):
+    from bnjax import linen as bnn
+
+    mesh, x, rows = _sharded_rows()
+    bn = bnn.BatchNorm(use_running_average=not training, axis_name="batch")
+    variables = bn.init(jax.random.key(0), x)
+
+    def step(rows):
+        return bn.apply(variables, rows, mutable=["batch_stats"])
+
+    run = jax.shard_map(step, mesh=mesh, in_specs=P("batch"), out_specs=(P("batch"), P()))
+    y, updates = run(rows)
+    expected = bnn.BatchNorm(use_running_average=not training).apply(
+        variables, x, mutable=["batch_stats"]
+    )
+    chex.assert_trees_all_close((y, updates), expected, **TOLERANCE)
+
+
+def test_closed_over_nnx_module_inside_shard_map():
+    """Evaluation reads a closed-over module; training would mutate it from inside the
+    transform, which flax refuses with its own error (pass the module to nnx.shard_map)."""
+    from flax import nnx
+    from flax.errors import TraceContextError
+
+    from bnjax import nnx as bnx
+
+    mesh, x, rows = _sharded_rows()
+    layer = bnx.BatchNorm(3, axis_name="batch", rngs=nnx.Rngs(0))
+    layer.var[...] = layer.var[...] * 4.0
+    layer.eval()
+    run = jax.shard_map(
+        lambda rows: layer(rows), mesh=mesh, in_specs=P("batch"), out_specs=P("batch")
+    )
+    chex.assert_trees_all_close(run(rows), layer(x), **TOLERANCE)
+    layer.train()
+    with pytest.raises(TraceContextError, match="Cannot mutate BatchStat"):
+        run(rows)
+    passed = nnx.shard_map(
+        lambda layer, rows: layer(rows),
+        mesh=mesh,
+        in_specs=(P(), P("batch")),
+        out_specs=P("batch"),
+    )
+    reference = bnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    reference.var[...] = reference.var[...] * 4.0
+    chex.assert_trees_all_close(passed(layer, rows), reference(x), **TOLERANCE)
+    chex.assert_trees_all_close(layer.mean[...], reference.mean[...], **TOLERANCE)

@@ -56,7 +56,8 @@ class BatchNormState(NamedTuple):
       var: running variance, same shape; biased unless the layer stores the unbiased one.
       count: int32 scalar, number of batches folded into the running statistics.
       skipped: int32 scalar, number of training batches whose statistics were not finite (or
-        had no valid value) and were therefore left out of the running statistics.
+        that had fewer than two valid values in every feature) and were therefore left out of
+        the running statistics.
 
     Example:
       >>> x = jnp.array([[1.0], [3.0]])                    # batch mean 2, biased variance 1
@@ -75,7 +76,8 @@ def batch_norm_state(num_features: int | Sequence[int], dtype=None) -> BatchNorm
     """A fresh state: mean 0, variance 1, nothing counted.
 
     Args:
-      num_features: channels C, or the feature shape for several feature axes.
+      num_features: channels C, or the feature shape for several feature axes (0 is a layer
+        without features, e.g. for an (N, 0) input).
       dtype: statistics dtype; default float32 (float64 when x64 is enabled).
 
     Example:
@@ -87,8 +89,9 @@ def batch_norm_state(num_features: int | Sequence[int], dtype=None) -> BatchNorm
         shape = tuple(checks.as_int(n, "num_features") for n in num_features)
     else:
         shape = (checks.as_int(num_features, "num_features"),)
-    if any(n < 1 for n in shape):
-        raise ValueError(f"`num_features` must be positive, got {num_features!r}.")
+    if any(n < 0 for n in shape):
+        # 0 is a layer without features (e.g. an (N, 0) input): nothing to normalize, valid.
+        raise ValueError(f"`num_features` must be non-negative, got {num_features!r}.")
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype is None else dtype)
     if dtype not in checks.STATISTICS_DTYPES:
         raise TypeError(
@@ -200,28 +203,31 @@ def all_finite(*arrays) -> Array:
 
 def running_update(
     state: BatchNormState,
-    batch_mean: Array,
-    batch_var: Array,
+    batch: BatchUpdate,
     momentum: float | None,
     guard: checks.StateGuard | None = None,
 ) -> BatchNormState:
-    """Folds one batch's statistics into the state, unless they are not finite.
+    """Folds one batch's statistics into the state, per feature, unless they are not finite.
 
-    A batch whose statistics are not finite is left out and counted in `skipped`. A state that
-    is itself not finite (`guard.finite` False; no guard: tested here) cannot be updated: it is
+    Features the batch could not estimate (`batch.estimated` False: fewer than two valid
+    values) keep their running statistics. A batch whose estimated statistics are not finite,
+    or that estimated no feature at all, is left out and counted in `skipped`. A state that is
+    itself not finite (`guard.finite` False; no guard: tested here) cannot be updated: it is
     returned unchanged, with neither `count` nor `skipped` advanced.
     """
     if guard is None:
         guard = checks.StateGuard(all_finite(state.mean, state.var), 0)
     new_mean, new_var = averaged_statistics(
-        state.mean, state.var, batch_mean, batch_var, state.count, momentum
+        state.mean, state.var, batch.mean, batch.var, state.count, momentum
     )
-    finite = all_finite(new_mean, new_var)
+    new_mean = jnp.where(batch.estimated, new_mean, state.mean)
+    new_var = jnp.where(batch.estimated, new_var, state.var)
+    folded = all_finite(new_mean, new_var) & batch.any_estimated
     return BatchNormState(
-        mean=jnp.where(finite, new_mean, state.mean),
-        var=jnp.where(finite, new_var, state.var),
-        count=state.count + finite.astype(jnp.int32),
-        skipped=state.skipped + (~finite & guard.finite).astype(jnp.int32) + guard.alert,
+        mean=jnp.where(folded, new_mean, state.mean),
+        var=jnp.where(folded, new_var, state.var),
+        count=state.count + folded.astype(jnp.int32),
+        skipped=state.skipped + (~folded & guard.finite).astype(jnp.int32) + guard.alert,
     )
 
 
@@ -281,6 +287,24 @@ def plan_training(
     )
 
 
+class BatchUpdate(NamedTuple):
+    """One batch's contribution to the running statistics (feature shape)."""
+
+    mean: Array
+    var: Array  # biased, or unbiased when the state stores the unbiased variance
+    estimated: Array  # bool: the feature had at least two valid values (in some ghost batch)
+
+    @property
+    def any_estimated(self) -> Array | bool:
+        """The batch estimated some feature (a layer with no features counts every batch)."""
+        return jnp.any(self.estimated) if self.estimated.size else True
+
+
+MIN_VALUES_PER_ESTIMATE = 2
+"""Fewest valid values whose variance updates a running variance: the variance of one value
+is 0 whatever the data, and folding that in drives the running variance towards 0."""
+
+
 def batch_statistics_for_update(
     mean: Array,
     var: Array,
@@ -289,18 +313,20 @@ def batch_statistics_for_update(
     plan: TrainingPlan,
     *,
     use_unbiased_running_var: bool,
-) -> tuple[Array, Array]:
-    """One (mean, var) per feature from per-ghost-batch statistics.
+) -> BatchUpdate:
+    """One (mean, var) per feature from per-ghost-batch statistics, and which features they
+    estimate.
 
     Ghost batches are averaged with equal weight, so the update equals the average of what each
-    ghost batch would give on its own (local mode = independent devices). Ghost batches with no
-    valid value (or a single one, for the unbiased variance) are left out; if none is left, the
-    result is NaN and the update is skipped. With `axis_name`, the average runs over the ghost
-    batches of every device so the replicated state stays identical.
+    ghost batch would give on its own (local mode = independent devices). Ghost batches with
+    fewer than two valid values of a feature (`MIN_VALUES_PER_ESTIMATE`) are left out for that
+    feature; a feature no ghost batch estimates is marked in `estimated` and keeps its running
+    statistics. With `axis_name`, the average runs over the ghost batches of every device so
+    the replicated state stays identical (the counts are global without ghost batches).
     """
+    usable = count >= MIN_VALUES_PER_ESTIMATE
     if use_unbiased_running_var:
-        var = var * count / (count - 1)
-    usable = count > (1 if use_unbiased_running_var else 0)
+        var = var * count / jnp.maximum(count - 1, 1)
     weight = usable.astype(var.dtype)
     sums = (
         jnp.sum(weight, axis=0),
@@ -312,8 +338,45 @@ def batch_statistics_for_update(
             sums, plan.update_axis_name, axis_index_groups=plan.update_axis_index_groups
         )
     total, mean_sum, var_sum = sums
+    safe_total = jnp.maximum(total, 1)
     feature_shape = layout.feature_shape
-    return (mean_sum / total).reshape(feature_shape), (var_sum / total).reshape(feature_shape)
+    return BatchUpdate(
+        (mean_sum / safe_total).reshape(feature_shape),
+        (var_sum / safe_total).reshape(feature_shape),
+        (total > 0).reshape(feature_shape),
+    )
+
+
+def evaluate(
+    x: Array,
+    state: BatchNormState,
+    scale: Array | None,
+    bias: Array | None,
+    *,
+    epsilon,
+    layout: BatchLayout,
+    function: str,
+) -> Array:
+    """``scale * (x - state.mean) / sqrt(state.var + epsilon) + bias`` in the statistics
+    dtype, with y in x's dtype (the checked arguments of an evaluation call).
+
+    A known running variance (eager, or closed over) is read once: a negative one would give
+    NaN, so it raises a ValueError naming `state.var`. A traced one is not read.
+    """
+    checks.check_known_statistics(state, ("var",), function, finite=False)
+    dtype = stats.stats_dtype(x.dtype)
+    feature_view = [1] * x.ndim
+    for a in layout.feature_axes:
+        feature_view[a] = x.shape[a]
+    inv = lax.rsqrt(state.var.astype(stats.real_dtype(dtype)) + epsilon)
+    if scale is not None:
+        inv = inv * scale.astype(dtype)
+    y = (x.astype(dtype) - state.mean.astype(dtype).reshape(feature_view)) * inv.reshape(
+        feature_view
+    )
+    if bias is not None:
+        y = y + bias.astype(dtype).reshape(feature_view)
+    return y.astype(x.dtype)
 
 
 def batch_norm(
@@ -358,12 +421,17 @@ def batch_norm(
         shape (N, ..., C) is ``mask.reshape(N, 1, ..., 1)``); False entries are left
         out of the statistics but still normalized. Their values never reach the statistics or
         the state, even NaN; keep them finite if you differentiate (0 * NaN is NaN in any
-        backward pass, so a NaN there makes the batch's gradients NaN).
+        backward pass, so a NaN there makes the batch's gradients NaN). A feature left with
+        fewer than two valid values keeps its running statistics (the variance of one value
+        is 0, not an estimate); the other features are updated.
       use_unbiased_running_var: store ``var * n / (n - 1)`` in the state, like PyTorch.
 
     Returns:
-      (y, new_state). In training mode a batch whose statistics are not finite leaves the
-      running statistics untouched and increments `state.skipped` (y may then be non-finite).
+      (y, new_state). In training mode a batch whose statistics are not finite, or that has
+      fewer than two valid values in every feature, leaves the running statistics untouched
+      and increments `state.skipped` (y may then be non-finite). A known negative `state.var`
+      (eager calls, or a state closed over under a transform) raises a ValueError in either
+      mode, as it would give NaN; a traced one is not read.
       Running statistics that are already not finite when they come in can never recover,
       and are no fault of the batch: when their values are known (eager calls) training
       raises a ValueError naming the field; when they are traced (jit, vmap, pmap, shard_map)
@@ -393,25 +461,17 @@ def batch_norm(
     layout = batch_layout(x, axis, ghost_batch_size if training else None)
     given_state, state = state, check_state(state, layout.feature_shape, axis)
     scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
-    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis")
-    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis")
-    dtype = stats.stats_dtype(x.dtype)
-    feature_view = [1] * x.ndim
-    for a in layout.feature_axes:
-        feature_view[a] = x.shape[a]
-
+    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis", input_dtype=x.dtype)
+    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis", input_dtype=x.dtype)
+    use_unbiased_running_var = checks.check_option_flag(
+        use_unbiased_running_var, "use_unbiased_running_var"
+    )
     if not training:
-        inv = lax.rsqrt(state.var.astype(stats.real_dtype(dtype)) + epsilon)
-        if scale is not None:
-            inv = inv * scale.astype(dtype)
-        y = (x.astype(dtype) - state.mean.astype(dtype).reshape(feature_view)) * inv.reshape(
-            feature_view
-        )
-        if bias is not None:
-            y = y + bias.astype(dtype).reshape(feature_view)
-        return y.astype(x.dtype), given_state
+        y = evaluate(x, state, scale, bias, epsilon=epsilon, layout=layout, function="batch_norm")
+        return y, given_state
 
     guard = checks.guard_statistics(state, ("mean", "var"), "batch_norm")
+    dtype = stats.stats_dtype(x.dtype)
     plan = plan_training(
         x,
         layout,
@@ -430,7 +490,7 @@ def batch_norm(
         plan.kernel,
         plan.epsilon,
     )
-    batch_mean, batch_var = batch_statistics_for_update(
+    update = batch_statistics_for_update(
         lax.stop_gradient(mean),
         lax.stop_gradient(var),
         count,
@@ -438,5 +498,5 @@ def batch_norm(
         plan,
         use_unbiased_running_var=use_unbiased_running_var,
     )
-    new_state = running_update(state, batch_mean, batch_var, momentum, guard)
+    new_state = running_update(state, update, momentum, guard)
     return grouped_y.reshape(x.shape), new_state

@@ -44,9 +44,9 @@ from bnjax.core.batch_norm import (
     as_param,
     averaged_statistics,
     batch_layout,
-    batch_norm,
     batch_norm_state,
     batch_statistics_for_update,
+    evaluate,
     grouped_mask,
     plan_training,
 )
@@ -71,7 +71,8 @@ class BatchRenormState(NamedTuple):
       renorm_mean: the mean r and d are measured against.
       renorm_var: the (biased) variance r and d are measured against.
       count: int32 scalar, batches folded into the running statistics.
-      skipped: int32 scalar, training batches left out because their statistics were not finite.
+      skipped: int32 scalar, training batches left out because their statistics were not finite
+        (or had fewer than two valid values in every feature).
       step: int32 scalar, finite training batches seen; drives the warm-up schedule. Separate
         from `count` so that resetting or recalibrating statistics does not restart the warm-up.
 
@@ -244,8 +245,11 @@ def batch_renorm(
         updates take the mean of the ghost batches' statistics, as in `batch_norm`.
 
     Returns:
-      (y, new_state). A training batch whose statistics are not finite updates nothing but
-      `state.skipped` (neither the statistics, `count` nor `step`). Incoming statistics (any of
+      (y, new_state). A training batch whose statistics are not finite, or that has fewer
+      than two valid values in every feature, updates nothing but `state.skipped` (neither the
+      statistics, `count` nor `step`); a feature with fewer than two valid values keeps both
+      its sets of statistics. A known negative variance (`var`, `renorm_var`) raises, as in
+      `batch_norm`. Incoming statistics (any of
       the four) that are not finite are handled as in `batch_norm`: a ValueError when their
       values are known, else the state comes back unchanged (not even `skipped` advances) and
       on CPU and TPU a RuntimeWarning names the field at run time.
@@ -274,21 +278,23 @@ def batch_renorm(
     given_state, state = state, _check_state(state, layout.feature_shape, axis)
     dtype = stats.stats_dtype(x.dtype)
     r_bound, d_bound = _bounds(state, r_max, d_max, schedule, dtype)
-    if not training:
-        y, _ = batch_norm(
+    scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
+    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis", input_dtype=x.dtype)
+    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis", input_dtype=x.dtype)
+    use_unbiased_running_var = checks.check_option_flag(
+        use_unbiased_running_var, "use_unbiased_running_var"
+    )
+    if not training:  # batch_norm's evaluation, on (mean, var)
+        y = evaluate(
             x,
             state.as_batch_norm_state(),
             scale,
             bias,
-            training=False,
             epsilon=epsilon,
-            axis=axis,
-            ghost_batch_size=ghost_batch_size,
+            layout=layout,
+            function="batch_renorm",
         )
         return y, given_state
-    scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
-    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis")
-    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis")
     guard = checks.guard_statistics(state, _STATISTICS, "batch_renorm")
 
     plan = plan_training(
@@ -323,7 +329,7 @@ def batch_renorm(
     )
 
     def update(running_mean, running_var, unbiased: bool, decay):
-        batch_mean, batch_var = batch_statistics_for_update(
+        batch = batch_statistics_for_update(
             lax.stop_gradient(mean),
             lax.stop_gradient(var),
             count,
@@ -331,16 +337,22 @@ def batch_renorm(
             plan,
             use_unbiased_running_var=unbiased,
         )
-        return averaged_statistics(
-            running_mean, running_var, batch_mean, batch_var, state.count, decay
+        new_mean, new_var = averaged_statistics(
+            running_mean, running_var, batch.mean, batch.var, state.count, decay
         )
+        # Features with fewer than two valid values keep their statistics (as in batch_norm);
+        # the biased and unbiased updates agree on which those are.
+        return (
+            jnp.where(batch.estimated, new_mean, running_mean),
+            jnp.where(batch.estimated, new_var, running_var),
+        ), batch.any_estimated
 
-    evaluation = update(state.mean, state.var, use_unbiased_running_var, momentum)
-    renorm = update(state.renorm_mean, state.renorm_var, False, renorm_momentum)
-    # Skip the batch for both sets when either is not finite (e.g. the unbiased variance of
-    # single-value batches), so the sets stay in step. A state that was not finite to begin
-    # with is not the batch's fault: it stays as it is, and the batch is not counted as skipped.
-    finite = all_finite(*evaluation, *renorm)
+    evaluation, estimated = update(state.mean, state.var, use_unbiased_running_var, momentum)
+    renorm, _ = update(state.renorm_mean, state.renorm_var, False, renorm_momentum)
+    # Skip the batch for both sets when either is not finite, or when it estimated no feature,
+    # so the sets stay in step. A state that was not finite to begin with is not the batch's
+    # fault: it stays as it is, and the batch is not counted as skipped.
+    finite = all_finite(*evaluation, *renorm) & estimated
     keep = finite.astype(jnp.int32)
     new_state = BatchRenormState(
         mean=jnp.where(finite, evaluation[0], state.mean),

@@ -2,10 +2,11 @@
 
 Every check runs at trace time on static shapes, dtypes and Python values, so a mistake fails
 once, before any compilation, with an error that names the argument and says how to fix it.
-Values are read only when they are already known at trace time (Python and NumPy numbers,
-concrete arrays); traced values pass unchecked. The one run-time guard is for running
-statistics that come in non-finite (`guard_statistics`): a traced state cannot be checked
-before it runs, so the update is guarded and the host is told, only when it happens.
+Values are read only when they are already known at trace time (`is_known`: Python and NumPy
+numbers, concrete arrays, also closed over inside jit, vmap, pmap or shard_map); traced values
+pass unchecked. The one run-time guard is for running statistics that come in non-finite
+(`guard_statistics`): a traced state cannot be checked before it runs, so the update is
+guarded and the host is told, only when it happens.
 """
 
 from __future__ import annotations
@@ -89,21 +90,38 @@ def as_int(value, name: str) -> int:
         raise TypeError(f"`{name}` must be an int, got {value!r}.") from None
 
 
+def as_flag(value, name: str, traced_hint: str, hint: str = "") -> bool:
+    """`value` as a Python bool: True/False, or a concrete NumPy/JAX bool scalar. Anything
+    else raises a TypeError naming `name`: a string such as 'False' is truthy, and an int or
+    None would be read as a bool without saying so. `traced_hint` says what to do instead of
+    a traced value; `hint` is added to the message for other values."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be True or False, known at trace time: {traced_hint}")
+    if _is_bool(value):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}).{hint}")
+
+
 def check_training(training) -> bool:
     """`training` as a Python bool: True/False, or a concrete NumPy/JAX bool scalar."""
-    if isinstance(training, bool):
-        return training
-    if isinstance(training, jax.core.Tracer):
-        raise TypeError(
-            "training must be True or False, known at trace time: it selects a different "
-            "computation (batch or running statistics). Got a traced value; pass a Python bool "
-            "(a static argument under jit), or branch with lax.cond around two calls."
-        )
-    if _is_bool(training):
-        return bool(training)
-    raise TypeError(
-        f"training must be True or False, got {training!r} (use_running_average=True, as in "
-        f"flax, is training=False)."
+    return as_flag(
+        training,
+        "training",
+        "it selects a different computation (batch or running statistics). Got a traced "
+        "value; pass a Python bool (a static argument under jit), or branch with lax.cond "
+        "around two calls.",
+        " (use_running_average=True, as in flax, is training=False.)",
+    )
+
+
+def check_option_flag(value, name: str) -> bool:
+    """A bool option that changes what is computed (e.g. `use_unbiased_running_var`)."""
+    return as_flag(
+        value,
+        f"`{name}`",
+        "it changes the computation; pass a Python bool (a static argument under jit).",
     )
 
 
@@ -149,11 +167,21 @@ def as_param(param, name: str):
     )
 
 
-def check_param_shape(param, expected: tuple[int, ...], name: str, axes_name: str) -> None:
-    """Checks that a scale or bias has the shape of the input along the feature axes."""
+def check_param_shape(
+    param, expected: tuple[int, ...], name: str, axes_name: str, *, input_dtype
+) -> None:
+    """Checks that a scale or bias has the shape of the input along the feature axes, and is
+    real when the input (of `input_dtype`) is real: the output has the input's dtype, so a
+    complex parameter would lose its imaginary part without a word."""
     if param is None:
         return
     check_floating(param, name)
+    if jnp.iscomplexobj(param) and not jnp.issubdtype(input_dtype, jnp.complexfloating):
+        raise TypeError(
+            f"`{name}` is complex ({param.dtype}) but x is real ({np.dtype(input_dtype)}): the "
+            f"output has x's dtype, so the imaginary part of `{name}` would be dropped. Pass "
+            f"a real {name} (e.g. `{name}.real`), or a complex x."
+        )
     if tuple(param.shape) != tuple(expected):
         raise ValueError(
             f"`{name}` has shape {tuple(param.shape)} but the input has shape {expected} along "
@@ -161,16 +189,31 @@ def check_param_shape(param, expected: tuple[int, ...], name: str, axes_name: st
         )
 
 
-def concrete_value(value) -> np.ndarray | None:
-    """`value` as a NumPy array when it is known at trace time (a Python or NumPy number, a
-    concrete array), None when it is traced (or spread over other processes' devices)."""
+def is_known(value) -> bool:
+    """True when `value` is known at trace time and this process can read all of it: a Python
+    or NumPy value, or a concrete jax.Array that is fully addressable or fully replicated
+    (also when it is closed over inside jit, vmap, pmap or shard_map). False for traced
+    values and for arrays spread over other processes' devices."""
     if isinstance(value, jax.core.Tracer):
+        return False
+    if isinstance(value, jax.Array):
+        return value.is_fully_addressable or value.sharding.is_fully_replicated
+    return True
+
+
+def concrete_value(value) -> np.ndarray | None:
+    """`value` as a NumPy array when it `is_known`, None otherwise."""
+    return np.asarray(value) if is_known(value) else None
+
+
+def concrete_values(values) -> list[np.ndarray] | None:
+    """Every one of `values` as a NumPy array when all of them are known (`is_known`), read
+    from the devices together; None when any of them is not."""
+    if not all(is_known(value) for value in values):
         return None
-    if isinstance(value, jax.Array) and not (
-        value.is_fully_addressable or value.sharding.is_fully_replicated
-    ):
-        return None
-    return np.asarray(value)
+    # NumPy, not a jitted reduction: inside shard_map even a compile-time evaluation of a
+    # closed-over array is staged out, whereas reading a concrete array works anywhere.
+    return [np.asarray(value) for value in jax.device_get(list(values))]
 
 
 def _shown(value, concrete: np.ndarray) -> str:
@@ -313,45 +356,65 @@ def as_counters(state, fields, factory: str):
                 f"`state.{field}` must be an integer counter (an int32 scalar), got {value!r}; "
                 f"create the state with bnjax.{factory}."
             )
+        elif np.ndim(value) != 0:
+            # One counter per layer: an array would broadcast into every update and come back
+            # as an array of counts, which no reader of the state expects.
+            raise ValueError(
+                f"`state.{field}` must be a scalar (one int32 counter per layer), got shape "
+                f"{tuple(np.shape(value))}; create the state with bnjax.{factory} (under vmap, "
+                f"map over the stacked states instead of passing them whole)."
+            )
     return state._replace(**converted) if converted else state
 
 
-def _concrete(value) -> bool:
-    if isinstance(value, jax.core.Tracer):
-        return False
-    return not isinstance(value, jax.Array) or value.is_fully_addressable
-
-
-@jax.jit
-def _finite_flags(*arrays):
-    return jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays])
+def _factory(function: str) -> str:
+    return "batch_renorm_state" if function == "batch_renorm" else "batch_norm_state"
 
 
 def _poisoned_message(function: str, names) -> str:
-    factory = "batch_renorm_state" if function == "batch_renorm" else "batch_norm_state"
     return (
         f"{function}: the incoming running statistics {', '.join(names)} are not finite (NaN "
         f"or inf), so no batch can update them (an average with NaN or inf stays non-finite) "
         f"and evaluation with them gives NaN. This is the state's fault, not the batch's: reset "
-        f"the statistics with bnjax.lifecycle.reset_statistics (or a fresh bnjax.{factory}), "
-        f"or recalibrate them with bnjax.lifecycle.recalibrate."
+        f"the statistics with bnjax.lifecycle.reset_statistics (or a fresh "
+        f"bnjax.{_factory(function)}), or recalibrate them with bnjax.lifecycle.recalibrate."
     )
 
 
-def check_finite_statistics(state, fields, function: str) -> bool:
-    """Raises a ValueError naming the non-finite fields of `state` when their values are known
-    (eager calls, or a state that is a constant under jit), with one device-to-host read.
+def _negative_message(function: str, field: str, values: np.ndarray) -> str:
+    negative = np.flatnonzero(values < 0)
+    shown = ", ".join(str(i) for i in negative[:8]) + (", ..." if negative.size > 8 else "")
+    return (
+        f"{function}: `state.{field}` is negative at flat feature index {shown} (min "
+        f"{np.nanmin(values):.3g}); a variance is >= 0, and normalizing with a negative one "
+        f"gives NaN. The state is corrupt (e.g. an edited or mismatched checkpoint): "
+        f"bnjax.lifecycle.validate_statistics lists such layers; recalibrate them with "
+        f"bnjax.lifecycle.recalibrate, or reset them with bnjax.lifecycle.reset_statistics "
+        f"(or a fresh bnjax.{_factory(function)})."
+    )
+
+
+def check_known_statistics(
+    state, fields, function: str, *, finite: bool = True, variances=("var",)
+) -> bool:
+    """Raises a ValueError naming the first bad field of `state` when the values of `fields`
+    are known (eager calls, or a state closed over under jit, vmap, pmap or shard_map): a
+    non-finite value (when `finite`), or a negative value in one of `variances`. One
+    device-to-host read of the statistics; nothing at all when they are traced.
 
     Returns True when the values were checked, False when they are traced.
     """
-    values = [getattr(state, field) for field in fields]
-    if not all(_concrete(value) for value in values):
+    values = concrete_values([getattr(state, field) for field in fields])
+    if values is None:
         return False
-    with jax.ensure_compile_time_eval():
-        flags = np.asarray(_finite_flags(*values))
-    if not flags.all():
-        names = [f"`state.{f}`" for f, ok in zip(fields, flags, strict=True) if not ok]
-        raise ValueError(_poisoned_message(function, names))
+    if finite:
+        flags = [bool(np.all(np.isfinite(value))) for value in values]
+        if not all(flags):
+            names = [f"`state.{f}`" for f, ok in zip(fields, flags, strict=True) if not ok]
+            raise ValueError(_poisoned_message(function, names))
+    for field, value in zip(fields, values, strict=True):
+        if field in variances and np.any(value < 0):  # NaN compares False: not negative
+            raise ValueError(_negative_message(function, field, value))
     return True
 
 
@@ -422,9 +485,11 @@ class StateGuard(NamedTuple):
 
 def guard_statistics(state, fields: tuple[str, ...], function: str) -> StateGuard:
     """Checks the incoming statistics `fields` of `state`: raises a ValueError when their
-    values are known and not finite; when traced, returns the flag that guards the update and
-    wires up the run-time warning. Costs nothing at run time for a known state."""
-    if check_finite_statistics(state, fields, function):
+    values are known and not finite, or a variance is negative; when traced, returns the flag
+    that guards the update and wires up the run-time warning (for non-finite values; a traced
+    negative variance is not detected). Costs nothing at run time for a known state."""
+    variances = tuple(field for field in fields if field.endswith("var"))
+    if check_known_statistics(state, fields, function, variances=variances):
         return StateGuard(True, 0)
     flags = lax.stop_gradient(not_finite_flags(state, fields))
     return StateGuard(~jnp.any(flags), _alert(function, tuple(fields))(flags))

@@ -88,10 +88,10 @@ def _check_common(x, epsilon, axis_name, axis_index_groups):
     return x
 
 
-def _check_affine(scale, bias, feature_shape, axes_name):
+def _check_affine(scale, bias, feature_shape, axes_name, input_dtype):
     scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
-    checks.check_param_shape(scale, feature_shape, "scale", axes_name)
-    checks.check_param_shape(bias, feature_shape, "bias", axes_name)
+    checks.check_param_shape(scale, feature_shape, "scale", axes_name, input_dtype=input_dtype)
+    checks.check_param_shape(bias, feature_shape, "bias", axes_name, input_dtype=input_dtype)
     return scale, bias
 
 
@@ -154,8 +154,14 @@ def group_norm(
       (2, 4, 4, 8)
     """
     x = _check_common(x, epsilon, axis_name, axis_index_groups)
-    if x.ndim < 1:
-        raise ValueError(f"`x` must have a channel axis, got shape {tuple(x.shape)}.")
+    if x.ndim < 1 or (x.ndim < 2 and reduction_axes is None):
+        # The default statistics run over every axis but the first, the batch axis: a 1-D x
+        # has nothing left but that axis, whatever `axis` says.
+        raise ValueError(
+            f"group_norm expects x of shape (N, ..., C) (ndim >= 2: a batch axis first, and the "
+            f"channel axis), got x of shape {tuple(x.shape)}; for one example pass "
+            f"x[None], or name the axes each statistic runs over with reduction_axes=..."
+        )
     channel_axes = checks.normalize_axes(axis, x.ndim, "axis")
     if len(channel_axes) != 1:
         raise TypeError(
@@ -195,7 +201,7 @@ def group_norm(
             f"`num_groups`={num_groups} must divide the {channels} channels of axis {axis}; "
             f"divisors are {divisors}."
         )
-    scale, bias = _check_affine(scale, bias, (channels,), "axis")
+    scale, bias = _check_affine(scale, bias, (channels,), "axis", x.dtype)
     mask = checks.broadcast_mask(mask, x)
     spatial = tuple(a for a in reduce if a != channel_axis)
     _warn_if_single_value(
@@ -269,7 +275,9 @@ def layer_norm(
     x = _check_common(x, epsilon, axis_name, axis_index_groups)
     reduce = checks.normalize_axes(reduction_axes, x.ndim, "reduction_axes")
     features = checks.normalize_axes(feature_axes, x.ndim, "feature_axes")
-    scale, bias = _check_affine(scale, bias, tuple(x.shape[a] for a in features), "feature_axes")
+    scale, bias = _check_affine(
+        scale, bias, tuple(x.shape[a] for a in features), "feature_axes", x.dtype
+    )
     mask = checks.broadcast_mask(mask, x)
     _warn_if_single_value(
         math.prod(x.shape[a] for a in reduce),
@@ -317,7 +325,7 @@ def instance_norm(
             f"batch axis; NHWC uses axis=-1, NCHW axis=1."
         )
     reduce = tuple(a for a in range(1, x.ndim) if a not in features)
-    scale, bias = _check_affine(scale, bias, tuple(x.shape[a] for a in features), "axis")
+    scale, bias = _check_affine(scale, bias, tuple(x.shape[a] for a in features), "axis", x.dtype)
     mask = checks.broadcast_mask(mask, x)
     _warn_if_single_value(
         math.prod(x.shape[a] for a in reduce),
@@ -364,7 +372,9 @@ def rms_norm(
     x = _check_common(x, epsilon, axis_name, axis_index_groups)
     reduce = checks.normalize_axes(reduction_axes, x.ndim, "reduction_axes")
     features = checks.normalize_axes(feature_axes, x.ndim, "feature_axes")
-    scale, _ = _check_affine(scale, None, tuple(x.shape[a] for a in features), "feature_axes")
+    scale, _ = _check_affine(
+        scale, None, tuple(x.shape[a] for a in features), "feature_axes", x.dtype
+    )
     mask = checks.broadcast_mask(mask, x)
     count, square = stats.mean_square(x, reduce, mask, axis_name, axis_index_groups)
     inv = _inverse_root(count, square, epsilon)

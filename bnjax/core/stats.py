@@ -272,13 +272,26 @@ def mean_square(
     return count, total / jnp.maximum(count, 1)
 
 
+def _mapped_axes() -> tuple[str, ...]:
+    """The names of the pmap/shard_map axes bound where this is traced (vmap's are not
+    listed: JAX keeps them in no public place)."""
+    return tuple(jax.sharding.get_abstract_mesh().manual_axes)
+
+
 def check_axis_name_bound(axis_name) -> None:
-    """Turns JAX's unbound-axis NameError into an error that says what to do."""
+    """Turns JAX's unbound-axis NameError into an error that names the axis, the mapped axes
+    that are bound, and what to do."""
     try:
         lax.axis_size(axis_name)
     except NameError as error:
+        bound = _mapped_axes()
+        if bound:
+            where = f"the pmap/shard_map axes bound here are {', '.join(map(repr, bound))}"
+            fix = "name one of those, or call"
+        else:
+            where, fix = "no pmap/shard_map axis is bound here", "call"
         raise ValueError(
-            f"`axis_name`={axis_name!r} is not bound here: call the normalizer inside "
-            f"`jax.pmap(..., axis_name={axis_name!r})` or `jax.shard_map` over a mesh axis of "
-            f"that name, or pass axis_name=None for per-device statistics."
+            f"`axis_name`={axis_name!r} is not bound here ({where}): {fix} the normalizer "
+            f"inside `jax.pmap(..., axis_name={axis_name!r})` or `jax.shard_map` over a mesh "
+            f"axis of that name, or pass axis_name=None for per-device statistics."
         ) from error

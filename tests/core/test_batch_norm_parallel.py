@@ -161,3 +161,59 @@ def test_axis_index_groups_sync_within_each_group():
         device = groups[group][0]
         chex.assert_trees_all_close(state_p.mean[device], state_h.mean, atol=1e-6)
         np.testing.assert_allclose(state_p.var[device], state_h.var, rtol=1e-6)
+
+
+def _shard_map(fun, out_specs):
+    mesh = jax.make_mesh((DEVICES,), ("batch",))
+    return jax.shard_map(fun, mesh=mesh, in_specs=P("batch"), out_specs=out_specs), mesh
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
+def test_a_closed_over_state_works_inside_shard_map(training):
+    """A state closed over (a constant of the traced function) is checked on its values, as
+    in an eager call, instead of crashing on the way there."""
+    x, _, scale, bias = _inputs()
+    state = bnjax.batch_norm_state(4)._replace(var=jnp.full((4,), 2.0))
+
+    def closed_over(x):
+        return bnjax.batch_norm(x, state, scale, bias, training=training, axis_name="batch")
+
+    def passed(x, state):
+        return bnjax.batch_norm(x, state, scale, bias, training=training, axis_name="batch")
+
+    run, mesh = _shard_map(closed_over, (P("batch"), P()))
+    x = jax.device_put(x, NamedSharding(mesh, P("batch")))
+    reference = jax.shard_map(
+        passed, mesh=mesh, in_specs=(P("batch"), P()), out_specs=(P("batch"), P())
+    )(x, state)
+    chex.assert_trees_all_close(run(x), reference, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(jax.jit(run)(x), reference, atol=1e-6, rtol=1e-6)
+    # Its values are still checked, as outside shard_map.
+    negative = state._replace(var=state.var.at[0].set(-1.0))
+    with pytest.raises(ValueError, match=r"`state\.var` is negative"):
+        _shard_map(
+            lambda x: bnjax.batch_norm(x, negative, training=training, axis_name="batch"),
+            (P("batch"), P()),
+        )[0](x)
+
+
+@pytest.mark.parametrize("closed_over", [True, False], ids=["closed_over", "argument"])
+def test_an_unknown_axis_name_names_it_and_the_bound_axes(closed_over):
+    x, _, _, _ = _inputs()
+    state = bnjax.batch_norm_state(4)
+
+    def step(x, state=state):
+        return bnjax.batch_norm(x, state, training=True, axis_name="devices")
+
+    mesh = jax.make_mesh((DEVICES,), ("batch",))
+    x = jax.device_put(x, NamedSharding(mesh, P("batch")))
+    if closed_over:
+        run = jax.shard_map(step, mesh=mesh, in_specs=P("batch"), out_specs=(P("batch"), P()))
+        args = (x,)
+    else:
+        run = jax.shard_map(
+            step, mesh=mesh, in_specs=(P("batch"), P()), out_specs=(P("batch"), P())
+        )
+        args = (x, state)
+    with pytest.raises(ValueError, match=r"`axis_name`='devices' is not bound.*'batch'"):
+        run(*args)

@@ -385,3 +385,82 @@ def test_nnx_group_norm_takes_numpy_integers():
     assert layer.num_groups == 2 and layer.group_size == 2
     with pytest.raises(ValueError, match="must divide num_features=4"):
         bnx.GroupNorm(4, num_groups=np.int64(3), rngs=nnx.Rngs(0))
+
+
+# --------------------------------------------------------------------------------------------
+# 7. States, flags and parameters that used to pass silently.
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["evaluation", "training"])
+def test_known_negative_running_variance_is_refused(training):
+    state = STATE._replace(var=STATE.var.at[1].set(-0.5))
+    with pytest.raises(ValueError, match=r"`state\.var` is negative.*recalibrate") as error:
+        _bn(state=state, training=training)
+    assert "validate_statistics" in str(error.value)
+    renorm = RENORM_STATE._replace(renorm_var=RENORM_STATE.renorm_var.at[0].set(-1.0))
+    with pytest.raises(ValueError, match=r"`state\.renorm_var` is negative"):
+        _renorm(state=renorm)
+    with pytest.raises(ValueError, match=r"`state\.var` is negative"):
+        _renorm(state=RENORM_STATE._replace(var=state.var), training=False)
+
+
+def test_a_traced_negative_running_variance_is_not_read():
+    """Under jit with the state as an argument the values are not known: no check, no cost."""
+    state = STATE._replace(var=STATE.var.at[1].set(-0.5))
+    y, _ = jax.jit(lambda state: _bn(state=state, training=False))(state)
+    assert y.shape == X.shape
+
+
+@pytest.mark.parametrize("field", ["count", "skipped"])
+def test_counters_must_be_scalars(field):
+    state = STATE._replace(**{field: jnp.zeros((4,), jnp.int32)})
+    with pytest.raises(ValueError, match=rf"`state\.{field}` must be a scalar.*shape \(4,\)"):
+        _bn(state=state)
+    with pytest.raises(ValueError, match=r"`state\.step` must be a scalar"):
+        _renorm(state=RENORM_STATE._replace(step=np.zeros((2,), np.int32)))
+
+
+@pytest.mark.parametrize("call", [_bn, _renorm], ids=["batch_norm", "batch_renorm"])
+@pytest.mark.parametrize("flag", ["False", 1, None], ids=["string", "int", "none"])
+def test_use_unbiased_running_var_must_be_a_bool(call, flag):
+    with pytest.raises(TypeError, match="`use_unbiased_running_var` must be True or False"):
+        call(use_unbiased_running_var=flag)
+
+
+@pytest.mark.parametrize("name", sorted(NORMALIZERS))
+@pytest.mark.parametrize("param", ["scale", "bias"])
+def test_complex_parameters_on_real_input_are_refused(name, param):
+    channels = 8 if name in ("group_norm", "instance_norm") else 3
+    value = jnp.full((channels,), 1.0 + 2.0j, jnp.complex64)
+    with pytest.raises(TypeError, match=rf"`{param}` is complex.*real"):
+        NORMALIZERS[name](**{param: value})
+
+
+def test_complex_parameters_on_complex_input_are_used():
+    x = X.astype(jnp.complex64) * (1.0 + 1.0j)
+    bias = jnp.full((3,), 2.0j, jnp.complex64)
+    y, _ = _bn(x=x, bias=bias)
+    np.testing.assert_allclose(jnp.mean(y, axis=0), bias, atol=1e-5)
+
+
+def test_zero_features_are_a_valid_state():
+    state = bnjax.batch_norm_state(0)
+    assert state.mean.shape == (0,)
+    x = jnp.ones((8, 0))
+    y, new = bnjax.batch_norm(x, state, training=True)
+    assert y.shape == (8, 0) and int(new.count) == 1 and int(new.skipped) == 0
+    y, same = bnjax.batch_norm(x, new, training=False)
+    assert y.shape == (8, 0) and same is new
+    y, renorm = bnjax.batch_renorm(x, bnjax.batch_renorm_state(0), training=True)
+    assert y.shape == (8, 0) and int(renorm.step) == 1
+    with pytest.raises(ValueError, match="`num_features` must be non-negative"):
+        bnjax.batch_norm_state(-1)
+
+
+def test_group_norm_on_one_dimensional_input_names_its_shape():
+    with pytest.raises(ValueError, match=r"\(N, \.\.\., C\).*shape \(8,\)") as error:
+        bnjax.group_norm(jnp.ones(8), num_groups=2)
+    assert "`axis`" not in str(error.value)
+    # An unbatched input is fine when its reduction axes are given (flax's rule).
+    y = bnjax.group_norm(jnp.arange(8.0), num_groups=2, reduction_axes=0)
+    np.testing.assert_allclose(y.reshape(2, 4).mean(axis=1), 0.0, atol=1e-6)
