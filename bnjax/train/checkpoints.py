@@ -223,14 +223,23 @@ class Checkpointer:
         on_interval = step % self._interval == 0 or self._manager.reached_preemption(step)
         return on_interval and (not good or step > max(good))
 
-    def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        force: bool = False,
+        scalars: dict[str, float] | None = None,
+    ) -> bool:
         """Saves `state` (any pytree of arrays and scalars) as `step`; True if it was written.
 
-        Nothing is written (False) when the step is not on the interval (unless `force`) or
-        is already saved. A step that this Checkpointer found corrupt is replaced (its
-        directory deleted first; OSError if that fails). Raises UnsafeStateError, naming the
-        leaves or layers, when a floating leaf holds NaN/inf or batch-norm statistics are
-        non-finite or negative.
+        `scalars` ({name: number}, e.g. the step's training loss) go into the step's manifest
+        and come back from `scalars`: a log can be completed from the checkpoint when the
+        process died between the save and its own write. Nothing is written (False) when the
+        step is not on the interval (unless `force`) or is already saved. A step that this
+        Checkpointer found corrupt is replaced (its directory deleted first; OSError if that
+        fails). Raises UnsafeStateError, naming the leaves or layers, when a floating leaf
+        holds NaN/inf or batch-norm statistics are non-finite or negative.
         """
         if self.read_only:
             raise ValueError(f"Checkpointer of {self.directory} is read_only: cannot save.")
@@ -252,10 +261,13 @@ class Checkpointer:
             raise UnsafeStateError(f"refusing to checkpoint step {step}: {shown}")
         if step in self._manager.all_steps():
             self._discard(step)
+        manifest = manifest_of(step, checksums)
+        if scalars:
+            manifest["scalars"] = {name: float(value) for name, value in scalars.items()}
         args = ocp.args.Composite(
             **{
                 _STATE: ocp.args.StandardSave(stored),
-                _MANIFEST: ocp.args.JsonSave(manifest_of(step, checksums)),
+                _MANIFEST: ocp.args.JsonSave(manifest),
             }
         )
         return bool(self._manager.save(step, args=args, force=True))
@@ -292,6 +304,16 @@ class Checkpointer:
         self._manager.wait_until_finished()
         plan = None if target is None else (target, restore_target(target))
         return self._attempt(int(step), plan)
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """The `scalars` saved with `step` ({} when none were, or the manifest is unreadable)."""
+        self._manager.wait_until_finished()
+        try:
+            manifest = quietly(self._manifest, int(step))
+        except Exception:  # a missing scalar is reported by its absence, not by a crash
+            return {}
+        scalars = manifest.get("scalars") if isinstance(manifest, dict) else None
+        return dict(scalars) if isinstance(scalars, dict) else {}
 
     def verify(self, step: int, target: Any = None) -> None:
         """Raises CorruptCheckpointError unless `step` is saved, readable and intact.
@@ -358,10 +380,12 @@ class Checkpointer:
             self._corrupt.add(step)
             raise
 
+    def _manifest(self, step: int) -> Any:
+        args = ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()})
+        return self._manager.restore(step, args=args)[_MANIFEST]
+
     def _restore(self, step: int, plan) -> Any:
-        manifest = self._manager.restore(
-            step, args=ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()})
-        )[_MANIFEST]
+        manifest = self._manifest(step)
         if isinstance(manifest, dict) and manifest.get("format") in OLD_FORMATS:
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.directory} is in the older format "

@@ -24,6 +24,7 @@ from bnjax.train.workdir import WorkdirBusyError
 
 USAGE_ERROR = 2
 RUN_FAILED = 1
+INTERRUPTED = 128 + 2  # as a shell reports a process ended by SIGINT
 _HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 
@@ -75,10 +76,17 @@ def run(train: Callable[[], dict[str, float]]) -> dict[str, float]:
       >>> run(lambda: {"loss": 0.5})
       {'loss': 0.5}
     """
+    from bnjax.train.interrupts import TrainingInterrupted
     from bnjax.train.loop import FinalCheckpointError, NonFiniteLossError
 
     try:
         return train()
+    except TrainingInterrupted as interrupted:
+        print(interrupted, file=sys.stderr)
+        sys.exit(interrupted.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before the run took over the signal (start-up)
+        print("interrupted before training started; nothing was changed", file=sys.stderr)
+        sys.exit(INTERRUPTED)
     except DatasetNotPreparedError as error:
         fail(error.summary())
     except (ValueError, WorkdirBusyError) as error:

@@ -39,6 +39,7 @@ from bnjax import data, models, parallel
 from bnjax.progress import Progress
 from bnjax.train.checkpoints import Checkpointer, CorruptCheckpointError
 from bnjax.train.config import check_config
+from bnjax.train.interrupts import StopOnSignal, TrainingInterrupted
 from bnjax.train.metrics import MetricWriter
 from bnjax.train.optim import learning_rate_schedule, make_optimizer
 from bnjax.train.steps import initial_state, make_eval_step, make_model, make_train_step
@@ -256,6 +257,57 @@ def _resume_or_start(checkpointer, state, config, workdir: str, allow_config_cha
     return start_step, state
 
 
+def _due(config, step: int) -> tuple[bool, bool]:
+    """(whether step's record holds the training scalars, whether it holds the evaluation)."""
+    last = step == config.num_steps
+    return step % config.log_every == 0 or last, step % config.eval_every == 0 or last
+
+
+def _complete_the_log(writer, checkpointer, config, step: int, schedule, evaluate_state) -> dict:
+    """Writes the record of the restored `step` when metrics.jsonl lacks it; returns it ({}
+    when nothing was missing).
+
+    A run is killed between saving step s and writing its record when the kill lands during
+    the evaluation of s (or the write itself). The record is rebuilt as the run would have
+    written it: the training scalars (loss, accuracy, telemetry, learning rate) from the
+    checkpoint's manifest, where the save put them, and the evaluation recomputed from the
+    restored state (a pure function of the state: the same numbers). A checkpoint written
+    without scalars gives a record of the learning rate and the evaluation only.
+    """
+    with_training, with_evaluation = _due(config, step) if step else (False, False)
+    if not (with_training or with_evaluation):
+        return {}
+    missing = writer.last_step != step
+    if jax.process_count() > 1:  # every process evaluates (or none): process 0 decides
+        from jax.experimental import multihost_utils
+
+        missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+    if not missing:
+        return {}
+    record = {}
+    if with_training:
+        record.update(checkpointer.scalars(step) or {"learning_rate": float(schedule(step - 1))})
+    if with_evaluation:
+        record.update(evaluate_state())
+    writer.write_scalars(step, record)
+    print(
+        f"note: wrote the record of step {step} to metrics.jsonl (the previous run stopped "
+        "after saving the step, before logging it)",
+        flush=True,
+    )
+    return record
+
+
+def _stop(checkpointer, step: int, state, signal_number: int):
+    """Lets the in-flight save finish, saves `step` unless it is on disk (or nothing was
+    trained), then raises TrainingInterrupted."""
+    checkpointer.wait_until_finished()
+    if step > 0:
+        checkpointer.save(step, state, force=True)
+        checkpointer.wait_until_finished()
+    raise TrainingInterrupted(step, signal_number)
+
+
 def _check_final_checkpoint(checkpointer, num_steps: int, state) -> None:
     """Makes sure step `num_steps` is on disk and reads back verified (saving it once more if
     the copy there is corrupt); raises FinalCheckpointError when it cannot be."""
@@ -299,7 +351,8 @@ def train_and_evaluate(
     eval_step = make_eval_step(eval_model)
 
     state = initial_state(eval_model, optimizer, train.images[:2], config.seed)
-    with WorkdirLock(workdir, jax.process_index()):
+    # From here on, SIGINT/SIGTERM/SIGHUP stop the run at the next step boundary, saved.
+    with WorkdirLock(workdir, jax.process_index()), StopOnSignal(jax.process_count() == 1) as stop:
         checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"),
             max_to_keep=config.keep_checkpoints,
@@ -322,8 +375,18 @@ def train_and_evaluate(
         # Many processes: each read only its rows; jit/shard_map take the assembled global batch.
         assemble = mesh is not None and jax.process_count() > 1
         try:
+            rebuilt = _complete_the_log(
+                writer,
+                checkpointer,
+                config,
+                start_step,
+                schedule,
+                lambda: evaluate(eval_step, state, test, config.eval_batch_size, mesh),
+            )
             batches = _training_batches(train, sampler, start_step)
             for step in range(start_step + 1, config.num_steps + 1):
+                if stop.received is not None:
+                    _stop(checkpointer, step - 1, _checkpointable(config, state), stop.received)
                 batch = next(batches)
                 if assemble:
                     batch = parallel.local_batch_to_global(batch, mesh)
@@ -338,11 +401,15 @@ def train_and_evaluate(
                 progress.update(step, f"loss {step_metrics['loss']:.4f}")
                 # Saved before evaluating: a failing evaluation cannot cost this step's state.
                 last = step == config.num_steps
-                if last or checkpointer.should_save(step):  # host copies (pmap) only then
-                    checkpointer.save(step, _checkpointable(config, state), force=last)
                 scalars = {}
                 if step % config.log_every == 0 or step == config.num_steps:
                     scalars.update(step_metrics, learning_rate=float(schedule(step - 1)))
+                if last or checkpointer.should_save(step):  # host copies (pmap) only then
+                    # The step's training scalars go into its checkpoint: a kill before its
+                    # record is written costs nothing, the resumed run writes it from them.
+                    checkpointer.save(
+                        step, _checkpointable(config, state), force=last, scalars=scalars
+                    )
                 if step % config.eval_every == 0 or step == config.num_steps:
                     scalars.update(evaluate(eval_step, state, test, config.eval_batch_size, mesh))
                     _print_line(
@@ -357,7 +424,7 @@ def train_and_evaluate(
             writer.close()
             checkpointer.close()
     if not final:  # resumed from the last step: nothing left to train, report where it stands
-        final = evaluate(eval_step, state, test, config.eval_batch_size, mesh)
+        final = rebuilt or evaluate(eval_step, state, test, config.eval_batch_size, mesh)
         print(f"already finished: step {start_step} of {config.num_steps}", flush=True)
     sys.stdout.flush()
     return final
