@@ -43,7 +43,15 @@ from bnjax.train.interrupts import StopOnSignal, TrainingInterrupted
 from bnjax.train.metrics import MetricWriter
 from bnjax.train.optim import learning_rate_schedule, make_optimizer
 from bnjax.train.steps import initial_state, make_eval_step, make_model, make_train_step
-from bnjax.train.workdir import WorkdirLock, check_resume_config, load_config, save_config
+from bnjax.train.workdir import (
+    CONFIG_FILE,
+    WorkdirLock,
+    WorkdirReadOnlyError,
+    check_resume_config,
+    check_workdir,
+    load_config,
+    save_config,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -245,16 +253,44 @@ def _resume_or_start(checkpointer, state, config, workdir: str, allow_config_cha
     restored = checkpointer.restore_latest(target=state)
     start_step = 0 if restored is None else restored[0]
     if restored is not None:
-        changes = check_resume_config(
-            load_config(workdir), config, allow_changes=allow_config_change
-        )
+        saved = load_config(workdir)
+        changes = check_resume_config(saved, config, allow_changes=allow_config_change)
         state = restored[1]
         print(f"resumed from {workdir}/checkpoints step {start_step}", flush=True)
+        if saved is None:
+            print(
+                f"note: {os.path.join(workdir, CONFIG_FILE)} is missing: this config cannot be "
+                "checked against the one the run trained with",
+                flush=True,
+            )
         for change in changes:
             print(f"note: resuming with {change}", flush=True)
     if jax.process_index() == 0:
         save_config(config, workdir)
     return start_step, state
+
+
+def _report_read_only(error, workdir, config, state, evaluate_state, allow_config_change):
+    """The final metrics of a finished run in a workdir that cannot be written (nothing is
+    written); re-raises `error` (WorkdirReadOnlyError) when the run has steps left to train."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise error
+    checkpointer = Checkpointer(directory, read_only=True)
+    try:
+        restored = checkpointer.restore_latest(target=state)
+    finally:
+        checkpointer.close()
+    if restored is None or restored[0] != config.num_steps:
+        raise error
+    check_resume_config(load_config(workdir), config, allow_changes=allow_config_change)
+    final = evaluate_state(restored[1])
+    print(
+        f"already finished: step {restored[0]} of {config.num_steps} (the workdir is "
+        "read-only: nothing was written)",
+        flush=True,
+    )
+    return final
 
 
 def _due(config, step: int) -> tuple[bool, bool]:
@@ -337,6 +373,7 @@ def train_and_evaluate(
     diverges and `FinalCheckpointError` when the last step could not be saved and read back.
     """
     check_config(config, _devices(config))
+    check_workdir(workdir)
     train = data.load(config.dataset, "train", seed=config.seed, data_dir=config.get("data_dir"))
     test = data.load(config.dataset, "test", seed=config.seed, data_dir=config.get("data_dir"))
     check_evaluation_batches(config, len(test))
@@ -351,8 +388,20 @@ def train_and_evaluate(
     eval_step = make_eval_step(eval_model)
 
     state = initial_state(eval_model, optimizer, train.images[:2], config.seed)
+    lock = WorkdirLock(workdir, jax.process_index())
+    try:
+        lock.acquire()
+    except WorkdirReadOnlyError as error:
+        return _report_read_only(
+            error,
+            workdir,
+            config,
+            state,
+            lambda restored: evaluate(eval_step, restored, test, config.eval_batch_size, mesh),
+            allow_config_change,
+        )
     # From here on, SIGINT/SIGTERM/SIGHUP stop the run at the next step boundary, saved.
-    with WorkdirLock(workdir, jax.process_index()), StopOnSignal(jax.process_count() == 1) as stop:
+    with lock, StopOnSignal(jax.process_count() == 1) as stop:
         checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"),
             max_to_keep=config.keep_checkpoints,

@@ -241,7 +241,8 @@ class MetricWriter:
         """Appends one record: `scalars` ({name: number or one-element array}) at `step`.
 
         Raises ValueError for a reserved name ('step', 'time') and TypeError for a value that
-        is not a single number, naming the metric.
+        is not a single number, naming the metric; OSError naming the step and the directory
+        when the files cannot be written (a full disk).
         """
         values = {}
         for name, value in scalars.items():
@@ -255,11 +256,18 @@ class MetricWriter:
         wall_time = time.time()
         record = {"step": int(step), "time": wall_time}
         record.update((name, _json_value(value)) for name, value in values.items())
-        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        self._jsonl.flush()
-        self.last_step = int(step)
-        if self._events is not None:
-            self._events.write_scalars(int(step), values, wall_time=wall_time)
+        try:
+            self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+            self._jsonl.flush()
+            self.last_step = int(step)
+            if self._events is not None:
+                self._events.write_scalars(int(step), values, wall_time=wall_time)
+        except OSError as error:  # a full disk: say which file, and that nothing is lost
+            raise OSError(
+                error.errno,
+                f"{error.strerror}: cannot write the metrics of step {step} in {self.logdir}; "
+                "a resumed run writes them again (free space, then re-run the same command)",
+            ) from error
 
     def flush(self) -> None:
         """Flushes and fsyncs both files."""
