@@ -23,8 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # cli.parse_flags refused any argument that is not a flag
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
 

@@ -18,14 +18,20 @@ Guarantees:
   one `CheckpointWarning` line naming it and moved to ``DIRECTORY/corrupt/``
   (``quarantine=True``, on process 0), so the resumed run can save that step again. A step
   that cannot be moved stays listed but is remembered as corrupt: a later `save` of the same
-  step number replaces it (or raises if it cannot). A checkpoint whose structure, shapes or
-  dtypes differ from the target (a changed model) raises `CheckpointMismatchError` instead:
-  that is not corruption. `verify` re-reads a saved step and raises
-  `CorruptCheckpointError` unless it restores and passes its checksums.
+  step number keeps it if it now reads back intact with the saved state's checksums (a read
+  that failed once, say), else replaces it (or raises an OSError naming it if it cannot). A
+  checkpoint whose structure, shapes or dtypes differ from the target (a changed model)
+  raises `CheckpointMismatchError` instead: that is not corruption. `verify` re-reads a saved
+  step and raises `CorruptCheckpointError` unless it restores and passes its checksums.
 - **Quiet failures.** Orbax's error logs for a failed read are held back (the warning or
   error says why). After a failed read, the later reports of the reads orbax abandoned
   ("exception was never retrieved", "Event loop is closed", errors in collected orbax
   coroutines) are silenced for the rest of the process; other reports still print.
+- **Failed writes, once.** A save that cannot be written (a full disk, an I/O error) raises
+  `CheckpointWriteError` (an OSError) from the call that waits for it (`save` of the next
+  step, `wait_until_finished`, `verify`, `close`), naming the step, the cause and the newest
+  committed step, which stays intact; orbax's logged tracebacks of that failure are held
+  back. The unfinished step never looks complete (see atomic saves).
 - **Only finite states.** `save` raises `UnsafeStateError` (and writes nothing) for a state
   with a NaN/inf in any floating leaf, or batch-norm statistics that
   `bnjax.lifecycle.validate_statistics` finds non-finite or negative. The previous
@@ -77,11 +83,12 @@ from bnjax.train._leaves import (
     restore_target,
     target_types,
 )
-from bnjax.train.quiet import quietly, root_cause
+from bnjax.train.quiet import hold_back_save_errors, quietly, root_cause
 
 __all__ = [
     "CheckpointMismatchError",
     "CheckpointWarning",
+    "CheckpointWriteError",
     "Checkpointer",
     "CorruptCheckpointError",
     "UnsafeStateError",
@@ -97,6 +104,25 @@ class UnsafeStateError(ValueError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's structure, shapes or dtypes differ from the restore target."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, I/O error); the older steps are intact."""
+
+
+def _write_failure(error: BaseException) -> str:
+    """Why a write failed, on one line: the operating system's words where there are some
+    (tensorstore reports ENOSPC inside a long message), else the root cause."""
+    seen, cause = set(), error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"{type(cause).__name__}: [Errno {cause.errno}] {cause.strerror}"
+        cause = cause.__cause__ or cause.__context__
+    text = " ".join(str(error).split())
+    if "No space left on device" in text:
+        return "No space left on device (ENOSPC)"
+    return root_cause(error)
 
 
 class CheckpointWarning(UserWarning):
@@ -171,6 +197,7 @@ class Checkpointer:
         self.read_only = read_only
         self._interval = save_interval_steps
         self._corrupt: set[int] = set()  # steps that failed to restore and are still listed
+        self._pending: int | None = None  # the step of a save not yet known to be committed
         if read_only:
             if not os.path.isdir(self.directory):
                 raise FileNotFoundError(f"No checkpoint directory {self.directory!r}.")
@@ -194,6 +221,7 @@ class Checkpointer:
                 cleanup_tmp_directories=True,
             )
             _remove_unfinished(self.directory)
+            hold_back_save_errors()  # a failed save is raised to the caller, once
         handlers = {_STATE: ocp.StandardCheckpointHandler(), _MANIFEST: ocp.JsonCheckpointHandler()}
         # Read-only: orbax notes that it adjusted the options for read-only use; drop only that.
         self._manager = quietly(
@@ -223,14 +251,23 @@ class Checkpointer:
         on_interval = step % self._interval == 0 or self._manager.reached_preemption(step)
         return on_interval and (not good or step > max(good))
 
-    def save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        force: bool = False,
+        scalars: dict[str, float] | None = None,
+    ) -> bool:
         """Saves `state` (any pytree of arrays and scalars) as `step`; True if it was written.
 
-        Nothing is written (False) when the step is not on the interval (unless `force`) or
-        is already saved. A step that this Checkpointer found corrupt is replaced (its
-        directory deleted first; OSError if that fails). Raises UnsafeStateError, naming the
-        leaves or layers, when a floating leaf holds NaN/inf or batch-norm statistics are
-        non-finite or negative.
+        `scalars` ({name: number}, e.g. the step's training loss) go into the step's manifest
+        and come back from `scalars`: a log can be completed from the checkpoint when the
+        process died between the save and its own write. Nothing is written (False) when the
+        step is not on the interval (unless `force`) or is already saved. A step that this
+        Checkpointer found corrupt is replaced (its directory deleted first; OSError if that
+        fails). Raises UnsafeStateError, naming the leaves or layers, when a floating leaf
+        holds NaN/inf or batch-norm statistics are non-finite or negative.
         """
         if self.read_only:
             raise ValueError(f"Checkpointer of {self.directory} is read_only: cannot save.")
@@ -251,18 +288,72 @@ class Checkpointer:
             shown = "; ".join(bad[:8]) + (f"; ... {len(bad) - 8} more" if len(bad) > 8 else "")
             raise UnsafeStateError(f"refusing to checkpoint step {step}: {shown}")
         if step in self._manager.all_steps():
+            if self._holds(step, checksums):  # unreadable once, intact and the same state now
+                self._corrupt.discard(step)
+                return False
             self._discard(step)
+        manifest = manifest_of(step, checksums)
+        if scalars:
+            manifest["scalars"] = {name: float(value) for name, value in scalars.items()}
         args = ocp.args.Composite(
             **{
                 _STATE: ocp.args.StandardSave(stored),
-                _MANIFEST: ocp.args.JsonSave(manifest_of(step, checksums)),
+                _MANIFEST: ocp.args.JsonSave(manifest),
             }
         )
-        return bool(self._manager.save(step, args=args, force=True))
+        written = self._writing(step, lambda: self._manager.save(step, args=args, force=True))
+        self._pending = step if written else self._pending
+        return bool(written)
+
+    def _writing(self, step: int | None, write) -> Any:
+        """`write()` (an orbax call that writes or waits for writes); a failure becomes
+        CheckpointWriteError naming the step that was being written."""
+        failed = self._pending if self._pending is not None else step
+        try:
+            result = write()
+        except Exception as error:
+            self._pending = None
+            newest = [s for s in self._committed() if s != failed]
+            raise CheckpointWriteError(
+                f"checkpoint step {failed} could not be written to {self.directory} "
+                f"({_write_failure(error)}); the newest committed step is "
+                f"{max(newest) if newest else 'none'}, intact. Free space (or fix the disk), "
+                "then re-run the same command: it resumes from there."
+            ) from error
+        self._pending = None if step is None else self._pending
+        return result
+
+    def _committed(self) -> list[int]:
+        """The steps whose directories have their final name (best effort, for messages)."""
+        try:
+            return [int(name) for name in os.listdir(self.directory) if name.isdigit()]
+        except OSError:
+            return []
+
+    def _wait(self) -> None:
+        """Waits for the pending save (CheckpointWriteError if it failed)."""
+        self._writing(None, self._manager.wait_until_finished)
+
+    def _holds(self, step: int, checksums: dict[str, int | None]) -> bool:
+        """Whether the listed `step` now reads back intact with exactly these checksums.
+
+        A step that failed to restore (say, a file that could not be opened) and could not be
+        moved aside may hold the very state being saved again (training is deterministic):
+        then it is kept, instead of failing on a directory that cannot be removed. Leaves
+        without a checksum (spanning processes) cannot be compared: never the same.
+        """
+        try:
+            saved = manifest_checksums(quietly(self._manifest, step), step)
+            if saved != checksums or None in saved.values():
+                return False
+            self._attempt(step, None)  # every leaf read back and checked against `saved`
+        except Exception:  # unreadable still: it is replaced
+            return False
+        return True
 
     def _discard(self, step: int) -> None:
         """Deletes a corrupt step's directory, so that the step can be saved again."""
-        self._manager.wait_until_finished()
+        self._wait()
         path = os.path.join(self.directory, str(step))
         if jax.process_index() == 0:
             try:
@@ -289,9 +380,19 @@ class Checkpointer:
         errors (FileNotFoundError, ValueError, ...) when it is unreadable or fails its checksums
         (orbax's logs and tracebacks of the failed attempt are held back; the error says why).
         """
-        self._manager.wait_until_finished()
+        self._wait()
         plan = None if target is None else (target, restore_target(target))
         return self._attempt(int(step), plan)
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """The `scalars` saved with `step` ({} when none were, or the manifest is unreadable)."""
+        self._wait()
+        try:
+            manifest = quietly(self._manifest, int(step))
+        except Exception:  # a missing scalar is reported by its absence, not by a crash
+            return {}
+        scalars = manifest.get("scalars") if isinstance(manifest, dict) else None
+        return dict(scalars) if isinstance(scalars, dict) else {}
 
     def verify(self, step: int, target: Any = None) -> None:
         """Raises CorruptCheckpointError unless `step` is saved, readable and intact.
@@ -303,7 +404,7 @@ class Checkpointer:
         the same step replaces it.
         """
         step = int(step)
-        self._manager.wait_until_finished()
+        self._wait()
         self._manager.reload()
         if step not in self._manager.all_steps():
             raise CorruptCheckpointError(
@@ -328,7 +429,7 @@ class Checkpointer:
         ``jax.ShapeDtypeStruct`` from ``jax.eval_shape``) that fixes the structure, dtypes,
         sharding and leaf types of the result; None gives the raw restored dicts.
         """
-        self._manager.wait_until_finished()
+        self._wait()
         self._manager.reload()
         plan = None if target is None else (target, restore_target(target))
         for step in sorted(self._manager.all_steps(), reverse=True):
@@ -358,10 +459,12 @@ class Checkpointer:
             self._corrupt.add(step)
             raise
 
+    def _manifest(self, step: int) -> Any:
+        args = ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()})
+        return self._manager.restore(step, args=args)[_MANIFEST]
+
     def _restore(self, step: int, plan) -> Any:
-        manifest = self._manager.restore(
-            step, args=ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()})
-        )[_MANIFEST]
+        manifest = self._manifest(step)
         if isinstance(manifest, dict) and manifest.get("format") in OLD_FORMATS:
             raise CheckpointMismatchError(
                 f"checkpoint step {step} in {self.directory} is in the older format "
@@ -406,12 +509,14 @@ class Checkpointer:
 
     def wait_until_finished(self) -> None:
         """Blocks until pending asynchronous saves are committed (raises their errors)."""
-        self._manager.wait_until_finished()
+        self._wait()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for pending saves and releases the manager (even when the save failed)."""
+        try:
+            self._wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -3,10 +3,15 @@
 A mistake on the command line ends in one line on stderr that names it, never a traceback:
 
 - exit 0: trained (or already finished), the final checkpoint on disk and verified;
-- exit 1: the run failed: the loss became non-finite, or the final state could not be saved;
-- exit 2: the run could not start: an unknown or invalid ``--config.KEY``, a config file that
-  does not load, a TFDS dataset that is not prepared, a busy workdir, or a resume whose config
-  changes what is trained.
+- exit 1: the run failed: the loss became non-finite, a state could not be checkpointed
+  (non-finite, or the disk is full), the final state could not be saved, or another
+  operating-system error (the line names it);
+- exit 2: the run could not start: an unknown or invalid ``--config.KEY``, an unexpected
+  argument, a config file that does not load, a TFDS dataset that is not prepared, a busy,
+  unusable (empty, a file, a directory where a file belongs) or read-only workdir with steps
+  left to train, a damaged ``config.json``, or a resume whose config changes what is trained;
+- exit 130, 143, 129: stopped by SIGINT, SIGTERM, SIGHUP (one line: ``interrupted at step N;
+  resume with the same command``; see `bnjax.train.interrupts`).
 
 ``--help`` lists every config key with its default and meaning (`bnjax.train.defaults`).
 """
@@ -24,6 +29,7 @@ from bnjax.train.workdir import WorkdirBusyError
 
 USAGE_ERROR = 2
 RUN_FAILED = 1
+INTERRUPTED = 128 + 2  # as a shell reports a process ended by SIGINT
 _HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 
@@ -50,7 +56,7 @@ def fail(message: str, code: int = USAGE_ERROR):
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (`app.run(..., flags_parser=parse_flags)`) with one-line errors."""
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except SystemExit as exit_:
         # absl exits 1 after printing --help; asking for help is not a failed run.
         if exit_.code == 1 and any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
@@ -66,6 +72,12 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"{error} (see {argv[0]} --help).")
     except OSError as error:  # the --config file itself did not load
         fail(f"the config file did not load: {error}")
+    if len(remaining) > 1:
+        fail(
+            f"unexpected argument(s) {' '.join(remaining[1:])!r}: every setting is a flag "
+            f"(--config.KEY=VALUE, --workdir=DIR; see {argv[0]} --help)."
+        )
+    return remaining
 
 
 def run(train: Callable[[], dict[str, float]]) -> dict[str, float]:
@@ -75,13 +87,27 @@ def run(train: Callable[[], dict[str, float]]) -> dict[str, float]:
       >>> run(lambda: {"loss": 0.5})
       {'loss': 0.5}
     """
+    from bnjax.train.checkpoints import CheckpointWriteError, UnsafeStateError
+    from bnjax.train.interrupts import TrainingInterrupted
     from bnjax.train.loop import FinalCheckpointError, NonFiniteLossError
 
     try:
         return train()
+    except TrainingInterrupted as interrupted:
+        print(interrupted, file=sys.stderr)
+        sys.exit(interrupted.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before the run took over the signal (start-up)
+        print("interrupted before training started; nothing was changed", file=sys.stderr)
+        sys.exit(INTERRUPTED)
     except DatasetNotPreparedError as error:
         fail(error.summary())
+    # Before ValueError: a state refused at its checkpoint was trained (and diverged).
+    except (NonFiniteLossError, FinalCheckpointError, UnsafeStateError) as error:
+        fail(str(error), RUN_FAILED)
     except (ValueError, WorkdirBusyError) as error:
         fail(str(error))
-    except (NonFiniteLossError, FinalCheckpointError) as error:
+    except CheckpointWriteError as error:
         fail(str(error), RUN_FAILED)
+    except OSError as error:  # a disk that fills, a file that cannot be read: name it
+        # An operating system's error says little without its type; bnjax's own say enough.
+        fail(str(error) if error.errno is None else f"{type(error).__name__}: {error}", RUN_FAILED)

@@ -44,6 +44,7 @@ from bnjax import data, models, parallel
 from bnjax.progress import Progress
 from bnjax.train.checkpoints import Checkpointer, CorruptCheckpointError
 from bnjax.train.config import check_config
+from bnjax.train.interrupts import StopOnSignal, TrainingInterrupted
 from bnjax.train.metrics import MetricWriter
 from bnjax.train.optim import learning_rate_schedule, make_optimizer
 from bnjax.train.steps import (
@@ -56,7 +57,15 @@ from bnjax.train.steps import (
     renorm_engages,
     renorm_schedule,
 )
-from bnjax.train.workdir import WorkdirLock, check_resume_config, load_config, save_config
+from bnjax.train.workdir import (
+    CONFIG_FILE,
+    WorkdirLock,
+    WorkdirReadOnlyError,
+    check_resume_config,
+    check_workdir,
+    load_config,
+    save_config,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -370,16 +379,95 @@ def _resume_or_start(checkpointer, state, config, workdir: str, allow_config_cha
     restored = checkpointer.restore_latest(target=state)
     start_step = 0 if restored is None else restored[0]
     if restored is not None:
-        changes = check_resume_config(
-            load_config(workdir), config, allow_changes=allow_config_change
-        )
+        saved = load_config(workdir)
+        changes = check_resume_config(saved, config, allow_changes=allow_config_change)
         state = restored[1]
         print(f"resumed from {workdir}/checkpoints step {start_step}", flush=True)
+        if saved is None:
+            print(
+                f"note: {os.path.join(workdir, CONFIG_FILE)} is missing: this config cannot be "
+                "checked against the one the run trained with",
+                flush=True,
+            )
         for change in changes:
             print(f"note: resuming with {change}", flush=True)
     if jax.process_index() == 0:
         save_config(config, workdir)
     return start_step, state
+
+
+def _report_read_only(error, workdir, config, state, evaluate_state, allow_config_change):
+    """The final metrics of a finished run in a workdir that cannot be written (nothing is
+    written); re-raises `error` (WorkdirReadOnlyError) when the run has steps left to train."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise error
+    checkpointer = Checkpointer(directory, read_only=True)
+    try:
+        restored = checkpointer.restore_latest(target=state)
+    finally:
+        checkpointer.close()
+    if restored is None or restored[0] != config.num_steps:
+        raise error
+    check_resume_config(load_config(workdir), config, allow_changes=allow_config_change)
+    final = evaluate_state(restored[1])
+    print(
+        f"already finished: step {restored[0]} of {config.num_steps} (the workdir is "
+        "read-only: nothing was written)",
+        flush=True,
+    )
+    return final
+
+
+def _due(config, step: int) -> tuple[bool, bool]:
+    """(whether step's record holds the training scalars, whether it holds the evaluation)."""
+    last = step == config.num_steps
+    return step % config.log_every == 0 or last, step % config.eval_every == 0 or last
+
+
+def _complete_the_log(writer, checkpointer, config, step: int, schedule, evaluate_state) -> dict:
+    """Writes the record of the restored `step` when metrics.jsonl lacks it; returns it ({}
+    when nothing was missing).
+
+    A run is killed between saving step s and writing its record when the kill lands during
+    the evaluation of s (or the write itself). The record is rebuilt as the run would have
+    written it: the training scalars (loss, accuracy, telemetry, learning rate) from the
+    checkpoint's manifest, where the save put them, and the evaluation recomputed from the
+    restored state (a pure function of the state: the same numbers). A checkpoint written
+    without scalars gives a record of the learning rate and the evaluation only.
+    """
+    with_training, with_evaluation = _due(config, step) if step else (False, False)
+    if not (with_training or with_evaluation):
+        return {}
+    missing = writer.last_step != step
+    if jax.process_count() > 1:  # every process evaluates (or none): process 0 decides
+        from jax.experimental import multihost_utils
+
+        missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+    if not missing:
+        return {}
+    record = {}
+    if with_training:
+        record.update(checkpointer.scalars(step) or {"learning_rate": float(schedule(step - 1))})
+    if with_evaluation:
+        record.update(evaluate_state())
+    writer.write_scalars(step, record)
+    print(
+        f"note: wrote the record of step {step} to metrics.jsonl (the previous run stopped "
+        "after saving the step, before logging it)",
+        flush=True,
+    )
+    return record
+
+
+def _stop(checkpointer, step: int, state, signal_number: int):
+    """Lets the in-flight save finish, saves `step` unless it is on disk (or nothing was
+    trained), then raises TrainingInterrupted."""
+    checkpointer.wait_until_finished()
+    if step > 0:
+        checkpointer.save(step, state, force=True)
+        checkpointer.wait_until_finished()
+    raise TrainingInterrupted(step, signal_number)
 
 
 def _check_final_checkpoint(checkpointer, num_steps: int, state) -> None:
@@ -412,6 +500,7 @@ def train_and_evaluate(
     saved and read back.
     """
     check_config(config, _devices(config))
+    check_workdir(workdir)
     train = data.load(config.dataset, "train", seed=config.seed, data_dir=config.get("data_dir"))
     test = data.load(config.dataset, "test", seed=config.seed, data_dir=config.get("data_dir"))
     check_evaluation_batches(config, len(test))
@@ -429,7 +518,20 @@ def train_and_evaluate(
     eval_step = make_eval_step(eval_model)
 
     state = initial_state(eval_model, optimizer, train.images[:2], config.seed)
-    with WorkdirLock(workdir, jax.process_index()):
+    lock = WorkdirLock(workdir, jax.process_index())
+    try:
+        lock.acquire()
+    except WorkdirReadOnlyError as error:
+        return _report_read_only(
+            error,
+            workdir,
+            config,
+            state,
+            lambda restored: evaluate(eval_step, restored, test, config.eval_batch_size, mesh),
+            allow_config_change,
+        )
+    # From here on, SIGINT/SIGTERM/SIGHUP stop the run at the next step boundary, saved.
+    with lock, StopOnSignal(jax.process_count() == 1) as stop:
         checkpointer = Checkpointer(
             os.path.join(workdir, "checkpoints"),
             max_to_keep=config.keep_checkpoints,
@@ -452,8 +554,18 @@ def train_and_evaluate(
         # Many processes: each read only its rows; jit/shard_map take the assembled global batch.
         assemble = mesh is not None and jax.process_count() > 1
         try:
+            rebuilt = _complete_the_log(
+                writer,
+                checkpointer,
+                config,
+                start_step,
+                schedule,
+                lambda: evaluate(eval_step, state, test, config.eval_batch_size, mesh),
+            )
             batches = _training_batches(train, sampler, start_step)
             for step in range(start_step + 1, config.num_steps + 1):
+                if stop.received is not None:
+                    _stop(checkpointer, step - 1, _checkpointable(config, state), stop.received)
                 batch = next(batches)
                 if assemble:
                     batch = parallel.local_batch_to_global(batch, mesh)
@@ -467,11 +579,15 @@ def train_and_evaluate(
                 progress.update(step, f"loss {step_metrics['loss']:.4f}")
                 # Saved before evaluating: a failing evaluation cannot cost this step's state.
                 last = step == config.num_steps
-                if last or checkpointer.should_save(step):  # host copies (pmap) only then
-                    checkpointer.save(step, _checkpointable(config, state), force=last)
                 scalars = {}
                 if step % config.log_every == 0 or step == config.num_steps:
                     scalars.update(step_metrics, learning_rate=float(schedule(step - 1)))
+                if last or checkpointer.should_save(step):  # host copies (pmap) only then
+                    # The step's training scalars go into its checkpoint: a kill before its
+                    # record is written costs nothing, the resumed run writes it from them.
+                    checkpointer.save(
+                        step, _checkpointable(config, state), force=last, scalars=scalars
+                    )
                 if step % config.eval_every == 0 or step == config.num_steps:
                     scalars.update(evaluate(eval_step, state, test, config.eval_batch_size, mesh))
                     _print_line(
@@ -486,7 +602,7 @@ def train_and_evaluate(
             writer.close()
             checkpointer.close()
     if not final:  # resumed from the last step: nothing left to train, report where it stands
-        final = evaluate(eval_step, state, test, config.eval_batch_size, mesh)
+        final = rebuilt or evaluate(eval_step, state, test, config.eval_batch_size, mesh)
         print(f"already finished: step {start_step} of {config.num_steps}", flush=True)
     sys.stdout.flush()
     return final

@@ -19,8 +19,10 @@ Resuming: ``MetricWriter(logdir, resume_step=s)``, with s the step of the restor
 keeps the lines with ``step <= s`` (and drops a partial last line), then appends: the steps the
 killed run logged after its checkpoint are logged again by the resumed run, once. It also marks
 a restart at s + 1 in the event file, so TensorBoard drops the orphaned events with step > s.
-``resume_step=None`` starts a new log: an existing ``metrics.jsonl`` is emptied. For the log to
-be complete after a kill, write the metrics of step s before saving the checkpoint of step s.
+``resume_step=None`` starts a new log: an existing ``metrics.jsonl`` is emptied. A process
+killed after saving the checkpoint of step s but before writing its record leaves
+`MetricWriter.last_step` below s on resume: the caller writes that record then (the training
+loop rebuilds it from the checkpoint; see `bnjax.train.loop`).
 
     with MetricWriter(workdir, resume_step=restored_step) as writer:
         writer.write_scalars(step, {"loss": loss, "lr": lr})   # numbers or 1-element arrays
@@ -80,10 +82,11 @@ def _line_step(line: str) -> int | None:
     return step if isinstance(step, int) else None
 
 
-def _keep_through(path: str, last_step: int | None) -> None:
-    """Rewrites `path` (atomically) without the lines after `last_step` (all when None)."""
+def _keep_through(path: str, last_step: int | None) -> int | None:
+    """Rewrites `path` (atomically) without the lines after `last_step` (all when None);
+    returns the step of the last line kept (None when none is)."""
     if not os.path.exists(path):
-        return
+        return None
     with open(path, encoding="utf-8") as file:
         lines = file.readlines()
     kept = [
@@ -91,14 +94,16 @@ def _keep_through(path: str, last_step: int | None) -> None:
         for line in lines
         if last_step is not None and (step := _line_step(line)) is not None and step <= last_step
     ]
+    last_kept = _line_step(kept[-1]) if kept else None
     if len(kept) == len(lines):
-        return
+        return last_kept
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as file:
         file.writelines(kept)
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)
+    return last_kept
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -220,10 +225,13 @@ class MetricWriter:
         self.active = active
         self.jsonl_path = os.path.join(self.logdir, JSONL_NAME)
         self._jsonl = self._events = None
+        # The step of the newest record on file: after a resume from step s, s itself when
+        # its record was written, older when the process died between the save and the write.
+        self.last_step: int | None = None
         if not active:
             return
         os.makedirs(self.logdir, exist_ok=True)
-        _keep_through(self.jsonl_path, resume_step)
+        self.last_step = _keep_through(self.jsonl_path, resume_step)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         if tensorboard:
             self._events = _EventFile(self.logdir)
@@ -233,7 +241,8 @@ class MetricWriter:
         """Appends one record: `scalars` ({name: number or one-element array}) at `step`.
 
         Raises ValueError for a reserved name ('step', 'time') and TypeError for a value that
-        is not a single number, naming the metric.
+        is not a single number, naming the metric; OSError naming the step and the directory
+        when the files cannot be written (a full disk).
         """
         values = {}
         for name, value in scalars.items():
@@ -247,10 +256,18 @@ class MetricWriter:
         wall_time = time.time()
         record = {"step": int(step), "time": wall_time}
         record.update((name, _json_value(value)) for name, value in values.items())
-        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        self._jsonl.flush()
-        if self._events is not None:
-            self._events.write_scalars(int(step), values, wall_time=wall_time)
+        try:
+            self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
+            self._jsonl.flush()
+            self.last_step = int(step)
+            if self._events is not None:
+                self._events.write_scalars(int(step), values, wall_time=wall_time)
+        except OSError as error:  # a full disk: say which file, and that nothing is lost
+            raise OSError(
+                error.errno,
+                f"{error.strerror}: cannot write the metrics of step {step} in {self.logdir}; "
+                "a resumed run writes them again (free space, then re-run the same command)",
+            ) from error
 
     def flush(self) -> None:
         """Flushes and fsyncs both files."""

@@ -7,6 +7,10 @@ retrieved" asyncio logs with a traceback. `quietly` holds back the log records o
 and, when it fails, silences those leftovers (only those: errors from orbax or tensorstore
 code) for the rest of the process, so that a corrupt checkpoint is reported once, by
 `bnjax.train.checkpoints.Checkpointer`, in one line.
+
+Saves fail the same way: a write that fails in orbax's background threads (a full disk) is
+logged there with its traceback, several times, then raised to the thread that waits for the
+save. `hold_back_save_errors` drops those logs; the Checkpointer raises the error once.
 """
 
 from __future__ import annotations
@@ -67,6 +71,33 @@ def _hushed(hook):
 
 
 _LEFTOVERS = _OrbaxLeftovers()
+
+# Where orbax logs a failed background save before raising it to the thread that waits.
+_SAVE_FAILURE_LOGS = ("future.py", "async_checkpointer.py", "checkpoint_manager.py")
+
+
+class _OrbaxSaveErrors(logging.Filter):
+    """Drops orbax's error logs of a failed background save (raised to the caller anyway)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace("\\", "/")
+        return not (
+            record.levelno >= logging.ERROR
+            and "/orbax/" in path
+            and path.rsplit("/", 1)[-1] in _SAVE_FAILURE_LOGS
+        )
+
+
+_SAVE_ERRORS = _OrbaxSaveErrors()
+
+
+def hold_back_save_errors() -> None:
+    """From now on, drop orbax's logged tracebacks of failed saves (for the process).
+
+    Only the error records orbax writes from its futures, async checkpointer and checkpoint
+    manager, which are the failures that `wait_until_finished` (or the next save) raises.
+    """
+    logging.getLogger("absl").addFilter(_SAVE_ERRORS)  # addFilter skips duplicates
 
 
 def quietly(function, *args, keep=lambda record: True):

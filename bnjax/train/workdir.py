@@ -10,10 +10,17 @@
   number of steps: the cosine schedule depends on it, ...) is refused with `ConfigChangedError`
   naming each change, unless the caller allows it; settings that only change bookkeeping
   (logging, evaluation and checkpoint intervals, devices) are reported and accepted.
+- **A usable workdir, or one line saying why not.** `check_workdir` refuses an empty path, a
+  file, and a directory where the run keeps a file (``.lock``, ``config.json``,
+  ``metrics.jsonl``) or the reverse (``checkpoints``) with `WorkdirError`, before anything is
+  built. A lock that cannot be created (a read-only workdir) raises `WorkdirReadOnlyError`:
+  the loop then still reports a finished run, writing nothing. A ``config.json`` that is not
+  a JSON object raises `ConfigFileError` naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -47,6 +54,61 @@ class ConfigChangedError(ValueError):
     """A resumed run's config changes what is trained; the message names each change."""
 
 
+class WorkdirError(ValueError):
+    """The workdir cannot hold a run (empty, a file, a file where a directory belongs...)."""
+
+
+class WorkdirReadOnlyError(WorkdirError):
+    """Nothing can be written in the workdir (no permission, a read-only file system)."""
+
+
+class ConfigFileError(ValueError):
+    """``config.json`` is not the JSON object a run writes (edited or damaged)."""
+
+
+# What the run keeps in its workdir, and whether each is a directory.
+_ENTRIES = {
+    ".lock": (False, "lock"),
+    CONFIG_FILE: (False, "config"),
+    "metrics.jsonl": (False, "metric log"),
+    "checkpoints": (True, "checkpoints"),
+}
+
+
+def check_workdir(workdir) -> None:
+    """Raises WorkdirError, naming the path and the fix, unless `workdir` can hold a run: a
+    non-empty path that is a directory (or can be created as one) whose lock, config, metric
+    log and checkpoints are of the right kind (file or directory) where they exist.
+
+    Example:
+      >>> check_workdir("")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      bnjax.train.workdir.WorkdirError: the workdir is empty: pass --workdir=DIR, ...
+    """
+    workdir = os.fspath(workdir)
+    if not workdir.strip():
+        raise WorkdirError(
+            "the workdir is empty: pass --workdir=DIR, the directory that holds (or will "
+            "hold) the run"
+        )
+    existing = os.path.abspath(workdir)
+    while not os.path.lexists(existing):  # the first existing path on the way up
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise WorkdirError(
+            f"workdir {workdir!r}: {existing} is a file, not a directory; choose another --workdir"
+        )
+    for name, (directory, what) in _ENTRIES.items():
+        path = os.path.join(workdir, name)
+        if os.path.lexists(path) and os.path.isdir(path) != directory:
+            kind = "directory" if os.path.isdir(path) else "file"
+            raise WorkdirError(
+                f"{path} is a {kind}, where the run keeps its {what}; move it away or choose "
+                "another --workdir"
+            )
+
+
 class WorkdirLock:
     """An exclusive lock on a workdir for the life of a run (a context manager).
 
@@ -72,9 +134,19 @@ class WorkdirLock:
         self._file = None
 
     def acquire(self) -> WorkdirLock:
-        """Takes the lock, or raises WorkdirBusyError naming the process that holds it."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        handle = open(self.path, "a+")  # held open (and locked) for the life of the run
+        """Takes the lock, or raises WorkdirBusyError naming the process that holds it
+        (WorkdirReadOnlyError when the lock file cannot be created)."""
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            handle = open(self.path, "a+")  # held open (and locked) for the life of the run
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise WorkdirReadOnlyError(
+                f"cannot write in the workdir {os.path.dirname(self.path)} ({error.strerror}: "
+                f"{self.path}); a finished run is still reported, anything else needs write "
+                "access: fix the permissions or choose another --workdir"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -99,7 +171,7 @@ class WorkdirLock:
             self._file = None
 
     def __enter__(self) -> WorkdirLock:
-        return self.acquire()
+        return self if self._file is not None else self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
@@ -124,12 +196,27 @@ def save_config(config, workdir: str) -> str:
 
 
 def load_config(workdir: str) -> dict[str, Any] | None:
-    """The config saved in `workdir`, or None when there is none."""
+    """The config saved in `workdir`, or None when there is none.
+
+    Raises ConfigFileError, naming the file, when it is not valid JSON or not an object.
+    """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path) as handle:
+            saved = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigFileError(
+            f"{path} is not valid JSON ({error}); it holds the config the run trained with: "
+            "restore it, or delete it to resume without checking the config"
+        ) from None
+    if not isinstance(saved, dict):
+        raise ConfigFileError(
+            f"{path} holds a JSON {type(saved).__name__}, not the config object a run writes; "
+            "restore it, or delete it to resume without checking the config"
+        )
+    return saved
 
 
 def config_changes(saved: dict[str, Any], config) -> tuple[list[str], list[str]]:

@@ -186,3 +186,42 @@ def test_an_older_format_is_refused_not_quarantined(tmp_path):
         with pytest.raises(CheckpointMismatchError, match="older format"):
             checkpointer.restore_latest(state(0))
         assert checkpointer.all_steps() == [0] and not (tmp_path / "corrupt").exists()
+
+
+def _unreadable_once(monkeypatch, step):
+    """The first read of `step` fails (as an unreadable file would), later ones succeed."""
+    restore, failed = Checkpointer._restore, []
+
+    def flaky(self, at, plan):
+        if at == step and not failed:
+            failed.append(at)
+            raise PermissionError(f"[Errno 13] Permission denied: '{at}/state'")
+        return restore(self, at, plan)
+
+    monkeypatch.setattr(Checkpointer, "_restore", flaky)
+
+
+def _nothing_removable(monkeypatch):
+    """Neither quarantine nor removal works (e.g. a checkpoint directory without write access)."""
+    monkeypatch.setattr(os, "rename", _cannot_rename)
+    monkeypatch.setattr("bnjax.train.checkpoints.shutil.rmtree", _cannot_rename)
+
+
+def test_an_unremovable_step_that_reads_back_equal_counts_as_saved(tmp_path, monkeypatch):
+    saved(tmp_path)
+    _unreadable_once(monkeypatch, 2)
+    _nothing_removable(monkeypatch)
+    checkpointer = Checkpointer(str(tmp_path), async_save=False)
+    with pytest.warns(CheckpointWarning, match="step 2 .*Permission denied"):
+        assert checkpointer.restore_latest(state(0))[0] == 1
+    # Re-trained, the state of step 2 is the one on disk: nothing to replace (it was an OSError).
+    assert checkpointer.save(2, state(2), force=True) is False
+    checkpointer.verify(2)
+    assert checkpointer.restore_latest(state(0))[0] == 2
+    # A different state cannot be stored over a step that cannot be removed: one clear error.
+    _unreadable_once(monkeypatch, 2)
+    with pytest.warns(CheckpointWarning):
+        checkpointer.restore_latest(state(0))
+    with pytest.raises(OSError, match=r"cannot save step 2: .* cannot be removed"):
+        checkpointer.save(2, state(3), force=True)
+    checkpointer.close()

@@ -189,7 +189,7 @@ def test_final_step_is_saved_when_its_corrupt_copy_cannot_be_quarantined(tmp_pat
 
 
 def test_a_run_whose_final_checkpoint_is_not_written_fails(tmp_path, monkeypatch):
-    monkeypatch.setattr(Checkpointer, "save", lambda self, step, state, force=False: False)
+    monkeypatch.setattr(Checkpointer, "save", lambda self, step, state, **options: False)
     with pytest.raises(loop.FinalCheckpointError, match=r"final state \(step 4\) is not safely"):
         loop.train_and_evaluate(_tiny(), str(tmp_path))
 
