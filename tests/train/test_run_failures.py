@@ -23,18 +23,11 @@ import pytest
 from bnjax.train import cli, loop, read_metrics
 from bnjax.train.checkpoints import Checkpointer, UnsafeStateError
 from bnjax.train.metrics import MetricWriter
+from tests.train.conftest import SMALL_RUN
 from tests.train.helpers import final_state, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SETTINGS = dict(
-    model="mlp",
-    num_steps=8,
-    warmup_steps=1,
-    log_every=2,
-    eval_every=4,
-    checkpoint_every=2,
-    progress=False,
-)
+SETTINGS = SMALL_RUN
 
 
 def _config(**overrides):
@@ -65,12 +58,10 @@ def _tree(directory):
     return listing
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished run: (workdir, its records)."""
-    workdir = tmp_path_factory.mktemp("finished")
-    loop.train_and_evaluate(_config(), str(workdir))
-    return workdir, read_metrics(str(workdir))
+@pytest.fixture
+def finished(small_run):
+    """A finished run: (workdir, its records); tests change copies of it only."""
+    return small_run[:2]
 
 
 def _copy(finished, tmp_path):
