@@ -17,6 +17,12 @@ What a run does, in order:
 5. reads the final checkpoint back, verified: a run whose last step is not safely on disk
    raises `FinalCheckpointError` instead of reporting success.
 
+Kills and signals: each checkpoint carries its step's training scalars, so a run killed after
+a checkpoint commits but before that step's record is written gets the record on resume
+(evaluation recomputed; `_complete_the_log`). The first SIGINT/SIGTERM/SIGHUP stops the run at
+the next step boundary, that step saved, with `TrainingInterrupted` (`bnjax.train.interrupts`).
+A workdir that cannot be written still reports a finished run, writing nothing.
+
 Determinism: the state after step s depends only on the config (the data order is a pure
 function of (seed, epoch), the model has no dropout), so a run killed at any moment and
 restarted with the same command ends bit-identical to an uninterrupted one on CPU (tested).
@@ -497,7 +503,10 @@ def train_and_evaluate(
     that differs from the one a resumed run trained with (unless `allow_config_change`),
     `WorkdirBusyError` when another run holds `workdir`, `NonFiniteError` when a step makes
     the loss or the state NaN/inf and `FinalCheckpointError` when the last step could not be
-    saved and read back.
+    saved and read back; `WorkdirError` for a workdir that cannot hold a run
+    (`WorkdirReadOnlyError` when it cannot be written and the run is not finished),
+    `CheckpointWriteError` (an OSError) when a checkpoint cannot be written, and
+    `TrainingInterrupted` when a signal stopped it.
     """
     check_config(config, _devices(config))
     check_workdir(workdir)

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import json
 import os
+import tempfile
 from typing import Any
 
 CONFIG_FILE = "config.json"
@@ -136,17 +137,12 @@ class WorkdirLock:
     def acquire(self) -> WorkdirLock:
         """Takes the lock, or raises WorkdirBusyError naming the process that holds it
         (WorkdirReadOnlyError when the lock file cannot be created)."""
+        workdir = os.path.dirname(self.path)
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            os.makedirs(workdir, exist_ok=True)
             handle = open(self.path, "a+")  # held open (and locked) for the life of the run
         except OSError as error:
-            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            raise WorkdirReadOnlyError(
-                f"cannot write in the workdir {os.path.dirname(self.path)} ({error.strerror}: "
-                f"{self.path}); a finished run is still reported, anything else needs write "
-                "access: fix the permissions or choose another --workdir"
-            ) from None
+            raise self._read_only(error) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -157,12 +153,29 @@ class WorkdirLock:
                 f"another run (process {holder}) is using this workdir ({self.path} is locked); "
                 "wait for it to finish, stop it, or choose another --workdir."
             ) from None
+        try:  # a writable lock in a directory that is not (chmod a-w WORKDIR) is read-only too
+            with tempfile.TemporaryFile(dir=workdir):
+                pass
+        except OSError as error:
+            handle.close()
+            raise self._read_only(error) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         self._file = handle
         return self
+
+    def _read_only(self, error: OSError) -> OSError:
+        """WorkdirReadOnlyError for a refused write (no permission, read-only file system);
+        `error` itself for any other failure."""
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return error
+        return WorkdirReadOnlyError(
+            f"cannot write in the workdir {os.path.dirname(self.path)} ({error.strerror}: "
+            f"{error.filename or self.path}); a finished run is still reported, anything else "
+            "needs write access: fix the permissions or choose another --workdir"
+        )
 
     def release(self) -> None:
         if self._file is not None:

@@ -23,18 +23,11 @@ import pytest
 from bnjax.train import cli, loop, read_metrics
 from bnjax.train.checkpoints import Checkpointer, UnsafeStateError
 from bnjax.train.metrics import MetricWriter
+from tests.train.conftest import SMALL_RUN
 from tests.train.helpers import final_state, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SETTINGS = dict(
-    model="mlp",
-    num_steps=8,
-    warmup_steps=1,
-    log_every=2,
-    eval_every=4,
-    checkpoint_every=2,
-    progress=False,
-)
+SETTINGS = SMALL_RUN
 
 
 def _config(**overrides):
@@ -65,12 +58,10 @@ def _tree(directory):
     return listing
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished run: (workdir, its records)."""
-    workdir = tmp_path_factory.mktemp("finished")
-    loop.train_and_evaluate(_config(), str(workdir))
-    return workdir, read_metrics(str(workdir))
+@pytest.fixture
+def finished(small_run):
+    """A finished run: (workdir, its records); tests change copies of it only."""
+    return small_run[:2]
 
 
 def _copy(finished, tmp_path):
@@ -242,17 +233,31 @@ def test_a_read_only_finished_workdir_is_reported_and_nothing_is_written(
     assert err[0].startswith(f"error: cannot write in the workdir {workdir} (Permission denied")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through chmod: simulated above")
-def test_a_chmod_read_only_workdir(finished, tmp_path, capsys):
+def _chmod_all(workdir, writable: bool) -> None:
+    for directory, _, files in os.walk(workdir):
+        os.chmod(directory, 0o755 if writable else 0o555)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644 if writable else 0o444)
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0 and not os.environ.get("BNJAX_TEST_WITHOUT_DAC_OVERRIDE"),
+    reason="root writes through chmod: simulated above",
+)
+@pytest.mark.parametrize("how", ["everything", "the workdir only"])
+def test_a_chmod_read_only_workdir(finished, tmp_path, capsys, how):
+    """Without root's override (or under ``setpriv --inh-caps=-dac_override ...`` with
+    BNJAX_TEST_WITHOUT_DAC_OVERRIDE=1), a workdir made read-only by chmod for real."""
     workdir = _copy(finished, tmp_path / "run")
     before = _tree(workdir)
-    for path in [workdir, *glob.glob(f"{workdir}/**", recursive=True)]:
-        os.chmod(path, 0o555 if os.path.isdir(path) else 0o444)
+    if how == "everything":
+        _chmod_all(workdir, writable=False)
+    else:
+        os.chmod(workdir, 0o555)
     try:
         code, err, out = _cli(workdir, capsys)
     finally:
-        for path in [workdir, *glob.glob(f"{workdir}/**", recursive=True)]:
-            os.chmod(path, 0o755 if os.path.isdir(path) else 0o644)
+        _chmod_all(workdir, writable=True)
     assert code == 0 and "the workdir is read-only" in out, err
     assert _tree(workdir) == before
 
