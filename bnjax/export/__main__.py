@@ -24,6 +24,7 @@ be folded: NaN, negative variance, stripped), or ``--out`` is refused.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
@@ -137,4 +138,8 @@ def main(argv, flag) -> int:
 
 if __name__ == "__main__":
     defined = _define_flags()
-    app.run(lambda argv: sys.exit(main(argv, defined)), flags_parser=parse_flags)
+    # `verify ARTIFACT` is a subcommand: main checks the arguments itself.
+    app.run(
+        lambda argv: sys.exit(main(argv, defined)),
+        flags_parser=functools.partial(parse_flags, allow_arguments=True),
+    )

@@ -53,8 +53,11 @@ def fail(message: str, code: int = USAGE_ERROR):
     sys.exit(code)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing (`app.run(..., flags_parser=parse_flags)`) with one-line errors."""
+def parse_flags(argv: list[str], *, allow_arguments: bool = False) -> list[str]:
+    """absl's flag parsing (`app.run(..., flags_parser=parse_flags)`) with one-line errors.
+
+    An argument that is not a flag is refused unless `allow_arguments` (a command with
+    subcommands, such as ``python -m bnjax.export verify ARTIFACT``, checks its own)."""
     try:
         remaining = flags.FLAGS(argv)
     except SystemExit as exit_:
@@ -72,7 +75,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"{error} (see {argv[0]} --help).")
     except OSError as error:  # the --config file itself did not load
         fail(f"the config file did not load: {error}")
-    if len(remaining) > 1:
+    if len(remaining) > 1 and not allow_arguments:
         fail(
             f"unexpected argument(s) {' '.join(remaining[1:])!r}: every setting is a flag "
             f"(--config.KEY=VALUE, --workdir=DIR; see {argv[0]} --help)."
