@@ -26,19 +26,10 @@ newer than the one validated corrupt).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 
-
-def _steps(directory: str) -> list[int]:
-    if not os.path.isdir(directory):
-        return []
-    return sorted(
-        int(name)
-        for name in os.listdir(directory)
-        if name.isdigit() and os.path.isdir(os.path.join(directory, name))
-    )
+from bnjax.lifecycle.checkpoint_reading import _steps  # same package: one listing rule
 
 
 def _note_unverified(load, *args):
