@@ -17,6 +17,7 @@ A mistake ends in one ``error: ...`` line on stderr, never a traceback:
 - exit 130: interrupted (Ctrl-C); the same command resumes.
 """
 
+import functools
 import os
 import sys
 
@@ -26,44 +27,22 @@ from ml_collections import config_flags
 
 from bnjax.study import runner
 from bnjax.study.defaults import study_config
-from bnjax.train.cli import RUN_FAILED, USAGE_ERROR, fail
+from bnjax.train.cli import INTERRUPTED, RUN_FAILED, USAGE_ERROR, fail, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "study config file (configs/)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where results.csv, table.md and plots/ go")
 flags.mark_flags_as_required(["config", "workdir"])
-_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
-INTERRUPTED = 130
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing with one-line errors (exit 2) instead of tracebacks and usage text."""
-    try:
-        return flags.FLAGS(argv)
-    except SystemExit as exit_:
-        # absl exits 1 after printing --help; asking for help is not a failed run.
-        if exit_.code == 1 and any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
-            sys.exit(0)
-        raise
-    except AttributeError as error:  # ml_collections: an override of a key the config lacks
-        key = str(error).strip("\"'")
-        fail(
-            f"--config.{key} is not a config key of the study; the keys are "
-            f"{', '.join(study_config())} (their meanings: bnjax/study/defaults.py)."
-        )
-    except flags.Error as error:
-        message = str(error)
-        if "Traceback (most recent call last)" in message:
-            # ml_collections puts the config file's whole traceback in the message: its last
-            # line is the error the file raised.
-            fail(f"the config file did not load: {message.strip().splitlines()[-1]}")
-        fail(f"{message} (see {argv[0]} --help).")
-    except (OSError, ValueError) as error:  # the --config file (or its variant) did not load
-        fail(f"the config file did not load: {error}")
+def _unknown_key(key: str) -> str:
+    return (
+        f"--config.{key} is not a config key of the study; the keys are "
+        f"{', '.join(study_config())} (their meanings: bnjax/study/defaults.py)."
+    )
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        fail(f"unexpected arguments: {argv[1:]} (every option is a --flag; see --help).")
+    del argv  # cli.parse_flags refused any argument that is not a flag
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     # Many runs share a network shape but build fresh jitted functions (recalibration, the
@@ -89,4 +68,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=functools.partial(parse_flags, unknown_key=_unknown_key))

@@ -53,11 +53,19 @@ def fail(message: str, code: int = USAGE_ERROR):
     sys.exit(code)
 
 
-def parse_flags(argv: list[str], *, allow_arguments: bool = False) -> list[str]:
+def parse_flags(
+    argv: list[str],
+    *,
+    allow_arguments: bool = False,
+    unknown_key: Callable[[str], str] | None = None,
+) -> list[str]:
     """absl's flag parsing (`app.run(..., flags_parser=parse_flags)`) with one-line errors.
 
     An argument that is not a flag is refused unless `allow_arguments` (a command with
-    subcommands, such as ``python -m bnjax.export verify ARTIFACT``, checks its own)."""
+    subcommands, such as ``python -m bnjax.export verify ARTIFACT``, checks its own).
+    `unknown_key(key)` words the error for an override of a key the config lacks (default:
+    the training config's keys); `functools.partial` sets these for another command.
+    """
     try:
         remaining = flags.FLAGS(argv)
     except SystemExit as exit_:
@@ -68,12 +76,19 @@ def parse_flags(argv: list[str], *, allow_arguments: bool = False) -> list[str]:
     except AttributeError as error:  # ml_collections: an override of a key the config lacks
         key = str(error).strip("\"'")
         fail(
-            f"--config.{key} is not a config key; the keys are {', '.join(DESCRIPTIONS)} "
+            unknown_key(key)
+            if unknown_key is not None
+            else f"--config.{key} is not a config key; the keys are {', '.join(DESCRIPTIONS)} "
             f"(see {argv[0]} --help)."
         )
     except flags.Error as error:
-        fail(f"{error} (see {argv[0]} --help).")
-    except OSError as error:  # the --config file itself did not load
+        message = str(error)
+        if "Traceback (most recent call last)" in message:
+            # ml_collections puts the config file's whole traceback in the message: its last
+            # line is the error the file raised.
+            fail(f"the config file did not load: {message.strip().splitlines()[-1]}")
+        fail(f"{message} (see {argv[0]} --help).")
+    except (OSError, ValueError) as error:  # the --config file (or its variant) did not load
         fail(f"the config file did not load: {error}")
     if len(remaining) > 1 and not allow_arguments:
         fail(

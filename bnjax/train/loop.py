@@ -527,6 +527,10 @@ def train_and_evaluate(
     eval_step = make_eval_step(eval_model)
 
     state = initial_state(eval_model, optimizer, train.images[:2], config.seed)
+
+    def evaluate_state(state) -> dict[str, float]:
+        return evaluate(eval_step, state, test, config.eval_batch_size, mesh)
+
     lock = WorkdirLock(workdir, jax.process_index())
     try:
         lock.acquire()
@@ -536,7 +540,7 @@ def train_and_evaluate(
             workdir,
             config,
             state,
-            lambda restored: evaluate(eval_step, restored, test, config.eval_batch_size, mesh),
+            evaluate_state,
             allow_config_change,
         )
     # From here on, SIGINT/SIGTERM/SIGHUP stop the run at the next step boundary, saved.
@@ -569,7 +573,7 @@ def train_and_evaluate(
                 config,
                 start_step,
                 schedule,
-                lambda: evaluate(eval_step, state, test, config.eval_batch_size, mesh),
+                lambda: evaluate_state(state),
             )
             batches = _training_batches(train, sampler, start_step)
             for step in range(start_step + 1, config.num_steps + 1):
@@ -588,8 +592,9 @@ def train_and_evaluate(
                 progress.update(step, f"loss {step_metrics['loss']:.4f}")
                 # Saved before evaluating: a failing evaluation cannot cost this step's state.
                 last = step == config.num_steps
+                with_training, with_evaluation = _due(config, step)
                 scalars = {}
-                if step % config.log_every == 0 or step == config.num_steps:
+                if with_training:
                     scalars.update(step_metrics, learning_rate=float(schedule(step - 1)))
                 if last or checkpointer.should_save(step):  # host copies (pmap) only then
                     # The step's training scalars go into its checkpoint: a kill before its
@@ -597,8 +602,8 @@ def train_and_evaluate(
                     checkpointer.save(
                         step, _checkpointable(config, state), force=last, scalars=scalars
                     )
-                if step % config.eval_every == 0 or step == config.num_steps:
-                    scalars.update(evaluate(eval_step, state, test, config.eval_batch_size, mesh))
+                if with_evaluation:
+                    scalars.update(evaluate_state(state))
                     _print_line(
                         step, config.num_steps, scalars | {"loss": step_metrics["loss"]}, started
                     )
@@ -611,7 +616,7 @@ def train_and_evaluate(
             writer.close()
             checkpointer.close()
     if not final:  # resumed from the last step: nothing left to train, report where it stands
-        final = rebuilt or evaluate(eval_step, state, test, config.eval_batch_size, mesh)
+        final = rebuilt or evaluate_state(state)
         print(f"already finished: step {start_step} of {config.num_steps}", flush=True)
     sys.stdout.flush()
     return final
