@@ -92,6 +92,9 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_good_ste
 
     def fill_the_disk_at_step_4(self, step, state, **options):
         if step == 4:
+            # Step 2's asynchronous write must land before the disk fills, or (on a loaded
+            # machine) it is step 2 whose files meet the full disk.
+            self.wait_until_finished()
             full.append(True)
         return save(self, step, state, **options)
 
