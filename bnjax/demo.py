@@ -11,19 +11,15 @@ Everything runs on the CPU in well under a minute; the data are generated from t
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
 
 import bnjax
-
-_STEPS = flags.DEFINE_integer("steps", 300, "training steps per batch-composition condition")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "examples per batch")
-_SEED = flags.DEFINE_integer("seed", 0, "seed of the data and of the initialisation")
 
 NUM_CLASSES, SUBCLUSTERS, DIM, HIDDEN = 4, 3, 16, 64
 
@@ -186,15 +182,29 @@ def tour_batch_composition(steps: int, batch: int, seed: int) -> None:
     )
 
 
-def main(argv) -> None:
-    """Runs the three parts (absl entry point of ``python -m bnjax.demo``)."""
-    del argv
-    logging.set_verbosity(logging.WARNING)  # keep JAX's backend probing out of the tour
+def main(argv: list[str] | None = None) -> None:
+    """Runs the three parts: ``python -m bnjax.demo [--steps=300] [--batch_size=64] [--seed=0]``.
+
+    argparse rather than absl: the demo is part of the library, which needs only jax, flax
+    and numpy (absl comes with the training application, ``bnjax[train]``).
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m bnjax.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--steps", type=int, default=300, help="training steps per condition")
+    parser.add_argument("--batch_size", type=int, default=64, help="examples per batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the init")
+    options = parser.parse_args(argv)
+    for name in ("steps", "batch_size"):
+        if getattr(options, name) < 1:
+            parser.error(f"--{name}={getattr(options, name)}: give a positive integer.")
     print(f"bnjax {bnjax.__version__} on {jax.default_backend()} ({jax.device_count()} device)\n")
     tour_functional_core()
     tour_stability()
-    tour_batch_composition(_STEPS.value, _BATCH.value, _SEED.value)
+    tour_batch_composition(options.steps, options.batch_size, options.seed)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

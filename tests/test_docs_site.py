@@ -7,10 +7,10 @@ go stale cheaply. `mkdocs build --strict` itself runs in .ci/run.
 
 import importlib.util
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
