@@ -12,14 +12,14 @@ import os
 import re
 import shutil
 import site
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.source_copy import ROOT, clean_copy, run
+
 # A part of the suite that touches every layer quickly: the core, the flax modules, the
 # lifecycle, the data pipeline and the models, against the installed package.
 TESTS = [
@@ -34,34 +34,10 @@ SUPPORT += ["tests/core/reference.py", "tests/lifecycle/__init__.py"]
 SUPPORT += ["tests/lifecycle/helpers.py", "tests/data/__init__.py"]
 
 
-def _run(command, **kwargs):
-    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
-    assert result.returncode == 0, (
-        f"{command} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
-    )
-    return result.stdout
-
-
 @pytest.mark.slow
 def test_the_wheel_installs_and_passes_tests_outside_the_source_tree(tmp_path):
-    source = tmp_path / "source"  # a clean copy: no build/ or egg-info of this checkout
-    shutil.copytree(
-        ROOT,
-        source,
-        ignore=shutil.ignore_patterns(
-            ".venv",
-            ".git",
-            "site",
-            "dist",
-            "build",
-            "*.egg-info",
-            "__pycache__",
-            ".pytest_cache",
-            ".ruff_cache",
-            "workdir",
-        ),
-    )
-    _run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path / "dist")], cwd=source)
+    source = clean_copy(tmp_path / "source")  # no build/ or egg-info of this checkout
+    run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path / "dist")], cwd=source)
     (wheel,) = (tmp_path / "dist").glob("bnjax-*.whl")
 
     names = zipfile.ZipFile(wheel).namelist()
@@ -71,20 +47,20 @@ def test_the_wheel_installs_and_passes_tests_outside_the_source_tree(tmp_path):
     assert any(n.endswith("licenses/LICENSE") for n in names), "the LICENSE is not in the wheel"
 
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", str(venv)])
+    run([sys.executable, "-m", "venv", str(venv)])
     python = str(venv / "bin" / "python")
     (venv_site,) = venv.glob("lib/python*/site-packages")
     # The dependencies: this interpreter's site-packages, searched after the venv's own. A
     # .pth line adds a directory but does not run the .pth files in it (no editable bnjax).
     (venv_site / "_test_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)])
+    run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)])
 
     work = tmp_path / "work"  # only the tests: nothing here is importable as bnjax
     for name in [*TESTS, *SUPPORT]:
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, work / name)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
-    where = _run(
+    where = run(
         [python, "-c", "import bnjax, sys; print(bnjax.__file__); print(bnjax.__version__)"],
         cwd=work,
         env=env,
@@ -93,7 +69,7 @@ def test_the_wheel_installs_and_passes_tests_outside_the_source_tree(tmp_path):
     assert installed.is_relative_to(venv.resolve()) and "site-packages" in installed.parts
     assert where[1] == "0.1.0"
 
-    output = _run(
+    output = run(
         [
             python,
             "-m",
