@@ -1,4 +1,5 @@
-"""Pytree leaves as checkpoints store them: names, checksums, restore targets, mismatches.
+"""The checksum manifest of a checkpoint, and the pytree leaves it names: names, CRC32s,
+restore targets, mismatches.
 
 A leaf's name is its key path written by ``jax.tree_util.keystr(path, simple=True,
 separator="/")`` (dict keys, attribute names, sequence indices), so a NamedTuple or dataclass
