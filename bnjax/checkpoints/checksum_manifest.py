@@ -30,6 +30,7 @@ def named_leaves(tree) -> list[tuple[str, Any]]:
 
 
 def is_key(leaf) -> bool:
+    """Whether a leaf is a typed PRNG key (``jax.random.key``), stored as its key data."""
     return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
