@@ -14,7 +14,9 @@ pending", "exception was never retrieved") with a traceback.
   dropped on failure (the caller says what failed, in one line);
 - the event loops created inside the block settle before they close: the reads a failure
   abandoned are waited for (at most `SETTLE_SECONDS`, then cancelled) and their errors
-  retrieved, so they finish inside the block instead of reporting after it;
+  retrieved, so they finish inside the block instead of reporting after it (through a
+  temporary event loop policy, on Python < 3.14; loops orbax makes with uvloop close as
+  they would);
 - after a failure, ``gc.collect()`` runs inside the block, so what is left of the abandoned
   reads is collected (and its reports dropped) there;
 - ``sys.unraisablehook``, the asyncio logger's filters and the event loop policy are put back
@@ -44,6 +46,10 @@ __all__ = ["hold_back_save_errors", "quiet_orbax", "release_save_errors", "root_
 
 _NOISY_LOGGERS = ("absl", "asyncio")  # orbax logs through absl; failed tasks through asyncio
 _LIBS = ("orbax", "tensorstore")  # whose leftovers a failed restore silences
+
+# Event loop policies, through which the loops orbax creates are made to settle, are deprecated
+# from Python 3.14 (and go in 3.16): there only the collection inside the block remains.
+_SETTLING = sys.version_info < (3, 14)
 
 SETTLE_SECONDS = 30.0
 """How long a closing event loop waits for the reads a failure abandoned before cancelling
@@ -193,13 +199,15 @@ def quiet_orbax(keep: Callable[[logging.LogRecord], bool] = lambda record: True)
     """
     hold, loggers = _Hold(), [logging.getLogger(name) for name in _NOISY_LOGGERS]
     leftovers, asyncio_logger = _OrbaxLeftovers(), logging.getLogger("asyncio")
-    previous_hook, previous_policy = sys.unraisablehook, asyncio.get_event_loop_policy()
-    hook, policy = _hushed(previous_hook), _SettlingPolicy(previous_policy)
+    previous_hook, hook = sys.unraisablehook, _hushed(sys.unraisablehook)
+    previous_policy = asyncio.get_event_loop_policy() if _SETTLING else None
+    policy = _SettlingPolicy(previous_policy) if _SETTLING else None
     for logger in loggers:
         logger.addFilter(hold)
     asyncio_logger.addFilter(leftovers)
     sys.unraisablehook = hook
-    asyncio.set_event_loop_policy(policy)
+    if policy is not None:
+        asyncio.set_event_loop_policy(policy)
     failed = False
     try:
         yield
@@ -209,7 +217,7 @@ def quiet_orbax(keep: Callable[[logging.LogRecord], bool] = lambda record: True)
         raise
     finally:
         # Put back only what is still ours (another thread may have replaced it since).
-        if asyncio.get_event_loop_policy() is policy:
+        if policy is not None and asyncio.get_event_loop_policy() is policy:
             asyncio.set_event_loop_policy(previous_policy)
         if sys.unraisablehook is hook:
             sys.unraisablehook = previous_hook
