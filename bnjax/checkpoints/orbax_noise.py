@@ -68,6 +68,9 @@ class _OrbaxLeftovers(logging.Filter):
         return not any(library in place for library in _LIBS for place in (text, *files))
 
 
+_LEFTOVERS = _OrbaxLeftovers()
+
+
 def _leftover(unraisable) -> bool:
     """An error raised by orbax reads that a failed restore abandoned, where nothing can
     catch it: in tensorstore's threads, or when an abandoned coroutine is collected."""
@@ -179,13 +182,14 @@ class _Hold(logging.Filter):
 def quiet_orbax(keep: Callable[[logging.LogRecord], bool] = lambda record: True) -> Iterator[None]:
     """A block of orbax calls that fails quietly: one error for the caller, no log spam.
 
-    Inside the block, absl and asyncio log records are held back, and reports of orbax or
-    tensorstore leftovers ("Event loop is closed", errors of collected orbax coroutines,
-    asyncio's "never retrieved" and "destroyed but it is pending") are dropped; other
-    unraisable errors still reach the hook in place before. On success the held records
-    that `keep` accepts are replayed; on failure they are dropped and the abandoned reads are
-    finished and collected before the error leaves the block. On exit the unraisable hook,
-    the asyncio logger's filters and the event loop policy are the ones before.
+    Inside the block, absl and asyncio log records are held back, and unraisable reports of
+    orbax or tensorstore leftovers ("Event loop is closed", errors of collected orbax
+    coroutines) are dropped; other unraisable errors still reach the hook in place before.
+    On success the held records that `keep` accepts are replayed, except asyncio's reports
+    of orbax leftovers ("never retrieved", "destroyed but it is pending"); on failure they
+    are all dropped, and the abandoned reads are finished and collected before the error
+    leaves the block. On exit the unraisable hook, the loggers' filters and the event loop
+    policy are the ones before.
 
     Example:
       >>> import sys
@@ -198,13 +202,11 @@ def quiet_orbax(keep: Callable[[logging.LogRecord], bool] = lambda record: True)
       a truncated file True True
     """
     hold, loggers = _Hold(), [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    leftovers, asyncio_logger = _OrbaxLeftovers(), logging.getLogger("asyncio")
     previous_hook, hook = sys.unraisablehook, _hushed(sys.unraisablehook)
     previous_policy = asyncio.get_event_loop_policy() if _SETTLING else None
     policy = _SettlingPolicy(previous_policy) if _SETTLING else None
     for logger in loggers:
         logger.addFilter(hold)
-    asyncio_logger.addFilter(leftovers)
     sys.unraisablehook = hook
     if policy is not None:
         asyncio.set_event_loop_policy(policy)
@@ -221,12 +223,11 @@ def quiet_orbax(keep: Callable[[logging.LogRecord], bool] = lambda record: True)
             asyncio.set_event_loop_policy(previous_policy)
         if sys.unraisablehook is hook:
             sys.unraisablehook = previous_hook
-        asyncio_logger.removeFilter(leftovers)
         for logger in loggers:
             logger.removeFilter(hold)
         if not failed:
             for record in hold.records:
-                if keep(record):
+                if keep(record) and _LEFTOVERS.filter(record):
                     logging.getLogger(record.name).handle(record)
 
 
