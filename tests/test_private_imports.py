@@ -6,8 +6,8 @@ of a private module or name is checked against its owner, the package that defin
 - ``from bnjax.lifecycle import _backends`` and ``import bnjax.lifecycle._backends``: a private
   module, owned by its package, bnjax.lifecycle;
 - ``from bnjax.lifecycle._backends import Linen``: a name of a private module, same owner;
-- ``from bnjax.train.checkpoints import _remove_unfinished``: a private name of a module,
-  owned by the module's package, bnjax.train.
+- ``from bnjax.checkpoints.checkpointer import _remove_unfinished``: a private name of a
+  module, owned by the module's package, bnjax.checkpoints.
 
 Only modules of the owning package itself may import it. Every package is its own: a
 subpackage (bnjax.core) does not share the privates of its parent (bnjax), nor the other way

@@ -88,9 +88,8 @@ def export_command(value: dict) -> int:
         fail(f"--examples={value['examples']}: batch independence needs at least 2.")
     _check_out(workdir, out)
     from bnjax import lifecycle
+    from bnjax.checkpoints import CheckpointWarning, root_cause
     from bnjax.export import VerificationError, export, load_workdir
-    from bnjax.train.checkpoints import CheckpointWarning
-    from bnjax.train.quiet import root_cause
 
     try:
         with warnings.catch_warnings(record=True) as notes:

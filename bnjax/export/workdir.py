@@ -22,9 +22,8 @@ import ml_collections
 import numpy as np
 
 from bnjax import data, models
-from bnjax.train.checkpoints import Checkpointer, CheckpointMismatchError
+from bnjax.checkpoints import Checkpointer, CheckpointMismatchError, root_cause
 from bnjax.train.loop import model_settings
-from bnjax.train.quiet import root_cause
 from bnjax.train.steps import STATE_COLLECTIONS, make_model
 from bnjax.train.workdir import CONFIG_FILE, load_config
 

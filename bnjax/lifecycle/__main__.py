@@ -1,7 +1,7 @@
 """Command line: ``python -m bnjax.lifecycle validate PATH [--step N] [--quiet]``.
 
 PATH is a training workdir (its ``checkpoints/`` directory is read), a directory of
-`bnjax.train.Checkpointer` steps, one of its steps or a step's ``state`` (or ``manifest``)
+`bnjax.checkpoints.Checkpointer` steps, one of its steps or a step's ``state`` (or ``manifest``)
 item, any other orbax checkpoint (a ``CheckpointManager``'s root, a step, a PyTree item), or
 a flax msgpack file. The first line says what was read, e.g. ``step 600 of
 /runs/a/checkpoints``; then comes a per-layer table of the batch-norm statistics and a summary
@@ -76,14 +76,13 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from bnjax.checkpoints import Checkpointer, CorruptCheckpointError, root_cause
     from bnjax.lifecycle.checkpoint_reading import (
         load_checkpoint,
         locate,
         read_checkpointer_step,
     )
     from bnjax.lifecycle.validation import validate_statistics
-    from bnjax.train.checkpoints import Checkpointer, CorruptCheckpointError
-    from bnjax.train.quiet import root_cause
 
     def cannot_read(error: BaseException) -> int:
         print(f"cannot read {args.checkpoint!r}: {root_cause(error)}", file=sys.stderr)
@@ -91,7 +90,7 @@ def main(argv=None) -> int:
 
     try:
         path, step, managed = locate(args.checkpoint, args.step)
-        if managed:  # a bnjax.train.Checkpointer's steps: each read through its checksums
+        if managed:  # a bnjax.checkpoints.Checkpointer's steps: each read through its checksums
             steps = Checkpointer(path, read_only=True).all_steps()
             load = lambda s: read_checkpointer_step(path, s)  # noqa: E731
         else:

@@ -1,6 +1,6 @@
 """Checkpoints read back without knowing their structure, checked against their checksums.
 
-A step written by `bnjax.train.Checkpointer` holds two items, ``<step>/state`` (the state
+A step written by `bnjax.checkpoints.Checkpointer` holds two items, ``<step>/state`` (the state
 pytree) and ``<step>/manifest`` (a CRC32 per leaf, taken at save time). Every form of path to
 such a step is read through ``Checkpointer.restore``, so every leaf is checked:
 
@@ -10,7 +10,7 @@ such a step is read through ``Checkpointer.restore``, so every leaf is checked:
     WORKDIR/checkpoints/300/state   the step's state item (or its manifest item): that step
 
 A leaf that fails its checksum, a truncated or missing file, and a step whose manifest is
-missing raise `bnjax.train.CorruptCheckpointError` naming the step (and the leaf): a step
+missing raise `bnjax.checkpoints.CorruptCheckpointError` naming the step (and the leaf): a step
 without its manifest cannot be told from a corrupt one. A directory is taken for a
 Checkpointer's when one of its steps has a manifest item (on disk, or named in orbax's step
 metadata) or when it is the ``checkpoints`` directory of a workdir (beside ``config.json``).
@@ -32,7 +32,7 @@ import flax.serialization
 
 __all__ = ["CheckpointLocation", "UnverifiedCheckpointWarning", "load_checkpoint", "locate"]
 
-# The items of a bnjax.train.Checkpointer step, and the files orbax writes into checkpoints.
+# The items of a bnjax.checkpoints.Checkpointer step, and the files orbax writes into checkpoints.
 _STATE, _MANIFEST = "state", "manifest"
 _STEP_METADATA = "_CHECKPOINT_METADATA"  # a CheckpointManager step's: names its items
 _PYTREE_METADATA = "_METADATA"  # an orbax PyTree checkpoint's
@@ -59,7 +59,7 @@ class UnverifiedCheckpointWarning(UserWarning):
 class CheckpointLocation(NamedTuple):
     """Where a path given by a user points.
 
-    `path` is a `bnjax.train.Checkpointer` directory when `checkpointer` is True (`step`: the
+    `path` is a `bnjax.checkpoints.Checkpointer` directory when `checkpointer` is True (`step`: the
     step asked for, or None for the newest), else the orbax directory or file to read.
     """
 
@@ -139,16 +139,17 @@ def locate(path: str, step: int | None = None) -> CheckpointLocation:
 def read_checkpointer_step(directory: str, step: int) -> Any:
     """The state of `step` in a Checkpointer `directory`, every leaf checked against its CRC32.
 
-    Raises `bnjax.train.CorruptCheckpointError` naming the step when its manifest is missing,
+    Raises `bnjax.checkpoints.CorruptCheckpointError` naming the step when its manifest is missing,
     a leaf fails its checksum (the leaf is named), or a file is missing or truncated.
     """
-    # Imported here: the training package imports this one (for `validate_statistics`).
-    from bnjax.train.checkpoints import (
+    # Imported here: bnjax.checkpoints imports bnjax.lifecycle (`validate_statistics`, which
+    # refuses bad statistics at save), and bnjax.lifecycle imports this module.
+    from bnjax.checkpoints import (
         Checkpointer,
         CheckpointMismatchError,
         CorruptCheckpointError,
+        root_cause,
     )
-    from bnjax.train.quiet import root_cause
 
     step_directory = os.path.join(directory, str(step))
     if not os.path.isdir(os.path.join(step_directory, _MANIFEST)):
@@ -202,7 +203,7 @@ def _read_unchecked(path: str, step: int | None) -> Any:
 def load_checkpoint(path: str, step: int | None = None, *, verify: bool = True) -> Any:
     """Restores a checkpoint without knowing its structure (no target), as numpy-backed dicts.
 
-    `path` may be a training workdir, a `bnjax.train.Checkpointer` directory, one of its steps
+    `path` may be a training workdir, a `bnjax.checkpoints.Checkpointer` directory, one of its steps
     or a step's item (each read through the step's CRC32 manifest; see the module docstring),
     an orbax PyTree checkpoint directory, a step directory of a ``CheckpointManager`` (its
     PyTree items are restored into {item: tree}, or the tree itself when there is one), a
@@ -215,7 +216,7 @@ def load_checkpoint(path: str, step: int | None = None, *, verify: bool = True) 
         checkpoint that has none.
 
     Raises FileNotFoundError or ValueError when there is nothing to restore, and
-    `bnjax.train.CorruptCheckpointError` for a Checkpointer step that fails its checksums or
+    `bnjax.checkpoints.CorruptCheckpointError` for a Checkpointer step that fails its checksums or
     has no manifest. Warns `UnverifiedCheckpointWarning` for a checkpoint without checksums.
 
     Example:

@@ -6,12 +6,13 @@
 - `bnjax.train.steps`: the state pytree and the per-device train/eval steps, one for every
   parallel mode of `bnjax.parallel`; `bnjax.train.optim`: optimizer and schedule.
 - `Checkpointer`: orbax checkpoints, periodic and keep-N, asynchronous, verified by checksums;
-  `restore_latest` falls back past corrupt checkpoints; non-finite states are refused.
+  `restore_latest` falls back past corrupt checkpoints; non-finite states are refused (from
+  the library package `bnjax.checkpoints`, re-exported here).
 - `MetricWriter`: metrics as JSON lines and TensorBoard event files (no TensorFlow), with
   duplicate-free resume; `read_metrics` reads the JSON lines back.
 """
 
-from bnjax.train.checkpoints import (
+from bnjax.checkpoints import (
     Checkpointer,
     CheckpointMismatchError,
     CheckpointWarning,

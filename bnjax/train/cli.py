@@ -105,7 +105,7 @@ def run(train: Callable[[], dict[str, float]]) -> dict[str, float]:
       >>> run(lambda: {"loss": 0.5})
       {'loss': 0.5}
     """
-    from bnjax.train.checkpoints import CheckpointWriteError, UnsafeStateError
+    from bnjax.checkpoints import CheckpointWriteError, UnsafeStateError
     from bnjax.train.interrupts import TrainingInterrupted
     from bnjax.train.loop import FinalCheckpointError, NonFiniteLossError
 

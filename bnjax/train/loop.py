@@ -47,8 +47,8 @@ import jax
 import numpy as np
 
 from bnjax import data, models, parallel
+from bnjax.checkpoints import Checkpointer, CorruptCheckpointError
 from bnjax.progress import Progress
-from bnjax.train.checkpoints import Checkpointer, CorruptCheckpointError
 from bnjax.train.config import check_config
 from bnjax.train.interrupts import StopOnSignal, TrainingInterrupted
 from bnjax.train.metrics import MetricWriter

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from bnjax import data
+from bnjax.checkpoints import Checkpointer
 from bnjax.export import artifact
 from bnjax.train import loop, steps
 from bnjax.train import workdir as W
-from bnjax.train.checkpoints import Checkpointer
 from tests.train.helpers import final_state, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

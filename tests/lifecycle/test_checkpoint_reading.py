@@ -12,9 +12,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bnjax import lifecycle
+from bnjax.checkpoints import Checkpointer
 from bnjax.lifecycle.__main__ import main
 from bnjax.train import CorruptCheckpointError
-from bnjax.train.checkpoints import Checkpointer
 from bnjax.train.loop import model_settings, schedule_and_optimizer
 from bnjax.train.steps import initial_state, make_model
 from tests.train.helpers import tiny_config

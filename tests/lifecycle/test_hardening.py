@@ -14,8 +14,8 @@ from flax import nnx
 import bnjax
 from bnjax import lifecycle
 from bnjax import nnx as bnnx
+from bnjax.checkpoints import Checkpointer
 from bnjax.lifecycle.__main__ import main
-from bnjax.train.checkpoints import Checkpointer
 from tests.lifecycle.helpers import DATA, initialised
 
 IMAGES = DATA[:8]

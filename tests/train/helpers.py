@@ -2,7 +2,7 @@
 
 import os
 
-from bnjax.train.checkpoints import Checkpointer
+from bnjax.checkpoints import Checkpointer
 from bnjax.train.defaults import base_config
 
 TINY = dict(

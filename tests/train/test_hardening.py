@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from bnjax import data, parallel
+from bnjax.checkpoints import Checkpointer
 from bnjax.models import NORMS
 from bnjax.train import loop, steps
-from bnjax.train.checkpoints import Checkpointer
 from bnjax.train.defaults import DESCRIPTIONS, base_config
 from bnjax.train.workdir import ConfigChangedError, WorkdirBusyError, WorkdirLock
 from tests.train.helpers import final_state, tiny_config

@@ -15,9 +15,9 @@ import sys
 import chex
 import pytest
 
+from bnjax.checkpoints import Checkpointer
 from bnjax.progress import Progress
 from bnjax.train import cli, loop, read_metrics
-from bnjax.train.checkpoints import Checkpointer
 from tests.train.conftest import SMALL_RUN
 from tests.train.helpers import final_state, tiny_config
 

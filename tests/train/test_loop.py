@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
+from bnjax.checkpoints import Checkpointer
 from bnjax.train import loop
-from bnjax.train.checkpoints import Checkpointer
 from tests.train.helpers import final_state, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -20,8 +20,8 @@ import sys
 import chex
 import pytest
 
+from bnjax.checkpoints import Checkpointer, UnsafeStateError
 from bnjax.train import cli, loop, read_metrics
-from bnjax.train.checkpoints import Checkpointer, UnsafeStateError
 from bnjax.train.metrics import MetricWriter
 from tests.train.conftest import SMALL_RUN
 from tests.train.helpers import final_state, tiny_config
@@ -172,7 +172,7 @@ def _nothing_removable(monkeypatch):
         return rename(source, target, *args, **kwargs)
 
     monkeypatch.setattr(os, "rename", rename_but_not_to_corrupt)
-    monkeypatch.setattr("bnjax.train.checkpoints.shutil.rmtree", refuse)
+    monkeypatch.setattr("bnjax.checkpoints.checkpointer.shutil.rmtree", refuse)
 
 
 def test_an_unreadable_final_step_that_cannot_be_moved_is_kept_when_retrained_equal(

@@ -20,8 +20,8 @@ import runpy
 import signal
 import sys
 
+from bnjax.checkpoints import Checkpointer
 from bnjax.progress import Progress
-from bnjax.train.checkpoints import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,4 +1,5 @@
-"""Pytree leaves as checkpoints store them: names, checksums, restore targets, mismatches.
+"""The checksum manifest of a checkpoint, and the pytree leaves it names: names, CRC32s,
+restore targets, mismatches.
 
 A leaf's name is its key path written by ``jax.tree_util.keystr(path, simple=True,
 separator="/")`` (dict keys, attribute names, sequence indices), so a NamedTuple or dataclass
@@ -29,6 +30,7 @@ def named_leaves(tree) -> list[tuple[str, Any]]:
 
 
 def is_key(leaf) -> bool:
+    """Whether a leaf is a typed PRNG key (``jax.random.key``), stored as its key data."""
     return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
 
