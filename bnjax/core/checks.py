@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Array = jax.Array
-
 
 def check_floating(x, name: str = "x") -> None:
     """Raises TypeError unless `x` has a floating-point or complex dtype (normalizing integers
