@@ -206,10 +206,6 @@ def known_values(*values) -> tuple[np.ndarray | None, ...] | None:
     value is either read by all of them or by none. A None entry (an absent parameter, e.g. a
     norm without scale) has nothing to read: it stays None and does not make the others
     unknown.
-
-    Example:
-      >>> known_values(0.5, None)
-      (array(0.5), None)
     """
     present = [value for value in values if value is not None]
     if not all(is_known(value) for value in present):
