@@ -23,6 +23,7 @@ flax are those of `bnjax.linen` (exact two-pass float32 statistics whatever
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -52,35 +53,63 @@ __all__ = ["BatchNorm", "BatchRenorm", "GroupNorm", "InstanceNorm", "LayerNorm",
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
+# Each module is a dataclass, so each option is declared once, with its default and its doc,
+# on the class that introduces it, and the subclasses inherit it: the generated __init__ is
+# the constructor (IDE-visible, as flax's: `num_features` positional, the options keywords).
+# `eq=False` keeps identity hashing (nnx graphs key modules by identity); `repr=False` keeps
+# nnx's repr. Constructor-only arguments (rngs, initializers, metadata) are InitVars: they
+# create the variables in __post_init__ and are not stored, exactly as flax does.
+
 
 def _shape(num_features: int | Sequence[int]) -> tuple[int, ...]:
     return (num_features,) if isinstance(num_features, int) else tuple(num_features)
 
 
-class _Affine(nnx.Module):
-    """Creates 'scale' and 'bias' the way flax does; runs the shared call-time plumbing."""
+@dataclasses.dataclass(eq=False, repr=False, kw_only=True)
+class _Module(nnx.Module):
+    """The options all six modules share (flax's), and the call-time dtype plumbing."""
 
-    def _init_affine(
-        self,
-        shape,
-        *,
-        use_scale,
-        use_bias,
-        scale_init,
-        bias_init,
-        param_dtype,
-        rngs,
-        scale_metadata,
-        bias_metadata,
+    num_features: int | Sequence[int] = dataclasses.field(kw_only=False)
+    """Size of x along the feature axes (scale, bias and statistics shape); a tuple for
+    several feature axes."""
+    dtype: Dtype | None = None
+    """Output dtype (flax's rule: None promotes x and the parameters)."""
+    param_dtype: Dtype = jnp.float32
+    """dtype of the created scale and bias."""
+    use_scale: bool = True
+    """Learn a per-feature scale (else 1)."""
+    scale_init: dataclasses.InitVar[Initializer] = initializers.ones
+    """Initializer of the scale (one ``rngs.params()`` key, as flax)."""
+    axis_name: str | None = None
+    """The mapped axis (pmap, shard_map) whose devices share statistics (an exact merge)."""
+    axis_index_groups: Any = None
+    """Sub-groups of the devices of `axis_name` (pmap only)."""
+    use_fast_variance: bool = True
+    """Accepted for flax's sake: statistics are always exact two-pass float32."""
+    promote_dtype: PromoteDtypeFn = nnx_dtypes.promote_dtype
+    """Applied to (x, scale, bias) before the core, as in flax."""
+    rngs: dataclasses.InitVar[nnx.Rngs]
+    """Keys for the initializers (required, as in flax)."""
+    scale_metadata: dataclasses.InitVar[Mapping[str, Any]] = _NO_METADATA
+    """Extra metadata of the scale ``nnx.Param``."""
+
+    def __post_init__(self, scale_init, rngs, scale_metadata):
+        self._create_affine(rngs, scale_init, scale_metadata)
+
+    def _create_affine(
+        self, rngs, scale_init, scale_metadata, bias_init=None, bias_metadata=_NO_METADATA
     ):
+        """'scale' and 'bias' the way flax creates them: one ``rngs.params()`` key each, scale
+        first, so the layers around keep their init."""
+        shape = _shape(self.num_features)
         self.scale = (
-            nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
-            if use_scale
+            nnx.Param(scale_init(rngs.params(), shape, self.param_dtype), **scale_metadata)
+            if self.use_scale
             else nnx.data(None)
         )
         self.bias = (
-            nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
-            if use_bias
+            nnx.Param(bias_init(rngs.params(), shape, self.param_dtype), **bias_metadata)
+            if self.use_bias
             else nnx.data(None)
         )
 
@@ -93,69 +122,63 @@ class _Affine(nnx.Module):
         x, out_dtype = promote(x, scale, bias, self.dtype)
         return x, scale, bias, out_dtype
 
+    def _device_options(self) -> dict:
+        return dict(axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
 
-class _RunningStats(_Affine):
+
+@dataclasses.dataclass(eq=False, repr=False, kw_only=True)
+class _WithBias(_Module):
+    """The bias options of every module but RMSNorm."""
+
+    use_bias: bool = True
+    """Learn a per-feature bias (else 0)."""
+    bias_init: dataclasses.InitVar[Initializer] = initializers.zeros
+    """Initializer of the bias."""
+    bias_metadata: dataclasses.InitVar[Mapping[str, Any]] = _NO_METADATA
+    """Extra metadata of the bias ``nnx.Param``."""
+
+    def __post_init__(self, scale_init, rngs, scale_metadata, bias_init, bias_metadata):
+        # The InitVars arrive in declaration order: `_Module`'s three, then these two.
+        self._create_affine(rngs, scale_init, scale_metadata, bias_init, bias_metadata)
+
+
+@dataclasses.dataclass(eq=False, repr=False, kw_only=True)
+class _RunningStats(_WithBias):
     """BatchNorm's state and options (flax's, then bnjax's) and mode switching, shared with
     BatchRenorm."""
 
-    def _init_running(
-        self,
-        num_features,
-        *,
-        use_running_average,
-        axis,
-        momentum,
-        epsilon,
-        dtype,
-        param_dtype,
-        use_bias,
-        use_scale,
-        bias_init,
-        scale_init,
-        axis_name,
-        axis_index_groups,
-        use_fast_variance,
-        promote_dtype,
-        rngs,
-        bias_metadata,
-        scale_metadata,
-        ghost_batch_size,
-        use_unbiased_running_var,
-        track_counters,
-    ):
-        if momentum is None and not track_counters:
+    use_running_average: bool | None = False
+    """True evaluates with the running statistics; ``model.train()`` / ``model.eval()`` and
+    the call argument switch it, as in flax."""
+    axis: int | Sequence[int] = -1
+    """The feature axis or axes (NHWC: -1, NCHW: 1)."""
+    momentum: float | None = 0.99
+    """Decay of the running average (flax's convention; PyTorch's 0.1 is 0.9); None keeps a
+    cumulative average (needs `track_counters`)."""
+    epsilon: float = 1e-5
+    """Added to the variance before the square root."""
+    ghost_batch_size: int | None = None
+    """Normalize each group of this many examples with its own statistics (training only);
+    see `bnjax.batch_norm`."""
+    use_unbiased_running_var: bool = False
+    """Store the unbiased variance ``var * n / (n - 1)`` in `var`, like PyTorch."""
+    track_counters: bool = False
+    """Keep int32 ``count`` (batches folded in) and ``skipped`` (batches left out) as
+    ``nnx.BatchStat``."""
+
+    def __post_init__(self, *init_only):
+        if self.momentum is None and not self.track_counters:
             raise ValueError(
                 "momentum=None (a cumulative average) weighs each batch by the number of "
                 "batches seen: pass track_counters=True to keep that count."
             )
-        shape = _shape(num_features)
+        shape = _shape(self.num_features)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        if track_counters:
+        if self.track_counters:
             self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
             self.skipped = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        self._init_affine(
-            shape,
-            use_scale=use_scale,
-            use_bias=use_bias,
-            scale_init=scale_init,
-            bias_init=bias_init,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            scale_metadata=scale_metadata,
-            bias_metadata=bias_metadata,
-        )
-        self.num_features = num_features
-        self.use_running_average = use_running_average
-        self.axis, self.momentum, self.epsilon = axis, momentum, epsilon
-        self.dtype, self.param_dtype = dtype, param_dtype
-        self.use_bias, self.use_scale = use_bias, use_scale
-        self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
-        self.ghost_batch_size = ghost_batch_size
-        self.use_unbiased_running_var = use_unbiased_running_var
-        self.track_counters = track_counters
+        super().__post_init__(*init_only)
 
     def _training(self, use_running_average) -> bool:
         use_running_average = check_use_running_average(use_running_average)
@@ -183,10 +206,9 @@ class _RunningStats(_Affine):
             momentum=self.momentum,
             epsilon=self.epsilon,
             axis=self.axis,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
             ghost_batch_size=self.ghost_batch_size if training else None,
             use_unbiased_running_var=self.use_unbiased_running_var,
+            **self._device_options(),
         )
 
     def set_view(self, use_running_average: bool | None = None):
@@ -195,6 +217,7 @@ class _RunningStats(_Affine):
             self.use_running_average = use_running_average
 
 
+@dataclasses.dataclass(eq=False, repr=False, kw_only=True)
 class BatchNorm(_RunningStats):
     """Batch normalization (`bnjax.batch_norm`), a drop-in for ``flax.nnx.BatchNorm``.
 
@@ -207,6 +230,8 @@ class BatchNorm(_RunningStats):
       ghost_batch_size, use_unbiased_running_var: see `bnjax.batch_norm`.
       track_counters: keep int32 ``count`` and ``skipped`` as ``nnx.BatchStat``.
 
+    Each option is documented where it is declared (`_RunningStats`, `_WithBias`, `_Module`).
+
     Shapes: x (N, ..., C) with axis=-1; scale, bias, mean, var (C,).
 
     Example:
@@ -218,55 +243,6 @@ class BatchNorm(_RunningStats):
       ['mean', 'var']
       >>> bn.eval()  # now evaluates with the running statistics
     """
-
-    def __init__(
-        self,
-        num_features: int | Sequence[int],
-        *,
-        use_running_average: bool | None = False,
-        axis: int | Sequence[int] = -1,
-        momentum: float | None = 0.99,
-        epsilon: float = 1e-5,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        use_bias: bool = True,
-        use_scale: bool = True,
-        bias_init: Initializer = initializers.zeros,
-        scale_init: Initializer = initializers.ones,
-        axis_name: str | None = None,
-        axis_index_groups: Any = None,
-        use_fast_variance: bool = True,
-        promote_dtype: PromoteDtypeFn = nnx_dtypes.promote_dtype,
-        rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = _NO_METADATA,
-        scale_metadata: Mapping[str, Any] = _NO_METADATA,
-        ghost_batch_size: int | None = None,
-        use_unbiased_running_var: bool = False,
-        track_counters: bool = False,
-    ):
-        self._init_running(
-            num_features,
-            use_running_average=use_running_average,
-            axis=axis,
-            momentum=momentum,
-            epsilon=epsilon,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            use_bias=use_bias,
-            use_scale=use_scale,
-            bias_init=bias_init,
-            scale_init=scale_init,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance,
-            promote_dtype=promote_dtype,
-            rngs=rngs,
-            bias_metadata=bias_metadata,
-            scale_metadata=scale_metadata,
-            ghost_batch_size=ghost_batch_size,
-            use_unbiased_running_var=use_unbiased_running_var,
-            track_counters=track_counters,
-        )
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         """Normalizes `x`; `use_running_average` overrides the attribute for this call.
@@ -284,6 +260,7 @@ class BatchNorm(_RunningStats):
         return y.astype(out_dtype)
 
 
+@dataclasses.dataclass(eq=False, repr=False, kw_only=True)
 class BatchRenorm(_RunningStats):
     """Batch renormalization (`bnjax.batch_renorm`), with BatchNorm's arguments.
 
@@ -304,64 +281,21 @@ class BatchRenorm(_RunningStats):
       1
     """
 
-    def __init__(
-        self,
-        num_features: int | Sequence[int],
-        *,
-        use_running_average: bool | None = False,
-        axis: int | Sequence[int] = -1,
-        momentum: float | None = 0.99,
-        epsilon: float = 1e-5,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        use_bias: bool = True,
-        use_scale: bool = True,
-        bias_init: Initializer = initializers.zeros,
-        scale_init: Initializer = initializers.ones,
-        axis_name: str | None = None,
-        axis_index_groups: Any = None,
-        use_fast_variance: bool = True,
-        promote_dtype: PromoteDtypeFn = nnx_dtypes.promote_dtype,
-        rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = _NO_METADATA,
-        scale_metadata: Mapping[str, Any] = _NO_METADATA,
-        ghost_batch_size: int | None = None,
-        use_unbiased_running_var: bool = False,
-        track_counters: bool = False,
-        renorm_momentum: float = 0.99,
-        r_max: float | None = None,
-        d_max: float | None = None,
-        schedule: RenormSchedule | None = None,
-    ):
-        self._init_running(
-            num_features,
-            use_running_average=use_running_average,
-            axis=axis,
-            momentum=momentum,
-            epsilon=epsilon,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            use_bias=use_bias,
-            use_scale=use_scale,
-            bias_init=bias_init,
-            scale_init=scale_init,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance,
-            promote_dtype=promote_dtype,
-            rngs=rngs,
-            bias_metadata=bias_metadata,
-            scale_metadata=scale_metadata,
-            ghost_batch_size=ghost_batch_size,
-            use_unbiased_running_var=use_unbiased_running_var,
-            track_counters=track_counters,
-        )
-        shape = _shape(num_features)
+    renorm_momentum: float = 0.99
+    """Decay of renorm_mean and renorm_var."""
+    r_max: float | None = None
+    """Fixed clipping bound of r (>= 1), with `d_max`; None follows `schedule`."""
+    d_max: float | None = None
+    """Fixed clipping bound of d (>= 0), with `r_max`; None follows `schedule`."""
+    schedule: RenormSchedule | None = None
+    """The warm-up of the bounds (None: `bnjax.RenormSchedule()`, the paper's)."""
+
+    def __post_init__(self, *init_only):
+        super().__post_init__(*init_only)
+        shape = _shape(self.num_features)
         self.renorm_mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.renorm_var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
         self.step = nnx.BatchStat(jnp.zeros((), jnp.int32))
-        self.renorm_momentum, self.r_max, self.d_max = renorm_momentum, r_max, d_max
-        self.schedule = schedule
 
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         """Normalizes `x` (see BatchNorm.__call__)."""
@@ -397,65 +331,23 @@ class BatchRenorm(_RunningStats):
         return y.astype(out_dtype)
 
 
-class _PerExample(_Affine):
-    """Options shared by GroupNorm, LayerNorm, InstanceNorm and RMSNorm (flax's common ones)."""
+def _feature_shaped(x, params, feature_axes):
+    """`params` (scale, bias; None stays None) in the shape of x along `feature_axes`. flax's
+    constructor takes one int `num_features` (the product, for several feature axes) and
+    reshapes the flat parameters at call time; bnjax takes that and a tuple alike."""
+    axes = normalize_axes(feature_axes, jnp.ndim(x), "feature_axes")
+    shape = tuple(jnp.shape(x)[a] for a in axes)
 
-    def _init_common(
-        self,
-        num_features,
-        *,
-        epsilon,
-        dtype,
-        param_dtype,
-        use_bias,
-        use_scale,
-        bias_init,
-        scale_init,
-        axis_name,
-        axis_index_groups,
-        use_fast_variance,
-        promote_dtype,
-        rngs,
-        bias_metadata,
-        scale_metadata,
-    ):
-        self._init_affine(
-            _shape(num_features),
-            use_scale=use_scale,
-            use_bias=use_bias,
-            scale_init=scale_init,
-            bias_init=bias_init,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            scale_metadata=scale_metadata,
-            bias_metadata=bias_metadata,
-        )
-        self.num_features = num_features
-        self.epsilon, self.dtype, self.param_dtype = epsilon, dtype, param_dtype
-        self.use_bias, self.use_scale = use_bias, use_scale
-        self.axis_name, self.axis_index_groups = axis_name, axis_index_groups
-        self.use_fast_variance = use_fast_variance
-        self.promote_dtype = promote_dtype
+    def reshape(param):
+        if param is None or param.shape == shape or param.size != math.prod(shape):
+            return param  # a mismatch is reported by the core, naming the argument
+        return param.reshape(shape)
 
-    def _device_options(self) -> dict:
-        return dict(axis_name=self.axis_name, axis_index_groups=self.axis_index_groups)
-
-    def _feature_shaped(self, x, scale, bias, feature_axes):
-        """scale and bias in the shape of x along `feature_axes`. flax's constructor takes
-        one int `num_features` (the product, for several feature axes) and reshapes the flat
-        parameters at call time; bnjax takes that and a tuple alike."""
-        axes = normalize_axes(feature_axes, jnp.ndim(x), "feature_axes")
-        shape = tuple(jnp.shape(x)[a] for a in axes)
-
-        def reshape(param):
-            if param is None or param.shape == shape or param.size != math.prod(shape):
-                return param  # a mismatch is reported by the core, naming the argument
-            return param.reshape(shape)
-
-        return reshape(scale), reshape(bias)
+    return tuple(map(reshape, params))
 
 
-class GroupNorm(_PerExample):
+@dataclasses.dataclass(eq=False, repr=False, kw_only=True)
+class GroupNorm(_WithBias):
     """Group normalization (`bnjax.group_norm`), a drop-in for ``flax.nnx.GroupNorm``.
 
     Args:
@@ -474,28 +366,17 @@ class GroupNorm(_PerExample):
       (2, 4, 8)
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        num_groups: int | None = 32,
-        group_size: int | None = None,
-        *,
-        epsilon: float = 1e-6,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        use_bias: bool = True,
-        use_scale: bool = True,
-        bias_init: Initializer = initializers.zeros,
-        scale_init: Initializer = initializers.ones,
-        reduction_axes: Axes | None = None,
-        axis_name: str | None = None,
-        axis_index_groups: Any = None,
-        use_fast_variance: bool = True,
-        promote_dtype: PromoteDtypeFn = nnx_dtypes.promote_dtype,
-        rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = _NO_METADATA,
-        scale_metadata: Mapping[str, Any] = _NO_METADATA,
-    ):
+    num_groups: int | None = dataclasses.field(default=32, kw_only=False)
+    """Number of groups G (flax's default 32); give it or `group_size`."""
+    group_size: int | None = dataclasses.field(default=None, kw_only=False)
+    """Channels per group instead of `num_groups`."""
+    epsilon: float = 1e-6
+    """Added to the variance (flax's default 1e-6)."""
+    reduction_axes: Axes | None = None
+    """None (every axis but the first) or axes that include the last."""
+
+    def __post_init__(self, *init_only):
+        num_groups, group_size = self.num_groups, self.group_size
         if (num_groups is None) == (group_size is None):
             raise ValueError(
                 f"Give exactly one of `num_groups` and `group_size` (got num_groups="
@@ -503,30 +384,13 @@ class GroupNorm(_PerExample):
             )
         divisor = num_groups if group_size is None else group_size
         divisor = as_int(divisor, "num_groups" if group_size is None else "group_size")
-        if divisor < 1 or num_features % divisor:
+        if divisor < 1 or self.num_features % divisor:
             raise ValueError(
-                f"`num_groups`/`group_size`={divisor} must divide num_features={num_features}."
+                f"`num_groups`/`group_size`={divisor} must divide num_features={self.num_features}."
             )
-        self._init_common(
-            num_features,
-            epsilon=epsilon,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            use_bias=use_bias,
-            use_scale=use_scale,
-            bias_init=bias_init,
-            scale_init=scale_init,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance,
-            promote_dtype=promote_dtype,
-            rngs=rngs,
-            bias_metadata=bias_metadata,
-            scale_metadata=scale_metadata,
-        )
-        self.num_groups = divisor if group_size is None else num_features // divisor
-        self.group_size = num_features // self.num_groups
-        self.reduction_axes = reduction_axes
+        super().__post_init__(*init_only)
+        self.num_groups = divisor if group_size is None else self.num_features // divisor
+        self.group_size = self.num_features // self.num_groups
 
     def __call__(self, x, *, mask=None):
         """Normalizes x of shape (N, ..., C); `mask`: booleans broadcastable to x."""
@@ -545,7 +409,8 @@ class GroupNorm(_PerExample):
         return y.astype(out_dtype)
 
 
-class LayerNorm(_PerExample):
+@dataclasses.dataclass(eq=False, repr=False, kw_only=True)
+class LayerNorm(_WithBias):
     """Layer normalization (`bnjax.layer_norm`), a drop-in for ``flax.nnx.LayerNorm``.
 
     Args:
@@ -561,50 +426,17 @@ class LayerNorm(_PerExample):
       [[-1.224744  0.        1.224744]]
     """
 
-    def __init__(
-        self,
-        num_features: int | Sequence[int],
-        *,
-        epsilon: float = 1e-6,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        use_bias: bool = True,
-        use_scale: bool = True,
-        bias_init: Initializer = initializers.zeros,
-        scale_init: Initializer = initializers.ones,
-        reduction_axes: Axes = -1,
-        feature_axes: Axes = -1,
-        axis_name: str | None = None,
-        axis_index_groups: Any = None,
-        use_fast_variance: bool = True,
-        promote_dtype: PromoteDtypeFn = nnx_dtypes.promote_dtype,
-        rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = _NO_METADATA,
-        scale_metadata: Mapping[str, Any] = _NO_METADATA,
-    ):
-        self._init_common(
-            num_features,
-            epsilon=epsilon,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            use_bias=use_bias,
-            use_scale=use_scale,
-            bias_init=bias_init,
-            scale_init=scale_init,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance,
-            promote_dtype=promote_dtype,
-            rngs=rngs,
-            bias_metadata=bias_metadata,
-            scale_metadata=scale_metadata,
-        )
-        self.reduction_axes, self.feature_axes = reduction_axes, feature_axes
+    epsilon: float = 1e-6
+    """Added to the variance (flax's default 1e-6)."""
+    reduction_axes: Axes = -1
+    """The axes each statistic runs over."""
+    feature_axes: Axes = -1
+    """The axes along which scale and bias vary."""
 
     def __call__(self, x, *, mask=None):
         """Normalizes `x`; `mask`: booleans broadcastable to x."""
         x, scale, bias, out_dtype = self._inputs(x)
-        scale, bias = self._feature_shaped(x, scale, bias, self.feature_axes)
+        scale, bias = _feature_shaped(x, (scale, bias), self.feature_axes)
         y = layer_norm(
             x,
             scale,
@@ -618,7 +450,8 @@ class LayerNorm(_PerExample):
         return y.astype(out_dtype)
 
 
-class RMSNorm(_PerExample):
+@dataclasses.dataclass(eq=False, repr=False, kw_only=True)
+class RMSNorm(_Module):
     """RMS normalization (`bnjax.rms_norm`), a drop-in for ``flax.nnx.RMSNorm``.
 
     Args:
@@ -633,47 +466,21 @@ class RMSNorm(_PerExample):
       [[0.84852815 1.1313709 ]]
     """
 
-    def __init__(
-        self,
-        num_features: int | Sequence[int],
-        *,
-        epsilon: float = 1e-6,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        use_scale: bool = True,
-        scale_init: Initializer = initializers.ones,
-        reduction_axes: Axes = -1,
-        feature_axes: Axes = -1,
-        axis_name: str | None = None,
-        axis_index_groups: Any = None,
-        use_fast_variance: bool = True,
-        promote_dtype: PromoteDtypeFn = nnx_dtypes.promote_dtype,
-        rngs: nnx.Rngs,
-        scale_metadata: Mapping[str, Any] = _NO_METADATA,
-    ):
-        self._init_common(
-            num_features,
-            epsilon=epsilon,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            use_bias=False,
-            use_scale=use_scale,
-            bias_init=None,
-            scale_init=scale_init,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance,
-            promote_dtype=promote_dtype,
-            rngs=rngs,
-            bias_metadata=_NO_METADATA,
-            scale_metadata=scale_metadata,
-        )
-        self.reduction_axes, self.feature_axes = reduction_axes, feature_axes
+    epsilon: float = 1e-6
+    """Added to the mean square (flax's default 1e-6)."""
+    reduction_axes: Axes = -1
+    """The axes the mean square runs over."""
+    feature_axes: Axes = -1
+    """The axes along which scale varies."""
+
+    def __post_init__(self, *init_only):
+        self.use_bias = False  # no bias, as flax's RMSNorm (the attribute says so)
+        super().__post_init__(*init_only)
 
     def __call__(self, x, mask=None):
         """Normalizes `x`; `mask`: booleans broadcastable to x."""
         x, scale, _, out_dtype = self._inputs(x)
-        scale, _ = self._feature_shaped(x, scale, None, self.feature_axes)
+        (scale,) = _feature_shaped(x, (scale,), self.feature_axes)
         y = rms_norm(
             x,
             scale,
@@ -686,7 +493,8 @@ class RMSNorm(_PerExample):
         return y.astype(out_dtype)
 
 
-class InstanceNorm(_PerExample):
+@dataclasses.dataclass(eq=False, repr=False, kw_only=True)
+class InstanceNorm(_WithBias):
     """Instance normalization (`bnjax.instance_norm`), a drop-in for ``flax.nnx.InstanceNorm``.
 
     Statistics per example and feature over the other non-batch axes.
@@ -705,51 +513,17 @@ class InstanceNorm(_PerExample):
       Array([[1., 1., 1., 1.]], dtype=float32)
     """
 
-    def __init__(
-        self,
-        num_features: int | Sequence[int],
-        *,
-        epsilon: float = 1e-6,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        use_bias: bool = True,
-        use_scale: bool = True,
-        bias_init: Initializer = initializers.zeros,
-        scale_init: Initializer = initializers.ones,
-        feature_axes: Axes = -1,
-        axis_name: str | None = None,
-        axis_index_groups: Any = None,
-        use_fast_variance: bool = True,
-        promote_dtype: PromoteDtypeFn = nnx_dtypes.promote_dtype,
-        rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = _NO_METADATA,
-        scale_metadata: Mapping[str, Any] = _NO_METADATA,
-    ):
-        self._init_common(
-            num_features,
-            epsilon=epsilon,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            use_bias=use_bias,
-            use_scale=use_scale,
-            bias_init=bias_init,
-            scale_init=scale_init,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance,
-            promote_dtype=promote_dtype,
-            rngs=rngs,
-            bias_metadata=bias_metadata,
-            scale_metadata=scale_metadata,
-        )
-        self.feature_axes = feature_axes
+    epsilon: float = 1e-6
+    """Added to the variance (flax's default 1e-6)."""
+    feature_axes: Axes = -1
+    """The feature axes (any but 0, the batch axis)."""
 
     def __call__(self, x, *, mask=None):
         """Normalizes x of shape (N, ..., C); `mask`: booleans broadcastable to x."""
         x = jnp.asarray(x)
         check_instance_feature_axes(self.feature_axes, x.ndim)
         x, scale, bias, out_dtype = self._inputs(x)
-        scale, bias = self._feature_shaped(x, scale, bias, self.feature_axes)
+        scale, bias = _feature_shaped(x, (scale, bias), self.feature_axes)
         y = instance_norm(
             x,
             scale,

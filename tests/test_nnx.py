@@ -130,6 +130,29 @@ def test_constructor_arguments_are_flax_arguments_with_flax_defaults(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_constructor_signature_is_flax_signature(name):
+    """Every flax argument, with flax's kind and default (initializers and metadata included);
+    bnjax's own options are keyword-only. The constructor is generated from the declared
+    options (a dataclass), so this checks that each is declared as flax spells it."""
+    flax_init = inspect.signature(getattr(nnx, name).__init__).parameters
+    ours = inspect.signature(getattr(bnx, name).__init__).parameters
+    for argument, theirs in flax_init.items():
+        assert argument in ours, argument
+        assert ours[argument].kind == theirs.kind, argument
+        assert ours[argument].default == theirs.default, argument
+    for argument in set(ours) - set(flax_init):
+        assert ours[argument].kind == inspect.Parameter.KEYWORD_ONLY, argument
+
+
+def test_batch_renorm_takes_every_batch_norm_option():
+    batch_norm = inspect.signature(bnx.BatchNorm.__init__).parameters
+    renorm = inspect.signature(bnx.BatchRenorm.__init__).parameters
+    assert {n: p.default for n, p in batch_norm.items()}.items() <= {
+        n: p.default for n, p in renorm.items()
+    }.items()
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_default_module_matches_flax(name):
     """Same Param and BatchStat variables; same outputs and statistics, train and eval."""
     theirs = getattr(nnx, name)(C, use_fast_variance=False, rngs=nnx.Rngs(0))

@@ -27,9 +27,8 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -37,7 +36,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax.core import checks, stats
+from bnjax.core.batch_layout import BatchLayout, as_param, batch_layout, grouped_mask
 from bnjax.core.batch_normalize import KernelConfig, normalize
+from bnjax.core.running_update import batch_statistics_for_update, running_update
+from bnjax.core.state_guard import check_known_statistics, guard_statistics
 
 __all__ = [
     "BatchNormState",
@@ -106,60 +108,6 @@ def batch_norm_state(num_features: int | Sequence[int], dtype=None) -> BatchNorm
     )
 
 
-class BatchLayout(NamedTuple):
-    """Where the features sit in the (ghost, batch, ...) view of the input."""
-
-    feature_axes: tuple[int, ...]  # of the original input
-    feature_shape: tuple[int, ...]
-    grouped_shape: tuple[int, ...]  # (num_ghost, ghost_size, *x.shape[1:])
-    reduction_axes: tuple[int, ...]  # of the grouped view: everything but ghost and features
-    param_shape: tuple[int, ...]  # scale/bias/statistics broadcast shape in the grouped view
-
-
-def batch_layout(x, axis, ghost_batch_size) -> BatchLayout:
-    """The `BatchLayout` of `x` for feature `axis` and ghost batches of `ghost_batch_size`
-    (None: one group); raises a ValueError naming the argument when they do not fit `x`."""
-    feature_axes = checks.normalize_axes(axis, x.ndim, "axis")
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    batch = x.shape[0]
-    if ghost_batch_size is None:
-        num_ghost = 1
-    else:
-        if 0 in feature_axes:
-            raise ValueError("`ghost_batch_size` splits axis 0, so `axis` must not include 0.")
-        try:
-            ghost_batch_size = checks.as_int(ghost_batch_size, "ghost_batch_size")
-        except TypeError as error:
-            raise ValueError(
-                f"`ghost_batch_size` must be a positive int, got {ghost_batch_size!r}."
-            ) from error
-        if ghost_batch_size < 1:
-            raise ValueError(
-                f"`ghost_batch_size` must be a positive int, got {ghost_batch_size!r}."
-            )
-        if batch % ghost_batch_size:
-            raise ValueError(
-                f"`ghost_batch_size`={ghost_batch_size} does not divide the batch of {batch} "
-                f"(x.shape={tuple(x.shape)}); pick a divisor of {batch} or pad the batch and mask."
-            )
-        # An empty batch is one empty ghost batch: no statistics, as without ghost batches.
-        num_ghost = max(batch // ghost_batch_size, 1)
-    grouped_shape = (num_ghost, batch // num_ghost, *x.shape[1:])
-    grouped_features = tuple(a + 1 for a in feature_axes)
-    reduction_axes = tuple(a for a in range(1, x.ndim + 1) if a not in grouped_features)
-    param_shape = tuple(
-        grouped_shape[a] if a in grouped_features else 1 for a in range(len(grouped_shape))
-    )
-    return BatchLayout(feature_axes, feature_shape, grouped_shape, reduction_axes, param_shape)
-
-
-def grouped_mask(mask, x, layout: BatchLayout) -> Array | None:
-    """Brings a mask broadcastable to x (flax's rule, `checks.broadcast_mask`) into the grouped
-    view, as booleans."""
-    mask = checks.broadcast_mask(mask, x)
-    return None if mask is None else mask.reshape(layout.grouped_shape)
-
-
 def check_state(state: BatchNormState, feature_shape, axis) -> BatchNormState:
     """Raises unless `state` is a BatchNormState whose mean and var are float arrays with
     `feature_shape`; returns it with Python-int counters as int32 arrays."""
@@ -169,66 +117,6 @@ def check_state(state: BatchNormState, feature_shape, axis) -> BatchNormState:
         )
     checks.check_statistics(state, ("mean", "var"), feature_shape, axis, "batch_norm_state")
     return checks.as_counters(state, ("count", "skipped"), "batch_norm_state")
-
-
-def as_param(param, layout: BatchLayout, fill: float, dtype) -> Array:
-    """A per-feature array (scale, bias, a statistic; feature shape) in `dtype`, reshaped to
-    broadcast in the grouped view; None gives the constant `fill` instead."""
-    if param is None:
-        return jnp.full(layout.param_shape, fill, dtype)
-    return param.astype(dtype).reshape(layout.param_shape)
-
-
-def averaged_statistics(mean, var, batch_mean, batch_var, count, momentum):
-    """The running (mean, var) after folding in one batch's, in the dtypes of `mean`, `var`
-    (a complex batch mean makes the running mean complex, as in flax)."""
-    dtype = var.dtype
-    if jnp.iscomplexobj(batch_mean):
-        mean = mean.astype(jnp.promote_types(mean.dtype, batch_mean.dtype))
-    batch_mean = batch_mean.astype(mean.dtype)
-    batch_var = batch_var.astype(dtype)
-    if momentum is None:
-        weight = 1.0 / (count + 1).astype(dtype)
-        return mean + weight * (batch_mean - mean), var + weight * (batch_var - var)
-    return (
-        momentum * mean + (1.0 - momentum) * batch_mean,
-        momentum * var + (1.0 - momentum) * batch_var,
-    )
-
-
-def all_finite(*arrays) -> Array:
-    """One boolean: every value of every array is finite."""
-    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(a)) for a in arrays])
-
-
-def running_update(
-    state: BatchNormState,
-    batch: BatchUpdate,
-    momentum: float | None,
-    guard: checks.StateGuard | None = None,
-) -> BatchNormState:
-    """Folds one batch's statistics into the state, per feature, unless they are not finite.
-
-    Features the batch could not estimate (`batch.estimated` False: fewer than two valid
-    values) keep their running statistics. A batch whose estimated statistics are not finite,
-    or that estimated no feature at all, is left out and counted in `skipped`. A state that is
-    itself not finite (`guard.finite` False; no guard: tested here) cannot be updated: it is
-    returned unchanged, with neither `count` nor `skipped` advanced.
-    """
-    if guard is None:
-        guard = checks.StateGuard(all_finite(state.mean, state.var), 0)
-    new_mean, new_var = averaged_statistics(
-        state.mean, state.var, batch.mean, batch.var, state.count, momentum
-    )
-    new_mean = jnp.where(batch.estimated, new_mean, state.mean)
-    new_var = jnp.where(batch.estimated, new_var, state.var)
-    folded = all_finite(new_mean, new_var) & batch.any_estimated
-    return BatchNormState(
-        mean=jnp.where(folded, new_mean, state.mean),
-        var=jnp.where(folded, new_var, state.var),
-        count=state.count + folded.astype(jnp.int32),
-        skipped=state.skipped + (~folded & guard.finite).astype(jnp.int32) + guard.alert,
-    )
 
 
 class TrainingPlan(NamedTuple):
@@ -272,7 +160,8 @@ def plan_training(
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
     # A known epsilon is a static option (a constant in the compiled program); a traced one
     # (e.g. a jit argument) cannot be, and is passed to the kernel as an operand instead.
-    static_epsilon = checks.concrete_value(epsilon)
+    known = checks.known_values(epsilon)
+    static_epsilon = None if known is None else known[0]
     kernel = KernelConfig(
         reduction_axes=layout.reduction_axes,
         epsilon=None if static_epsilon is None else float(static_epsilon),
@@ -284,66 +173,6 @@ def plan_training(
         axis_name if local else None,
         groups if local else None,
         epsilon if static_epsilon is None else None,
-    )
-
-
-class BatchUpdate(NamedTuple):
-    """One batch's contribution to the running statistics (feature shape)."""
-
-    mean: Array
-    var: Array  # biased, or unbiased when the state stores the unbiased variance
-    estimated: Array  # bool: the feature had at least two valid values (in some ghost batch)
-
-    @property
-    def any_estimated(self) -> Array | bool:
-        """The batch estimated some feature (a layer with no features counts every batch)."""
-        return jnp.any(self.estimated) if self.estimated.size else True
-
-
-MIN_VALUES_PER_ESTIMATE = 2
-"""Fewest valid values whose variance updates a running variance: the variance of one value
-is 0 whatever the data, and folding that in drives the running variance towards 0."""
-
-
-def batch_statistics_for_update(
-    mean: Array,
-    var: Array,
-    count: Array,
-    layout: BatchLayout,
-    plan: TrainingPlan,
-    *,
-    use_unbiased_running_var: bool,
-) -> BatchUpdate:
-    """One (mean, var) per feature from per-ghost-batch statistics, and which features they
-    estimate.
-
-    Ghost batches are averaged with equal weight, so the update equals the average of what each
-    ghost batch would give on its own (local mode = independent devices). Ghost batches with
-    fewer than two valid values of a feature (`MIN_VALUES_PER_ESTIMATE`) are left out for that
-    feature; a feature no ghost batch estimates is marked in `estimated` and keeps its running
-    statistics. With `axis_name`, the average runs over the ghost batches of every device so
-    the replicated state stays identical (the counts are global without ghost batches).
-    """
-    usable = count >= MIN_VALUES_PER_ESTIMATE
-    if use_unbiased_running_var:
-        var = var * count / jnp.maximum(count - 1, 1)
-    weight = usable.astype(var.dtype)
-    sums = (
-        jnp.sum(weight, axis=0),
-        jnp.sum(jnp.where(usable, mean, 0), axis=0),
-        jnp.sum(jnp.where(usable, var, 0), axis=0),
-    )
-    if plan.update_axis_name is not None:
-        sums = lax.psum(
-            sums, plan.update_axis_name, axis_index_groups=plan.update_axis_index_groups
-        )
-    total, mean_sum, var_sum = sums
-    safe_total = jnp.maximum(total, 1)
-    feature_shape = layout.feature_shape
-    return BatchUpdate(
-        (mean_sum / safe_total).reshape(feature_shape),
-        (var_sum / safe_total).reshape(feature_shape),
-        (total > 0).reshape(feature_shape),
     )
 
 
@@ -363,7 +192,7 @@ def evaluate(
     A known running variance (eager, or closed over) is read once: a negative one would give
     NaN, so it raises a ValueError naming `state.var`. A traced one is not read.
     """
-    checks.check_known_statistics(state, ("var",), function, finite=False)
+    check_known_statistics(state, ("var",), function, finite=False)
     dtype = stats.stats_dtype(x.dtype)
     feature_view = [1] * x.ndim
     for a in layout.feature_axes:
@@ -377,6 +206,61 @@ def evaluate(
     if bias is not None:
         y = y + bias.astype(dtype).reshape(feature_view)
     return y.astype(x.dtype)
+
+
+class CheckedCall(NamedTuple):
+    """The arguments of a `batch_norm` or `batch_renorm` call, checked and converted."""
+
+    x: Array
+    state: NamedTuple  # the state with Python-int counters as int32 arrays
+    scale: Array | None
+    bias: Array | None
+    layout: BatchLayout
+    training: bool
+    use_unbiased_running_var: bool
+
+
+def check_call(
+    x,
+    state,
+    scale,
+    bias,
+    *,
+    check_state: Callable,
+    training,
+    momentum,
+    epsilon,
+    axis,
+    axis_name,
+    axis_index_groups,
+    ghost_batch_size,
+    use_unbiased_running_var,
+) -> CheckedCall:
+    """The checks `batch_norm` and `batch_renorm` share, in the order their errors are raised:
+    x, the mode, epsilon, momentum, the device axis, x's rank, the layout (axis, ghost
+    batches), the state (`check_state(state, feature_shape, axis)`, the one part that differs),
+    scale and bias, then the option flag. Each raises naming its argument."""
+    x = jnp.asarray(x)
+    checks.check_floating(x, "x")
+    training = checks.check_training(training)
+    checks.check_epsilon(epsilon)
+    checks.check_momentum(momentum)
+    checks.check_axis_name(axis_name, axis_index_groups)
+    if x.ndim < 2:
+        raise ValueError(
+            f"`x` must have a batch axis and a feature axis, got shape {tuple(x.shape)}; "
+            f"for a single feature vector use x[None]."
+        )
+    # Ghost batches only shape training statistics; evaluation ignores them.
+    layout = batch_layout(x, axis, ghost_batch_size if training else None)
+    state = check_state(state, layout.feature_shape, axis)
+    scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
+    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis", input_dtype=x.dtype)
+    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis", input_dtype=x.dtype)
+    use_unbiased_running_var = checks.check_option_flag(
+        use_unbiased_running_var, "use_unbiased_running_var"
+    )
+    return CheckedCall(x, state, scale, bias, layout, training, use_unbiased_running_var)
 
 
 def batch_norm(
@@ -446,31 +330,27 @@ def batch_norm(
       >>> y.mean(axis=0).round(6).tolist(), state.count.item()
       ([0.0, 0.0, 0.0], 1)
     """
-    x = jnp.asarray(x)
-    checks.check_floating(x, "x")
-    training = checks.check_training(training)
-    checks.check_epsilon(epsilon)
-    checks.check_momentum(momentum)
-    checks.check_axis_name(axis_name, axis_index_groups)
-    if x.ndim < 2:
-        raise ValueError(
-            f"`x` must have a batch axis and a feature axis, got shape {tuple(x.shape)}; "
-            f"for a single feature vector use x[None]."
-        )
-    # Ghost batches only shape training statistics; evaluation ignores them.
-    layout = batch_layout(x, axis, ghost_batch_size if training else None)
-    given_state, state = state, check_state(state, layout.feature_shape, axis)
-    scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
-    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis", input_dtype=x.dtype)
-    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis", input_dtype=x.dtype)
-    use_unbiased_running_var = checks.check_option_flag(
-        use_unbiased_running_var, "use_unbiased_running_var"
+    given_state = state
+    x, state, scale, bias, layout, training, use_unbiased_running_var = check_call(
+        x,
+        state,
+        scale,
+        bias,
+        check_state=check_state,
+        training=training,
+        momentum=momentum,
+        epsilon=epsilon,
+        axis=axis,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        ghost_batch_size=ghost_batch_size,
+        use_unbiased_running_var=use_unbiased_running_var,
     )
     if not training:
         y = evaluate(x, state, scale, bias, epsilon=epsilon, layout=layout, function="batch_norm")
         return y, given_state
 
-    guard = checks.guard_statistics(state, ("mean", "var"), "batch_norm")
+    guard = guard_statistics(state, ("mean", "var"), "batch_norm")
     dtype = stats.stats_dtype(x.dtype)
     plan = plan_training(
         x,

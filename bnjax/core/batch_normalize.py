@@ -84,9 +84,7 @@ def _statistics(x, mask, epsilon, config):
         epsilon = config.epsilon
     else:
         epsilon = epsilon.astype(var.dtype)
-    # A channel with no valid value (all masked) normalizes to 0, so its output is the bias
-    # and its gradient 0; rsqrt(0 + epsilon) would blow its values up by 1 / sqrt(epsilon).
-    inv = jnp.where(batch.count > 0, lax.rsqrt(var + epsilon), 0)
+    inv = stats.inverse_root(batch.count, var, epsilon)  # 0 for an all-masked channel
     # The output's x - mean must not be the very value the variance pass reduced: XLA:CPU
     # would then compute that full-size broadcast once and store it for both users, an extra
     # float32 copy of x. The barrier costs nothing at run time; each loop fuses its own.

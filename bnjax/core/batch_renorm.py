@@ -38,19 +38,22 @@ import jax.numpy as jnp
 from jax import lax
 
 from bnjax.core import checks, stats
+from bnjax.core.batch_layout import as_param, grouped_mask
 from bnjax.core.batch_norm import (
     BatchNormState,
-    all_finite,
-    as_param,
-    averaged_statistics,
-    batch_layout,
     batch_norm_state,
-    batch_statistics_for_update,
+    check_call,
     evaluate,
-    grouped_mask,
     plan_training,
 )
 from bnjax.core.batch_normalize import batch_moments, normalize
+from bnjax.core.running_update import (
+    all_finite,
+    batch_statistics_for_update,
+    counters_after,
+    updated_statistics,
+)
+from bnjax.core.state_guard import guard_statistics
 
 __all__ = [
     "BatchRenormState",
@@ -261,29 +264,25 @@ def batch_renorm(
       >>> state.step.item(), y.shape
       (1, (4, 3))
     """
-    x = jnp.asarray(x)
-    checks.check_floating(x, "x")
-    training = checks.check_training(training)
-    checks.check_epsilon(epsilon)
-    checks.check_momentum(momentum)
+    given_state = state
+    x, state, scale, bias, layout, training, use_unbiased_running_var = check_call(
+        x,
+        state,
+        scale,
+        bias,
+        check_state=_check_state,
+        training=training,
+        momentum=momentum,
+        epsilon=epsilon,
+        axis=axis,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        ghost_batch_size=ghost_batch_size,
+        use_unbiased_running_var=use_unbiased_running_var,
+    )
     checks.check_momentum(renorm_momentum, "renorm_momentum", allow_none=False)
-    checks.check_axis_name(axis_name, axis_index_groups)
-    if x.ndim < 2:
-        raise ValueError(
-            f"`x` must have a batch axis and a feature axis, got shape {tuple(x.shape)}; "
-            f"for a single feature vector use x[None]."
-        )
-    # Ghost batches only shape training statistics; evaluation ignores them.
-    layout = batch_layout(x, axis, ghost_batch_size if training else None)
-    given_state, state = state, _check_state(state, layout.feature_shape, axis)
     dtype = stats.stats_dtype(x.dtype)
     r_bound, d_bound = _bounds(state, r_max, d_max, schedule, dtype)
-    scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
-    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis", input_dtype=x.dtype)
-    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis", input_dtype=x.dtype)
-    use_unbiased_running_var = checks.check_option_flag(
-        use_unbiased_running_var, "use_unbiased_running_var"
-    )
     if not training:  # batch_norm's evaluation, on (mean, var)
         y = evaluate(
             x,
@@ -295,7 +294,7 @@ def batch_renorm(
             function="batch_renorm",
         )
         return y, given_state
-    guard = checks.guard_statistics(state, _STATISTICS, "batch_renorm")
+    guard = guard_statistics(state, _STATISTICS, "batch_renorm")
 
     plan = plan_training(
         x,
@@ -337,15 +336,10 @@ def batch_renorm(
             plan,
             use_unbiased_running_var=unbiased,
         )
-        new_mean, new_var = averaged_statistics(
-            running_mean, running_var, batch.mean, batch.var, state.count, decay
-        )
         # Features with fewer than two valid values keep their statistics (as in batch_norm);
         # the biased and unbiased updates agree on which those are.
-        return (
-            jnp.where(batch.estimated, new_mean, running_mean),
-            jnp.where(batch.estimated, new_var, running_var),
-        ), batch.any_estimated
+        new = updated_statistics(running_mean, running_var, batch, state.count, decay)
+        return new, batch.any_estimated
 
     evaluation, estimated = update(state.mean, state.var, use_unbiased_running_var, momentum)
     renorm, _ = update(state.renorm_mean, state.renorm_var, False, renorm_momentum)
@@ -353,14 +347,12 @@ def batch_renorm(
     # so the sets stay in step. A state that was not finite to begin with is not the batch's
     # fault: it stays as it is, and the batch is not counted as skipped.
     finite = all_finite(*evaluation, *renorm) & estimated
-    keep = finite.astype(jnp.int32)
     new_state = BatchRenormState(
         mean=jnp.where(finite, evaluation[0], state.mean),
         var=jnp.where(finite, evaluation[1], state.var),
         renorm_mean=jnp.where(finite, renorm[0], state.renorm_mean),
         renorm_var=jnp.where(finite, renorm[1], state.renorm_var),
-        count=state.count + keep,
-        skipped=state.skipped + (~finite & guard.finite).astype(jnp.int32) + guard.alert,
-        step=state.step + keep,
+        step=state.step + finite.astype(jnp.int32),  # the warm-up counts folded batches
+        **counters_after(state, finite, guard),
     )
     return grouped_y.reshape(x.shape), new_state

@@ -46,7 +46,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from bnjax.core import checks, stats
 
@@ -102,15 +101,9 @@ def _standardize(x, reduce, epsilon, mask, axis_name, axis_index_groups) -> Arra
     return (x.astype(moments.mean.dtype) - moments.mean) * inv
 
 
-def _inverse_root(count, value, epsilon) -> Array:
-    """1 / sqrt(value + epsilon), and 0 for a statistic with no valid value (count 0): its
-    values then normalize to 0 (the output is the bias) and their gradient is 0, never NaN."""
-    return jnp.where(count > 0, lax.rsqrt(value + epsilon), 0)
-
-
 def _inverse_std(moments: stats.Moments, epsilon) -> Array:
-    """`_inverse_root` of the (biased) variance of `moments`."""
-    return _inverse_root(moments.count, moments.m2 / jnp.maximum(moments.count, 1), epsilon)
+    """`stats.inverse_root` of the (biased) variance of `moments` (0 with no valid value)."""
+    return stats.inverse_root(moments.count, moments.m2 / jnp.maximum(moments.count, 1), epsilon)
 
 
 def group_norm(
@@ -377,6 +370,6 @@ def rms_norm(
     )
     mask = checks.broadcast_mask(mask, x)
     count, square = stats.mean_square(x, reduce, mask, axis_name, axis_index_groups)
-    inv = _inverse_root(count, square, epsilon)
+    inv = stats.inverse_root(count, square, epsilon)
     y = x.astype(stats.stats_dtype(x.dtype)) * inv
     return _affine(y, scale, None, features, x.dtype)

@@ -36,6 +36,7 @@ __all__ = [
     "abs_square",
     "check_axis_name_bound",
     "combine",
+    "inverse_root",
     "mean_square",
     "merge_across_devices",
     "moments",
@@ -90,6 +91,18 @@ def abs_square(x: Array) -> Array:
 def real_dtype(dtype) -> jnp.dtype:
     """The real dtype of a (possibly complex) statistics dtype: counts and variances."""
     return jnp.finfo(dtype).dtype
+
+
+def inverse_root(count: Array, value: Array, epsilon) -> Array:
+    """``1 / sqrt(value + epsilon)`` per statistic, and 0 where `count` is 0.
+
+    `value` is a variance or a mean square over `count` valid values. A statistic with no
+    valid value (everything masked, an empty shard) normalizes its values to 0, so the output
+    there is the bias and the gradient 0, never NaN; ``rsqrt(0 + epsilon)`` would instead
+    blow those values up by ``1 / sqrt(epsilon)``. Every division by statistics of the
+    current input (batch, group, layer, instance, RMS) goes through here.
+    """
+    return jnp.where(count > 0, lax.rsqrt(value + epsilon), 0)
 
 
 def moments(x: Array, reduction_axes: tuple[int, ...], mask: Array | None = None) -> Moments:

@@ -33,19 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnjax.core.checks import known_values
 from bnjax.lifecycle import layers as L
 
 __all__ = ["evaluation_affine", "fold", "fold_into", "layer_epsilons", "pair_by_name"]
-
-
-def _concrete(value):
-    """A numpy copy of `value`, or None when it is None or traced (under jit)."""
-    if value is None:
-        return None
-    try:
-        return np.asarray(value)
-    except jax.errors.TracerArrayConversionError:
-        return None
 
 
 def _unfoldable(mean, var, scale, norm_bias, epsilon) -> list[str]:
@@ -58,10 +49,10 @@ def _unfoldable(mean, var, scale, norm_bias, epsilon) -> list[str]:
     if eps is not None and not (math.isfinite(eps) and eps >= 0):
         problems.append(f"epsilon is {epsilon!r} (it must be finite and >= 0)")
     for name, value in (("mean", mean), ("var", var), ("scale", scale), ("bias", norm_bias)):
-        array = _concrete(value)
+        (array,) = known_values(value) or (None,)
         if array is not None and not np.all(np.isfinite(array)):
             problems.append(f"{name} non-finite in {int(np.sum(~np.isfinite(array)))} channel(s)")
-    var = _concrete(var)
+    (var,) = known_values(var) or (None,)
     if var is not None and np.any(var < 0):
         problems.append(
             f"negative var in {int(np.sum(var < 0))} channel(s) (min {np.nanmin(var):.3g})"
