@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from bnjax.core import BatchNormState, BatchRenormState, batch_norm_state, stats
-from bnjax.lifecycle import layers as L
+from bnjax.lifecycle.layers import merge_calls
 
 __all__ = ["LayerInput", "Total", "accumulate", "empty_totals", "population_state"]
 
@@ -99,7 +99,7 @@ def accumulate(totals: Mapping[Any, Total], new: Mapping[Any, stats.Moments]) ->
         previous = total.shifted._replace(
             mean=total.shifted.mean + (total.shift - shift)  # 0 after the first batch
         )
-        combined = L.merge_calls((previous, moments._replace(mean=moments.mean - shift)))
+        combined = merge_calls((previous, moments._replace(mean=moments.mean - shift)))
         keep = functools.partial(jnp.where, finite)
         merged[key] = Total(
             jax.tree.map(keep, combined, total.shifted),
@@ -163,9 +163,10 @@ def population_state(
     Features with no value (or one, when unbiased) keep the state's statistics.
 
     Example:
+      >>> from bnjax.lifecycle.layers import feature_moments
       >>> x = jnp.array([[0.0], [2.0], [4.0], [6.0]])      # two batches of two
-      >>> totals = {"bn": Total(L.feature_moments(x[:2], -1), 1, 0)}
-      >>> totals = accumulate(totals, {"bn": L.feature_moments(x[2:], -1)})
+      >>> totals = {"bn": Total(feature_moments(x[:2], -1), 1, 0)}
+      >>> totals = accumulate(totals, {"bn": feature_moments(x[2:], -1)})
       >>> population_state(totals["bn"].moments).var.tolist()  # batch variances are 1 and 1
       [5.0]
     """

@@ -70,7 +70,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bnjax.lifecycle import layers as L
 from bnjax.lifecycle._backends import (
     MODES,
     Functional,
@@ -78,6 +77,7 @@ from bnjax.lifecycle._backends import (
     Nnx,
     layer_input_moments,
 )
+from bnjax.lifecycle.layers import path_str
 from bnjax.lifecycle.population import accumulate, empty_totals
 
 __all__ = ["layer_input_moments", "recalibrate"]
@@ -275,7 +275,7 @@ def _warn_about(backend, totals) -> None:
     if unseen:
         warnings.warn(
             f"recalibrate: {len(unseen)} batch-norm layer(s) were never called and keep their "
-            f"statistics: {[L.path_str(k) if isinstance(k, tuple) else k for k in unseen]}",
+            f"statistics: {[path_str(k) if isinstance(k, tuple) else k for k in unseen]}",
             stacklevel=3,
         )
     empty = [key for key, total in totals.items() if not bool(jnp.all(total.moments.count > 0))]
