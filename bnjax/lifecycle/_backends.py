@@ -1,4 +1,5 @@
-"""The three front ends of `recalibrate`: per-batch input moments, and writing the result.
+"""The backends of `recalibrate`, `recalibrate_nnx` and `recalibrate_states`: per-batch input
+moments, and writing the result.
 
 Each backend has ``moments(current, batch, index) -> {layer_key: Moments}`` (pure, jittable),
 ``check(current, shapes)`` (the stored statistics have the shapes of the moments),
@@ -76,34 +77,23 @@ def _linen_interceptor(training: bool, unbiased: dict):
     return interceptor
 
 
-def layer_input_moments(
+def _linen_moments(
     model: nn.Module,
     variables,
-    *inputs,
-    mode: str = "train",
-    axis_name=None,
-    axis_index_groups=None,
-    rngs=None,
-    _unbiased: dict | None = None,
-    **apply_kwargs,
+    inputs: tuple,
+    apply_kwargs: dict,
+    *,
+    mode: str,
+    axis_name,
+    axis_index_groups,
+    rngs,
+    unbiased: dict,
 ) -> dict[Path, stats.Moments]:
-    """Per-layer moments of every linen batch norm's input for one batch (pure, jittable).
-
-    Runs ``model.apply(variables, *inputs, **apply_kwargs)`` with each batch norm switched to
-    training (``mode="train"``) or evaluation (``"full_batch"``) and returns
-    ``{module_path: Moments}`` (feature-shaped; merged over the calls of a layer called more
-    than once). Inside ``pmap``/``shard_map``, `axis_name` merges them over devices, exactly.
-
-    Example:
-      >>> model = nn.BatchNorm(use_running_average=True)
-      >>> x = jnp.array([[1.0], [3.0]])
-      >>> moments = layer_input_moments(model, model.init(jax.random.key(0), x), x)
-      >>> moments[()].mean.tolist(), moments[()].m2.tolist()
-      ([2.0], [2.0])
-    """
+    """`layer_input_moments`, also noting in `unbiased` each layer's
+    `use_unbiased_running_var` (by module path), which the writing step needs; the
+    interceptor is the one place that sees the modules, so it records them while tracing."""
     if mode not in MODES:
         raise ValueError(f"`mode`={mode!r} is not one of {MODES}.")
-    unbiased = {} if _unbiased is None else _unbiased
     with nn.intercept_methods(_linen_interceptor(mode == "train", unbiased)):
         _, updates = model.apply(variables, *inputs, mutable=True, rngs=rngs, **apply_kwargs)
     sown = traverse_util.flatten_dict(to_dict(updates.get(SOW_NAME, {})))
@@ -114,6 +104,46 @@ def layer_input_moments(
             for key, value in moments.items()
         }
     return moments
+
+
+def layer_input_moments(
+    model: nn.Module,
+    variables,
+    *inputs,
+    mode: str = "train",
+    axis_name=None,
+    axis_index_groups=None,
+    rngs=None,
+    **apply_kwargs,
+) -> dict[Path, stats.Moments]:
+    """Per-layer moments of every linen batch norm's input for one batch (pure, jittable).
+
+    Runs ``model.apply(variables, *inputs, **apply_kwargs)`` with each batch norm switched to
+    training (``mode="train"``) or evaluation (``"full_batch"``) and returns
+    ``{module_path: Moments}``: per layer ``count``, ``mean`` and ``m2`` (the sum of squared
+    deviations), each of the layer's feature shape, e.g. (C,) for features last; merged over
+    the calls of a layer called more than once. Inside ``pmap``/``shard_map``, `axis_name`
+    (and `axis_index_groups`) merge them over devices, exactly. `rngs` ({name: key}) and
+    `apply_kwargs` go to ``model.apply``.
+
+    Example:
+      >>> model = nn.BatchNorm(use_running_average=True)
+      >>> x = jnp.array([[1.0], [3.0]])
+      >>> moments = layer_input_moments(model, model.init(jax.random.key(0), x), x)
+      >>> moments[()].mean.tolist(), moments[()].m2.tolist()
+      ([2.0], [2.0])
+    """
+    return _linen_moments(
+        model,
+        variables,
+        inputs,
+        apply_kwargs,
+        mode=mode,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        rngs=rngs,
+        unbiased={},  # read by `recalibrate` only
+    )
 
 
 class Linen:
@@ -134,15 +164,16 @@ class Linen:
         if self.rngs is not None:
             rngs = {name: jax.random.fold_in(key, index) for name, key in self.rngs.items()}
         inputs = batch if isinstance(batch, tuple) else (batch,)
-        return layer_input_moments(
+        return _linen_moments(
             self.model,
             current,
-            *inputs,
+            inputs,
+            self.apply_kwargs,
             mode=self.mode,
             axis_name=self.axis_name,
+            axis_index_groups=None,
             rngs=rngs,
-            _unbiased=self.unbiased,
-            **self.apply_kwargs,
+            unbiased=self.unbiased,
         )
 
     def check(self, current, shapes) -> None:

@@ -25,14 +25,16 @@ __all__ = ["LayerInput", "Total", "accumulate", "empty_totals", "population_stat
 
 
 class LayerInput(NamedTuple):
-    """A functional layer's input for `recalibrate`: x, its feature axis (or axes), a mask.
+    """A functional layer's input for `recalibrate_states`: x, its feature axis (or axes), a
+    mask (broadcast against x as the modules apply it).
 
     Example:
       >>> from bnjax import lifecycle
       >>> def layer_inputs(states, batch, training):     # one BN over axis 1 (NCHW)
       ...     return {"bn": LayerInput(batch, axis=1)}
       >>> batch = jnp.ones((4, 2, 3, 3)) * jnp.array([0.0, 1.0])[:, None, None]
-      >>> states = lifecycle.recalibrate(layer_inputs, {"bn": bnjax.batch_norm_state(2)}, [batch])
+      >>> states = {"bn": bnjax.batch_norm_state(2)}
+      >>> states = lifecycle.recalibrate_states(layer_inputs, states, [batch])
       >>> states["bn"].mean.tolist(), states["bn"].var.tolist()
       ([0.0, 1.0], [0.0, 0.0])
     """
