@@ -41,10 +41,11 @@ model, new states), and each has options that mean nothing to the others (`apply
 `rngs` feed ``model.apply``; `forward` calls an nnx model; `unbiased` is for states, since the
 modules say themselves whether they store the unbiased variance). One signature each lets a
 reader, an IDE and a type checker see what a call takes and returns, and a wrong option fails
-as an unknown keyword instead of being ignored. They share everything else: `mode`,
-`num_batches`, `axis_name`, `jit`, `progress`, and the loop below. The linen function keeps
-the short name because linen is what the bundled models, the training application and the
-study use.
+as an unknown keyword instead of being ignored; a model given to the wrong function is
+refused with the call to make instead. They share everything else: `mode`, `num_batches`,
+`axis_name`, `jit`, `progress`, and the loop (`bnjax.lifecycle._recalibration_loop`). The
+linen function keeps the short name because linen is what the bundled models, the training
+application and the study use, so their calls stay as they were.
 
 For linen the interceptor captures each batch norm's input and switches its mode itself, so
 call the model as in evaluation (``apply_kwargs={"train": False}``: dropout off, which would
@@ -104,7 +105,7 @@ def recalibrate(
 
     Each batch norm's ``mean`` and ``var`` in ``variables["batch_stats"]`` (shape: the
     layer's features, (C,) for features last) become the mean and variance of everything
-    that reaches the layer over `batches` (see the module docstring for the two `mode`\\ s);
+    that reaches the layer over `batches` (see the module docstring for the two modes);
     biased, or unbiased where the layer has ``use_unbiased_running_var=True``. For an nnx
     model use `recalibrate_nnx`, for the functional core `recalibrate_states`.
 
