@@ -40,7 +40,19 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from bnjax.core import BatchNormState
-from bnjax.lifecycle import layers as L
+from bnjax.lifecycle.layers import (
+    STATS,
+    Path,
+    call_parent,
+    feature_moments,
+    is_linen_batch_norm_call,
+    nnx_batch_norms,
+    path_str,
+    read_variable,
+    subclass,
+    swapped_classes,
+    to_dict,
+)
 
 __all__ = ["COLLECTION", "LayerTelemetry", "collect", "layer_telemetry", "summaries", "telemetry"]
 
@@ -94,7 +106,7 @@ def layer_telemetry(
       >>> float(t.mean_shift), float(t.scale_shift), float(t.drift)
       (2.0, 0.0, 2.0)
     """
-    moments = L.feature_moments(x, axis, mask)
+    moments = feature_moments(x, axis, mask)
     batch_mean, batch_var = moments.mean, moments.variance()
     mean = jnp.asarray(state.mean, batch_mean.dtype)
     var = jnp.asarray(state.var, batch_mean.dtype)
@@ -145,18 +157,18 @@ def telemetry(collection: str = COLLECTION):
     """
 
     def interceptor(next_fun, args, kwargs, context):
-        if not L.is_linen_batch_norm_call(context):
+        if not is_linen_batch_norm_call(context):
             return next_fun(*args, **kwargs)
         module = context.module
         if not module.is_mutable_collection(collection) or module.is_initializing():
             return next_fun(*args, **kwargs)
         running = BatchNormState(
-            module.get_variable(L.STATS, "mean"), module.get_variable(L.STATS, "var"), -1, -1
+            module.get_variable(STATS, "mean"), module.get_variable(STATS, "var"), -1, -1
         )
         y = next_fun(*args, **kwargs)
         if running.mean is None:  # statistics created by this very call
             return y
-        counters = _counters(lambda name: module.get_variable(L.STATS, name))
+        counters = _counters(lambda name: module.get_variable(STATS, name))
         module.sow(
             collection,
             "telemetry",
@@ -184,8 +196,8 @@ def _average_calls(calls) -> LayerTelemetry:
     )
 
 
-def _per_layer(sown, name: str) -> dict[L.Path, LayerTelemetry]:
-    flat = traverse_util.flatten_dict(L.to_dict(sown))
+def _per_layer(sown, name: str) -> dict[Path, LayerTelemetry]:
+    flat = traverse_util.flatten_dict(to_dict(sown))
     return {path[:-1]: _average_calls(calls) for path, calls in flat.items() if path[-1] == name}
 
 
@@ -193,12 +205,12 @@ def _per_layer(sown, name: str) -> dict[L.Path, LayerTelemetry]:
 
 
 def _telemetry_call(self, x, use_running_average=None, *, mask=None):
-    running = BatchNormState(L.read_variable(self.mean), L.read_variable(self.var), -1, -1)
-    y = L.call_parent(self, _telemetry_call, x, use_running_average, mask=mask)
+    running = BatchNormState(read_variable(self.mean), read_variable(self.var), -1, -1)
+    y = call_parent(self, _telemetry_call, x, use_running_average, mask=mask)
 
     def read(name):
         variable = getattr(self, name, None)
-        return L.read_variable(variable) if isinstance(variable, nnx.Variable) else None
+        return read_variable(variable) if isinstance(variable, nnx.Variable) else None
 
     self.sow(
         nnx.Intermediate,
@@ -229,8 +241,8 @@ def collect(model, *args, **kwargs):
       ([('norm0',)], ())
     """
     if isinstance(model, nnx.Module):
-        layers = L.nnx_batch_norms(model).values()
-        with L.swapped_classes(layers, lambda cls: L.subclass(cls, "Telemetry", _telemetry_call)):
+        layers = nnx_batch_norms(model).values()
+        with swapped_classes(layers, lambda cls: subclass(cls, "Telemetry", _telemetry_call)):
             output, captured = nnx.capture(model, nnx.Intermediate)(*args, **kwargs)
         return output, _per_layer(nnx.to_pure_dict(captured), COLLECTION)
     variables, *inputs = args
@@ -258,7 +270,7 @@ def summaries(telemetry_tree, prefix: str = "bn/") -> dict[str, jax.Array]:
             _per_layer(telemetry_tree, "telemetry") if isinstance(telemetry_tree, Mapping) else {}
         )
     return {
-        f"{prefix}{L.path_str(path)}/{field}": value
+        f"{prefix}{path_str(path)}/{field}": value
         for path, layer in per_layer.items()
         for field, value in layer._asdict().items()
     }

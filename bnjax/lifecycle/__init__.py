@@ -1,7 +1,8 @@
 """The batch-norm lifecycle: the tools for when BN goes wrong between training and serving.
 
-- `recalibrate`: running statistics recomputed as exact population statistics over a data set
-  (precise BN; AdaBN on target-domain data), for linen and nnx models and the functional core.
+- `recalibrate` (linen), `recalibrate_nnx`, `recalibrate_states` (the functional core): running
+  statistics recomputed as exact population statistics over a data set (precise BN; AdaBN on
+  target-domain data).
 - `reset_statistics`, `freeze` / `frozen_statistics` / `unfreeze`, `freeze_optimizer`,
   `trainable_filter`: fresh statistics; fine-tuning with batch norm frozen.
 - `fold`: evaluation-mode batch norm folded into the Conv/Dense before it, for serving, by the
@@ -43,7 +44,12 @@ from bnjax.lifecycle.population import (
     empty_totals,
     population_state,
 )
-from bnjax.lifecycle.recalibration import layer_input_moments, recalibrate
+from bnjax.lifecycle.recalibration import (
+    layer_input_moments,
+    recalibrate,
+    recalibrate_nnx,
+    recalibrate_states,
+)
 from bnjax.lifecycle.validation import LayerReport, ValidationReport, validate_statistics
 
 __all__ = [
@@ -70,6 +76,8 @@ __all__ = [
     "pair_by_name",
     "population_state",
     "recalibrate",
+    "recalibrate_nnx",
+    "recalibrate_states",
     "reset_statistics",
     "trace_pairs",
     "trainable_filter",

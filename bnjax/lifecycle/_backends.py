@@ -1,4 +1,5 @@
-"""The three front ends of `recalibrate`: per-batch input moments, and writing the result.
+"""The backends of `recalibrate`, `recalibrate_nnx` and `recalibrate_states`: per-batch input
+moments, and writing the result.
 
 Each backend has ``moments(current, batch, index) -> {layer_key: Moments}`` (pure, jittable),
 ``check(current, shapes)`` (the stored statistics have the shapes of the moments),
@@ -14,7 +15,29 @@ import jax
 from flax import nnx, traverse_util
 
 from bnjax.core import stats
-from bnjax.lifecycle import layers as L
+from bnjax.lifecycle.layers import (
+    RENORM_STATS,
+    STATS,
+    Path,
+    call_in_mode,
+    call_parent,
+    feature_moments,
+    get_path,
+    is_linen_batch_norm_call,
+    is_state,
+    merge_calls,
+    nnx_batch_norms,
+    original_class,
+    path_str,
+    read_variable,
+    set_path,
+    stats_layer_paths,
+    subclass,
+    swap_class,
+    to_dict,
+    unbiased_of,
+    write_variable,
+)
 from bnjax.lifecycle.population import LayerInput, population, population_state
 
 MODES = ("train", "full_batch")
@@ -35,7 +58,7 @@ def check_shapes(argument: str, layer: str, stored: dict, features: tuple) -> No
 
 def _stored(get) -> dict:
     """{name: shape} of the statistics a layer holds (`get(name)` None when absent)."""
-    names = ("mean", "var", *L.RENORM_STATS)
+    names = ("mean", "var", *RENORM_STATS)
     return {name: jax.numpy.shape(get(name)) for name in names if get(name) is not None}
 
 
@@ -44,14 +67,43 @@ def _stored(get) -> dict:
 
 def _linen_interceptor(training: bool, unbiased: dict):
     def interceptor(next_fun, args, kwargs, context):
-        if not L.is_linen_batch_norm_call(context):
+        if not is_linen_batch_norm_call(context):
             return next_fun(*args, **kwargs)
         module = context.module
-        unbiased[tuple(module.path)] = L.unbiased_of(module)
-        module.sow(SOW_NAME, "moments", L.feature_moments(args[0], module.axis, kwargs.get("mask")))
-        return L.call_in_mode(next_fun, module, args, kwargs, use_running_average=not training)
+        unbiased[tuple(module.path)] = unbiased_of(module)
+        module.sow(SOW_NAME, "moments", feature_moments(args[0], module.axis, kwargs.get("mask")))
+        return call_in_mode(next_fun, module, args, kwargs, use_running_average=not training)
 
     return interceptor
+
+
+def _linen_moments(
+    model: nn.Module,
+    variables,
+    inputs: tuple,
+    apply_kwargs: dict,
+    *,
+    mode: str,
+    axis_name,
+    axis_index_groups,
+    rngs,
+    unbiased: dict,
+) -> dict[Path, stats.Moments]:
+    """`layer_input_moments`, also noting in `unbiased` each layer's
+    `use_unbiased_running_var` (by module path), which the writing step needs; the
+    interceptor is the one place that sees the modules, so it records them while tracing."""
+    if mode not in MODES:
+        raise ValueError(f"`mode`={mode!r} is not one of {MODES}.")
+    with nn.intercept_methods(_linen_interceptor(mode == "train", unbiased)):
+        _, updates = model.apply(variables, *inputs, mutable=True, rngs=rngs, **apply_kwargs)
+    sown = traverse_util.flatten_dict(to_dict(updates.get(SOW_NAME, {})))
+    moments = {path[:-1]: merge_calls(calls) for path, calls in sown.items()}
+    if axis_name is not None:
+        moments = {
+            key: stats.merge_across_devices(value, axis_name, axis_index_groups)
+            for key, value in moments.items()
+        }
+    return moments
 
 
 def layer_input_moments(
@@ -62,15 +114,17 @@ def layer_input_moments(
     axis_name=None,
     axis_index_groups=None,
     rngs=None,
-    _unbiased: dict | None = None,
     **apply_kwargs,
-) -> dict[L.Path, stats.Moments]:
+) -> dict[Path, stats.Moments]:
     """Per-layer moments of every linen batch norm's input for one batch (pure, jittable).
 
     Runs ``model.apply(variables, *inputs, **apply_kwargs)`` with each batch norm switched to
     training (``mode="train"``) or evaluation (``"full_batch"``) and returns
-    ``{module_path: Moments}`` (feature-shaped; merged over the calls of a layer called more
-    than once). Inside ``pmap``/``shard_map``, `axis_name` merges them over devices, exactly.
+    ``{module_path: Moments}``: per layer ``count``, ``mean`` and ``m2`` (the sum of squared
+    deviations), each of the layer's feature shape, e.g. (C,) for features last; merged over
+    the calls of a layer called more than once. Inside ``pmap``/``shard_map``, `axis_name`
+    (and `axis_index_groups`) merge them over devices, exactly. `rngs` ({name: key}) and
+    `apply_kwargs` go to ``model.apply``.
 
     Example:
       >>> model = nn.BatchNorm(use_running_average=True)
@@ -79,79 +133,78 @@ def layer_input_moments(
       >>> moments[()].mean.tolist(), moments[()].m2.tolist()
       ([2.0], [2.0])
     """
-    if mode not in MODES:
-        raise ValueError(f"`mode`={mode!r} is not one of {MODES}.")
-    unbiased = {} if _unbiased is None else _unbiased
-    with nn.intercept_methods(_linen_interceptor(mode == "train", unbiased)):
-        _, updates = model.apply(variables, *inputs, mutable=True, rngs=rngs, **apply_kwargs)
-    sown = traverse_util.flatten_dict(L.to_dict(updates.get(SOW_NAME, {})))
-    moments = {path[:-1]: L.merge_calls(calls) for path, calls in sown.items()}
-    if axis_name is not None:
-        moments = {
-            key: stats.merge_across_devices(value, axis_name, axis_index_groups)
-            for key, value in moments.items()
-        }
-    return moments
+    return _linen_moments(
+        model,
+        variables,
+        inputs,
+        apply_kwargs,
+        mode=mode,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        rngs=rngs,
+        unbiased={},  # read by `recalibrate` only
+    )
 
 
 class Linen:
     """linen: `current` is the variables dict; layers are keyed by module path."""
 
     def __init__(self, model, variables, apply_kwargs, rngs, axis_name):
-        if L.STATS not in variables:
+        if STATS not in variables:
             raise ValueError(
-                f"`variables` has no '{L.STATS}' collection (keys: {sorted(variables)}); pass "
+                f"`variables` has no '{STATS}' collection (keys: {sorted(variables)}); pass "
                 f"the full variables from model.init, not just the params."
             )
         self.model, self.apply_kwargs, self.rngs = model, dict(apply_kwargs or {}), rngs
         self.axis_name, self.unbiased, self.mode = axis_name, {}, "train"
-        self.all_layers = L.stats_layer_paths(variables[L.STATS])
+        self.all_layers = stats_layer_paths(variables[STATS])
 
     def moments(self, current, batch, index):
         rngs = None
         if self.rngs is not None:
             rngs = {name: jax.random.fold_in(key, index) for name, key in self.rngs.items()}
         inputs = batch if isinstance(batch, tuple) else (batch,)
-        return layer_input_moments(
+        return _linen_moments(
             self.model,
             current,
-            *inputs,
+            inputs,
+            self.apply_kwargs,
             mode=self.mode,
             axis_name=self.axis_name,
+            axis_index_groups=None,
             rngs=rngs,
-            _unbiased=self.unbiased,
-            **self.apply_kwargs,
+            unbiased=self.unbiased,
         )
 
     def check(self, current, shapes) -> None:
         for path, moments in shapes.items():
-            layer = L.get_path(current[L.STATS], path, {})
+            layer = get_path(current[STATS], path, {})
             check_shapes(
                 "variables",
-                f"batch_stats {L.path_str(path)!r}",
+                f"batch_stats {path_str(path)!r}",
                 _stored(layer.get),
                 tuple(moments.mean.shape),
             )
 
     def write(self, current, totals, *, final: bool):
-        new = L.to_dict(current)
+        new = to_dict(current)
         for path, total in totals.items():
-            layer = dict(L.get_path(new[L.STATS], path))
+            layer = dict(get_path(new[STATS], path))
             unbiased = final and self.unbiased.get(path, False)
             layer["mean"], layer["var"] = population(
                 total.moments, layer["mean"], layer["var"], unbiased
             )
-            if all(name in layer for name in L.RENORM_STATS):
+            if all(name in layer for name in RENORM_STATS):
                 layer["renorm_mean"], layer["renorm_var"] = population(
                     total.moments, layer["renorm_mean"], layer["renorm_var"], False
                 )
             if "count" in layer:  # counters kept (track_counters=True): batches merged/left out
                 layer["count"], layer["skipped"] = total.batches, total.skipped
-            L.set_path(new[L.STATS], path, layer)
+            set_path(new[STATS], path, layer)
         return new
 
     def statistics(self, current):
-        return {path: L.get_path(current[L.STATS], path) for path in self.all_layers}
+        return {path: get_path(current[STATS], path) for path in self.all_layers}
 
 
 # --------------------------------------------------------------------------- nnx
@@ -159,8 +212,8 @@ class Linen:
 
 def _recording_call(use_running_average: bool):
     def __call__(self, x, use_running_average_=None, *, mask=None):
-        self.sow(nnx.Intermediate, SOW_NAME, L.feature_moments(x, self.axis, mask))
-        return L.call_parent(self, __call__, x, use_running_average, mask=mask)
+        self.sow(nnx.Intermediate, SOW_NAME, feature_moments(x, self.axis, mask))
+        return call_parent(self, __call__, x, use_running_average, mask=mask)
 
     return __call__
 
@@ -176,42 +229,42 @@ class Nnx:
         self.model, self.axis_name, self.mode = model, axis_name, "train"
         self.forward = forward or (lambda m, b: m(*b) if isinstance(b, tuple) else m(b))
         self.graphdef, self.state = nnx.split(model)
-        self.unbiased = {p: L.unbiased_of(m) for p, m in L.nnx_batch_norms(model).items()}
+        self.unbiased = {p: unbiased_of(m) for p, m in nnx_batch_norms(model).items()}
         self.all_layers = list(self.unbiased)
 
     def moments(self, current, batch, index):
         del index
         copy = nnx.merge(self.graphdef, current)
         call = _RECORDING_CALLS[self.mode == "train"]
-        for module in L.nnx_batch_norms(copy).values():
-            base = L.original_class(type(module))  # recalibrate frozen layers too
-            L.swap_class(module, L.subclass(base, "Recording", call))
+        for module in nnx_batch_norms(copy).values():
+            base = original_class(type(module))  # recalibrate frozen layers too
+            swap_class(module, subclass(base, "Recording", call))
         _, captured = nnx.capture(self.forward, nnx.Intermediate)(copy, batch)
         flat = traverse_util.flatten_dict(nnx.to_pure_dict(captured))
-        moments = {p[:-1]: L.merge_calls(v) for p, v in flat.items() if p[-1] == SOW_NAME}
+        moments = {p[:-1]: merge_calls(v) for p, v in flat.items() if p[-1] == SOW_NAME}
         if self.axis_name is not None:
             moments = {k: stats.merge_across_devices(v, self.axis_name) for k, v in moments.items()}
         return moments
 
     def check(self, current, shapes) -> None:
-        layers = L.nnx_batch_norms(nnx.merge(self.graphdef, current))
+        layers = nnx_batch_norms(nnx.merge(self.graphdef, current))
         for path, moments in shapes.items():
             module = layers[path]
 
             def get(name, module=module):
                 variable = getattr(module, name, None)
-                return L.read_variable(variable) if isinstance(variable, nnx.Variable) else None
+                return read_variable(variable) if isinstance(variable, nnx.Variable) else None
 
             check_shapes(
                 "model",
-                f"the batch norm {L.path_str(path)!r}",
+                f"the batch norm {path_str(path)!r}",
                 _stored(get),
                 tuple(moments.mean.shape),
             )
 
     def write(self, current, totals, *, final: bool):
         copy = nnx.merge(self.graphdef, current)
-        layers = L.nnx_batch_norms(copy)
+        layers = nnx_batch_norms(copy)
         for path, total in totals.items():
             module = layers[path]
             unbiased = final and self.unbiased[path]
@@ -224,22 +277,22 @@ class Nnx:
                 mean_var, var_var = getattr(module, mean_name), getattr(module, var_name)
                 mean, var = population(
                     total.moments,
-                    L.read_variable(mean_var),
-                    L.read_variable(var_var),
+                    read_variable(mean_var),
+                    read_variable(var_var),
                     use_unbiased,
                 )
-                L.write_variable(mean_var, mean)
-                L.write_variable(var_var, var)
+                write_variable(mean_var, mean)
+                write_variable(var_var, var)
             for name, value in (("count", total.batches), ("skipped", total.skipped)):
                 if isinstance(getattr(module, name, None), nnx.Variable):
-                    L.write_variable(getattr(module, name), value)
+                    write_variable(getattr(module, name), value)
         return nnx.state(copy)
 
     def statistics(self, current):
         copy = nnx.merge(self.graphdef, current)
         return {
-            path: (L.read_variable(module.mean), L.read_variable(module.var))
-            for path, module in L.nnx_batch_norms(copy).items()
+            path: (read_variable(module.mean), read_variable(module.var))
+            for path, module in nnx_batch_norms(copy).items()
         }
 
 
@@ -251,10 +304,10 @@ class Functional:
 
     def __init__(self, layer_inputs, states, unbiased, axis_name):
         self.layer_inputs, self.axis_name, self.mode = layer_inputs, axis_name, "train"
-        leaves, self.treedef = jax.tree.flatten(states, is_leaf=L.is_state)
-        self.positions = [i for i, leaf in enumerate(leaves) if L.is_state(leaf)]
-        paths = jax.tree_util.tree_flatten_with_path(states, is_leaf=L.is_state)[0]
-        self.names = {i: L.path_str(path) for i, (path, _) in enumerate(paths)}
+        leaves, self.treedef = jax.tree.flatten(states, is_leaf=is_state)
+        self.positions = [i for i, leaf in enumerate(leaves) if is_state(leaf)]
+        paths = jax.tree_util.tree_flatten_with_path(states, is_leaf=is_state)[0]
+        self.names = {i: path_str(path) for i, (path, _) in enumerate(paths)}
         if not self.positions:
             raise ValueError("`states` holds no BatchNormState or BatchRenormState.")
         self.unbiased = unbiased
@@ -278,13 +331,13 @@ class Functional:
             if item is None:
                 continue
             item = item if isinstance(item, LayerInput) else LayerInput(item)
-            moments[position] = L.feature_moments(item.x, item.axis, item.mask)
+            moments[position] = feature_moments(item.x, item.axis, item.mask)
             if self.axis_name is not None:
                 moments[position] = stats.merge_across_devices(moments[position], self.axis_name)
         return moments
 
     def check(self, current, shapes) -> None:
-        leaves = jax.tree.flatten(current, is_leaf=L.is_state)[0]
+        leaves = jax.tree.flatten(current, is_leaf=is_state)[0]
         for position, moments in shapes.items():
             check_shapes(
                 "states",
@@ -294,7 +347,7 @@ class Functional:
             )
 
     def write(self, current, totals, *, final: bool):
-        leaves = jax.tree.flatten(current, is_leaf=L.is_state)[0]
+        leaves = jax.tree.flatten(current, is_leaf=is_state)[0]
         for position, total in totals.items():
             leaves[position] = population_state(
                 total.moments,
@@ -306,5 +359,5 @@ class Functional:
         return jax.tree.unflatten(self.treedef, leaves)
 
     def statistics(self, current):
-        leaves = jax.tree.flatten(current, is_leaf=L.is_state)[0]
+        leaves = jax.tree.flatten(current, is_leaf=is_state)[0]
         return {p: (leaves[p].mean, leaves[p].var) for p in self.positions}

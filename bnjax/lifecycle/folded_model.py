@@ -47,8 +47,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bnjax.lifecycle import layers as L
 from bnjax.lifecycle.folding import _refuse, _unfoldable, evaluation_affine, fold_into
+from bnjax.lifecycle.layers import (
+    LINEN_BATCH_NORMS,
+    PARAMS,
+    STATS,
+    call_in_mode,
+    call_parent,
+    get_path,
+    is_linen_batch_norm_call,
+    nnx_batch_norms,
+    original_class,
+    path_str,
+    read_variable,
+    set_path,
+    subclass,
+    swap_class,
+    swapped_classes,
+    to_dict,
+    write_variable,
+)
 from bnjax.lifecycle.pairing import FoldPlan, NormInfo, trace_pairs
 
 __all__ = ["FoldedModel", "fold_model"]
@@ -101,7 +119,7 @@ def _refuse_stacked(path, mean, info: NormInfo) -> None:
         return
     where = info.transform or "a lifted transform (nn.scan, nn.vmap, nnx.scan, nnx.vmap)"
     raise ValueError(
-        f"batch norm {L.path_str(path)!r} is inside {where}, which stacks its variables: its "
+        f"batch norm {path_str(path)!r} is inside {where}, which stacks its variables: its "
         f"running mean has shape {shape} for {info.features} features per call. fold_model "
         f"cannot fold a stacked layer (each step or member needs its own folded kernel); export "
         f"the model unfolded, e.g. bnjax.export.export_function(lambda x: model.apply("
@@ -111,16 +129,16 @@ def _refuse_stacked(path, mean, info: NormInfo) -> None:
 
 def _norm_arrays(path, mean, var, scale, bias, info: NormInfo):
     _refuse_stacked(path, mean, info)
-    _refuse(f"batch norm {L.path_str(path)!r}", _unfoldable(mean, var, scale, bias, info.epsilon))
+    _refuse(f"batch norm {path_str(path)!r}", _unfoldable(mean, var, scale, bias, info.epsilon))
     return {"mean": np.asarray(mean), "var": np.asarray(var)}
 
 
 def _linen(model, variables, inputs, kwargs) -> FoldedModel:
     plan = trace_pairs(model, variables, *inputs, **kwargs)
-    params, stats = L.to_dict(variables.get(L.PARAMS, {})), variables.get(L.STATS, {})
+    params, stats = to_dict(variables.get(PARAMS, {})), variables.get(STATS, {})
     statistics, affines, added_bias = {}, {}, {}
     for norm, info in plan.norms.items():
-        state, norm_params = L.get_path(stats, norm), L.get_path(params, norm, {})
+        state, norm_params = get_path(stats, norm), get_path(params, norm, {})
         scale, bias = norm_params.get("scale"), norm_params.get("bias")
         statistics[norm] = _norm_arrays(norm, state["mean"], state["var"], scale, bias, info)
         if norm in plan.unfoldable:
@@ -129,7 +147,7 @@ def _linen(model, variables, inputs, kwargs) -> FoldedModel:
             )
             continue
         layer = plan.pairs[norm]
-        layer_params = L.get_path(params, layer)
+        layer_params = get_path(params, layer)
         kernel, new_bias = fold_into(
             layer_params["kernel"],
             layer_params.get("bias"),
@@ -144,8 +162,8 @@ def _linen(model, variables, inputs, kwargs) -> FoldedModel:
             replaced["bias"] = new_bias
         else:  # a layer built without a bias gets it added to its output
             added_bias[layer] = new_bias
-        L.set_path(params, layer, replaced)
-    folded_variables = {**variables, L.PARAMS: params} if L.PARAMS in variables else variables
+        set_path(params, layer, replaced)
+    folded_variables = {**variables, PARAMS: params} if PARAMS in variables else variables
 
     def folding(next_fun, args, call_kwargs, context):
         module, path = context.module, tuple(context.module.path)
@@ -154,17 +172,17 @@ def _linen(model, variables, inputs, kwargs) -> FoldedModel:
         if path in added_bias and isinstance(module, (nn.Conv, nn.Dense)):
             y = next_fun(*args, **call_kwargs)
             return y + added_bias[path].astype(y.dtype)
-        if isinstance(module, L.LINEN_BATCH_NORMS):
+        if isinstance(module, LINEN_BATCH_NORMS):
             if path in plan.pairs:
                 return args[0].astype(plan.norms[path].output_dtype)
             if path in affines:
                 return _affine(args[0], *affines[path], plan.norms[path])
-            return L.call_in_mode(next_fun, module, args, call_kwargs, use_running_average=True)
+            return call_in_mode(next_fun, module, args, call_kwargs, use_running_average=True)
         return next_fun(*args, **call_kwargs)
 
     def evaluating(next_fun, args, call_kwargs, context):
-        if L.is_linen_batch_norm_call(context):
-            return L.call_in_mode(
+        if is_linen_batch_norm_call(context):
+            return call_in_mode(
                 next_fun, context.module, args, call_kwargs, use_running_average=True
             )
         return next_fun(*args, **call_kwargs)
@@ -198,9 +216,9 @@ def _replace_norm(module, role: str, call, **attributes) -> None:
     run copies of the module, which keep its class, and arrays on an instance would become
     nnx state.
     """
-    base = L.original_class(type(module))
+    base = original_class(type(module))
     namespace = {"__call__": call, "_bnjax_base": base, "__module__": __name__, **attributes}
-    L.swap_class(module, type(f"{role}{base.__name__}", (type(module),), namespace))
+    swap_class(module, type(f"{role}{base.__name__}", (type(module),), namespace))
 
 
 def _evaluating_call(self, x, *args, **kwargs):
@@ -208,12 +226,12 @@ def _evaluating_call(self, x, *args, **kwargs):
         args = (True, *args[1:])
     else:
         kwargs = {**kwargs, "use_running_average": True}
-    return L.call_parent(self, _evaluating_call, x, *args, **kwargs)
+    return call_parent(self, _evaluating_call, x, *args, **kwargs)
 
 
 def _value(module, name):
     variable = getattr(module, name, None)
-    return None if variable is None else L.read_variable(variable)
+    return None if variable is None else read_variable(variable)
 
 
 def _nnx(model, inputs, kwargs) -> FoldedModel:
@@ -242,18 +260,18 @@ def _nnx(model, inputs, kwargs) -> FoldedModel:
         kernel, new_bias = fold_into(
             _value(layer, "kernel"), layer_bias, mean, var, scale, bias, epsilon=info.epsilon
         )
-        L.write_variable(layer.kernel, kernel)
+        write_variable(layer.kernel, kernel)
         if layer_bias is None:  # nnx's Conv and Linear read `use_bias` as well as `bias`
             layer.bias, layer.use_bias = nnx.Param(new_bias), True
         else:
-            L.write_variable(layer.bias, new_bias)
+            write_variable(layer.bias, new_bias)
         _replace_norm(module, "Folded", _folded_call, folded_info=info)
 
     # Both run functionally (merged at each call): a closed-over module that runs an nnx
     # transform (nnx.remat, ...) under jit would be updated from the wrong trace.
     folded_graph, folded_state = nnx.split(clone)
-    norms = L.nnx_batch_norms(model).values()
-    with L.swapped_classes(norms, lambda cls: L.subclass(cls, "Evaluating", _evaluating_call)):
+    norms = nnx_batch_norms(model).values()
+    with swapped_classes(norms, lambda cls: subclass(cls, "Evaluating", _evaluating_call)):
         reference_graph, reference_state = nnx.split(model)
 
     def call(*inputs):

@@ -34,7 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnjax.core.checks import known_values
-from bnjax.lifecycle import layers as L
+from bnjax.lifecycle.layers import (
+    PARAMS,
+    STATS,
+    Path,
+    get_path,
+    is_linen_batch_norm_call,
+    path_str,
+    set_path,
+    stats_layer_paths,
+    to_dict,
+)
 
 __all__ = ["evaluation_affine", "fold", "fold_into", "layer_epsilons", "pair_by_name"]
 
@@ -140,7 +150,7 @@ def fold_into(kernel, bias, mean, var, scale=None, norm_bias=None, *, epsilon: f
     return new_kernel, new_bias.astype(bias_dtype)
 
 
-def pair_by_name(variables) -> dict[L.Path, L.Path]:
+def pair_by_name(variables) -> dict[Path, Path]:
     """{norm_path: layer_path} by the bundled models' naming (see the module docstring).
 
     Example:
@@ -149,23 +159,23 @@ def pair_by_name(variables) -> dict[L.Path, L.Path]:
       >>> pair_by_name(model.init(jax.random.key(0), jnp.ones((2, 3)), train=False))
       {('norm0',): ('dense0',)}
     """
-    params = variables[L.PARAMS]
+    params = variables[PARAMS]
     pairs = {}
-    for path in L.stats_layer_paths(variables[L.STATS]):
+    for path in stats_layer_paths(variables[STATS]):
         parent, name = path[:-1], str(path[-1])
         for layer in (name.replace("norm", "conv"), name.replace("norm", "dense")):
-            sibling = L.get_path(params, (*parent, layer))
+            sibling = get_path(params, (*parent, layer))
             if layer != name and isinstance(sibling, Mapping) and "kernel" in sibling:
                 pairs[path] = (*parent, layer)
                 break
     return pairs
 
 
-def _as_path(path) -> L.Path:
+def _as_path(path) -> Path:
     return tuple(path.split("/")) if isinstance(path, str) else tuple(path)
 
 
-def layer_epsilons(model: nn.Module, variables, *inputs, **apply_kwargs) -> dict[L.Path, float]:
+def layer_epsilons(model: nn.Module, variables, *inputs, **apply_kwargs) -> dict[Path, float]:
     """{norm_path: epsilon} read from the modules of ``model.apply(variables, *inputs, ...)``.
 
     Only traces the model (``jax.eval_shape``), nothing is computed.
@@ -181,7 +191,7 @@ def layer_epsilons(model: nn.Module, variables, *inputs, **apply_kwargs) -> dict
     found = {}
 
     def interceptor(next_fun, args, kwargs, context):
-        if L.is_linen_batch_norm_call(context):
+        if is_linen_batch_norm_call(context):
             found[tuple(context.module.path)] = float(context.module.epsilon)
         return next_fun(*args, **kwargs)
 
@@ -219,15 +229,15 @@ def fold(variables, *, epsilon: float | Mapping = 1e-5, pairs: Mapping | None = 
       >>> sorted(folded["params"]["conv0"]), "norm0" in folded["params"]
       (['bias', 'kernel'], False)
     """
-    if L.STATS not in variables or L.PARAMS not in variables:
+    if STATS not in variables or PARAMS not in variables:
         raise ValueError("`variables` needs 'params' and 'batch_stats' (the full model.init tree).")
     pairs = (
         pair_by_name(variables)
         if pairs is None
         else {_as_path(norm): _as_path(layer) for norm, layer in pairs.items()}
     )
-    norms = L.stats_layer_paths(variables[L.STATS])
-    unpaired = [L.path_str(p) for p in norms if p not in pairs]
+    norms = stats_layer_paths(variables[STATS])
+    unpaired = [path_str(p) for p in norms if p not in pairs]
     if unpaired:
         raise ValueError(
             f"No Conv/Dense layer found by name before the batch norm(s) {unpaired}. For a "
@@ -239,21 +249,21 @@ def fold(variables, *, epsilon: float | Mapping = 1e-5, pairs: Mapping | None = 
         )
     if isinstance(epsilon, Mapping):
         epsilon = {_as_path(path): value for path, value in epsilon.items()}
-    params = L.to_dict(variables[L.PARAMS])
+    params = to_dict(variables[PARAMS])
     for norm, layer in pairs.items():
-        statistics = L.get_path(variables[L.STATS], norm)
-        norm_params = L.get_path(params, norm, {})
-        layer_params = L.get_path(params, layer)
+        statistics = get_path(variables[STATS], norm)
+        norm_params = get_path(params, norm, {})
+        layer_params = get_path(params, layer)
         if not isinstance(layer_params, Mapping) or "kernel" not in layer_params:
             raise ValueError(
-                f"`pairs` maps {L.path_str(norm)} to {L.path_str(layer)}, which "
+                f"`pairs` maps {path_str(norm)} to {path_str(layer)}, which "
                 f"has no 'kernel' in params."
             )
         eps = epsilon.get(norm) if isinstance(epsilon, Mapping) else epsilon
         if eps is None:
-            raise ValueError(f"`epsilon` has no entry for {L.path_str(norm)}.")
+            raise ValueError(f"`epsilon` has no entry for {path_str(norm)}.")
         _refuse(
-            f"batch norm {L.path_str(norm)!r}",
+            f"batch norm {path_str(norm)!r}",
             _unfoldable(
                 statistics["mean"],
                 statistics["var"],
@@ -271,8 +281,8 @@ def fold(variables, *, epsilon: float | Mapping = 1e-5, pairs: Mapping | None = 
             norm_params.get("bias"),
             epsilon=eps,
         )
-        L.set_path(params, layer, {**layer_params, "kernel": kernel, "bias": bias})
-        if L.get_path(params, norm) is not None:
-            parent = L.get_path(params, norm[:-1]) if norm[:-1] else params
+        set_path(params, layer, {**layer_params, "kernel": kernel, "bias": bias})
+        if get_path(params, norm) is not None:
+            parent = get_path(params, norm[:-1]) if norm[:-1] else params
             del parent[norm[-1]]
-    return {L.PARAMS: params}
+    return {PARAMS: params}

@@ -38,7 +38,27 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from bnjax.lifecycle import layers as L
+from bnjax.lifecycle.layers import (
+    COUNTER_NAMES,
+    PARAMS,
+    STATS,
+    Selection,
+    call_in_mode,
+    call_parent,
+    get_path,
+    is_linen_batch_norm_call,
+    is_state,
+    layer_filter,
+    nnx_batch_norms,
+    original_class,
+    read_variable,
+    set_path,
+    stats_layer_paths,
+    subclass,
+    swap_class,
+    to_dict,
+    write_variable,
+)
 
 __all__ = [
     "bn_param_labels",
@@ -61,7 +81,7 @@ def _reset(name: str, value):
     """A statistic's initial value; counters (track_counters=True) back to 0; others kept."""
     if name in _FRESH:
         return _fresh(name, value)
-    return jnp.zeros_like(value) if name in L.COUNTER_NAMES else value
+    return jnp.zeros_like(value) if name in COUNTER_NAMES else value
 
 
 def _key_names(key_path) -> tuple:
@@ -93,35 +113,35 @@ def reset_statistics(target, layers=None):
       ([0.0, 0.0], [1.0, 1.0], 0, 0)
     """
     if isinstance(target, nnx.Module):
-        norms = L.nnx_batch_norms(target)
-        select = L.layer_filter(layers, norms)
+        norms = nnx_batch_norms(target)
+        select = layer_filter(layers, norms)
         for path, module in norms.items():
             if not select(path):
                 continue
             for name in (*_FRESH, "count", "skipped"):
                 variable = getattr(module, name, None)
                 if isinstance(variable, nnx.Variable):
-                    value = L.read_variable(variable)
+                    value = read_variable(variable)
                     fresh = _fresh(name, value) if name in _FRESH else jnp.zeros_like(value)
-                    L.write_variable(variable, fresh)
+                    write_variable(variable, fresh)
         return target
-    if isinstance(target, Mapping) and L.STATS in target:
-        new = L.to_dict(target)
-        norms = L.stats_layer_paths(new[L.STATS])
-        select = L.layer_filter(layers, norms)
+    if isinstance(target, Mapping) and STATS in target:
+        new = to_dict(target)
+        norms = stats_layer_paths(new[STATS])
+        select = layer_filter(layers, norms)
         for path in norms:
             if not select(path):
                 continue
-            layer = L.get_path(new[L.STATS], path)
-            L.set_path(
-                new[L.STATS],
+            layer = get_path(new[STATS], path)
+            set_path(
+                new[STATS],
                 path,
                 {name: _reset(name, value) for name, value in layer.items()},
             )
         return new
 
-    states = jax.tree_util.tree_flatten_with_path(target, is_leaf=L.is_state)[0]
-    if not any(L.is_state(leaf) for _, leaf in states) and (
+    states = jax.tree_util.tree_flatten_with_path(target, is_leaf=is_state)[0]
+    if not any(is_state(leaf) for _, leaf in states) and (
         target is None or jax.tree_util.treedef_is_leaf(jax.tree.structure(target))
     ):
         # A lone value (42, an array, a string) holds no batch norm: returning it as it is
@@ -131,16 +151,16 @@ def reset_statistics(target, layers=None):
             f"pytree of BatchNormState / BatchRenormState; got {type(target).__name__} "
             f"{_short_repr(target)}"
         )
-    select = L.layer_filter(layers, [_key_names(path) for path, leaf in states if L.is_state(leaf)])
+    select = layer_filter(layers, [_key_names(path) for path, leaf in states if is_state(leaf)])
 
     def reset(key_path, state):
-        if not L.is_state(state) or not select(_key_names(key_path)):
+        if not is_state(state) or not select(_key_names(key_path)):
             return state
         fields = {n: _fresh(n, getattr(state, n)) for n in _FRESH if hasattr(state, n)}
         zero = jnp.zeros((), jnp.int32)
         return state._replace(**fields, count=zero, skipped=zero)
 
-    return jax.tree_util.tree_map_with_path(reset, target, is_leaf=L.is_state)
+    return jax.tree_util.tree_map_with_path(reset, target, is_leaf=is_state)
 
 
 # --------------------------------------------------------------------------- linen
@@ -166,24 +186,24 @@ def frozen_statistics(layers=None):
       >>> updates["batch_stats"]["mean"].tolist()          # not moved toward the batch's 2.0
       [0.0]
     """
-    with _frozen(L.Selection(layers), check_calls=True):
+    with _frozen(Selection(layers), check_calls=True):
         yield
 
 
 @contextlib.contextmanager
-def _frozen(select: L.Selection, *, check_calls: bool):
+def _frozen(select: Selection, *, check_calls: bool):
     """Freezes the selected linen batch norms; with `check_calls`, checks the selection
     against the batch norms called inside the context (when any were: under a cached jit
     nothing is traced, and nothing can be checked)."""
     called = []
 
     def interceptor(next_fun, args, kwargs, context):
-        if not L.is_linen_batch_norm_call(context):
+        if not is_linen_batch_norm_call(context):
             return next_fun(*args, **kwargs)
         path = tuple(context.module.path)
         called.append(path)
         if select(path):
-            return L.call_in_mode(next_fun, context.module, args, kwargs, use_running_average=True)
+            return call_in_mode(next_fun, context.module, args, kwargs, use_running_average=True)
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -194,7 +214,7 @@ def _frozen(select: L.Selection, *, check_calls: bool):
 
 def _frozen_call(self, x, use_running_average=None, *, mask=None):
     del use_running_average  # frozen: always the running statistics
-    return L.call_parent(self, _frozen_call, x, True, mask=mask)
+    return call_parent(self, _frozen_call, x, True, mask=mask)
 
 
 def freeze(target, layers=None):
@@ -216,13 +236,13 @@ def freeze(target, layers=None):
       (True, [0.0])
     """
     if isinstance(target, nnx.Module):
-        norms = L.nnx_batch_norms(target)
-        select = L.layer_filter(layers, norms)
+        norms = nnx_batch_norms(target)
+        select = layer_filter(layers, norms)
         for path, module in norms.items():
             if select(path) and not getattr(type(module), "_bnjax_frozen", False):
-                frozen = L.subclass(type(module), "Frozen", _frozen_call)
+                frozen = subclass(type(module), "Frozen", _frozen_call)
                 frozen._bnjax_frozen = True
-                L.swap_class(module, frozen)
+                swap_class(module, frozen)
         return target
     if isinstance(target, nn.Module) or not callable(target):
         raise TypeError(
@@ -230,14 +250,14 @@ def freeze(target, layers=None):
             f"got {type(target).__name__}."
         )
 
-    select = L.Selection(layers)
+    select = Selection(layers)
 
     @functools.wraps(target)
     def frozen_apply(*args, **kwargs):
         variables = args[0] if args else kwargs.get("variables")
-        known = isinstance(variables, Mapping) and isinstance(variables.get(L.STATS), Mapping)
+        known = isinstance(variables, Mapping) and isinstance(variables.get(STATS), Mapping)
         if known:  # the model's layers, called by this apply or not
-            select.check(L.stats_layer_paths(variables[L.STATS]))
+            select.check(stats_layer_paths(variables[STATS]))
         with _frozen(select, check_calls=not known):
             return target(*args, **kwargs)
 
@@ -254,9 +274,9 @@ def unfreeze(target):
       ('FrozenBatchNorm', 'BatchNorm')
     """
     if isinstance(target, nnx.Module):
-        for module in L.nnx_batch_norms(target).values():
+        for module in nnx_batch_norms(target).values():
             if getattr(type(module), "_bnjax_frozen", False):
-                L.swap_class(module, L.original_class(type(module)))
+                swap_class(module, original_class(type(module)))
         return target
     return getattr(target, "__wrapped__", target)
 
@@ -276,17 +296,17 @@ def bn_param_labels(
       >>> bn_param_labels(variables)["norm0"], bn_param_labels(variables)["dense0"]
       ({'bias': 'frozen', 'scale': 'frozen'}, {'kernel': 'trainable'})
     """
-    if L.STATS not in variables or L.PARAMS not in variables:
+    if STATS not in variables or PARAMS not in variables:
         raise ValueError("`variables` needs both 'params' and 'batch_stats' (from model.init).")
-    norms = L.stats_layer_paths(variables[L.STATS])
-    select = L.layer_filter(layers, norms)
+    norms = stats_layer_paths(variables[STATS])
+    select = layer_filter(layers, norms)
     norms = {path for path in norms if select(path)}
 
     def label(key_path, _):
         path = _key_names(key_path)
         return frozen if path[:-1] in norms and path[-1] in ("scale", "bias") else trainable
 
-    return jax.tree_util.tree_map_with_path(label, L.to_dict(variables[L.PARAMS]))
+    return jax.tree_util.tree_map_with_path(label, to_dict(variables[PARAMS]))
 
 
 def freeze_optimizer(
@@ -326,8 +346,8 @@ def trainable_filter(model, layers=None, *, freeze_scale_and_bias: bool = True) 
       [0]
       >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=trainable_filter(model))
     """
-    norms = L.nnx_batch_norms(model)
-    select = L.layer_filter(layers, norms)
+    norms = nnx_batch_norms(model)
+    select = layer_filter(layers, norms)
     norms = {path for path in norms if select(path)}
 
     def is_trainable(path, value) -> bool:

@@ -58,7 +58,17 @@ from jax.extend import core as jex
 from jax.interpreters import batching
 
 from bnjax.core.checks import normalize_axes
-from bnjax.lifecycle import layers as L
+from bnjax.lifecycle.layers import (
+    LINEN_BATCH_NORMS,
+    NNX_BATCH_NORMS,
+    STATS,
+    Path,
+    call_in_mode,
+    call_parent,
+    original_class,
+    path_str,
+    swap_class,
+)
 
 __all__ = ["LINEN_LAYERS", "NNX_LAYERS", "FoldPlan", "NormInfo", "trace_pairs"]
 
@@ -115,10 +125,10 @@ class FoldPlan(NamedTuple):
       1 of 1 batch norm(s) folded
     """
 
-    pairs: dict[L.Path, L.Path]
-    unfoldable: dict[L.Path, str]
-    norms: dict[L.Path, NormInfo]
-    layers: dict[L.Path, int]
+    pairs: dict[Path, Path]
+    unfoldable: dict[Path, str]
+    norms: dict[Path, NormInfo]
+    layers: dict[Path, int]
 
     def format(self) -> str:
         """One line per norm: 'norm <- layer (folded)' or 'norm: kept as affine (reason)'."""
@@ -127,9 +137,9 @@ class FoldPlan(NamedTuple):
         lines = []
         for norm in self.norms:
             if norm in self.pairs:
-                lines.append(f"{L.path_str(norm)} <- {L.path_str(self.pairs[norm])} (folded)")
+                lines.append(f"{path_str(norm)} <- {path_str(self.pairs[norm])} (folded)")
             else:
-                lines.append(f"{L.path_str(norm)}: evaluation affine ({self.unfoldable[norm]})")
+                lines.append(f"{path_str(norm)}: evaluation affine ({self.unfoldable[norm]})")
         lines.append(f"{len(self.pairs)} of {len(self.norms)} batch norm(s) folded")
         return "\n".join(lines)
 
@@ -138,9 +148,9 @@ class _Recorder:
     """The calls seen while tracing: (kind, path, NormInfo or None) by marker index."""
 
     def __init__(self):
-        self.calls: list[tuple[str, L.Path, NormInfo | None]] = []
+        self.calls: list[tuple[str, Path, NormInfo | None]] = []
 
-    def mark(self, x, kind: str, path: L.Path, info: NormInfo | None = None):
+    def mark(self, x, kind: str, path: Path, info: NormInfo | None = None):
         self.calls.append((kind, tuple(path), info))
         return _MARK.bind(x, index=len(self.calls) - 1)
 
@@ -180,11 +190,11 @@ def _linen_interceptor(recorder: _Recorder, variables_present):
         path = tuple(module.path)
         if isinstance(module, LINEN_LAYERS):
             return recorder.mark(next_fun(*args, **kwargs), "layer", path)
-        if isinstance(module, L.LINEN_BATCH_NORMS):
+        if isinstance(module, LINEN_BATCH_NORMS):
             variables_present(module)
             x = args[0]
             marked = recorder.mark(x, "norm", path)
-            y = L.call_in_mode(
+            y = call_in_mode(
                 next_fun, module, (marked, *args[1:]), kwargs, use_running_average=True
             )
             within = transforms[-1] if transforms else None
@@ -197,11 +207,11 @@ def _linen_interceptor(recorder: _Recorder, variables_present):
 
 
 def _check_statistics_present(module) -> None:
-    missing = [n for n in ("mean", "var") if not module.has_variable(L.STATS, n)]
+    missing = [n for n in ("mean", "var") if not module.has_variable(STATS, n)]
     if missing:
         raise ValueError(
-            f"batch norm {L.path_str(tuple(module.path))!r}: running statistic(s) {missing} "
-            f"missing from variables[{L.STATS!r}] (a checkpoint of the params alone, or a "
+            f"batch norm {path_str(tuple(module.path))!r}: running statistic(s) {missing} "
+            f"missing from variables[{STATS!r}] (a checkpoint of the params alone, or a "
             f"stripped tree?). Pass the full variables of model.init / the training state, "
             f"or recalibrate the statistics (bnjax.lifecycle.recalibrate) first."
         )
@@ -211,14 +221,14 @@ def _record_nnx_call(self, *args, **kwargs):
     recorder = _RECORDER.get()
     path = type(self)._bnjax_fold_path  # the class: nnx transforms call copies of the module
     if isinstance(self, NNX_LAYERS):
-        return recorder.mark(L.call_parent(self, _record_nnx_call, *args, **kwargs), "layer", path)
+        return recorder.mark(call_parent(self, _record_nnx_call, *args, **kwargs), "layer", path)
     x = args[0]
     marked = recorder.mark(x, "norm", path)
     if len(args) > 1:
         args = args[:1] + (True,) + args[2:]
     else:
         kwargs = {**kwargs, "use_running_average": True}
-    y = L.call_parent(self, _record_nnx_call, marked, *args[1:], **kwargs)
+    y = call_parent(self, _record_nnx_call, marked, *args[1:], **kwargs)
     recorder.calls[-1] = ("norm", path, _norm_info(x, self.axis, self.epsilon, y))
     return y
 
@@ -233,26 +243,26 @@ def _recording(recorder: _Recorder, model):
     modules = [
         (tuple(path), module)
         for path, module in nnx.iter_modules(model)
-        if isinstance(module, (*NNX_LAYERS, *L.NNX_BATCH_NORMS))
+        if isinstance(module, (*NNX_LAYERS, *NNX_BATCH_NORMS))
     ]
     originals = [type(module) for _, module in modules]
     try:
         for (path, module), cls in zip(modules, originals, strict=True):
-            L.swap_class(module, _recording_class(cls, path))
+            swap_class(module, _recording_class(cls, path))
         yield
     finally:
         for (_, module), cls in zip(modules, originals, strict=True):
-            L.swap_class(module, cls)
+            swap_class(module, cls)
 
 
-def _recording_class(base: type, path: L.Path) -> type:
+def _recording_class(base: type, path: Path) -> type:
     """A subclass of `base` whose calls are recorded as the module at `path`."""
     return type(
-        f"Recording{L.original_class(base).__name__}",
+        f"Recording{original_class(base).__name__}",
         (base,),
         {
             "__call__": _record_nnx_call,
-            "_bnjax_base": L.original_class(base),
+            "_bnjax_base": original_class(base),
             "_bnjax_fold_path": path,
             "__module__": __name__,
         },
@@ -284,7 +294,7 @@ def _read_pairs(jaxpr, calls) -> tuple[dict, dict]:
             if source is None or source.primitive is not _MARK:
                 reasons[index] = _NOT_A_LAYER_OUTPUT
             elif uses[eqn.invars[0]] > 1:
-                layer = L.path_str(calls[source.params["index"]][1])
+                layer = path_str(calls[source.params["index"]][1])
                 reasons[index] = f"the output of {layer} is also used elsewhere"
             else:
                 pairs[index] = source.params["index"]
@@ -365,7 +375,7 @@ def trace_pairs(model, *args, **kwargs) -> FoldPlan:
         if layer_index is not None:
             layer = calls[layer_index][1]
             if times[("norm", path)] > 1 or times[("layer", layer)] > 1:
-                reason = f"{L.path_str(layer)} or the norm is called more than once (shared)"
+                reason = f"{path_str(layer)} or the norm is called more than once (shared)"
             elif info.feature_axes != (len(info.input_shape) - 1,):
                 reason = f"it normalizes axes {info.feature_axes}, not the channels (last axis)"
         if reason is None:

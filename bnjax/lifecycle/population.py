@@ -19,20 +19,22 @@ import jax
 import jax.numpy as jnp
 
 from bnjax.core import BatchNormState, BatchRenormState, batch_norm_state, stats
-from bnjax.lifecycle import layers as L
+from bnjax.lifecycle.layers import merge_calls
 
 __all__ = ["LayerInput", "Total", "accumulate", "empty_totals", "population_state"]
 
 
 class LayerInput(NamedTuple):
-    """A functional layer's input for `recalibrate`: x, its feature axis (or axes), a mask.
+    """A functional layer's input for `recalibrate_states`: x, its feature axis (or axes), a
+    mask (broadcast against x as the modules apply it).
 
     Example:
       >>> from bnjax import lifecycle
       >>> def layer_inputs(states, batch, training):     # one BN over axis 1 (NCHW)
       ...     return {"bn": LayerInput(batch, axis=1)}
       >>> batch = jnp.ones((4, 2, 3, 3)) * jnp.array([0.0, 1.0])[:, None, None]
-      >>> states = lifecycle.recalibrate(layer_inputs, {"bn": bnjax.batch_norm_state(2)}, [batch])
+      >>> states = {"bn": bnjax.batch_norm_state(2)}
+      >>> states = lifecycle.recalibrate_states(layer_inputs, states, [batch])
       >>> states["bn"].mean.tolist(), states["bn"].var.tolist()
       ([0.0, 1.0], [0.0, 0.0])
     """
@@ -99,7 +101,7 @@ def accumulate(totals: Mapping[Any, Total], new: Mapping[Any, stats.Moments]) ->
         previous = total.shifted._replace(
             mean=total.shifted.mean + (total.shift - shift)  # 0 after the first batch
         )
-        combined = L.merge_calls((previous, moments._replace(mean=moments.mean - shift)))
+        combined = merge_calls((previous, moments._replace(mean=moments.mean - shift)))
         keep = functools.partial(jnp.where, finite)
         merged[key] = Total(
             jax.tree.map(keep, combined, total.shifted),
@@ -163,9 +165,10 @@ def population_state(
     Features with no value (or one, when unbiased) keep the state's statistics.
 
     Example:
+      >>> from bnjax.lifecycle.layers import feature_moments
       >>> x = jnp.array([[0.0], [2.0], [4.0], [6.0]])      # two batches of two
-      >>> totals = {"bn": Total(L.feature_moments(x[:2], -1), 1, 0)}
-      >>> totals = accumulate(totals, {"bn": L.feature_moments(x[2:], -1)})
+      >>> totals = {"bn": Total(feature_moments(x[:2], -1), 1, 0)}
+      >>> totals = accumulate(totals, {"bn": feature_moments(x[2:], -1)})
       >>> population_state(totals["bn"].moments).var.tolist()  # batch variances are 1 and 1
       [5.0]
     """

@@ -28,11 +28,24 @@ What "the values that reach the layer" are depends on the layers before it. Two 
 
 Also test-time adaptation to a new domain (AdaBN, Li et al. 2016): recalibrate on target data.
 
-Three front ends share the loop, chosen by the first argument:
+One function per kind of model, each with the keywords that apply to it:
 
     variables = recalibrate(linen_model, variables, batches, apply_kwargs={"train": False})
-    model = recalibrate(nnx_model, batches)                       # updated in place
-    states = recalibrate(layer_inputs, states, batches)           # the functional core
+    model = recalibrate_nnx(nnx_model, batches)                   # updated in place
+    states = recalibrate_states(layer_inputs, states, batches)    # the functional core
+
+Why three functions and not one that looks at its first argument: the three take different
+things (linen variables beside a stateless module; an nnx model that holds its own state; a
+function and a pytree of states) and give back different things (new variables, the same
+model, new states), and each has options that mean nothing to the others (`apply_kwargs` and
+`rngs` feed ``model.apply``; `forward` calls an nnx model; `unbiased` is for states, since the
+modules say themselves whether they store the unbiased variance). One signature each lets a
+reader, an IDE and a type checker see what a call takes and returns, and a wrong option fails
+as an unknown keyword instead of being ignored; a model given to the wrong function is
+refused with the call to make instead. They share everything else: `mode`, `num_batches`,
+`axis_name`, `jit`, `progress`, and the loop (`bnjax.lifecycle._recalibration_loop`). The
+linen function keeps the short name because linen is what the bundled models, the training
+application and the study use, so their calls stay as they were.
 
 For linen the interceptor captures each batch norm's input and switches its mode itself, so
 call the model as in evaluation (``apply_kwargs={"train": False}``: dropout off, which would
@@ -57,231 +70,230 @@ References:
 
 from __future__ import annotations
 
-import itertools
-import numbers
-import sys
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from bnjax.lifecycle import layers as L
 from bnjax.lifecycle._backends import (
-    MODES,
     Functional,
     Linen,
     Nnx,
     layer_input_moments,
 )
-from bnjax.lifecycle.population import accumulate, empty_totals
+from bnjax.lifecycle._recalibration_loop import run_passes
 
-__all__ = ["layer_input_moments", "recalibrate"]
-
-
-def _progress(iterable, *, total, description: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from bnjax.progress import track
-
-    return track(iterable, description, total=total, log=lambda line: print(line, file=sys.stderr))
-
-
-def _one_pass(moments, step, check, current, batches, *, total, description, progress):
-    totals = None
-    for index, batch in enumerate(
-        _progress(batches, total=total, description=description, enabled=progress)
-    ):
-        index = jnp.asarray(index, jnp.int32)
-        if totals is None:
-            shapes = jax.eval_shape(moments, current, batch, index)
-            check(current, shapes)
-            totals = empty_totals(shapes)
-        totals = step(totals, current, batch, index)
-    if totals is None:
-        raise ValueError("`batches` gave no batch to recalibrate on.")
-    return totals
-
-
-def _make_step(backend, jit: bool, axis_name):
-    """(moments, step): one batch's per-layer moments, and their accumulation into totals."""
-    if axis_name is None:
-        moments = backend.moments
-
-        def step(totals, current, batch, index):
-            return accumulate(totals, moments(current, batch, index))
-
-        return moments, jax.jit(step) if jit else step
-    mapped = jax.pmap(backend.moments, axis_name=axis_name, in_axes=(None, 0, None))
-
-    def moments(current, batch, index):  # replicated over devices: keep one copy
-        return jax.tree.map(lambda leaf: leaf[0], mapped(current, batch, index))
-
-    merge = jax.jit(accumulate) if jit else accumulate
-    return moments, lambda totals, current, batch, index: merge(
-        totals, moments(current, batch, index)
-    )
-
-
-def _same(a: dict, b: dict) -> bool:
-    return all(
-        np.array_equal(np.asarray(x), np.asarray(y))
-        for key in a
-        for x, y in zip(jax.tree.leaves(a[key]), jax.tree.leaves(b[key]), strict=True)
-    )
+__all__ = ["layer_input_moments", "recalibrate", "recalibrate_nnx", "recalibrate_states"]
 
 
 def recalibrate(
-    model,
-    *data,
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    batches: Iterable,
+    *,
     mode: str = "train",
     num_batches: int | None = None,
     apply_kwargs: Mapping[str, Any] | None = None,
     rngs: Mapping[str, jax.Array] | None = None,
-    forward: Callable | None = None,
-    unbiased: bool = False,
     axis_name=None,
     jit: bool = True,
     progress: bool = False,
-):
-    """Sets every batch norm's running statistics to exact population statistics.
+) -> dict:
+    """Sets every batch norm of a linen model to exact population statistics.
 
-    Forms (see the module docstring for the two `mode`s and what they compute):
-
-      recalibrate(linen_model, variables, batches, apply_kwargs=..., rngs=...) -> variables
-      recalibrate(nnx_model, batches, forward=...) -> nnx_model (updated in place)
-      recalibrate(layer_inputs, states, batches, unbiased=...) -> states
+    Each batch norm's ``mean`` and ``var`` in ``variables["batch_stats"]`` (shape: the
+    layer's features, (C,) for features last) become the mean and variance of everything
+    that reaches the layer over `batches` (see the module docstring for the two modes);
+    biased, or unbiased where the layer has ``use_unbiased_running_var=True``. For an nnx
+    model use `recalibrate_nnx`, for the functional core `recalibrate_states`.
 
     Args:
-      model: a ``flax.linen.Module``, an ``nnx.Module``, or for the functional core a function
-        ``layer_inputs(states, batch, training) -> inputs`` (inputs: `states`' structure with
-        each state replaced by its layer's input array, a `LayerInput`, or None if unused).
-      data: (variables, batches) for linen, (batches,) for nnx, (states, batches) otherwise.
-        `batches` is an iterable of model inputs (an array, or a tuple of positional
-        arguments); map your data to inputs first, e.g. ``(b["image"] for b in dataset)``.
+      model: a ``flax.linen.Module`` with bnjax or flax batch norms.
+      variables: its variables from ``model.init``, with a ``"batch_stats"`` collection.
+      batches: an iterable (a list, a generator) of model inputs, one batch each: an
+        array of shape (N, ...) for N examples, or a tuple of such positional arguments. Map
+        your data to inputs first, e.g. ``(b["image"] for b in dataset)``. With `axis_name`
+        every array has a leading device axis, (D, N / D, ...) for D devices.
       mode: "train" (one pass, batch statistics as in training) or "full_batch".
       num_batches: use at most this many batches (a positive int; None: all of them).
-      apply_kwargs: linen: extra ``model.apply`` keywords, e.g. ``{"train": False}``.
-      rngs: linen: {name: key} for ``apply``; batch i uses ``fold_in(key, i)``.
-      forward: nnx: ``forward(model, batch)`` (default ``model(batch)``).
-      unbiased: functional: store the unbiased variance (linen and nnx read each layer's
-        `use_unbiased_running_var`).
-      axis_name: `jax.pmap` each batch over its leading (device) axis under this name and merge
-        the statistics of all devices.
+      apply_kwargs: extra ``model.apply`` keywords, e.g. ``{"train": False}`` (the batch
+        norms are switched by the interceptor, whatever this says).
+      rngs: ``{name: key}`` for ``model.apply`` (e.g. dropout); batch i uses
+        ``fold_in(key, i)``.
+      axis_name: `jax.pmap` each batch over its leading (device) axis under this name and
+        merge the statistics of all devices (modules with this `axis_name` synchronise too).
       jit: compile the per-batch step (False to debug).
       progress: show a progress bar on stderr.
+
+    Returns:
+      New variables, `variables`' structure: "batch_stats" recalibrated (the counters
+      'count', 'skipped' where kept: batches merged, batches left out), the rest unchanged.
 
     Example:
       >>> from bnjax import models
       >>> model = models.MLP(features=(4,), num_classes=2)
       >>> x = jax.random.normal(jax.random.key(0), (64, 3)) * 3.0 + 1.0
       >>> variables = model.init(jax.random.key(1), x[:2], train=False)
-      >>> variables = recalibrate(model, variables, [x[:32], x[32:]], apply_kwargs={"train": False})
+      >>> batches = [x[:32], x[32:]]
+      >>> variables = recalibrate(model, variables, batches, apply_kwargs={"train": False})
       >>> bn_input = x @ variables["params"]["dense0"]["kernel"]          # what reaches norm0
       >>> bool(jnp.allclose(variables["batch_stats"]["norm0"]["var"], bn_input.var(0), rtol=1e-4))
       True
       >>> variables["batch_stats"]["norm0"]["var"].shape
       (4,)
     """
-    if mode not in MODES:
-        raise ValueError(f"`mode`={mode!r} is not one of {MODES}.")
-    if num_batches is not None:
-        if isinstance(num_batches, bool) or not isinstance(num_batches, numbers.Integral):
-            raise TypeError(
-                f"`num_batches` must be a positive int or None (all batches), got "
-                f"{type(num_batches).__name__} {num_batches!r}."
-            )
-        if num_batches < 1:
-            raise ValueError(
-                f"`num_batches` must be >= 1 (or None for all batches), got {num_batches}."
-            )
-        num_batches = int(num_batches)
-    if isinstance(model, nnx.Module):
-        if len(data) != 1:
-            raise TypeError("For an nnx model call recalibrate(model, batches, ...).")
-        backend, batches = Nnx(model, forward, axis_name), data[0]
-        current = backend.state
-    elif isinstance(model, nn.Module):
-        if len(data) != 2:
-            raise TypeError("For a linen model call recalibrate(model, variables, batches, ...).")
-        current, batches = data
-        backend = Linen(model, current, apply_kwargs, rngs, axis_name)
-    elif callable(model):
-        if len(data) != 2:
-            raise TypeError(
-                "For the functional core call recalibrate(layer_inputs, states, batches)."
-            )
-        current, batches = data
-        backend = Functional(model, current, unbiased, axis_name)
+    if not isinstance(model, nn.Module):
+        raise TypeError(_wrong_front_end(model, "model", "a linen Module"))
+    backend = Linen(model, variables, apply_kwargs, rngs, axis_name)
+    return run_passes(
+        backend,
+        variables,
+        batches,
+        mode=mode,
+        num_batches=num_batches,
+        axis_name=axis_name,
+        jit=jit,
+        progress=progress,
+    )
+
+
+def recalibrate_nnx(
+    model: nnx.Module,
+    batches: Iterable,
+    *,
+    mode: str = "train",
+    num_batches: int | None = None,
+    forward: Callable[[nnx.Module, Any], Any] | None = None,
+    axis_name=None,
+    jit: bool = True,
+    progress: bool = False,
+) -> nnx.Module:
+    """Sets every batch norm of an nnx model, in place, to exact population statistics.
+
+    As `recalibrate`, for a model that holds its own state: each batch norm's ``mean`` and
+    ``var`` (shape: its features, (C,)) become those of its inputs over `batches`; biased, or
+    unbiased where the layer has ``use_unbiased_running_var=True``. The batch norms are
+    switched to the `mode`'s statistics; the other layers keep the model's mode (call
+    ``model.eval()`` first: dropout off, which would otherwise inflate the variances).
+
+    Args:
+      model: an ``nnx.Module`` with bnjax or flax nnx batch norms.
+      batches: an iterable (a list, a generator) of model inputs, one batch each: an
+        array of shape (N, ...) for N examples, or a tuple of such positional arguments. Map
+        your data to inputs first, e.g. ``(b["image"] for b in dataset)``. With `axis_name`
+        every array has a leading device axis, (D, N / D, ...) for D devices.
+      mode: "train" (one pass, batch statistics as in training) or "full_batch".
+      num_batches: use at most this many batches (a positive int; None: all of them).
+      forward: ``forward(model, batch)`` runs the model on one batch (its result is not
+        used); default ``model(batch)``, or ``model(*batch)`` for a tuple.
+      axis_name: `jax.pmap` each batch over its leading (device) axis under this name and
+        merge the statistics of all devices.
+      jit: compile the per-batch step (False to debug).
+      progress: show a progress bar on stderr.
+
+    Returns:
+      `model` itself, updated (the counters 'count', 'skipped' too, where the layer has them).
+
+    Example:
+      >>> model = nnx.Sequential(nnx.BatchNorm(2, rngs=nnx.Rngs(0)))
+      >>> x = jnp.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]])
+      >>> model = recalibrate_nnx(model, [x[:2], x[2:]])           # two batches of two
+      >>> model.layers[0].mean[...].tolist(), model.layers[0].var[...].tolist()
+      ([3.0, 4.0], [5.0, 5.0])
+    """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(_wrong_front_end(model, "model", "an nnx Module"))
+    backend = Nnx(model, forward, axis_name)
+    state = run_passes(
+        backend,
+        backend.state,
+        batches,
+        mode=mode,
+        num_batches=num_batches,
+        axis_name=axis_name,
+        jit=jit,
+        progress=progress,
+    )
+    nnx.update(model, state)
+    return model
+
+
+def recalibrate_states(
+    layer_inputs: Callable[[Any, Any, bool], Any],
+    states,
+    batches: Iterable,
+    *,
+    mode: str = "train",
+    num_batches: int | None = None,
+    unbiased: bool = False,
+    axis_name=None,
+    jit: bool = True,
+    progress: bool = False,
+):
+    """Sets the functional core's batch-norm states to exact population statistics.
+
+    `states` is any pytree holding `bnjax.BatchNormState` / `BatchRenormState` leaves (with
+    other leaves left alone); each state's ``mean`` and ``var`` (shape: its features, (C,))
+    become those of its layer's inputs over `batches`.
+
+    Args:
+      layer_inputs: ``layer_inputs(states, batch, training) -> inputs`` runs your network on
+        one batch with ``bnjax.batch_norm(..., training=training)`` and returns `states`'
+        structure with each state replaced by its layer's input: an array of shape
+        (..., C), features last; a `LayerInput` (x, its feature axis or axes, a mask); or
+        None for a layer this batch does not reach. Pure and jittable.
+      states: the pytree of states, e.g. ``{"bn": bnjax.batch_norm_state(C)}``.
+      batches: an iterable (a list, a generator) of model inputs, one batch each: an
+        array of shape (N, ...) for N examples, or a tuple of such positional arguments. Map
+        your data to inputs first, e.g. ``(b["image"] for b in dataset)``. With `axis_name`
+        every array has a leading device axis, (D, N / D, ...) for D devices.
+      mode: "train" (one pass, ``training=True`` as in training) or "full_batch".
+      num_batches: use at most this many batches (a positive int; None: all of them).
+      unbiased: store the unbiased variance (divided by n - 1), as a layer with
+        ``use_unbiased_running_var=True`` would; default the biased one (by n).
+      axis_name: `jax.pmap` each batch over its leading (device) axis under this name and
+        merge the statistics of all devices.
+      jit: compile the per-batch step (False to debug).
+      progress: show a progress bar on stderr.
+
+    Returns:
+      New states, `states`' structure (the counters 'count' and 'skipped': batches merged,
+      batches left out).
+
+    Example:
+      >>> def layer_inputs(states, batch, training):
+      ...     return {"bn": batch}                  # one batch norm, fed the batch itself
+      >>> x = jnp.array([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0]])
+      >>> states = {"bn": bnjax.batch_norm_state(2)}
+      >>> states = recalibrate_states(layer_inputs, states, [x[:2], x[2:]], unbiased=True)
+      >>> [round(v, 4) for v in states["bn"].var.tolist()], int(states["bn"].count)
+      ([6.6667, 6.6667], 2)
+    """
+    if isinstance(layer_inputs, (nn.Module, nnx.Module)) or not callable(layer_inputs):
+        raise TypeError(_wrong_front_end(layer_inputs, "layer_inputs", "a function"))
+    backend = Functional(layer_inputs, states, unbiased, axis_name)
+    return run_passes(
+        backend,
+        states,
+        batches,
+        mode=mode,
+        num_batches=num_batches,
+        axis_name=axis_name,
+        jit=jit,
+        progress=progress,
+    )
+
+
+def _wrong_front_end(value, argument: str, expected: str) -> str:
+    """The error for a model given to the wrong front end: what to call instead."""
+    if isinstance(value, nnx.Module):
+        right = "recalibrate_nnx(model, batches, ...)"
+    elif isinstance(value, nn.Module):
+        right = "recalibrate(model, variables, batches, ...)"
+    elif callable(value):
+        right = "recalibrate_states(layer_inputs, states, batches, ...)"
     else:
-        raise TypeError(f"`model` must be a linen or nnx Module or a function, got {type(model)}.")
-    backend.mode = mode
-    try:
-        iter(batches)
-    except TypeError:
-        raise TypeError(
-            f"`batches` must be an iterable of model inputs (a list of arrays, a generator), "
-            f"got {type(batches).__name__}."
-        ) from None
-    total = num_batches
-    if hasattr(batches, "__len__"):
-        total = len(batches) if num_batches is None else min(num_batches, len(batches))
-    batches = itertools.islice(batches, num_batches)
-    moments, step = _make_step(backend, jit, axis_name)
-
-    def run(current, batches, description):
-        return _one_pass(
-            moments,
-            step,
-            backend.check,
-            current,
-            batches,
-            total=total,
-            description=description,
-            progress=progress,
-        )
-
-    if mode == "train":
-        totals = run(current, batches, "recalibrating")
-        result = backend.write(current, totals, final=True)
-    else:
-        batches = list(batches)
-        total = len(batches)
-        totals = run(current, batches, "recalibrating, pass 1")
-        for number in range(2, len(totals) + 1):
-            following = backend.write(current, totals, final=False)
-            next_totals = run(following, batches, f"recalibrating, pass {number}")
-            settled = _same(
-                backend.statistics(backend.write(following, next_totals, final=False)),
-                backend.statistics(following),
-            )
-            current, totals = following, next_totals
-            if settled:
-                break
-        result = backend.write(current, totals, final=True)
-    _warn_about(backend, totals)
-    if isinstance(backend, Nnx):
-        nnx.update(model, result)
-        return model
-    return result
-
-
-def _warn_about(backend, totals) -> None:
-    unseen = [key for key in backend.all_layers if key not in totals]
-    if unseen:
-        warnings.warn(
-            f"recalibrate: {len(unseen)} batch-norm layer(s) were never called and keep their "
-            f"statistics: {[L.path_str(k) if isinstance(k, tuple) else k for k in unseen]}",
-            stacklevel=3,
-        )
-    empty = [key for key, total in totals.items() if not bool(jnp.all(total.moments.count > 0))]
-    if empty:
-        warnings.warn(
-            f"recalibrate: layer(s) {empty} saw no valid value in some channel (all batches "
-            f"masked or non-finite); those channels keep their statistics.",
-            stacklevel=3,
-        )
+        return f"`{argument}` must be {expected}, got {type(value).__name__}."
+    return f"`{argument}` must be {expected}, got {type(value).__name__}: call {right} instead."

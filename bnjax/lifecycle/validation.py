@@ -36,8 +36,14 @@ import flax.serialization
 import numpy as np
 from flax import nnx
 
-from bnjax.lifecycle import layers as L
 from bnjax.lifecycle.checkpoint_reading import load_checkpoint
+from bnjax.lifecycle.layers import (
+    PARAMS,
+    STATS,
+    Path,
+    get_path,
+    path_str,
+)
 
 __all__ = ["LayerReport", "ValidationReport", "load_checkpoint", "validate_statistics"]
 
@@ -155,7 +161,7 @@ def _is_layer(node) -> bool:
     )
 
 
-def _stat_layers(collection) -> list[L.Path]:
+def _stat_layers(collection) -> list[Path]:
     found = []
 
     def visit(node, path):
@@ -169,21 +175,21 @@ def _stat_layers(collection) -> list[L.Path]:
     return found
 
 
-def _find(tree) -> dict[L.Path, tuple[Mapping, Mapping, Mapping]]:
+def _find(tree) -> dict[Path, tuple[Mapping, Mapping, Mapping]]:
     """{path: (statistics, params, counters)} for every batch-norm layer in a plain tree."""
     layers = {}
 
     def visit(node, path):
         if not isinstance(node, Mapping):
             return
-        if isinstance(node.get(L.STATS), Mapping):
-            for sub in _stat_layers(node[L.STATS]):
+        if isinstance(node.get(STATS), Mapping):
+            for sub in _stat_layers(node[STATS]):
                 layers[(*path, *sub)] = (
-                    L.get_path(node[L.STATS], sub),
-                    L.get_path(node.get(L.PARAMS), sub, {}),
-                    L.get_path(node[L.STATS], sub),
+                    get_path(node[STATS], sub),
+                    get_path(node.get(PARAMS), sub, {}),
+                    get_path(node[STATS], sub),
                 )
-            skip = (L.STATS, L.PARAMS, *_SKIP)
+            skip = (STATS, PARAMS, *_SKIP)
         elif _is_layer(node):
             layers[path] = (node, node, node)
             return
@@ -295,10 +301,10 @@ def validate_statistics(tree: Any, *, expected: Any = None) -> ValidationReport:
         )
         if want and path not in want:
             notes = (*notes, "not in the model")
-        reports.append(LayerReport(L.path_str(path), shape, count, skipped, layer_problems, notes))
+        reports.append(LayerReport(path_str(path), shape, count, skipped, layer_problems, notes))
     for path, shape in want.items():
         if path not in found:
-            reports.append(LayerReport(L.path_str(path), shape, None, None, ("missing",)))
+            reports.append(LayerReport(path_str(path), shape, None, None, ("missing",)))
     if not reports and expected is not None:
         notes.append("no batch-norm statistics to check: the model has no batch norm")
     elif not reports and _training_state_without_statistics(plain):
@@ -319,7 +325,7 @@ def _training_state_without_statistics(tree) -> bool:
     a training state keeps the model's whole state, so its model has no running statistics."""
     return (
         isinstance(tree, Mapping)
-        and isinstance(tree.get(L.PARAMS), Mapping)
+        and isinstance(tree.get(PARAMS), Mapping)
         and "opt_state" in tree
-        and L.STATS not in tree
+        and STATS not in tree
     )

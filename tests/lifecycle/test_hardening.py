@@ -173,7 +173,7 @@ def test_recalibrate_refuses_states_of_the_wrong_shape(features):
     states = {"bn": bnjax.batch_norm_state(features)}
     pattern = rf"`states`: the statistics of the state at 'bn' have the wrong shape \(mean \({features},\), var \({features},\)\): .* features of shape \(4,\)"  # noqa: E501
     with pytest.raises(ValueError, match=pattern):
-        lifecycle.recalibrate(_layer_inputs, states, [X[:16], X[16:]])
+        lifecycle.recalibrate_states(_layer_inputs, states, [X[:16], X[16:]])
     model, variables = _cnn()
     bad = _with(variables, "norm1", mean=np.zeros(5, np.float32))
     with pytest.raises(ValueError, match=r"mean.* \(5,\)"):  # the module's own check says it
@@ -193,10 +193,14 @@ def test_recalibrate_refuses_states_of_the_wrong_shape(features):
 def test_recalibrate_names_a_bad_num_batches(num_batches, error, message):
     states = {"bn": bnjax.batch_norm_state(4)}
     with pytest.raises(error, match=f"`num_batches`.*{message}"):
-        lifecycle.recalibrate(_layer_inputs, states, [X[:16], X[16:]], num_batches=num_batches)
+        lifecycle.recalibrate_states(
+            _layer_inputs, states, [X[:16], X[16:]], num_batches=num_batches
+        )
     with pytest.raises(TypeError, match="`batches` must be an iterable"):
-        lifecycle.recalibrate(_layer_inputs, states, 3)
-    one = lifecycle.recalibrate(_layer_inputs, states, [X[:16], X[16:]], num_batches=np.int64(1))
+        lifecycle.recalibrate_states(_layer_inputs, states, 3)
+    one = lifecycle.recalibrate_states(
+        _layer_inputs, states, [X[:16], X[16:]], num_batches=np.int64(1)
+    )
     assert int(one["bn"].count) == 1
 
 

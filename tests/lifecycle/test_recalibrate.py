@@ -1,5 +1,6 @@
 """recalibrate: exact population statistics, checked against float64 NumPy over the same data."""
 
+import inspect
 import warnings
 
 import chex
@@ -193,13 +194,13 @@ def test_nnx_models_in_both_modes():
     x = DATA.reshape(-1, 2)[:96]
     batches = [x[i : i + 16] for i in range(0, 96, 16)]
     model = _NnxNet(nnx.Rngs(0))
-    assert lifecycle.recalibrate(model, batches) is model
+    assert lifecycle.recalibrate_nnx(model, batches) is model
     _assert_state(
         {"mean": model.norm.mean[...], "var": model.norm.var[...]},
         *_population(np.asarray(model.dense(x))),
     )
     assert int(model.norm.count[...]) == len(batches)
-    lifecycle.recalibrate(model, batches, mode="full_batch")
+    lifecycle.recalibrate_nnx(model, batches, mode="full_batch")
     model.eval()
     evaluation = model(x)
     model.train()
@@ -220,7 +221,7 @@ def test_functional_states_with_layer_inputs_and_masks():
 
     states = {"first": bnjax.batch_norm_state(2), "second": bnjax.batch_renorm_state(2)}
     batches = [(x[:32], mask[:32]), (x[32:], mask[32:])]
-    new = lifecycle.recalibrate(layer_inputs, states, batches, unbiased=True)
+    new = lifecycle.recalibrate_states(layer_inputs, states, batches, unbiased=True)
     _assert_state(new["first"]._asdict(), *_population(x[mask[:, 0]] * 2.0 - 1.0, ddof=1))
     assert isinstance(new["second"], bnjax.BatchRenormState) and int(new["second"].count) == 2
 
@@ -268,7 +269,7 @@ def test_errors_and_warnings():
         lifecycle.recalibrate(model, variables, BATCHES, mode="precise")
     with pytest.raises(ValueError, match="no batch"):
         lifecycle.recalibrate(model, variables, [], apply_kwargs=EVAL)
-    with pytest.raises(TypeError, match="variables, batches"):
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'batches'"):
         lifecycle.recalibrate(model, BATCHES)
     spare = {"mean": jnp.zeros(4), "var": jnp.ones(4)}
     unused = {**variables, "batch_stats": {**variables["batch_stats"], "spare": spare}}
@@ -276,6 +277,48 @@ def test_errors_and_warnings():
         warnings.simplefilter("always")
         lifecycle.recalibrate(model, unused, BATCHES[:1], apply_kwargs=EVAL)
     assert any("never called" in str(w.message) for w in caught)
+
+
+def test_each_front_end_names_the_one_a_model_needs():
+    """A model given to the wrong front end is refused with the call to make instead."""
+    model, variables = initialised("mlp")
+    nnx_model = _NnxNet(nnx.Rngs(0))
+    states = {"bn": bnjax.batch_norm_state(4)}
+    with pytest.raises(TypeError, match=r"call recalibrate_nnx\(model, batches"):
+        lifecycle.recalibrate(nnx_model, variables, BATCHES)
+    with pytest.raises(TypeError, match=r"call recalibrate_states\(layer_inputs, states, batches"):
+        lifecycle.recalibrate(lambda states, batch, training: {"bn": batch}, states, BATCHES)
+    with pytest.raises(TypeError, match=r"call recalibrate\(model, variables, batches"):
+        lifecycle.recalibrate_nnx(model, BATCHES)
+    with pytest.raises(TypeError, match=r"call recalibrate_nnx\(model, batches"):
+        lifecycle.recalibrate_states(nnx_model, states, BATCHES)
+    with pytest.raises(TypeError, match="`layer_inputs` must be a function, got dict"):
+        lifecycle.recalibrate_states(states, states, BATCHES)
+
+
+def test_an_option_of_another_front_end_is_refused_not_ignored():
+    """Each front end takes exactly its own keywords: `unbiased` means nothing to linen (the
+    modules say whether they store the unbiased variance), `apply_kwargs` nothing to nnx."""
+    model, variables = initialised("mlp")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'unbiased'"):
+        lifecycle.recalibrate(model, variables, BATCHES, unbiased=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'apply_kwargs'"):
+        lifecycle.recalibrate_nnx(_NnxNet(nnx.Rngs(0)), BATCHES, apply_kwargs=EVAL)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'forward'"):
+        lifecycle.recalibrate_states(lambda s, b, t: s, {}, BATCHES, forward=None)
+
+
+def test_no_public_function_of_the_lifecycle_takes_a_private_parameter():
+    """A leading underscore on a public path (once `layer_input_moments(_unbiased=...)`)
+    is an internal channel every user can see and nobody should use."""
+    private = {
+        f"{name}({parameter})"
+        for name in lifecycle.__all__
+        if callable(value := getattr(lifecycle, name)) and not isinstance(value, type)
+        for parameter in inspect.signature(value).parameters
+        if parameter.startswith("_")
+    }
+    assert not private
 
 
 def test_the_pure_pieces_run_inside_one_jitted_scan():
