@@ -122,9 +122,7 @@ def test_a_nan_between_fetches_never_reaches_a_checkpoint_and_names_its_step(
     assert all(record["step"] < 5 for record in _records(tmp_path))
 
 
-def test_a_skipped_batch_between_log_steps_is_reported_with_its_step(
-    tmp_path, monkeypatch, capsys
-):
+def test_a_skipped_batch_between_log_steps_is_reported_with_its_step(tmp_path, monkeypatch, capsys):
     """The batch-norm warning of a step without a record still names that step, once."""
     _poison_training_batch(monkeypatch, step=3, value=1e30)
     loop.train_and_evaluate(_tiny(log_every=4, checkpoint_every=4), str(tmp_path))
