@@ -335,11 +335,11 @@ def _stop_if_not_finite(
     """Raises NonFiniteError when step `step`'s loss or its `FINITE_CHECK` flags (`check`,
     fetched) show a NaN/inf, naming the leaves, the batch's NaN/inf inputs and the last good
     checkpoint; `found_at` is the step the flags were fetched at (None: `step` itself)."""
+    if not np.any(check["leaves"]) and math.isfinite(loss):
+        return  # the usual case, checked without naming every leaf (a walk of the state)
     bad = [
         name for name, flag in zip(checked_leaf_names(state), check["leaves"], strict=True) if flag
     ]
-    if not bad and math.isfinite(loss):
-        return
     if bad:
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         what = f"step {step} made the training state non-finite: {shown} (loss {loss:.6g})"
