@@ -25,8 +25,10 @@ How:
     batches: it pays their host-to-device copy like the loop, not their making) through the
     same ``run`` (already compiled), from the loop's final state: ``--warmup`` untimed calls,
     then all of them timed to ``jax.block_until_ready`` on the last outputs.
-  * ratio = loop steps/s / bare steps/s (goal >= 0.97). ``--rounds`` repeats the pair; the
-    table reports each round and the median ratio.
+  * ratio = loop steps/s / bare steps/s (goal >= 0.97). ``--rounds`` repeats the pair, in an
+    order alternating from round to round (even rounds time the bare chain first, on the
+    previous round's step and batches) to spread drift evenly; the table reports each round
+    and the median ratio.
 
 Exact command (defaults: 400 steps, 50 warm-up, 1 round; about 40 s per round on 2 idle CPU
 cores):
@@ -127,7 +129,9 @@ def time_bare_chain(recorder: InstrumentedRunner, warmup: int) -> float:
     for batch in recorder.batches:
         state, metrics = run(state, batch)
     jax.block_until_ready((state, metrics))
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    recorder.state = state  # the one it started from was donated: the next chain goes on here
+    return seconds
 
 
 def environment_lines(args) -> list[str]:
@@ -166,13 +170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("need 0 <= --warmup < --num_steps - 1 and --rounds >= 1")
 
     started = time.perf_counter()
-    rows, ratios = [], []
+    rows, ratios, recorder = [], [], None
     for number in range(1, args.rounds + 1):
+        # Odd rounds: the loop, then the bare chain; even rounds: the bare chain first (the
+        # previous round's step and batches: the same computation), spreading drift evenly.
+        bare = time_bare_chain(recorder, args.warmup) if number % 2 == 0 else None
         print(f"== round {number}: loop.train_and_evaluate, {args.num_steps} steps", flush=True)
         recorder = time_loop(args)
         timed = len(recorder.batches)
-        print(f"   bare chain of the same step over its {timed} timed batches", flush=True)
-        bare = time_bare_chain(recorder, args.warmup)
+        if bare is None:
+            print(f"   bare chain of the same step over its {timed} timed batches", flush=True)
+            bare = time_bare_chain(recorder, args.warmup)
         loop_rate, bare_rate = timed / recorder.seconds, timed / bare
         ratios.append(loop_rate / bare_rate)
         rows.append(
