@@ -25,7 +25,10 @@ How:
     batches: it pays their host-to-device copy like the loop, not their making) through the
     same ``run`` (already compiled), from the loop's final state: ``--warmup`` untimed calls,
     then all of them timed to ``jax.block_until_ready`` on the last outputs.
-  * ratio = loop steps/s / bare steps/s (goal >= 0.97). ``--rounds`` repeats the pair, in an
+  * ratio = loop steps/s / bare steps/s (wall clock; goal >= 0.97). The CPU ratio = the bare
+    chain's process CPU seconds (all threads: XLA's CPU backend computes the steps on the
+    host's cores) over the loop's, for the same steps: the work the loop adds, less sensitive
+    than wall-clock time to other processes on a shared machine (but blind to idle waits). ``--rounds`` repeats the pair, in an
     order alternating from round to round (even rounds time the bare chain first, on the
     previous round's step and batches) to spread drift evenly; the table reports each round
     and the median ratio.
@@ -65,6 +68,7 @@ class InstrumentedRunner:
         self.warmup, self.num_steps = warmup, num_steps
         self.calls, self.batches = 0, []
         self.run = self.state = self.started = self.ended = None
+        self.cpu_started = self.cpu_ended = None
 
     def __call__(self, config, mesh, train_step):
         self.run = run = self._runner(config, mesh, train_step)
@@ -72,13 +76,13 @@ class InstrumentedRunner:
         def timed_run(state, batch):
             self.calls += 1
             if self.calls == self.warmup + 1:
-                self.started = time.perf_counter()
+                self.started, self.cpu_started = time.perf_counter(), time.process_time()
             state, metrics = run(state, batch)
             if self.calls > self.warmup:
                 self.batches.append(batch)
             if self.calls == self.num_steps:
                 jax.block_until_ready((state, metrics))
-                self.ended = time.perf_counter()
+                self.ended, self.cpu_ended = time.perf_counter(), time.process_time()
                 self.state = state
             return state, metrics
 
@@ -93,8 +97,9 @@ class InstrumentedRunner:
         loop._runner = self._runner
 
     @property
-    def seconds(self) -> float:
-        return self.ended - self.started
+    def seconds(self) -> tuple[float, float]:
+        """(wall-clock, process CPU) seconds of the timed steps."""
+        return self.ended - self.started, self.cpu_ended - self.cpu_started
 
 
 def bench_config(args):
@@ -119,17 +124,18 @@ def time_loop(args) -> InstrumentedRunner:
     return recorder
 
 
-def time_bare_chain(recorder: InstrumentedRunner, warmup: int) -> float:
-    """Seconds the loop's compiled step takes chained over the loop's timed batches."""
+def time_bare_chain(recorder: InstrumentedRunner, warmup: int) -> tuple[float, float]:
+    """(wall-clock, process CPU) seconds the loop's compiled step takes chained over the
+    loop's timed batches."""
     run, state = recorder.run, recorder.state
     for batch in recorder.batches[:warmup]:
         state, metrics = run(state, batch)
     jax.block_until_ready(state)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for batch in recorder.batches:
         state, metrics = run(state, batch)
     jax.block_until_ready((state, metrics))
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started, time.process_time() - cpu_started
     recorder.state = state  # the one it started from was donated: the next chain goes on here
     return seconds
 
@@ -170,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("need 0 <= --warmup < --num_steps - 1 and --rounds >= 1")
 
     started = time.perf_counter()
-    rows, ratios, recorder = [], [], None
+    rows, ratios, cpu_ratios, recorder = [], [], [], None
     for number in range(1, args.rounds + 1):
         # Odd rounds: the loop, then the bare chain; even rounds: the bare chain first (the
         # previous round's step and batches: the same computation), spreading drift evenly.
@@ -181,24 +187,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bare is None:
             print(f"   bare chain of the same step over its {timed} timed batches", flush=True)
             bare = time_bare_chain(recorder, args.warmup)
-        loop_rate, bare_rate = timed / recorder.seconds, timed / bare
+        (loop_wall, loop_cpu), (bare_wall, bare_cpu) = recorder.seconds, bare
+        loop_rate, bare_rate = timed / loop_wall, timed / bare_wall
         ratios.append(loop_rate / bare_rate)
+        cpu_ratios.append(bare_cpu / loop_cpu)
         rows.append(
-            f"| {number} | {timed} | {loop_rate:.1f} | {bare_rate:.1f} | {ratios[-1]:.3f} |"
+            f"| {number} | {timed} | {loop_rate:.1f} | {bare_rate:.1f} | {ratios[-1]:.3f} "
+            f"| {1e3 * loop_cpu / timed:.1f} | {1e3 * bare_cpu / timed:.1f} "
+            f"| {cpu_ratios[-1]:.3f} |"
         )
-        print(f"   loop {loop_rate:.1f} steps/s, bare {bare_rate:.1f} steps/s", flush=True)
-    median = statistics.median(ratios)
+        print(
+            f"   loop {loop_rate:.1f} steps/s, bare {bare_rate:.1f} steps/s; CPU ms/step "
+            f"loop {1e3 * loop_cpu / timed:.1f}, bare {1e3 * bare_cpu / timed:.1f}",
+            flush=True,
+        )
+    median, cpu_median = statistics.median(ratios), statistics.median(cpu_ratios)
     report = [
         "## Training loop overhead: train_and_evaluate against a bare chain of its step",
         "",
         *environment_lines(args),
         "",
-        "| round | timed steps | loop steps/s | bare steps/s | ratio loop / bare |",
-        "|---:|---:|---:|---:|---:|",
+        "| round | timed steps | loop steps/s | bare steps/s | ratio loop / bare "
+        "| loop CPU ms/step | bare CPU ms/step | CPU ratio bare / loop |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
-        f"Median ratio: {median:.3f} (goal >= 0.97). Total benchmark time: "
-        f"{time.perf_counter() - started:.0f} s.",
+        f"Median ratio (wall clock): {median:.3f}; median CPU ratio: {cpu_median:.3f} (goal "
+        f">= 0.97). Total benchmark time: {time.perf_counter() - started:.0f} s.",
     ]
     emit_report(report, args.out)
     return 0
