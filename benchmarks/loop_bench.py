@@ -28,10 +28,10 @@ How:
   * ratio = loop steps/s / bare steps/s (wall clock; goal >= 0.97). The CPU ratio = the bare
     chain's process CPU seconds (all threads: XLA's CPU backend computes the steps on the
     host's cores) over the loop's, for the same steps: the work the loop adds, less sensitive
-    than wall-clock time to other processes on a shared machine (but blind to idle waits). ``--rounds`` repeats the pair, in an
-    order alternating from round to round (even rounds time the bare chain first, on the
-    previous round's step and batches) to spread drift evenly; the table reports each round
-    and the median ratio.
+    than wall-clock time to other processes on a shared machine (but blind to idle waits).
+    ``--rounds`` repeats the pair, in an order alternating from round to round (even rounds
+    time the bare chain first, on the previous round's step and batches) to spread drift
+    evenly; the table reports each round and the median ratios.
 
 Exact command (defaults: 400 steps, 50 warm-up, 1 round; about 40 s per round on 2 idle CPU
 cores):
