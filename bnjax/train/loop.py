@@ -26,12 +26,21 @@ A workdir that cannot be written still reports a finished run, writing nothing.
 Determinism: the state after step s depends only on the config (the data order is a pure
 function of (seed, epoch), the model has no dropout), so a run killed at any moment and
 restarted with the same command ends bit-identical to an uninterrupted one on CPU (tested).
-Non-finite values stop the run with `NonFiniteError` at the step that makes them: a NaN/inf
+Non-finite values stop the run with `NonFiniteError` naming the step that made them: a NaN/inf
 loss, or any NaN/inf in the new parameters, statistics, optimizer state or gradient (checked
 inside the step). That state is not saved; the last checkpoint stays the last good one (the
-checkpointer refuses non-finite states anyway). Batch norms whose batch statistics overflow
-(a huge finite input) skip that batch's update and leave the state finite: the step prints a
-warning and logs 'bn/<layer>/nonfinite'. Evaluation counts and reports the NaN/inf inputs and
+checkpointer refuses non-finite states anyway).
+
+The host does not wait on the device every step: a step's metrics and finiteness flags stay on
+the device, queued in `_PendingSteps`, and are fetched in one transfer at the next step whose
+record, checkpoint or evaluation needs them (at least every `config.log_every` steps), before a
+signal's save, and at the end. So the next steps are dispatched while one computes, and a
+non-finite step is detected up to `config.log_every` steps after it, always before any save:
+the checks of every step since the last fetch run first, and the error names the first bad
+one. Batch norms whose batch statistics overflow
+(a huge finite input) skip that batch's update and leave the state finite: a warning names
+the step (printed when its metrics are fetched) and its record, when it has one, logs
+'bn/<layer>/nonfinite'. Evaluation counts and reports the NaN/inf inputs and
 outputs it meets.
 """
 
@@ -77,8 +86,11 @@ from bnjax.train.workdir import (
 class NonFiniteError(RuntimeError):
     """A training step made the loss or the state NaN/inf; the run stopped without saving it.
 
+    Raised when the step's flags are fetched: at the next step that logs, saves a checkpoint or
+    evaluates (at most `config.log_every` steps later), always before any save.
+
     Attributes:
-      step: the step that made them.
+      step: the step that made them (the first one, when several did).
       leaves: the non-finite leaves, named as in `bnjax.train.steps.checked_leaf_names`
         ('params/conv0/kernel', 'grads/conv0/kernel', ...); empty when only the loss is.
       last_good_step: the newest checkpoint (None when none was saved yet).
@@ -317,15 +329,17 @@ def _training_batches(train, sampler, start_step: int):
         yield {"image": batch["image"], "label": batch["label"]}
 
 
-def _stop_if_not_finite(step: int, loss: float, check: dict, state, checkpointer) -> None:
+def _stop_if_not_finite(
+    step: int, loss: float, check: dict, state, checkpointer, found_at: int | None = None
+) -> None:
     """Raises NonFiniteError when step `step`'s loss or its `FINITE_CHECK` flags (`check`,
     fetched) show a NaN/inf, naming the leaves, the batch's NaN/inf inputs and the last good
-    checkpoint."""
+    checkpoint; `found_at` is the step the flags were fetched at (None: `step` itself)."""
+    if not np.any(check["leaves"]) and math.isfinite(loss):
+        return  # the usual case, checked without naming every leaf (a walk of the state)
     bad = [
         name for name, flag in zip(checked_leaf_names(state), check["leaves"], strict=True) if flag
     ]
-    if not bad and math.isfinite(loss):
-        return
     if bad:
         shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         what = f"step {step} made the training state non-finite: {shown} (loss {loss:.6g})"
@@ -344,12 +358,53 @@ def _stop_if_not_finite(step: int, loss: float, check: dict, state, checkpointer
         else f"no step was saved before it in {checkpointer.directory}, so the last good "
         "checkpoint is step 0 (the initial state, which a re-run recreates from config.seed)"
     )
+    found = "" if found_at in (None, step) else f" (found at step {found_at})"
     raise NonFiniteError(
-        f"{what}; {cause}. Stopped without saving that state; {where}.",
+        f"{what}; {cause}. Stopped{found} without saving that state; {where}.",
         step=step,
         leaves=bad,
         last_good_step=last,
     )
+
+
+class _PendingSteps:
+    """The metrics of the steps trained since the last fetch, still on the device.
+
+    Fetching a step's metrics (`jax.device_get`) makes the host wait until the step is
+    computed, and then the device idles while the host dispatches the next one. So the loop
+    only queues each step's metrics (a few scalars and the (L,) `FINITE_CHECK` flags: small)
+    and `check` fetches them all in one transfer when a step needs them on the host: its
+    record, its checkpoint (a non-finite state is never saved), its evaluation, a signal's
+    save, the end. Each queued step is then checked in order, as if checked at its own step:
+    the first non-finite one raises NonFiniteError naming it, and the batches the batch norms
+    skipped are reported with their steps.
+    """
+
+    def __init__(self):
+        self._steps: list[int] = []
+        self._metrics: list[dict] = []  # device arrays, one dict per step in `_steps`
+
+    def add(self, step: int, metrics: dict) -> None:
+        self._steps.append(step)
+        self._metrics.append(metrics)
+
+    def check(self, state, checkpointer, found_at: int) -> dict[str, float] | None:
+        """Fetches and checks the queued steps (see the class); returns the newest one's
+        scalars (without the flags), None when none was queued. `state` names the flagged
+        leaves; `found_at` is the step fetching them, for the error message."""
+        if not self._steps:
+            return None
+        steps, fetched = self._steps, jax.device_get(self._metrics)
+        self._steps, self._metrics = [], []
+        for step, metrics in zip(steps, fetched, strict=True):
+            check = metrics.pop(FINITE_CHECK)
+            step_metrics = {name: float(value) for name, value in metrics.items()}
+            # Before any save: a state holding a NaN/inf is never written.
+            _stop_if_not_finite(
+                step, step_metrics["loss"], check, state, checkpointer, found_at=found_at
+            )
+            _warn_of_skipped_batches(step, step_metrics)
+        return step_metrics
 
 
 def _warn_of_skipped_batches(step: int, step_metrics: dict) -> None:
@@ -576,27 +631,30 @@ def train_and_evaluate(
                 lambda: evaluate_state(state),
             )
             batches = _training_batches(train, sampler, start_step)
+            pending = _PendingSteps()  # the steps whose metrics are still on the device
+            shown = ""  # the progress label: the newest fetched loss
             for step in range(start_step + 1, config.num_steps + 1):
                 if stop.received is not None:
+                    pending.check(state, checkpointer, found_at=step - 1)  # before the save
                     _stop(checkpointer, step - 1, _checkpointable(config, state), stop.received)
                 batch = next(batches)
                 if assemble:
                     batch = parallel.local_batch_to_global(batch, mesh)
                 state, metrics = run(state, batch)
-                metrics = jax.device_get(metrics)
-                check = metrics.pop(FINITE_CHECK)
-                step_metrics = {k: float(v) for k, v in metrics.items()}
-                # Before any save: a state holding a NaN/inf is never written.
-                _stop_if_not_finite(step, step_metrics["loss"], check, state, checkpointer)
-                _warn_of_skipped_batches(step, step_metrics)
-                progress.update(step, f"loss {step_metrics['loss']:.4f}")
-                # Saved before evaluating: a failing evaluation cannot cost this step's state.
+                pending.add(step, metrics)
                 last = step == config.num_steps
                 with_training, with_evaluation = _due(config, step)
+                save = last or checkpointer.should_save(step)
+                step_metrics = None
+                if with_training or with_evaluation or save:  # the host needs them: fetch
+                    step_metrics = pending.check(state, checkpointer, found_at=step)
+                    shown = f"loss {step_metrics['loss']:.4f}"
+                progress.update(step, shown)
+                # Saved before evaluating: a failing evaluation cannot cost this step's state.
                 scalars = {}
                 if with_training:
                     scalars.update(step_metrics, learning_rate=float(schedule(step - 1)))
-                if last or checkpointer.should_save(step):  # host copies (pmap) only then
+                if save:  # host copies (pmap) only then
                     # The step's training scalars go into its checkpoint: a kill before its
                     # record is written costs nothing, the resumed run writes it from them.
                     checkpointer.save(

@@ -198,3 +198,72 @@ def test_evaluation_split_over_devices_counts_the_same():
     whole = loop.evaluate(eval_step, state, test, 100)
     split = loop.evaluate(eval_step, parallel.replicate(state, mesh), test, 100, mesh)
     assert split == whole and whole["eval/examples"] == 200
+
+
+# --------------------------------------------------------------------------- host fetches
+
+
+def _watch_metric_fetches(monkeypatch):
+    """[(steps trained when a `jax.device_get` call ran, the steps whose metrics it fetched)],
+    for every call that fetched some step's training metrics.
+
+    The runner is wrapped to count the steps and remember which step returned which metric
+    arrays (by identity); `jax.device_get` is wrapped to look for them in what it is given."""
+    trained, owner, fetches = [0], {}, []
+    runner, device_get = loop._runner, jax.device_get
+
+    def counting_runner(config, mesh, train_step):
+        run = runner(config, mesh, train_step)
+
+        def counted(state, batch):
+            state, metrics = run(state, batch)
+            trained[0] += 1
+            owner.update((id(leaf), trained[0]) for leaf in jax.tree.leaves(metrics))
+            return state, metrics
+
+        return counted
+
+    def watched_device_get(tree):
+        steps = {owner[id(leaf)] for leaf in jax.tree.leaves(tree) if id(leaf) in owner}
+        if steps:
+            fetches.append((trained[0], sorted(steps)))
+        return device_get(tree)
+
+    monkeypatch.setattr(loop, "_runner", counting_runner)
+    monkeypatch.setattr(jax, "device_get", watched_device_get)
+    return fetches
+
+
+def test_the_host_fetches_the_metrics_only_at_the_steps_that_need_them(tmp_path, monkeypatch):
+    """Between log, checkpoint and evaluation steps the loop only queues each step's metrics
+    (the device runs ahead); at those steps one transfer fetches every queued step's."""
+    fetches = _watch_metric_fetches(monkeypatch)
+    config = _tiny(num_steps=12, log_every=4, eval_every=12, checkpoint_every=6)
+    loop.train_and_evaluate(config, str(tmp_path))
+    assert fetches == [
+        (4, [1, 2, 3, 4]),  # a log step
+        (6, [5, 6]),  # a checkpoint step: checked before the save
+        (8, [7, 8]),
+        (12, [9, 10, 11, 12]),  # the last: log, checkpoint and evaluation
+    ]
+
+
+def test_deferred_fetches_log_the_same_records(tmp_path):
+    """The records of the logged steps are the numbers a per-step fetch logs: a run logging
+    every step (fetching every step) and one logging every 4th agree on steps 4, 8, 12."""
+    every_step = loop.train_and_evaluate(_tiny(log_every=1), str(tmp_path / "every"))
+    every_4th = loop.train_and_evaluate(_tiny(log_every=4), str(tmp_path / "fourth"))
+    assert every_step == every_4th
+
+    def records(name):
+        by_step = {}
+        for line in open(tmp_path / name / "metrics.jsonl"):
+            record = json.loads(line)
+            del record["time"]
+            by_step[record.pop("step")] = record
+        return by_step
+
+    every, fourth = records("every"), records("fourth")
+    assert sorted(fourth) == [4, 6, 8, 12]  # eval_every=6: step 6 holds the evaluation only
+    assert fourth[4].keys() == every[4].keys() and "loss" not in fourth[6]
+    assert {step: {k: every[step][k] for k in record} for step, record in fourth.items()} == fourth

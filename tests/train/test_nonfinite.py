@@ -13,6 +13,7 @@ import pytest
 
 from bnjax import data
 from bnjax.train import cli, loop, steps
+from bnjax.train.checkpoints import Checkpointer
 from bnjax.train.config import check_config
 from tests.train.helpers import final_state, tiny_config
 
@@ -95,6 +96,40 @@ def test_a_huge_finite_input_is_reported_by_the_batch_norms_that_skip_it(
     step, state = final_state(tmp_path)
     assert step == 4
     assert all(np.isfinite(leaf).all() for leaf in _floating_leaves(state))
+
+
+@pytest.mark.parametrize(
+    ("log_every", "checkpoint_every", "found_at", "last_good"),
+    [(4, 12, 8, None), (12, 4, 8, 4)],  # found by a log step; by a checkpoint step
+)
+def test_a_nan_between_fetches_never_reaches_a_checkpoint_and_names_its_step(
+    tmp_path, monkeypatch, log_every, checkpoint_every, found_at, last_good
+):
+    """Step 5 goes non-finite, every step after it too; the flags are fetched at step 8 (the
+    next log or checkpoint step), before its save: the error names step 5, not 8, and the
+    checkpoints hold nothing after the last good step."""
+    _poison_training_batch(monkeypatch, step=5, value=math.nan)
+    config = _tiny(
+        num_steps=12, log_every=log_every, eval_every=12, checkpoint_every=checkpoint_every
+    )
+    with pytest.raises(loop.NonFiniteError) as error:
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert error.value.step == 5 and error.value.last_good_step == last_good
+    assert str(error.value).startswith("step 5 made the training state non-finite: params/")
+    assert f"Stopped (found at step {found_at}) without saving that state" in str(error.value)
+    with Checkpointer(str(tmp_path / "checkpoints")) as checkpointer:
+        assert checkpointer.latest_step() == last_good
+    assert all(record["step"] < 5 for record in _records(tmp_path))
+
+
+def test_a_skipped_batch_between_log_steps_is_reported_with_its_step(tmp_path, monkeypatch, capsys):
+    """The batch-norm warning of a step without a record still names that step, once."""
+    _poison_training_batch(monkeypatch, step=3, value=1e30)
+    loop.train_and_evaluate(_tiny(log_every=4, checkpoint_every=4), str(tmp_path))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("warning: step 3: the batch statistics of norm0")
+    assert [record["step"] for record in _records(tmp_path)] == [4]
 
 
 def _floating_leaves(state):
