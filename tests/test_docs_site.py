@@ -78,7 +78,7 @@ def _defined_flags(source: str) -> set[str]:
 
 def _entry_points() -> dict[str, set[str]]:
     """{script or module: the flags it defines}."""
-    parallel_flags = _defined_flags((ROOT / "bnjax" / "parallel.py").read_text())
+    parallel_flags = _defined_flags((ROOT / "bnjax" / "parallel" / "distributed.py").read_text())
     entry = {}
     for script in [*ROOT.glob("scripts/*.py"), *ROOT.glob("benchmarks/*.py")]:
         flags = _defined_flags(script.read_text())

@@ -312,6 +312,50 @@ def test_pmap_step_refuses_states_that_differ_across_devices():
     np.testing.assert_allclose(state.var, whole.var, rtol=1e-5)
 
 
+def test_shard_map_step_names_each_varying_output_and_the_axes_it_varies_over():
+    """Statistics synced within groups of 4 only (axis "batch" of a (replica, batch) mesh)
+    still differ between the groups: the error names each such leaf, metrics included, and
+    the axis, from the values' traced types; a metric that is the same everywhere is not
+    named."""
+    import bnjax
+
+    def synced_within_groups(state, x, axis_name):
+        _, state = bnjax.batch_norm(x, state, training=True, axis_name="batch")
+        return state, {"mean": state.mean, "constant": jax.numpy.zeros(())}
+
+    mesh = parallel.data_mesh(sync_group_size=DEVICES // 2)
+    run = parallel.shard_map_step(synced_within_groups, mesh)
+    x = jax.random.normal(jax.random.key(0), (BATCH, 3))
+    with pytest.raises(ValueError, match=r"the step returned state\.mean") as error:
+        run(bnjax.batch_norm_state(3), x)
+    message = str(error.value)
+    assert "state.mean (over 'replica'), state.var (over 'replica')" in message
+    assert "metrics['mean'] (over 'replica')" in message
+    assert "constant" not in message and "('replica', 'batch')" in message
+    # Per-device state may vary (each device starts from its own copy): only the metric that
+    # comes from it is named, and it now varies over both axes.
+    run = parallel.shard_map_step(synced_within_groups, mesh, per_device=True)
+    with pytest.raises(
+        ValueError, match=r"returned metrics\['mean'\] \(over 'replica', 'batch'\) that"
+    ):
+        run(parallel.stack_copies(bnjax.batch_norm_state(3), DEVICES), x)
+
+
+def test_shard_map_step_lets_other_errors_through_unchanged():
+    """Only outputs found varying are reworded; an error raised inside the step, even one
+    that mentions check_vma, comes out as it was raised."""
+
+    own_error = ValueError("the step's own error, not about check_vma's outputs")
+
+    def failing_step(state, x, axis_name):
+        raise own_error
+
+    run = parallel.shard_map_step(failing_step, parallel.data_mesh())
+    with pytest.raises(ValueError) as error:
+        run({"w": np.zeros(3, np.float32)}, np.zeros((BATCH, 3), np.float32))
+    assert error.value is own_error
+
+
 # --------------------------------------------------------------------------------------------
 # Modules whose variables are closed over inside jax.shard_map (constants, not arguments).
 
