@@ -69,20 +69,34 @@ def test_recorded_statistics_equal_an_independent_computation(trained):
     `bnjax.diagnostics`), the pair metrics from gradients and updates computed anew."""
     norm, model, optimizer, rows, _, record = trained
     before, _, _ = _reference(model, optimizer, rows)
+
+    @jax.jit
+    def conv_outputs(variables, images):
+        _, sown = model.apply(
+            variables,
+            images,
+            train=True,
+            mutable=["batch_stats", "intermediates"],
+            capture_intermediates=training.is_conv_call,
+        )
+        return training.norm_inputs(sown["intermediates"])
+
+    @jax.jit
+    @jax.grad
+    def gradient(params, state, images, labels):
+        variables = {"params": params}
+        if "batch_stats" in state:
+            variables["batch_stats"] = state["batch_stats"]
+        logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
     previous = None
     for t, stacked in enumerate(before):
         for s in range(len(SEEDS)):
             state = jax.tree.map(lambda a, s=s: a[s], stacked)
-            images, labels = IMAGES[rows[s, t]], LABELS[rows[s, t]]
+            images = IMAGES[rows[s, t]]
             variables = {k: v for k, v in state.items() if k not in ("step", "opt_state")}
-            _, sown = model.apply(
-                variables,
-                images,
-                train=True,
-                mutable=["batch_stats", "intermediates"],
-                capture_intermediates=training.is_conv_call,
-            )
-            for layer, x in enumerate(training.norm_inputs(sown["intermediates"])):
+            for layer, x in enumerate(conv_outputs(variables, images)):
                 means, variances = (
                     record["batch_means"][layer][s, t],
                     record["batch_vars"][layer][s, t],
@@ -103,15 +117,8 @@ def test_recorded_statistics_equal_an_independent_computation(trained):
                         record["batch_vars"][layer][s, t].mean(), telemetry.batch_var, rtol=1e-4
                     )
 
-        def loss(params, state, images, labels):
-            variables = {"params": params}
-            if "batch_stats" in state:
-                variables["batch_stats"] = state["batch_stats"]
-            logits, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
         grads = [
-            jax.grad(loss)(
+            gradient(
                 jax.tree.map(lambda a, s=s: a[s], stacked["params"]),
                 jax.tree.map(lambda a, s=s: a[s], stacked),
                 IMAGES[rows[s, t]],
