@@ -34,15 +34,8 @@ from bnjax.train.steps import STATE_COLLECTIONS, make_train_step
 
 
 class Trace(NamedTuple):
-    """What one seed's run recorded (NumPy, T steps, P probe points); see the module docstring.
-
-    Example (`make_trainer` shows one from a real run):
-      >>> t = Trace(np.zeros(3), np.ones(3), (np.zeros((3, 8)),), (np.ones((3, 8)),),
-      ...           np.full((3, 2), np.nan), np.full((3, 2), np.nan), np.array([0, 3]),
-      ...           np.array([2.3, 1.0]), np.array([0.1, 0.6]))
-      >>> len(t.loss), t.batch_means[0].shape, float(t.probe_accuracy[-1])
-      (3, (3, 8), 0.6)
-    """
+    """What one seed's run recorded (NumPy, T steps, P probe points); see the module docstring
+    (`make_trainer`'s example makes one from a real run)."""
 
     loss: np.ndarray  # (T,)
     accuracy: np.ndarray  # (T,)
