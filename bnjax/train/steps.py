@@ -16,7 +16,7 @@ NaN pixel can leave the loss finite while the first layer's parameters are alrea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -149,21 +149,6 @@ def _variables(state, params=None) -> dict:
     return variables
 
 
-class StepInternals(NamedTuple):
-    """What one train step computed, handed to `make_train_step`'s `extras` (per device).
-
-    logits (N, K), labels (N,); intermediates: the 'intermediates' collection the step's
-    `capture_intermediates` filter recorded ({} without one); grads: the loss gradient (as
-    `params`, averaged over devices); changes: the optimizer's update added to `params`.
-    """
-
-    logits: jax.Array
-    labels: jax.Array
-    intermediates: Any
-    grads: Any
-    changes: Any
-
-
 def _checked_groups(state, grads) -> list[tuple[str, Any]]:
     """What the finite check covers, in the order it reports: the new parameters, the
     statistics, the optimizer state, then the gradient (where a NaN usually enters)."""
@@ -223,8 +208,6 @@ def make_train_step(
     *,
     telemetry: bool = False,
     check_finite: bool = False,
-    capture_intermediates: Callable[[Any, str], bool] | None = None,
-    extras: Callable[[StepInternals], dict] | None = None,
 ):
     """`train_step(state, batch, axis_name) -> (state, metrics)` for `bnjax.parallel`.
 
@@ -233,13 +216,13 @@ def make_train_step(
     non-finite batch statistics ('bn/<layer>/nonfinite': > 0 means the layer skipped this
     batch's update) and, for layers that keep counters, its skipped-update count, from
     `bnjax.diagnostics` (jit mode only: under shard_map/pmap they would differ per device),
-    with `check_finite` the `FINITE_CHECK` flags (the same on every device), and whatever
-    `extras(StepInternals)` returns (a dict of arrays), which sees the intermediates
-    `capture_intermediates` (a flax `capture_intermediates` filter) recorded.
+    and with `check_finite` the `FINITE_CHECK` flags (the same on every device).
+
+    Everything the step computes passes through `model.apply` (the forward pass) and
+    `optimizer.update` (the gradient in, the parameters' change out): code that measures
+    training wraps those (as `bnjax.study.training` does) rather than changing the step.
     """
     mutable = list(STATE_COLLECTIONS)
-    if capture_intermediates is not None:
-        mutable.append("intermediates")
 
     def loss_fn(params, state, batch, axis_name):
         record = telemetry and axis_name is None
@@ -249,7 +232,6 @@ def make_train_step(
             batch["image"],
             train=True,
             mutable=names,
-            capture_intermediates=capture_intermediates or False,
         )
         if record:
             with diagnostics.telemetry():
@@ -289,11 +271,6 @@ def make_train_step(
                 "leaves": _nonfinite_leaves(new_state, grads),
                 "inputs": inputs,
             }
-        if extras is not None:
-            internals = StepInternals(
-                logits, batch["label"], updates.get("intermediates", {}), grads, changes
-            )
-            metrics.update(extras(internals))
         return new_state, metrics
 
     return train_step

@@ -79,6 +79,90 @@ def test_shared_training_runs():
     assert find("dose", "b32_s0.8", "group").training_key == group.training_key
 
 
+@pytest.mark.parametrize("name", ["default", "quick"])
+def test_grid_has_every_cell_once_with_all_seeds(name):
+    """Counts per family from the config's lists, every (condition, normalizer) pair of each
+    family with every seed, and no two runs with one row id (resume would skip one)."""
+    config, runs = _grid(batch_study.get_config(name))
+    seeds = set(range(config.num_seeds))
+    conditions = list(config.run_conditions)
+    expected_cells = {
+        "table": {(c, n) for c in conditions for n in config.normalizers},
+        "dose": {
+            (f"b{b}_s{s:g}", n)
+            for b in config.dose_batch_sizes
+            for s in config.dose_skews
+            for n in config.dose_normalizers
+        },
+        "momentum": {
+            (c, n) for c in config.momentum_conditions for n in ("batch", "batch+recalibration")
+        },
+        "length": {(c, n) for c in config.length_conditions for n in config.length_normalizers},
+    }
+    repeats = {"momentum": len(config.other_bn_momenta), "length": len(config.length_fractions)}
+    for family, cells in expected_cells.items():
+        mine = [r for r in runs if r.family == family]
+        assert len(mine) == len(cells) * len(seeds) * repeats.get(family, 1), family
+        seen = {}
+        for r in mine:
+            seen.setdefault((r.condition.name, r.normalizer.name), []).append(r.seed)
+        assert set(seen) == (cells if repeats.get(family, 1) else set()), family
+        for cell, cell_seeds in seen.items():
+            assert sorted(cell_seeds) == sorted([*seeds] * repeats.get(family, 1)), (family, cell)
+    assert {r.family for r in runs} == {f for f in expected_cells if repeats.get(f, 1)}
+    ids = [runner.row_id(r) for r in runs]
+    assert len(set(ids)) == len(ids)
+    sweep = runner.rate_sweep(config, "clusters")
+    assert len({runner.row_id(r) for r in sweep + runs}) == len(sweep) + len(runs)
+    assert runner.planned_runs(config) == (len(sweep) + len(runs)) * len(config.datasets)
+
+
+def test_only_identical_trainings_share_a_training_run():
+    """On the quick grid, the runs that share one training run are exactly: batch norm and its
+    recalibrated twin of a cell, and the dose cells that are table cells (B 32 at skew 0 is
+    the uniform row, at skew 0.8 the skewed row); each shared run has one seed."""
+    config, runs = _grid(batch_study.get_config("quick"))
+    shared = {}
+    for r in runs:
+        shared.setdefault(r.training_key, []).append(r)
+    classes = set()
+    for members in shared.values():
+        assert (
+            len({r.seed for r in members}) == 1 and len({r.normalizer.norm for r in members}) == 1
+        )
+        if len(members) > 1:
+            names = frozenset((r.family, r.condition.name, r.normalizer.name) for r in members)
+            classes.add((members[0].seed, names))
+    recalibrated = "batch+recalibration"
+    expected = set()
+    for seed in range(config.num_seeds):
+        for condition in ("uniform", "clustered_stream", "skewed"):
+            twins = {("table", condition, "batch"), ("table", condition, recalibrated)}
+            if condition in ("uniform", "skewed"):
+                dose = "b32_s0" if condition == "uniform" else "b32_s0.8"
+                twins.add(("dose", dose, "batch"))
+                expected.add(
+                    (seed, frozenset({("table", condition, "none"), ("dose", dose, "none")}))
+                )
+            expected.add((seed, frozenset(twins)))
+    assert classes == expected
+    # Seeds of one cell train together (one group), and different cells apart.
+    groups = {(r.family, r.condition.name, r.normalizer.name): r.group_key for r in runs}
+    assert groups[("table", "skewed", "batch")] != groups[("table", "skewed", "group")]
+    assert groups[("table", "skewed", "batch")] != groups[("dose", "b8_s0.8", "batch")]
+    for key in groups:
+        assert (
+            len(
+                {
+                    r.group_key
+                    for r in runs
+                    if (r.family, r.condition.name, r.normalizer.name) == key
+                }
+            )
+            == 1
+        )
+
+
 def test_ghost_size_is_capped_by_the_batch():
     c = grid.Condition("u", "uniform", 4)
     small = grid.Run("d", "table", c, grid.normalizer("ghost_batch", 8), 0, 10, 0.1, 0.9)
