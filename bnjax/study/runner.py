@@ -269,8 +269,13 @@ def _lock_workdir(workdir: str) -> workdirs.WorkdirLock:
     workdirs.check_workdir(workdir, workdirs.STUDY)
     try:
         return workdirs.WorkdirLock(workdir).acquire()
-    except workdirs.WorkdirReadOnlyError:
-        raise
+    except workdirs.WorkdirReadOnlyError as error:
+        # Its wording is training's (a finished run still reports); a study always writes.
+        cause = str(error).split(";")[0]
+        raise workdirs.WorkdirReadOnlyError(
+            f"{cause}; the study needs write access: fix the permissions or choose another "
+            "--workdir"
+        ) from error
     except OSError as error:  # e.g. a parent that cannot be created
         raise ValueError(f"--workdir {workdir}: cannot create it ({error.strerror}).") from error
 
