@@ -12,8 +12,11 @@ A mistake ends in one ``error: ...`` line on stderr, never a traceback:
 - exit 1: the study failed while running (an OSError such as a full disk); results.csv holds
   every cell finished before it, and the same command resumes;
 - exit 2: it could not start: an unknown or invalid ``--config.KEY``, a config file that does
-  not load, an extra argument, a workdir that is a file, a workdir holding another config's
-  study, results without their saved config, or a results.csv that does not read back;
+  not load, an extra argument, a workdir that is a file, a busy workdir (another study or a
+  training run holds its ``.lock``: the same `bnjax.train.workdir.WorkdirLock` as
+  ``scripts/train.py``), a workdir holding a training run, a workdir holding another config's
+  study (the line names each changed key, old -> new), a damaged ``study_config.json``,
+  results without their saved config, or a results.csv that does not read back;
 - exit 130: interrupted (Ctrl-C); the same command resumes.
 """
 

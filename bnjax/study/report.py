@@ -13,11 +13,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
 from bnjax.study import significance
 from bnjax.study.claims import ALPHA, Verdict
+from bnjax.train.workdir import write_atomically
 
 # (column heading, results key, format, definition with unit) of the Table 1 layout; {deep} is
 # the deepest layer.
@@ -117,39 +117,10 @@ TABLE1_COLUMNS = (
 TEXT_COLUMNS = ("dataset", "family", "condition", "normalizer", "sampler", "groups")
 
 
-def write_atomically(path: str, content: str | bytes) -> None:
-    """Writes `content` (text, or bytes) to `path` atomically: into ``path.tmp``, synced to
-    disk, then renamed over `path`. A kill, a power cut or a full disk leaves the old file whole
-    (or no file), never a truncated one; on failure the temporary file is removed and the error
-    raised.
-
-    Example:
-      >>> import os, tempfile
-      >>> with tempfile.TemporaryDirectory() as directory:
-      ...     path = os.path.join(directory, "table.md")
-      ...     write_atomically(path, "# Results\\n")
-      ...     print(open(path).read(), end="", flush=True)
-      ...     print(os.listdir(directory))
-      # Results
-      ['table.md']
-    """
-    temporary = path + ".tmp"
-    try:
-        mode, options = ("wb", {}) if isinstance(content, bytes) else ("w", {"newline": ""})
-        with open(temporary, mode, **options) as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def write_csv(rows: Sequence[Mapping], path: str) -> None:
     """All rows, columns in first-seen order; a missing value or None is an empty cell. Written
-    atomically (`write_atomically`): an interrupted write never leaves a truncated results.csv.
+    atomically (`bnjax.train.workdir.write_atomically`: write, fsync, rename): an interrupted
+    write never leaves a truncated results.csv.
 
     Example:
       >>> import os, tempfile

@@ -9,15 +9,17 @@ differ only in their seed train together (vmapped); runs that would train the sa
 
 Resume: `results.csv` (and a small `artifacts/` file per run for the plots) is rewritten after
 every cell, and `study_config.json` records the config; started again on the same workdir with
-the same config, the study skips every run that has its row. A different config is refused
-(the rows would mix two studies).
+the same config, the study skips every run that has its row. The workdir mechanism is
+training's (`bnjax.train.workdir`): the same lock (a second study, or a training run, on the
+workdir stops at once), the same atomic writes, and the same config check: a change to a key
+that changes what is computed is refused with `ConfigChangedError` naming each key, old ->
+new (the rows would mix two studies); the `PRESENTATION_KEYS` may change.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,9 +30,10 @@ from bnjax import data
 from bnjax.progress import Progress
 from bnjax.study import claims, grid, plots, report
 from bnjax.study.experiment import Measured, Study, Trained
+from bnjax.train import workdir as workdirs
 
 TITLE = "Batch normalization under inconsistent mini-batch distributions: measured"
-CONFIG_FILE = "study_config.json"
+CONFIG_FILE = workdirs.STUDY_CONFIG_FILE
 PREAMBLE = """
 Every run of a dataset sees the same number of training examples (`example_budget`; steps =
 budget / B). Each normalizer's learning rate was chosen by a sweep on uniform batches of the
@@ -42,8 +45,10 @@ slice of that validation split), never on the training batches; accuracy on the 
 
 class StudyStartError(ValueError):
     """The study could not start (nothing trained, nothing written but the workdir): a config
-    key out of range, a workdir that is a file, a workdir holding another config's study or
-    results without their saved config, a results.csv that does not read back. The message
+    key out of range, a workdir that is a file or that another study or training run holds
+    (its lock), a workdir holding another config's study (the `ConfigChangedError` naming
+    each changed key is the `__cause__`) or a training run, results without their saved
+    config, a damaged study_config.json, a results.csv that does not read back. The message
     names the key, file or line, and the fix. The study CLI exits 2 on it.
 
     Example:
@@ -188,33 +193,32 @@ def row_id(row_or_run) -> tuple:
 
 
 # Keys that change how results are shown, not what a run computes: a resumed study may change
-# them (e.g. --config.plots=False), every other key must match the workdir's.
+# them (e.g. --config.plots=False), every other key must match the workdir's (the study's
+# bookkeeping keys, in `bnjax.train.workdir`'s terms).
 PRESENTATION_KEYS = ("plots", "progress", "bootstrap_resamples")
 
+# What a study's user can do about a refused config change (the study has no override).
+_CHANGE_REMEDY = (
+    "The rows would mix two studies: use the saved values, a new --workdir, or empty this one "
+    "to start over."
+)
 
-def _config_text(config) -> str:
-    values = {k: v for k, v in config.to_dict().items() if k not in PRESENTATION_KEYS}
-    return json.dumps(values, sort_keys=True, default=str, indent=1)
 
+def _claim_resume(config, workdir: str, log: Callable[[str], None]) -> list[dict]:
+    """The rows an earlier run of the same config left in `workdir` (none for a new one); saves
+    `config` as the workdir's (`workdirs.save_config`, as training does). Call it holding the
+    workdir's lock.
 
-def _claim_resume(config, workdir: str) -> list[dict]:
-    """The rows an earlier run of the same config left in `workdir` (none for a new one).
-
-    Refused (ValueError, before anything trains): a config other than the saved one, results
-    without a saved config (nothing to check them against), and a results.csv that does not
-    read back (`report.read_csv`: a garbage line, text in a numeric cell, a run twice).
+    Refused (ValueError, before anything trains): a config other than the saved one
+    (`workdirs.ConfigChangedError` naming each changed key outside `PRESENTATION_KEYS`; changed
+    presentation keys are logged), a study_config.json that does not read
+    (`workdirs.ConfigFileError`), results without a saved config (nothing to check them
+    against), and a results.csv that does not read back (`report.read_csv`: a garbage line,
+    text in a numeric cell, a run twice).
     """
-    path, csv_path = os.path.join(workdir, CONFIG_FILE), os.path.join(workdir, "results.csv")
-    text = _config_text(config)
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() != text:
-                raise ValueError(
-                    f"{workdir} holds a study with a different config ({CONFIG_FILE}); use a "
-                    "new --workdir, or delete the old one to start over."
-                )
-        return read_results(csv_path) if os.path.exists(csv_path) else []
-    if os.path.exists(csv_path):
+    csv_path = os.path.join(workdir, "results.csv")
+    saved = workdirs.load_config(workdir, CONFIG_FILE)
+    if saved is None and os.path.exists(csv_path):
         # Resuming would keep rows made with a config nobody can check any more (another
         # learning rate, say) and mix them with new ones.
         raise ValueError(
@@ -222,8 +226,20 @@ def _claim_resume(config, workdir: str) -> list[dict]:
             f"results were made with cannot be checked; restore {CONFIG_FILE}, or use a new "
             "--workdir (or empty this one to start over)."
         )
-    report.write_atomically(path, text)
-    return []
+    changes = workdirs.check_resume_config(
+        saved,
+        config,
+        allow_changes=False,
+        bookkeeping_keys=PRESENTATION_KEYS,
+        remedy=_CHANGE_REMEDY,
+    )
+    rows = read_results(csv_path) if os.path.exists(csv_path) else []
+    for change in changes:
+        log(f"note: resuming with {change}")
+    # Rewritten on every start (as training's config.json): the presentation values in effect,
+    # and an old-format file (written before the shared format) becomes the current one.
+    workdirs.save_config(config, workdir, CONFIG_FILE)
+    return rows
 
 
 def read_results(path: str) -> list[dict]:
@@ -246,18 +262,21 @@ def read_results(path: str) -> list[dict]:
     return report.read_csv(path, required=ROW_ID_KEYS, key=row_id)
 
 
-def _check_workdir(workdir: str) -> None:
-    """Fail before anything trains when `workdir` cannot hold the study."""
-    if not workdir:
-        raise ValueError("--workdir is empty: give the directory the study writes to.")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ValueError(
-            f"{workdir} is a file, not a directory: give --workdir a directory (it is created "
-            "if missing)."
-        )
+def _lock_workdir(workdir: str) -> workdirs.WorkdirLock:
+    """The workdir checked (`workdirs.check_workdir`, created if missing) and locked, as a
+    training run's: raises ValueError (a `workdirs.WorkdirError`) when it cannot hold the
+    study and `workdirs.WorkdirBusyError` when another study or run holds it."""
+    workdirs.check_workdir(workdir, workdirs.STUDY)
     try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as error:
+        return workdirs.WorkdirLock(workdir).acquire()
+    except workdirs.WorkdirReadOnlyError as error:
+        # Its wording is training's (a finished run still reports); a study always writes.
+        cause = str(error).split(";")[0]
+        raise workdirs.WorkdirReadOnlyError(
+            f"{cause}; the study needs write access: fix the permissions or choose another "
+            "--workdir"
+        ) from error
+    except OSError as error:  # e.g. a parent that cannot be created
         raise ValueError(f"--workdir {workdir}: cannot create it ({error.strerror}).") from error
 
 
@@ -285,11 +304,11 @@ def _save_artifacts(workdir: str, run: grid.Run, trained: Trained, measured: Mea
         arrays["labels"] = measured.labels[:1000]
     path = _artifact_path(workdir, run)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Into a buffer, then `report.write_atomically`: a kill never leaves a truncated .npz
+    # Into a buffer, then `workdirs.write_atomically`: a kill never leaves a truncated .npz
     # that would break the plots of the resumed study.
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    report.write_atomically(path, buffer.getvalue())
+    workdirs.write_atomically(path, buffer.getvalue())
 
 
 def load_artifacts(workdir: str, run: grid.Run) -> dict | None:
@@ -434,14 +453,29 @@ def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> l
       >>> len(rows), sorted({r["family"] for r in rows})
       (6, ['lr', 'table'])
       >>> written
-      ['artifacts', 'results.csv', 'study_config.json', 'table.md', 'verdicts.md']
+      ['.lock', 'artifacts', 'results.csv', 'study_config.json', 'table.md', 'verdicts.md']
     """
     try:
         check_study_config(config)
-        _check_workdir(workdir)
-        rows = _claim_resume(config, workdir)
-    except ValueError as error:
+        lock_existed = os.path.exists(os.path.join(workdir, ".lock")) if workdir else False
+        lock = _lock_workdir(workdir)
+    except (ValueError, workdirs.WorkdirBusyError) as error:
         raise StudyStartError(str(error)) from error
+    with lock:
+        try:
+            rows = _claim_resume(config, workdir, log)
+        except ValueError as error:
+            if not lock_existed:
+                # A refused start leaves the workdir as it was. Safe while locked: a run that
+                # opens the path after this creates a new lock file, and this one does nothing
+                # more.
+                os.remove(lock.path)
+            raise StudyStartError(str(error)) from error
+        return _run_claimed(config, workdir, rows, log)
+
+
+def _run_claimed(config, workdir: str, rows: list[dict], log) -> list[dict]:
+    """`run_study` once the workdir is locked and its `rows` resumed."""
     if rows:
         log(f"resuming: {len(rows)} runs already in {workdir}/results.csv")
     conditions = grid.conditions_from_config(config.conditions, config.run_conditions)
@@ -482,8 +516,8 @@ def run_study(config, workdir: str, *, log: Callable[[str], None] = _print) -> l
     table = report.table_markdown(
         rows, labels, chosen, title=TITLE, preamble=PREAMBLE, resamples=config.bootstrap_resamples
     )
-    report.write_atomically(os.path.join(workdir, "table.md"), table)
-    report.write_atomically(
+    workdirs.write_atomically(os.path.join(workdir, "table.md"), table)
+    workdirs.write_atomically(
         os.path.join(workdir, "verdicts.md"),
         report.verdicts_markdown(verdicts, title=f"{TITLE}: the claims, one by one"),
     )

@@ -90,6 +90,8 @@ def parse_flags(
         fail(f"{message} (see {argv[0]} --help).")
     except (OSError, ValueError) as error:  # the --config file (or its variant) did not load
         fail(f"the config file did not load: {error}")
+    except Exception as error:  # its get_config raised anything else (a ZeroDivisionError...)
+        fail(f"the config file did not load: {type(error).__name__}: {error}")
     if len(remaining) > 1 and not allow_arguments:
         fail(
             f"unexpected argument(s) {' '.join(remaining[1:])!r}: every setting is a flag "

@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from bnjax.study import claims, grid, report, runner, significance
+from bnjax.train.workdir import write_atomically
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
 import batch_study
@@ -479,14 +480,14 @@ def test_read_csv_requires_the_key_columns(tmp_path):
 def test_writes_are_atomic_and_synced(tmp_path, monkeypatch):
     """A failed write (here: the sync fails, as on a full disk) leaves the old file whole."""
     path = str(tmp_path / "study_config.json")
-    report.write_atomically(path, "old")
+    write_atomically(path, "old")
 
     def fail(fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fail)
     with pytest.raises(OSError, match="No space"):
-        report.write_atomically(path, "new")
+        write_atomically(path, "new")
     with pytest.raises(OSError, match="No space"):
         report.write_csv(_rows(), str(tmp_path / "results.csv"))
     assert open(path).read() == "old"
