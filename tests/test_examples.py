@@ -77,7 +77,7 @@ MODULES = [
     "bnjax.export.exporting",
     "bnjax.export.formats",
     "bnjax.export.verify",
-    "bnjax.export.workdir",
+    "bnjax.train.trained_run",
     "bnjax.study.claims",
     "bnjax.study.defaults",
     "bnjax.study.evaluation",

@@ -13,8 +13,9 @@
 - `verify` (`bnjax.export.verify`): the manifest and its files unchanged since export (checksums);
   statistics present, finite and unchanged; the reloaded program equals the evaluation-mode
   model within the stated tolerance (held to a ceiling in code); batch independence.
-- `load` runs an artifact's program without the model code; `load_workdir`
-  (`bnjax.export.workdir`) rebuilds a ``scripts/train.py`` run's model and restores it.
+- `load` runs an artifact's program without the model code. Rebuilding a ``scripts/train.py``
+  run's model from its workdir is the training application's (`bnjax.train.load_workdir`),
+  which ``python -m bnjax.export --workdir=...`` uses.
 - The artifact layout and manifest: `bnjax.export.artifact`; formats: `bnjax.export.formats`.
 """
 
@@ -22,7 +23,6 @@ from bnjax.export.artifact import MANIFEST_FORMAT, ArtifactError, member, read_m
 from bnjax.export.exporting import DEFAULT_RTOL, export, export_function
 from bnjax.export.formats import FORMATS
 from bnjax.export.verify import Check, VerificationError, VerificationReport, verify
-from bnjax.export.workdir import TrainedRun, load_workdir
 
 
 def load(path: str):
@@ -48,13 +48,11 @@ __all__ = [
     "MANIFEST_FORMAT",
     "ArtifactError",
     "Check",
-    "TrainedRun",
     "VerificationError",
     "VerificationReport",
     "export",
     "export_function",
     "load",
-    "load_workdir",
     "read_manifest",
     "verify",
 ]

@@ -89,7 +89,8 @@ def export_command(value: dict) -> int:
     _check_out(workdir, out)
     from bnjax import lifecycle
     from bnjax.checkpoints import CheckpointWarning, root_cause
-    from bnjax.export import VerificationError, export, load_workdir
+    from bnjax.export import VerificationError, export
+    from bnjax.train.trained_run import load_workdir
 
     try:
         with warnings.catch_warnings(record=True) as notes:

@@ -11,9 +11,17 @@ References:
   Branson, Batch Normalization Behavior Under Inconsistent Mini-Batch Distributions (the
   paper whose Table 1 the study turns into numbers).
   Wu & Johnson (2021), Rethinking "Batch" in BatchNorm, arXiv:2105.07576.
+
+bnjax.study is an application on top of the library and of bnjax.train: it needs
+``pip install 'bnjax[study]'``.
 """
 
-from bnjax.study.evaluation import (
+from bnjax import extras
+
+extras.require("study", "bnjax.study")
+
+# The extras check comes first so that a missing package is reported with its install command.
+from bnjax.study.evaluation import (  # noqa: E402
     Summary,
     accuracy,
     accuracy_gap,
@@ -24,7 +32,7 @@ from bnjax.study.evaluation import (
     silhouette,
     summarize,
 )
-from bnjax.study.metrics import (
+from bnjax.study.metrics import (  # noqa: E402
     batch_stat_variability,
     final_loss,
     loss_oscillation,
