@@ -28,6 +28,7 @@ import bnjax
 # example runs once.
 MODULES = [
     "bnjax",
+    "bnjax.extras",
     "bnjax.core.batch_norm",
     "bnjax.core.batch_renorm",
     "bnjax.core.group_norm",

@@ -107,11 +107,11 @@ def recording(optimizer: optax.GradientTransformation) -> optax.GradientTransfor
     with (the `make_trainer` pair metrics).
 
     Example:
-      >>> tracked = recording(optax.sgd(0.1))
+      >>> tracked = recording(optax.sgd(0.5))
       >>> state = tracked.init({"w": jnp.ones(2)})
       >>> update, state = tracked.update({"w": jnp.array([1.0, -2.0])}, state)
       >>> update["w"].tolist(), state.grads["w"].tolist(), state.update["w"].tolist()
-      ([-0.1, 0.2], [1.0, -2.0], [-0.1, 0.2])
+      ([-0.5, 1.0], [1.0, -2.0], [-0.5, 1.0])
     """
 
     def init(params):

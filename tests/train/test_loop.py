@@ -218,13 +218,19 @@ def _watch_metric_fetches(monkeypatch):
         def counted(state, batch):
             state, metrics = run(state, batch)
             trained[0] += 1
-            owner.update((id(leaf), trained[0]) for leaf in jax.tree.leaves(metrics))
+            # Keep each leaf alive with its step: an id is unique only while its object lives,
+            # and a freed metric's id reused by an evaluation array would read as a fetch.
+            owner.update((id(leaf), (trained[0], leaf)) for leaf in jax.tree.leaves(metrics))
             return state, metrics
 
         return counted
 
     def watched_device_get(tree):
-        steps = {owner[id(leaf)] for leaf in jax.tree.leaves(tree) if id(leaf) in owner}
+        steps = {
+            owner[id(leaf)][0]
+            for leaf in jax.tree.leaves(tree)
+            if id(leaf) in owner and owner[id(leaf)][1] is leaf
+        }
         if steps:
             fetches.append((trained[0], sorted(steps)))
         return device_get(tree)
