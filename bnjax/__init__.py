@@ -14,10 +14,12 @@ from bnjax.core import (
     batch_norm_state,
     batch_renorm,
     batch_renorm_state,
+    centralize_weight,
     group_norm,
     instance_norm,
     layer_norm,
     rms_norm,
+    standardize_weight,
 )
 
 __version__ = "0.1.0"
@@ -31,8 +33,10 @@ __all__ = [
     "batch_norm_state",
     "batch_renorm",
     "batch_renorm_state",
+    "centralize_weight",
     "group_norm",
     "instance_norm",
     "layer_norm",
     "rms_norm",
+    "standardize_weight",
 ]

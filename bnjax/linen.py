@@ -508,3 +508,9 @@ class InstanceNorm(_PerExample):
             **self._device_options(),
         )
         return y.astype(out_dtype)
+
+
+# Convolutions with a weight-standardized or centered kernel (drop-ins for flax's nn.Conv).
+from bnjax.linen_standardized_conv import CenteredConv, StandardizedConv  # noqa: E402
+
+__all__ += ["CenteredConv", "StandardizedConv"]

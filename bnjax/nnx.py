@@ -534,3 +534,9 @@ class InstanceNorm(_WithBias):
             **self._device_options(),
         )
         return y.astype(out_dtype)
+
+
+# Convolutions with a weight-standardized or centered kernel (drop-ins for flax's nnx.Conv).
+from bnjax.nnx_standardized_conv import CenteredConv, StandardizedConv  # noqa: E402
+
+__all__ += ["CenteredConv", "StandardizedConv"]

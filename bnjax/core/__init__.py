@@ -9,6 +9,7 @@ from bnjax.core.batch_renorm import (
 )
 from bnjax.core.group_norm import group_norm, instance_norm, layer_norm, rms_norm
 from bnjax.core.stats import Moments
+from bnjax.core.weight_standardization import centralize_weight, standardize_weight
 
 __all__ = [
     "BatchNormState",
@@ -19,8 +20,10 @@ __all__ = [
     "batch_norm_state",
     "batch_renorm",
     "batch_renorm_state",
+    "centralize_weight",
     "group_norm",
     "instance_norm",
     "layer_norm",
     "rms_norm",
+    "standardize_weight",
 ]

@@ -1,5 +1,8 @@
 """Models that take a `norm`: an MLP, a small CNN and CIFAR-style ResNets.
 
+`conv` (the convolutional models) is a conv module class or a name of `CONVS` (see
+`bnjax.models.convs`): 'plain', 'standardized' (weight standardization), 'centered'.
+
 `norm` is a norm module factory (``functools.partial(bnjax.linen.BatchNorm, momentum=0.9)``,
 ``flax.linen.BatchNorm``, ...) or a name of the registry `NORMS` (see `bnjax.models.norms`).
 
@@ -8,6 +11,7 @@
 """
 
 from bnjax.models.cnn import SmallCNN
+from bnjax.models.convs import CONVS, conv_class
 from bnjax.models.mlp import MLP
 from bnjax.models.norms import (
     BATCH_STATISTICS_NORMS,
@@ -26,12 +30,18 @@ MODELS = {
     "resnet20": (resnet20, False),
     "resnet18": (resnet18, False),
 }
+# The models without convolutions: they take no `conv`.
+DENSE_MODELS = ("mlp",)
 
 
-def build_model(name: str, *, features=None, zero_init_residual: bool = False, **options):
+def build_model(
+    name: str, *, features=None, zero_init_residual: bool = False, conv="plain", **options
+):
     """The model called `name` in `MODELS`, with the options every model takes (`num_classes`,
     `norm`: a name or a module factory, `norm_groups`, `norm_options`, `dtype`) plus
-    `features` (the MLP's and the small CNN's widths) or `zero_init_residual` (the ResNets').
+    `features` (the MLP's and the small CNN's widths) or `zero_init_residual` (the ResNets'),
+    and `conv` (a name of `CONVS` or a conv class; the models of `DENSE_MODELS` have no
+    convolution and take only 'plain').
 
     Example:
       >>> type(build_model("small_cnn", features=(8,), norm="group")).__name__
@@ -45,6 +55,15 @@ def build_model(name: str, *, features=None, zero_init_residual: bool = False, *
     if name not in MODELS:
         known = ", ".join(repr(key) for key in MODELS)
         raise ValueError(f"unknown model {name!r}; the models are {known}.")
+    conv_class(conv)  # an unknown name fails here, listing the names
+    if name in DENSE_MODELS:
+        if conv != "plain":
+            raise ValueError(
+                f"model {name!r} has no convolution, so `conv`={conv!r} would change nothing; "
+                f"leave it 'plain' or pick a convolutional model."
+            )
+    else:
+        options["conv"] = conv
     constructor, takes_widths = MODELS[name]
     if takes_widths:
         if features is not None:
@@ -69,6 +88,8 @@ def layer_widths(name: str, features=None) -> tuple[int, ...]:
 
 __all__ = [
     "BATCH_STATISTICS_NORMS",
+    "CONVS",
+    "DENSE_MODELS",
     "MLP",
     "MODELS",
     "NORMS",
@@ -77,6 +98,7 @@ __all__ = [
     "SmallCNN",
     "apply_norm",
     "build_model",
+    "conv_class",
     "is_batch_statistics",
     "layer_widths",
     "make_norm",

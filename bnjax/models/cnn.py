@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bnjax.models.convs import ConvFactory, conv_class
 from bnjax.models.mlp import check_widths
 from bnjax.models.norms import (
     NormFactory,
@@ -44,6 +45,7 @@ class SmallCNN(nn.Module):
     norm_groups: int = 8
     norm_options: Mapping[str, Any] | None = None
     dtype: Any = jnp.float32
+    conv: str | ConvFactory = "plain"  # see bnjax.models.convs
 
     @nn.compact
     def __call__(self, x, *, train: bool, mask=None):
@@ -55,7 +57,7 @@ class SmallCNN(nn.Module):
         )
         x = x.astype(self.dtype)
         for i, width in enumerate(self.features):
-            x = nn.Conv(
+            x = conv_class(self.conv)(
                 width,
                 (3, 3),
                 use_bias=uses_bias_before_norm(self.norm),

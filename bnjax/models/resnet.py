@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bnjax.models.convs import ConvFactory, conv_class
 from bnjax.models.mlp import check_widths
 from bnjax.models.norms import (
     NormFactory,
@@ -38,9 +39,10 @@ class _NormSettings(nn.Module):
     norm_groups: int = 8
     norm_options: Mapping[str, Any] | None = None
     dtype: Any = jnp.float32
+    conv: str | ConvFactory = "plain"  # see bnjax.models.convs
 
-    def conv(self, features, kernel, strides=1, name=None):
-        return nn.Conv(
+    def conv_layer(self, features, kernel, strides=1, name=None):
+        return conv_class(self.conv)(
             features,
             (kernel, kernel),
             strides=(strides, strides),
@@ -79,12 +81,12 @@ class BasicBlock(_NormSettings):
 
     @nn.compact
     def __call__(self, x, *, train: bool, mask=None):
-        y = self.conv(self.features, 3, self.strides, name="conv1")(x)
+        y = self.conv_layer(self.features, 3, self.strides, name="conv1")(x)
         y = nn.relu(self.normalize(y, mask, train, "norm1"))
-        y = self.conv(self.features, 3, name="conv2")(y)
+        y = self.conv_layer(self.features, 3, name="conv2")(y)
         y = self.normalize(y, mask, train, "norm2", zero_scale=self.zero_init_residual)
         if x.shape != y.shape:
-            x = self.conv(self.features, 1, self.strides, name="shortcut_conv")(x)
+            x = self.conv_layer(self.features, 1, self.strides, name="shortcut_conv")(x)
             x = self.normalize(x, mask, train, "shortcut_norm")
         return nn.relu(x + y)
 
@@ -118,7 +120,7 @@ class ResNet(_NormSettings):
                 f"{tuple(self.stage_features)} must have the same length (one per stage)."
             )
         x = x.astype(self.dtype)
-        x = self.conv(self.stage_features[0], 3, name="stem_conv")(x)
+        x = self.conv_layer(self.stage_features[0], 3, name="stem_conv")(x)
         x = nn.relu(self.normalize(x, mask, train, "stem_norm"))
         for stage, (blocks, width) in enumerate(
             zip(self.stage_sizes, self.stage_features, strict=True)
@@ -132,6 +134,7 @@ class ResNet(_NormSettings):
                     norm_groups=self.norm_groups,
                     norm_options=self.norm_options,
                     dtype=self.dtype,
+                    conv=self.conv,
                     name=f"stage{stage}_block{block}",
                 )(x, train=train, mask=mask)
         features = jnp.mean(x, axis=(1, 2))

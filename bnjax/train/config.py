@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bnjax.data import DATASETS, GROUPINGS, SAMPLERS
-from bnjax.models import BATCH_STATISTICS_NORMS, MODELS, NORMS, layer_widths
+from bnjax.models import BATCH_STATISTICS_NORMS, CONVS, DENSE_MODELS, MODELS, NORMS, layer_widths
 from bnjax.train.defaults import DESCRIPTIONS
 from bnjax.train.optim import OPTIMIZERS, SCHEDULES
 
@@ -91,6 +91,7 @@ def check_config(config, num_devices: int) -> None:
         value = config.get(key)
         if value is not None and not valid(value):
             raise ValueError(f"config.{key}={value!r} is invalid; expected {expected}.")
+    _check_conv(config)
     if config.batch_size % num_devices:
         raise ValueError(
             f"config.batch_size={config.batch_size} must divide evenly over the "
@@ -121,6 +122,18 @@ def check_config(config, num_devices: int) -> None:
             f"config.eval_batch_size={config.eval_batch_size}: the batch-statistics evaluation "
             f"of config.norm={config.norm!r} normalizes each held-out batch with its own "
             "statistics, which one example cannot give; use config.eval_batch_size >= 2."
+        )
+
+
+def _check_conv(config) -> None:
+    """config.conv: a name of CONVS ('plain' when absent: configs saved before the key)."""
+    conv = config.get("conv", "plain")
+    if conv not in CONVS:
+        raise ValueError(f"config.conv={conv!r} is invalid; expected one of {tuple(CONVS)}.")
+    if conv != "plain" and config.model in DENSE_MODELS:
+        raise ValueError(
+            f"config.conv={conv!r} needs convolutions; config.model={config.model!r} has none "
+            f"(use 'small_cnn', 'resnet20' or 'resnet18', or config.conv='plain')."
         )
 
 

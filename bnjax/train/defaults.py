@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model_features = (32, 64)  # mlp / small_cnn widths
     config.norm = "batch"  # batch | batch_renorm | group | layer | instance | none
     config.norm_groups = 8
+    config.conv = "plain"  # plain | standardized | centered (small_cnn, resnets)
     config.bn_momentum = 0.9
     # Batch renorm's warm-up (bnjax.RenormSchedule): plain BN for renorm_warmup_steps, then
     # r_max 1 -> 3 and d_max 0 -> 5 over their relax steps. None: in proportion to num_steps.
@@ -74,6 +75,7 @@ DESCRIPTIONS = {
     "model_features": "mlp / small_cnn layer widths, e.g. (32, 64)",
     "norm": "batch | batch_renorm | group | layer | instance | none",
     "norm_groups": "group norm: number of channel groups (divides every layer's width)",
+    "conv": "plain | standardized (weight standardization) | centered (conv models only)",
     "bn_momentum": "decay of BN running statistics (flax convention; PyTorch 0.1 = 0.9)",
     "renorm_warmup_steps": "batch_renorm: steps of plain BN first (None: num_steps // 10)",
     "renorm_r_relax_steps": "batch_renorm: steps r_max takes from 1 to 3 (None: num_steps // 2)",

@@ -163,6 +163,7 @@ def model_settings(config, num_classes: int) -> dict:
         num_classes=num_classes,
         norm=config.norm,
         norm_groups=config.norm_groups,
+        conv=config.get("conv", "plain"),
         bn_momentum=config.bn_momentum,
         ghost_batch_size=config.get("ghost_batch_size"),
         features=config.model_features,

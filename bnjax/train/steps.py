@@ -50,6 +50,7 @@ def make_model(
     mixed_precision: bool = False,
     renorm_schedule: RenormSchedule | None = None,
     for_training: bool = True,
+    conv: str = "plain",
 ):
     """The model `name` of `bnjax.models.MODELS` with the norm `norm` of `bnjax.models.NORMS`.
 
@@ -58,7 +59,8 @@ def make_model(
     none of them. `features` are the widths of the models that take them (ignored by the
     others), `mixed_precision` computes in bfloat16 (parameters stay float32),
     `renorm_schedule` is the warm-up of 'batch_renorm' (see `renorm_schedule`; None: the
-    module's default, the paper's 5k-step one).
+    module's default, the paper's 5k-step one), `conv` the convolution of the conv models (a
+    name of `bnjax.models.CONVS`).
 
     This is the one place that decides what the evaluation network leaves out:
     `for_training=False` drops `ghost_batch_size` and `axis_name`. Ghost groups shape training
@@ -90,6 +92,7 @@ def make_model(
         dtype=jnp.bfloat16 if mixed_precision else jnp.float32,
         features=tuple(features) if takes_widths and features is not None else None,
         zero_init_residual=zero_init_residual,
+        conv=conv,
     )
 
 

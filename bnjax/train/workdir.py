@@ -35,7 +35,7 @@ import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 CONFIG_FILE = "config.json"
@@ -61,6 +61,11 @@ BOOKKEEPING_KEYS = frozenset(
         "telemetry",
     }
 )
+
+# Keys added to the training config after runs were saved without them: a saved config that
+# lacks one trained with the value given here (the behaviour before the key existed), so
+# resuming such a run with that value is no change.
+ADDED_KEY_DEFAULTS = {"conv": "plain"}
 
 
 class WorkdirBusyError(RuntimeError):
@@ -316,10 +321,14 @@ def load_config(workdir: str, name: str = CONFIG_FILE) -> dict[str, Any] | None:
 
 
 def config_changes(
-    saved: dict[str, Any], config, bookkeeping_keys: Collection[str] = BOOKKEEPING_KEYS
+    saved: dict[str, Any],
+    config,
+    bookkeeping_keys: Collection[str] = BOOKKEEPING_KEYS,
+    added_defaults: Mapping[str, Any] = ADDED_KEY_DEFAULTS,
 ) -> tuple[list[str], list[str]]:
     """(changes to what is trained, changes to `bookkeeping_keys`), each as
-    'config.key: old -> new' ('(unset)' for a key one side lacks).
+    'config.key: old -> new' ('(unset)' for a key one side lacks; a key of `added_defaults`
+    that `saved` lacks counts as saved with its value there).
 
     Example:
       >>> changes = config_changes({"learning_rate": 0.05, "log_every": 50},
@@ -330,7 +339,7 @@ def config_changes(
     current = _plain(config)
     training, bookkeeping = [], []
     for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key, "(unset)"), current.get(key, "(unset)")
+        old, new = saved.get(key, added_defaults.get(key, "(unset)")), current.get(key, "(unset)")
         if old != new:
             line = f"config.{key}: {old!r} -> {new!r}"
             (bookkeeping if key in bookkeeping_keys else training).append(line)
