@@ -52,16 +52,19 @@ class KernelFirst:
         self.kernel_fn, self.promote = kernel_fn, promote
         self.mask = None if mask is None else np.asarray(mask)
 
-    def kernel(self, masked_kernel):
-        """The kernel the layer convolves with, from the masked stored kernel (mask * W)."""
+    def mapped(self, masked_kernel):
+        """`kernel_fn` of the masked stored kernel (mask * W), statistics over the entries the
+        mask keeps (0 at the others); the layer masks it again before convolving."""
         if self.mask is None:
             return self.kernel_fn(masked_kernel)
-        mapped = self.kernel_fn(masked_kernel, mask=jnp.asarray(self.mask != 0))
-        return mapped * jnp.asarray(self.mask, mapped.dtype)
+        return self.kernel_fn(masked_kernel, mask=jnp.asarray(self.mask != 0))
 
     def __call__(self, arrays, dtype=None):
         inputs, kernel, bias = arrays
-        return self.promote((inputs, self.kernel(kernel), bias), dtype=dtype)
+        kernel = self.mapped(kernel)
+        if self.mask is not None:
+            kernel = kernel * jnp.asarray(self.mask, kernel.dtype)
+        return self.promote((inputs, kernel, bias), dtype=dtype)
 
 
 class _ReparametrizedConv(nnx.Conv):

@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -68,6 +69,8 @@ from bnjax.lifecycle.layers import (
     write_variable,
 )
 from bnjax.lifecycle.pairing import FoldPlan, NormInfo, trace_pairs
+from bnjax.linen_standardized_conv import kernel_map, stored_kernels
+from bnjax.nnx_standardized_conv import KernelFirst
 
 __all__ = ["FoldedModel", "fold_model"]
 
@@ -133,9 +136,36 @@ def _norm_arrays(path, mean, var, scale, bias, info: NormInfo):
     return {"mean": np.asarray(mean), "var": np.asarray(var)}
 
 
+def _linen_kernel_maps(model, variables, inputs, kwargs) -> dict:
+    """{layer path: kernel map} of the convs that reparametrize their kernel (weight
+    standardization, centering), read from one shapes-only trace of the model."""
+    maps = {}
+
+    def recording(next_fun, args, call_kwargs, context):
+        if context.method_name == "__call__":
+            kernel_fn = kernel_map(context.module)
+            if kernel_fn is not None:
+                maps[tuple(context.module.path)] = kernel_fn
+        if is_linen_batch_norm_call(context):
+            return call_in_mode(
+                next_fun, context.module, args, call_kwargs, use_running_average=True
+            )
+        return next_fun(*args, **call_kwargs)
+
+    with nn.intercept_methods(recording):
+        jax.eval_shape(lambda v, *xs: model.apply(v, *xs, **kwargs), variables, *inputs)
+    return maps
+
+
 def _linen(model, variables, inputs, kwargs) -> FoldedModel:
     plan = trace_pairs(model, variables, *inputs, **kwargs)
     params, stats = to_dict(variables.get(PARAMS, {})), variables.get(STATS, {})
+    # A standardized (or centered) conv's folded kernel is its mapped kernel times the norm's
+    # gain; the folded model then runs every such conv on its stored kernel as is
+    # (`stored_kernels`), so the unpaired ones store their mapped kernel too.
+    for layer, kernel_fn in _linen_kernel_maps(model, variables, inputs, kwargs).items():
+        layer_params = get_path(params, layer)
+        set_path(params, layer, {**layer_params, "kernel": kernel_fn(layer_params["kernel"])})
     statistics, affines, added_bias = {}, {}, {}
     for norm, info in plan.norms.items():
         state, norm_params = get_path(stats, norm), get_path(params, norm, {})
@@ -188,7 +218,7 @@ def _linen(model, variables, inputs, kwargs) -> FoldedModel:
         return next_fun(*args, **call_kwargs)
 
     def call(*inputs):
-        with nn.intercept_methods(folding):
+        with stored_kernels(), nn.intercept_methods(folding):
             return model.apply(folded_variables, *inputs, **kwargs)
 
     def reference(*inputs):
@@ -238,6 +268,16 @@ def _nnx(model, inputs, kwargs) -> FoldedModel:
     plan = trace_pairs(model, *inputs, **kwargs)
     clone = nnx.clone(model)
     modules = {tuple(path): module for path, module in nnx.iter_modules(clone)}
+    for module in modules.values():
+        # A standardized (or centered) conv becomes a plain one holding its mapped kernel,
+        # which a paired norm then scales like any kernel.
+        if isinstance(module, nnx.Conv) and isinstance(module.promote_dtype, KernelFirst):
+            mapping = module.promote_dtype
+            masked = _value(module, "kernel")
+            if module.mask is not None:
+                masked = masked * jnp.asarray(module.mask, masked.dtype)
+            write_variable(module.kernel, mapping.mapped(masked))
+            module.promote_dtype = mapping.promote
     statistics = {}
     for norm, info in plan.norms.items():
         module = modules[norm]
