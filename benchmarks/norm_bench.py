@@ -9,6 +9,11 @@ What is measured, per input shape (NHWC, channels last) and dtype:
   bn eval fwd       batch norm with the running statistics.
   gn fwd            group norm, 32 groups.
   ln fwd            layer norm over the last axis.
+  ws conv fwd+bwd   a 3x3 conv (C -> C channels, no bias) with a weight-standardized kernel:
+                    jit of jax.value_and_grad of sum(y * cotangent) with respect to x and the
+                    stored kernel. bnjax.linen.StandardizedConv against the same formula in
+                    plain jnp (mean, var, rsqrt) followed by lax.conv_general_dilated (the
+                    "flax" column of this row).
 
 bnjax (``bnjax.batch_norm``, ``bnjax.group_norm``, ``bnjax.layer_norm``) is compared with the
 flax.linen modules at their defaults: ``BatchNorm(momentum=0.99, epsilon=1e-5)``,
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import platform
 import statistics
@@ -70,18 +76,20 @@ from common import (
 )
 
 import bnjax
+import bnjax.linen
 
 MOMENTUM = 0.99
 BN_EPSILON = 1e-5
 GN_GROUPS = 32
 MIB = 2.0**20
-OPS = ("bn_train", "bn_train_grad", "bn_eval", "gn", "ln")
+OPS = ("bn_train", "bn_train_grad", "bn_eval", "gn", "ln", "ws_conv")
 OP_LABELS = {
     "bn_train": "bn train fwd",
     "bn_train_grad": "bn train fwd+bwd",
     "bn_eval": "bn eval fwd",
     "gn": f"gn fwd ({GN_GROUPS} groups)",
     "ln": "ln fwd (last axis)",
+    "ws_conv": "ws conv fwd+bwd (3x3)",
 }
 DEFAULT_SHAPES = ("128x32x32x64", "32x56x56x128")
 
@@ -315,7 +323,43 @@ def build_cases(shape, dtype, ops, key) -> list[Case]:
                 lambda b, f: [("y", b, f)],
             )
         )
+    if "ws_conv" in ops:
+        cases.append(ws_conv_case(x, ct, fdt, k_m))
     return cases
+
+
+def ws_conv_case(x, ct, fdt, key) -> Case:
+    """bnjax.linen.StandardizedConv against plain jnp standardization + lax.conv, fwd+bwd."""
+    channels = x.shape[-1]
+    kernel = jax.random.normal(key, (3, 3, channels, channels), jnp.float32) / (3 * channels**0.5)
+    conv = bnjax.linen.StandardizedConv(channels, (3, 3), use_bias=False, dtype=fdt)
+
+    def bnjax_loss(x, kernel, ct):
+        y = conv.apply({"params": {"kernel": kernel}}, x)
+        return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32))
+
+    def plain_loss(x, kernel, ct):
+        mean = jnp.mean(kernel, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(kernel - mean), axis=(0, 1, 2))
+        standardized = ((kernel - mean) * jax.lax.rsqrt(var + 1e-5)).astype(x.dtype)
+        y = jax.lax.conv_general_dilated(
+            x, standardized, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32))
+
+    def pairs(b, f):
+        (b_loss, (b_dx, b_dk)), (f_loss, (f_dx, f_dk)) = b, f
+        return [("loss", b_loss, f_loss), ("dx", b_dx, f_dx), ("dkernel", b_dk, f_dk)]
+
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1))
+    return Case(
+        "ws_conv",
+        [
+            Impl("bnjax", grad(bnjax_loss), (x, kernel, ct)),
+            Impl("plain", grad(plain_loss), (x, kernel, ct)),
+        ],
+        pairs,
+    )
 
 
 # ----------------------------------------------------------------------------- torch (optional)
