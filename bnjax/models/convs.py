@@ -36,6 +36,15 @@ def conv_class(conv: str | ConvFactory) -> ConvFactory:
     """The conv module factory `conv` names (a name of `CONVS`), or `conv` itself.
 
     Raises ValueError for an unknown name, listing the names.
+
+    Example:
+      >>> conv_class("centered").__name__
+      'CenteredConv'
+      >>> try:
+      ...     conv_class("weight_std")
+      ... except ValueError as error:
+      ...     print(error)
+      unknown `conv` 'weight_std'; the convs are 'plain', 'standardized', 'centered'.
     """
     if isinstance(conv, str):
         if conv not in CONVS:
