@@ -77,7 +77,8 @@ class StandardizedConv(_ReparametrizedConv):
     """``flax.nnx.Conv`` with a weight-standardized kernel (see the module docstring).
 
     Args: those of ``flax.nnx.Conv``, with its defaults, plus `epsilon` (keyword): added to
-    each output channel's kernel variance inside the square root.
+    each output channel's kernel variance inside the square root (fixed at construction, like
+    the mask).
 
     Example:
       >>> conv = StandardizedConv(3, 4, (3, 3), use_bias=False, rngs=nnx.Rngs(0))
