@@ -3,6 +3,8 @@ options, same variables, same outputs as flax's Conv given the pre-standardized 
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import flax.linen as nn
 import jax
@@ -253,3 +255,14 @@ def test_nnx_fold_model_uses_the_standardized_kernel():
     np.testing.assert_allclose(folded.evaluate(x), expected, rtol=1e-6, atol=1e-6)
     # The user's model still standardizes (the folded one is a clone).
     assert isinstance(model.ws.promote_dtype, bnjax.nnx_standardized_conv.KernelFirst)
+
+
+def test_linen_fields_are_flax_conv_fields_with_flax_defaults():
+    def fields(cls):
+        return [
+            (f.name, f.default) for f in dataclasses.fields(cls) if f.name not in ("parent", "name")
+        ]
+
+    theirs = fields(nn.Conv)
+    assert fields(bl.CenteredConv) == theirs
+    assert fields(bl.StandardizedConv) == [*theirs, ("epsilon", 1e-5)]
