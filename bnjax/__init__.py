@@ -19,6 +19,13 @@ from bnjax.core import (
     layer_norm,
     rms_norm,
 )
+from bnjax.core import (
+    MovingAverageBatchNormState,
+    moving_average_batch_norm,
+    moving_average_batch_norm_backward_update,
+    moving_average_batch_norm_probe,
+    moving_average_batch_norm_state,
+)
 
 __version__ = "0.1.0"
 
@@ -35,4 +42,9 @@ __all__ = [
     "instance_norm",
     "layer_norm",
     "rms_norm",
+    "MovingAverageBatchNormState",
+    "moving_average_batch_norm",
+    "moving_average_batch_norm_backward_update",
+    "moving_average_batch_norm_probe",
+    "moving_average_batch_norm_state",
 ]

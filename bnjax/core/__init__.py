@@ -8,6 +8,13 @@ from bnjax.core.batch_renorm import (
     batch_renorm_state,
 )
 from bnjax.core.group_norm import group_norm, instance_norm, layer_norm, rms_norm
+from bnjax.core.moving_average_batch_norm import (
+    MovingAverageBatchNormState,
+    moving_average_batch_norm,
+    moving_average_batch_norm_backward_update,
+    moving_average_batch_norm_probe,
+    moving_average_batch_norm_state,
+)
 from bnjax.core.stats import Moments
 
 __all__ = [
@@ -23,4 +30,9 @@ __all__ = [
     "instance_norm",
     "layer_norm",
     "rms_norm",
+    "MovingAverageBatchNormState",
+    "moving_average_batch_norm",
+    "moving_average_batch_norm_backward_update",
+    "moving_average_batch_norm_probe",
+    "moving_average_batch_norm_state",
 ]

@@ -1,0 +1,509 @@
+"""Moving average batch normalization (MABN): batch statistics of both passes averaged over steps.
+
+Batch norm's training step depends on the batch through four statistics per channel: the
+forward's mean mu_B and variance sigma2_B, and the backward's
+
+    g_B   = mean_i dL/dx_hat_i,        psi_B = mean_i dL/dx_hat_i * x_hat_i,
+    dL/dx_i = (dL/dx_hat_i - g_B - x_hat_i * psi_B) / sqrt(sigma2_B + epsilon).
+
+With small batches all four are noisy. MABN replaces each by its simple moving average over
+the last m = `window` steps (the current one included),
+
+    s_bar_t = (s_B_t + s_B_{t-1} + ... + s_B_{t-m+1}) / m          for s in (mu, sigma2, g, psi)
+
+and, by default, *reduces* the statistics: without the mean (mu = g = 0, relying on
+zero-mean weights in the layer before, see `bnjax.centralize_weight`) the variance becomes the
+second moment chi_B = mean_i x_i^2, and
+
+    forward:   x_hat = x / sqrt(chi_bar + epsilon),            z = r * x_hat
+    backward:  dL/dx_i = (dL/dx_hat_i - x_hat_i * psi_bar) / sqrt(chi_bar + epsilon),
+               dL/dx_hat = r * dL/dz
+    output:    y = scale * z + bias
+
+`r = clip(sqrt(chi_bar + epsilon) / sqrt(var + epsilon), 1 / r_max, r_max)` (no gradient) is
+batch renormalization's correction towards the exponential moving average `var`, which
+evaluation uses: unclipped, training outputs equal evaluation outputs. r is 1 during the
+first `renorm_warmup_steps` steps. The exponential average follows the averaged statistic,
+``var = momentum * var + (1 - momentum) * chi_bar`` (momentum = decay, flax's convention), so
+evaluation is exactly batch norm's affine with running statistics (mean 0 in the reduced
+form) and folds into the layer before like batch norm. `centered=True` keeps all four
+statistics (mu_bar is subtracted, g_bar enters the backward, renormalization also shifts by
+``d = clip((mu_bar - mean) / sqrt(var + epsilon), -d_max, d_max)``); with window=1 and no
+renormalization it is exactly batch norm, forward, gradient and running statistics.
+
+The gradient is deliberately not the derivative of the forward: psi_bar (and g_bar) average
+past steps' backward statistics. The current step's g_B and psi_B are only known in its
+backward pass, where nothing can be stored. They leave through the gradient of `probe`, an
+extra zero input of shape (2, *feature_shape) that the output does not depend on: its
+"gradient" is defined as the stack (g_B, psi_B), means over the valid values of the global
+batch. After differentiating, fold them into the state with
+`moving_average_batch_norm_backward_update(state, probe_grad)`. A gradient computation that
+does not differentiate `probe` still gets MABN's gradient; the state then just never learns
+the backward statistics (psi_bar averages the current step only).
+
+Shapes: x (N, ..., C) with `axis=-1` (any feature axes); scale, bias (C,); the state's
+histories (window - 1, C) hold the previous steps' batch statistics (a ring, oldest
+overwritten), so the state costs 4 * (window - 1) + 2 values per channel in float32.
+
+Across devices (`axis_name`) chi_B (or mu_B, sigma2_B: merged exactly, as `batch_norm`) and
+g_B, psi_B (one psum of two sums per channel) are global, so the replicated state stays
+identical. The backward statistics are in the units of the cotangent that reaches the layer:
+in data-parallel training with a per-device mean loss they are the device count times those
+of the global mean loss, consistently from step to step (keep the device count of a run).
+
+References:
+  Yan, Wan, Zhang, Zhang, Wei & Sun (2020), Towards Stabilizing Batch Statistics in Backward
+  Propagation of Batch Normalization, ICLR, arXiv:2001.06838: Section 3 (the four batch
+  statistics of BN's forward and backward passes), Section 4.1 (moving average statistics,
+  simple SMAS over the last m iterations and exponential EMAS), Section 4.2 (reduced
+  statistics: normalization by the second moment, with only psi in the backward), Section 4.3
+  (weight centralization), and Algorithm 1 (training with SMAS and renormalization towards the
+  EMAS used in inference).
+  Ioffe (2017), Batch Renormalization, NeurIPS, arXiv:1702.03275 (the r, d correction).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bnjax.core import checks, stats
+from bnjax.core.batch_layout import as_param, batch_layout, grouped_mask
+from bnjax.core.batch_norm import BatchNormState, evaluate
+from bnjax.core.running_update import all_finite
+
+__all__ = [
+    "MovingAverageBatchNormState",
+    "moving_average_batch_norm",
+    "moving_average_batch_norm_backward_update",
+    "moving_average_batch_norm_probe",
+    "moving_average_batch_norm_state",
+]
+
+Array = jax.Array
+
+
+class MovingAverageBatchNormState(NamedTuple):
+    """State of a moving-average batch-norm layer (a pytree; pass it in, get it back).
+
+    Attributes:
+      mean: (C,) exponential moving average of mu_bar, for evaluation (stays 0 unless
+        centered).
+      var: (C,) exponential moving average of sigma2_bar (centered) or of the second moment
+        chi_bar (reduced form: the variance about mean 0), for evaluation and for r.
+      mean_history: (window - 1, C) the previous steps' batch means mu_B (0 unless centered).
+      var_history: (window - 1, C) the previous steps' sigma2_B (or chi_B).
+      grad_mean_history: (window - 1, C) the previous steps' g_B (0 unless centered).
+      grad_scaled_history: (window - 1, C) the previous steps' psi_B.
+      count: int32, training batches folded in (drives the ring and the warm-up).
+      backward_count: int32, backward statistics folded in.
+      skipped: int32, training batches left out because their statistics were not finite.
+
+    Example:
+      >>> state = moving_average_batch_norm_state(3, window=4)
+      >>> state.var_history.shape, state.var.tolist()
+      ((3, 3), [1.0, 1.0, 1.0])
+    """
+
+    mean: Array
+    var: Array
+    mean_history: Array
+    var_history: Array
+    grad_mean_history: Array
+    grad_scaled_history: Array
+    count: Array
+    backward_count: Array
+    skipped: Array
+
+    @property
+    def window(self) -> int:
+        """m: the number of steps the simple moving averages span (the history + 1)."""
+        return self.mean_history.shape[0] + 1
+
+    def as_batch_norm_state(self) -> BatchNormState:
+        """The evaluation statistics as a BatchNormState (for folding, recalibration, ...)."""
+        return BatchNormState(self.mean, self.var, self.count, self.skipped)
+
+
+def moving_average_batch_norm_state(
+    num_features: int | Sequence[int], *, window: int = 16, dtype=None
+) -> MovingAverageBatchNormState:
+    """A fresh state: mean 0, var 1, empty histories for moving averages over `window` steps.
+
+    Args:
+      num_features: channels C, or the feature shape.
+      window: m, the steps each simple moving average spans (>= 1; 1 uses the current batch).
+      dtype: statistics dtype; float32 by default (float64 under x64).
+    """
+    if isinstance(num_features, (list, tuple)):
+        shape = tuple(checks.as_int(n, "num_features") for n in num_features)
+    else:
+        shape = (checks.as_int(num_features, "num_features"),)
+    if any(n < 0 for n in shape):
+        raise ValueError(f"`num_features` must be non-negative, got {num_features!r}.")
+    window = checks.as_int(window, "window")
+    if window < 1:
+        raise ValueError(f"`window` (steps of the moving averages) must be >= 1, got {window}.")
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype is None else dtype)
+    if dtype not in checks.STATISTICS_DTYPES[:2]:
+        raise TypeError(f"`dtype` of the statistics must be float32 or float64, got {dtype}.")
+    history = jnp.zeros((window - 1, *shape), dtype)
+    zero = jnp.zeros((), jnp.int32)
+    return MovingAverageBatchNormState(
+        mean=jnp.zeros(shape, dtype),
+        var=jnp.ones(shape, dtype),
+        mean_history=history,
+        var_history=history,
+        grad_mean_history=history,
+        grad_scaled_history=history,
+        count=zero,
+        backward_count=zero,
+        skipped=zero,
+    )
+
+
+def moving_average_batch_norm_probe(state: MovingAverageBatchNormState) -> Array:
+    """The zero `probe` input for `state`: (2, *feature_shape), whose gradient is (g_B, psi_B)."""
+    return jnp.zeros((2, *state.var.shape), state.var.dtype)
+
+
+_HISTORIES = ("mean_history", "var_history", "grad_mean_history", "grad_scaled_history")
+
+
+def _check_state(state, feature_shape, axis) -> MovingAverageBatchNormState:
+    if not isinstance(state, MovingAverageBatchNormState):
+        raise TypeError(
+            "`state` must be a MovingAverageBatchNormState (from "
+            f"bnjax.moving_average_batch_norm_state), got {type(state).__name__}."
+        )
+    factory = "moving_average_batch_norm_state"
+    checks.check_statistics(state, ("mean", "var"), feature_shape, axis, factory)
+    for name in _HISTORIES:
+        value = getattr(state, name)
+        if tuple(jnp.shape(value)) != (state.window - 1, *feature_shape):
+            raise ValueError(
+                f"`state.{name}` has shape {tuple(jnp.shape(value))}, expected "
+                f"{(state.window - 1, *feature_shape)} (window - 1 past steps of "
+                f"{feature_shape} features); create it with bnjax.{factory}."
+            )
+    return checks.as_counters(state, ("count", "backward_count", "skipped"), factory)
+
+
+def _past_sum(history: Array, stored: Array) -> tuple[Array, Array]:
+    """(sum of the filled slots of a ring `history`, their number) after `stored` writes."""
+    slots = history.shape[0]
+    filled = jnp.minimum(stored, slots)
+    valid = jnp.arange(slots) < filled
+    valid = valid.reshape((slots,) + (1,) * (history.ndim - 1))
+    return jnp.sum(jnp.where(valid, history, 0), axis=0), filled.astype(history.dtype)
+
+
+def _written(history: Array, stored: Array, value: Array) -> Array:
+    """`history` with `value` in the ring slot of write number `stored`."""
+    if history.shape[0] == 0:
+        return history
+    return lax.dynamic_update_index_in_dim(
+        history, value.astype(history.dtype), stored % history.shape[0], axis=0
+    )
+
+
+class _Kernel(NamedTuple):
+    """Static options of the MABN kernel (hashable: a nondiff argument)."""
+
+    reduction_axes: tuple[int, ...]
+    centered: bool
+    axis_name: object
+    axis_index_groups: tuple[tuple[int, ...], ...] | None
+
+
+def _backward_sums(config: _Kernel, valid_grad, x_hat, count):
+    """(g_B, psi_B): means of dL/dx_hat and dL/dx_hat * x_hat over the valid (global) values."""
+    axes = config.reduction_axes
+    sums = (
+        jnp.sum(valid_grad, axis=axes, keepdims=True),
+        jnp.sum(valid_grad * x_hat, axis=axes, keepdims=True),
+    )
+    if config.axis_name is not None:
+        sums = lax.psum(sums, config.axis_name, axis_index_groups=config.axis_index_groups)
+    safe = jnp.maximum(count, 1)
+    return sums[0] / safe, sums[1] / safe
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _averaged_normalize(config, x, mask, mean, inv, r, d, count, past, probe):
+    """z = r * (x - mean) * inv + d, with MABN's gradient (see the module docstring).
+
+    mean, inv, r, d, count: per-channel (size 1 on the reduction axes), no gradient.
+    past: (sum of past g_B, sum of past psi_B, their number), per channel. probe: unused
+    in the value; its cotangent is (g_B, psi_B) in its own shape.
+    """
+    del config, mask, count, past, probe
+    return r * (x.astype(mean.dtype) - mean) * inv + d
+
+
+def _averaged_normalize_fwd(config, x, mask, mean, inv, r, d, count, past, probe):
+    z = _averaged_normalize(config, x, mask, mean, inv, r, d, count, past, probe)
+    return z, (x, mask, mean, inv, r, count, past, probe)
+
+
+def _averaged_normalize_bwd(config, residuals, dz):
+    x, mask, mean, inv, r, count, past, probe = residuals
+    x_hat = (x.astype(mean.dtype) - mean) * inv
+    grad = r * dz  # dL/dx_hat
+    valid_grad = grad if mask is None else jnp.where(mask, grad, 0)
+    grad_mean, grad_scaled = _backward_sums(config, valid_grad, x_hat, count)
+    past_grad_mean, past_grad_scaled, stored = past
+    grad_scaled_bar = (grad_scaled + past_grad_scaled) / (1 + stored)
+    correction = x_hat * grad_scaled_bar
+    if config.centered:
+        correction = correction + (grad_mean + past_grad_mean) / (1 + stored)
+    else:
+        grad_mean = jnp.zeros_like(grad_mean)
+    if mask is not None:  # masked values are not in the statistics: no statistics term
+        correction = jnp.where(mask, correction, 0)
+    dx = (inv * (grad - correction)).astype(x.dtype)
+    probe_grad = jnp.stack([grad_mean, grad_scaled]).reshape(probe.shape).astype(probe.dtype)
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    return (dx, None, zeros(mean), zeros(inv), zeros(r), zeros(r), zeros(count), zeros(past),
+            probe_grad)  # fmt: skip
+
+
+_averaged_normalize.defvjp(_averaged_normalize_fwd, _averaged_normalize_bwd)
+
+
+def _forward_statistics(x, mask, config: _Kernel):
+    """(count, mu_B, sigma2_B) per channel; in the reduced form mu_B = 0, sigma2_B = chi_B."""
+    if config.centered:
+        moments = stats.reduce_moments(
+            x, config.reduction_axes, mask, config.axis_name, config.axis_index_groups
+        )
+        return moments.count, moments.mean, moments.m2 / jnp.maximum(moments.count, 1)
+    count, second_moment = stats.mean_square(
+        x, config.reduction_axes, mask, config.axis_name, config.axis_index_groups
+    )
+    count = jnp.broadcast_to(count, second_moment.shape)
+    return count, jnp.zeros_like(second_moment), second_moment
+
+
+def moving_average_batch_norm(
+    x: Array,
+    state: MovingAverageBatchNormState,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    probe: Array | None = None,
+    *,
+    training: bool,
+    momentum: float = 0.98,
+    epsilon: float = 1e-5,
+    centered: bool = False,
+    r_max: float = 5.0,
+    d_max: float = 5.0,
+    renorm_warmup_steps: int = 0,
+    axis: int | Sequence[int] = -1,
+    axis_name=None,
+    axis_index_groups=None,
+    mask: Array | None = None,
+) -> tuple[Array, MovingAverageBatchNormState]:
+    """Moving average batch normalization (see the module docstring for the math).
+
+    Args:
+      x: input, e.g. (N, H, W, C) with `axis=-1`. Statistics in float32 (float64 for float64
+        x); y has x's dtype.
+      state: a MovingAverageBatchNormState (`moving_average_batch_norm_state`); its window
+        sets m.
+      scale, bias: optional (C,) parameters; None means 1 and 0.
+      probe: optional zeros (2, *feature_shape) (`moving_average_batch_norm_probe`) whose
+        gradient is this step's (g_B, psi_B); pass it to
+        `moving_average_batch_norm_backward_update`.
+      training: True normalizes with the moving averages of the batch statistics and folds
+        this batch's forward statistics into the state; False is batch norm's evaluation with
+        (state.mean, state.var) and returns the state unchanged.
+      momentum: decay of the exponential averages `mean`, `var` (default 0.98).
+      epsilon: added to the variance (second moment) before the square root.
+      centered: keep the mean statistics mu and g (Section 4.1's four statistics) instead of
+        the reduced form (Section 4.2, the default).
+      r_max, d_max: renormalization bounds (r in [1 / r_max, r_max], |d| <= d_max; d only
+        when centered); r_max=1 and d_max=0 switch renormalization off.
+      renorm_warmup_steps: steps (state.count) before renormalization starts (r = 1, d = 0).
+      axis: feature axis or axes.
+      axis_name, axis_index_groups: devices sharing statistics (pmap / shard_map), merged
+        exactly as in `batch_norm`.
+      mask: booleans broadcastable to x; False entries stay out of the statistics.
+
+    Returns:
+      (y, new_state). A training batch whose statistics are not finite is left out of the
+      state (only `skipped` advances). A channel without valid values outputs its bias.
+
+    Example:
+      >>> x = jnp.array([[1.0], [-1.0], [3.0], [-3.0]])      # second moment 5
+      >>> state = moving_average_batch_norm_state(1, window=2)
+      >>> y, state = moving_average_batch_norm(x, state, training=True, r_max=1.0)
+      >>> (y[:, 0] * 5**0.5).round(3).tolist(), state.var_history.tolist()
+      [[1.0, -1.0, 3.0, -3.0], [[5.0]]]
+    """
+    given_state = state
+    x = jnp.asarray(x)
+    checks.check_floating(x, "x")
+    if jnp.iscomplexobj(x):
+        raise TypeError("`x` must be real: moving average batch norm has no complex form.")
+    training = checks.check_training(training)
+    checks.check_epsilon(epsilon)
+    checks.check_momentum(momentum, allow_none=False)
+    checks.check_axis_name(axis_name, axis_index_groups)
+    centered = checks.check_option_flag(centered, "centered")
+    checks.check_in_range(r_max, "r_max", 1.0, why=" (1 switches renormalization off)")
+    checks.check_in_range(d_max, "d_max", 0.0, why=" (0 switches the shift off)")
+    renorm_warmup_steps = checks.as_int(renorm_warmup_steps, "renorm_warmup_steps")
+    if renorm_warmup_steps < 0:
+        raise ValueError(f"`renorm_warmup_steps` must be >= 0, got {renorm_warmup_steps}.")
+    if x.ndim < 2:
+        raise ValueError(
+            f"`x` must have a batch axis and a feature axis, got shape {tuple(x.shape)}; "
+            f"for a single feature vector use x[None]."
+        )
+    layout = batch_layout(x, axis, None)
+    state = _check_state(state, layout.feature_shape, axis)
+    scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
+    checks.check_param_shape(scale, layout.feature_shape, "scale", "axis", input_dtype=x.dtype)
+    checks.check_param_shape(bias, layout.feature_shape, "bias", "axis", input_dtype=x.dtype)
+    probe_shape = (2, *layout.feature_shape)
+    if probe is not None and tuple(jnp.shape(probe)) != probe_shape:
+        raise ValueError(
+            f"`probe` has shape {tuple(jnp.shape(probe))}, expected {probe_shape}; create it "
+            f"with bnjax.moving_average_batch_norm_probe(state)."
+        )
+    if not training:
+        y = evaluate(
+            x,
+            state.as_batch_norm_state(),
+            scale,
+            bias,
+            epsilon=epsilon,
+            layout=layout,
+            function="moving_average_batch_norm",
+        )
+        return y, given_state
+    if axis_name is not None:
+        stats.check_axis_name_bound(axis_name)
+    dtype = stats.stats_dtype(x.dtype)
+    config = _Kernel(
+        layout.reduction_axes,
+        centered,
+        axis_name,
+        None if axis_index_groups is None else tuple(map(tuple, axis_index_groups)),
+    )
+    grouped_x = x.reshape(layout.grouped_shape)
+    mask_ = grouped_mask(mask, x, layout)
+    count, batch_mean, batch_var = _forward_statistics(lax.stop_gradient(grouped_x), mask_, config)
+    estimated = count >= (2 if centered else 1)
+
+    def param(value):  # a per-feature array of the state, in the grouped view
+        return as_param(value, layout, 0.0, dtype)
+
+    def averaged(batch, history, stored):
+        past, filled = _past_sum(history.astype(dtype), stored)
+        return (batch + param(past)) / (1 + filled)
+
+    mean_bar = averaged(batch_mean, state.mean_history, state.count)
+    var_bar = averaged(batch_var, state.var_history, state.count)
+    inv = stats.inverse_root(estimated.astype(dtype), var_bar, epsilon)
+    running_inv = lax.rsqrt(param(state.var) + epsilon)
+    renorm = state.count >= renorm_warmup_steps
+    r = jnp.where(renorm, jnp.clip(running_inv / jnp.where(inv > 0, inv, 1), 1 / r_max, r_max), 1)
+    d = jnp.zeros_like(r)
+    if centered:
+        shift = jnp.clip((mean_bar - param(state.mean)) * running_inv, -d_max, d_max)
+        d = jnp.where(renorm, shift, 0)
+    grad_past = (
+        *(param(_past_sum(getattr(state, name).astype(dtype), state.backward_count)[0])
+          for name in ("grad_mean_history", "grad_scaled_history")),
+        jnp.minimum(state.backward_count, state.window - 1).astype(dtype),
+    )  # fmt: skip
+    if probe is None:
+        probe = jnp.zeros(probe_shape, state.var.dtype)
+    z = _averaged_normalize(
+        config, grouped_x, mask_, mean_bar, inv, lax.stop_gradient(r), d, count, grad_past, probe
+    )
+    y = z * as_param(scale, layout, 1.0, dtype) + as_param(bias, layout, 0.0, dtype)
+
+    feature_shape = layout.feature_shape
+
+    def per_feature(value):
+        return value.reshape(feature_shape)
+
+    estimated = per_feature(estimated)
+    # A channel the batch could not estimate keeps its averages; its history slot takes the
+    # exponential average, a stand-in that keeps the ring's order.
+    new_mean = jnp.where(
+        estimated, momentum * state.mean + (1 - momentum) * per_feature(mean_bar), state.mean
+    )
+    new_var = jnp.where(
+        estimated, momentum * state.var + (1 - momentum) * per_feature(var_bar), state.var
+    )
+    slot_mean = jnp.where(estimated, per_feature(batch_mean), state.mean)
+    slot_var = jnp.where(estimated, per_feature(batch_var), state.var)
+    folded = all_finite(new_mean, new_var, slot_mean, slot_var)
+    folded = lax.stop_gradient(folded)
+    new_state = state._replace(
+        mean=jnp.where(folded, new_mean, state.mean).astype(state.mean.dtype),
+        var=jnp.where(folded, new_var, state.var).astype(state.var.dtype),
+        mean_history=jnp.where(
+            folded, _written(state.mean_history, state.count, slot_mean), state.mean_history
+        ),
+        var_history=jnp.where(
+            folded, _written(state.var_history, state.count, slot_var), state.var_history
+        ),
+        count=state.count + folded.astype(jnp.int32),
+        skipped=state.skipped + (~folded).astype(jnp.int32),
+    )
+    new_state = jax.tree.map(lax.stop_gradient, new_state)
+    return y.reshape(x.shape).astype(x.dtype), new_state
+
+
+def moving_average_batch_norm_backward_update(
+    state: MovingAverageBatchNormState, probe_grad: Array
+) -> MovingAverageBatchNormState:
+    """Folds one step's backward statistics (the gradient of `probe`) into the state.
+
+    `probe_grad` is (2, *feature_shape): (g_B, psi_B) of the step. Call it once per training
+    step, after the step's forward update. Non-finite statistics are left out (the state is
+    returned unchanged).
+
+    Example:
+      >>> state = moving_average_batch_norm_state(2, window=3)
+      >>> state = moving_average_batch_norm_backward_update(state, jnp.ones((2, 2)))
+      >>> state.grad_scaled_history.tolist(), int(state.backward_count)
+      ([[1.0, 1.0], [0.0, 0.0]], 1)
+    """
+    if not isinstance(state, MovingAverageBatchNormState):
+        raise TypeError(
+            f"`state` must be a MovingAverageBatchNormState, got {type(state).__name__}."
+        )
+    probe_grad = jnp.asarray(probe_grad)
+    expected = (2, *jnp.shape(state.var))
+    if tuple(probe_grad.shape) != expected:
+        raise ValueError(
+            f"`probe_grad` has shape {tuple(probe_grad.shape)}, expected {expected}: the "
+            f"gradient of the probe from bnjax.moving_average_batch_norm_probe(state)."
+        )
+    state = checks.as_counters(
+        state, ("count", "backward_count", "skipped"), "moving_average_batch_norm_state"
+    )
+    folded = all_finite(probe_grad)
+    stored = state.backward_count
+    return state._replace(
+        grad_mean_history=jnp.where(
+            folded, _written(state.grad_mean_history, stored, probe_grad[0]),
+            state.grad_mean_history,
+        ),
+        grad_scaled_history=jnp.where(
+            folded, _written(state.grad_scaled_history, stored, probe_grad[1]),
+            state.grad_scaled_history,
+        ),
+        backward_count=stored + folded.astype(jnp.int32),
+    )  # fmt: skip
