@@ -9,6 +9,7 @@ from bnjax.core import (
     BatchNormState,
     BatchRenormState,
     Moments,
+    MovingAverageBatchNormState,
     RenormSchedule,
     batch_norm,
     batch_norm_state,
@@ -17,14 +18,11 @@ from bnjax.core import (
     group_norm,
     instance_norm,
     layer_norm,
-    rms_norm,
-)
-from bnjax.core import (
-    MovingAverageBatchNormState,
     moving_average_batch_norm,
     moving_average_batch_norm_backward_update,
     moving_average_batch_norm_probe,
     moving_average_batch_norm_state,
+    rms_norm,
 )
 
 __version__ = "0.1.0"
@@ -33,6 +31,7 @@ __all__ = [
     "BatchNormState",
     "BatchRenormState",
     "Moments",
+    "MovingAverageBatchNormState",
     "RenormSchedule",
     "batch_norm",
     "batch_norm_state",
@@ -41,10 +40,9 @@ __all__ = [
     "group_norm",
     "instance_norm",
     "layer_norm",
-    "rms_norm",
-    "MovingAverageBatchNormState",
     "moving_average_batch_norm",
     "moving_average_batch_norm_backward_update",
     "moving_average_batch_norm_probe",
     "moving_average_batch_norm_state",
+    "rms_norm",
 ]

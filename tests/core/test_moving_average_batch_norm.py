@@ -165,7 +165,7 @@ def test_window_one_centered_without_renorm_is_batch_norm():
                 x, dy, scale, bias, state, centered=True, r_max=1.0, d_max=0.0, momentum=0.9
             )
 
-            def bn_loss(x, scale, bias, bn_state=bn_state):
+            def bn_loss(x, scale, bias, bn_state=bn_state, dy=dy):
                 y, new = bnjax.batch_norm(x, bn_state, scale, bias, training=True, momentum=0.9)
                 return jnp.sum(y * dy), (y, new)
 
