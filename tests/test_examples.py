@@ -32,6 +32,7 @@ MODULES = [
     "bnjax.core.batch_norm",
     "bnjax.core.batch_renorm",
     "bnjax.core.group_norm",
+    "bnjax.core.moving_average_batch_norm",
     "bnjax.core.stats",
     "bnjax.linen",
     "bnjax.nnx",

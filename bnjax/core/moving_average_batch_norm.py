@@ -152,18 +152,23 @@ def moving_average_batch_norm_state(
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype is None else dtype)
     if dtype not in checks.STATISTICS_DTYPES[:2]:
         raise TypeError(f"`dtype` of the statistics must be float32 or float64, got {dtype}.")
-    history = jnp.zeros((window - 1, *shape), dtype)
-    zero = jnp.zeros((), jnp.int32)
+    # A new array per field: one buffer shared by several leaves cannot be donated.
+    def history():
+        return jnp.zeros((window - 1, *shape), dtype)
+
+    def zero():
+        return jnp.zeros((), jnp.int32)
+
     return MovingAverageBatchNormState(
         mean=jnp.zeros(shape, dtype),
         var=jnp.ones(shape, dtype),
-        mean_history=history,
-        var_history=history,
-        grad_mean_history=history,
-        grad_scaled_history=history,
-        count=zero,
-        backward_count=zero,
-        skipped=zero,
+        mean_history=history(),
+        var_history=history(),
+        grad_mean_history=history(),
+        grad_scaled_history=history(),
+        count=zero(),
+        backward_count=zero(),
+        skipped=zero(),
     )
 
 
@@ -343,8 +348,8 @@ def moving_average_batch_norm(
       >>> x = jnp.array([[1.0], [-1.0], [3.0], [-3.0]])      # second moment 5
       >>> state = moving_average_batch_norm_state(1, window=2)
       >>> y, state = moving_average_batch_norm(x, state, training=True, r_max=1.0)
-      >>> (y[:, 0] * 5**0.5).round(3).tolist(), state.var_history.tolist()
-      [[1.0, -1.0, 3.0, -3.0], [[5.0]]]
+      >>> [round(float(v), 3) for v in y[:, 0] * 5**0.5], state.var_history.tolist()
+      ([1.0, -1.0, 3.0, -3.0], [[5.0]])
     """
     given_state = state
     x = jnp.asarray(x)
