@@ -592,7 +592,7 @@ class MovingAverageBatchNorm(_AffineMixin, nn.Module):
     centered: bool = False
     r_max: float = 5.0
     d_max: float = 5.0
-    renorm_warmup_steps: int = 0
+    renorm_warmup_steps: int = 1000
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):

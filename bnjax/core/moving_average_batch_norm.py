@@ -23,7 +23,7 @@ second moment chi_B = mean_i x_i^2, and
 `r = clip(sqrt(chi_bar + epsilon) / sqrt(var + epsilon), 1 / r_max, r_max)` (no gradient) is
 batch renormalization's correction towards the exponential moving average `var`, which
 evaluation uses: unclipped, training outputs equal evaluation outputs. r is 1 during the
-first `renorm_warmup_steps` steps. The exponential average follows the averaged statistic,
+first `renorm_warmup_steps` steps (default 1000). The exponential average follows the averaged statistic,
 ``var = momentum * var + (1 - momentum) * chi_bar`` (momentum = decay, flax's convention), so
 evaluation is exactly batch norm's affine with running statistics (mean 0 in the reduced
 form) and folds into the layer before like batch norm. `centered=True` keeps all four
@@ -152,6 +152,7 @@ def moving_average_batch_norm_state(
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype is None else dtype)
     if dtype not in checks.STATISTICS_DTYPES[:2]:
         raise TypeError(f"`dtype` of the statistics must be float32 or float64, got {dtype}.")
+
     # A new array per field: one buffer shared by several leaves cannot be donated.
     def history():
         return jnp.zeros((window - 1, *shape), dtype)
@@ -308,7 +309,7 @@ def moving_average_batch_norm(
     centered: bool = False,
     r_max: float = 5.0,
     d_max: float = 5.0,
-    renorm_warmup_steps: int = 0,
+    renorm_warmup_steps: int = 1000,
     axis: int | Sequence[int] = -1,
     axis_name=None,
     axis_index_groups=None,
@@ -334,7 +335,10 @@ def moving_average_batch_norm(
         the reduced form (Section 4.2, the default).
       r_max, d_max: renormalization bounds (r in [1 / r_max, r_max], |d| <= d_max; d only
         when centered); r_max=1 and d_max=0 switch renormalization off.
-      renorm_warmup_steps: steps (state.count) before renormalization starts (r = 1, d = 0).
+      renorm_warmup_steps: steps (state.count) before renormalization starts (r = 1, d = 0),
+        while the exponential averages settle: at the start they hold var = 1, and
+        renormalizing towards them would undo the normalization. The default 1000 is the
+        authors' implementation's.
       axis: feature axis or axes.
       axis_name, axis_index_groups: devices sharing statistics (pmap / shard_map), merged
         exactly as in `batch_norm`.

@@ -180,15 +180,16 @@ def test_window_one_centered_without_renorm_is_batch_norm():
 def test_train_equals_eval_when_the_state_holds_the_batch_statistics():
     """Unclipped renormalization normalizes with the EMAS, which evaluation uses."""
     x = jax.random.normal(jax.random.key(0), (16, 2, 2, 5)) * 3.0
+    unclipped = dict(r_max=1e6, d_max=1e6, renorm_warmup_steps=0)
     for centered in (False, True):
         state = moving_average_batch_norm_state(5, window=3)
         # Two steps with the same batch fill the history and the EMAS (momentum 0) with x's.
         for _ in range(2):
             _, state = moving_average_batch_norm(
-                x, state, training=True, momentum=0.0, centered=centered, r_max=1e6, d_max=1e6
+                x, state, training=True, momentum=0.0, centered=centered, **unclipped
             )
         train, _ = moving_average_batch_norm(
-            x, state, training=True, momentum=0.0, centered=centered, r_max=1e6, d_max=1e6
+            x, state, training=True, momentum=0.0, centered=centered, **unclipped
         )
         evaluation, same = moving_average_batch_norm(x, state, training=False)
         chex.assert_trees_all_close(train, evaluation, atol=2e-6)
