@@ -33,6 +33,7 @@ MODULES = [
     "bnjax.core.batch_renorm",
     "bnjax.core.group_norm",
     "bnjax.core.moving_average_batch_norm",
+    "bnjax.core.moving_average_state",
     "bnjax.core.stats",
     "bnjax.linen",
     "bnjax.nnx",

@@ -23,9 +23,9 @@ second moment chi_B = mean_i x_i^2, and
 `r = clip(sqrt(chi_bar + epsilon) / sqrt(var + epsilon), 1 / r_max, r_max)` (no gradient) is
 batch renormalization's correction towards the exponential moving average `var`, which
 evaluation uses: unclipped, training outputs equal evaluation outputs. r is 1 during the
-first `renorm_warmup_steps` steps (default 1000). The exponential average follows the averaged statistic,
-``var = momentum * var + (1 - momentum) * chi_bar`` (momentum = decay, flax's convention), so
-evaluation is exactly batch norm's affine with running statistics (mean 0 in the reduced
+first `renorm_warmup_steps` steps (default 1000). The exponential average follows the
+averaged statistic, ``var = momentum * var + (1 - momentum) * chi_bar`` (momentum = decay,
+flax's convention), so is exactly batch norm's affine with running statistics (mean 0 in the reduced
 form) and folds into the layer before like batch norm. `centered=True` keeps all four
 statistics (mu_bar is subtracted, g_bar enters the backward, renormalization also shifts by
 ``d = clip((mu_bar - mean) / sqrt(var + epsilon), -d_max, d_max)``); with window=1 and no
@@ -74,7 +74,16 @@ from jax import lax
 
 from bnjax.core import checks, stats
 from bnjax.core.batch_layout import as_param, batch_layout, grouped_mask
-from bnjax.core.batch_norm import BatchNormState, evaluate
+from bnjax.core.batch_norm import evaluate
+from bnjax.core.moving_average_state import (
+    MovingAverageBatchNormState,
+    check_state,
+    moving_average_batch_norm_backward_update,
+    moving_average_batch_norm_probe,
+    moving_average_batch_norm_state,
+    past_sum,
+    written,
+)
 from bnjax.core.running_update import all_finite
 
 __all__ = [
@@ -86,136 +95,6 @@ __all__ = [
 ]
 
 Array = jax.Array
-
-
-class MovingAverageBatchNormState(NamedTuple):
-    """State of a moving-average batch-norm layer (a pytree; pass it in, get it back).
-
-    Attributes:
-      mean: (C,) exponential moving average of mu_bar, for evaluation (stays 0 unless
-        centered).
-      var: (C,) exponential moving average of sigma2_bar (centered) or of the second moment
-        chi_bar (reduced form: the variance about mean 0), for evaluation and for r.
-      mean_history: (window - 1, C) the previous steps' batch means mu_B (0 unless centered).
-      var_history: (window - 1, C) the previous steps' sigma2_B (or chi_B).
-      grad_mean_history: (window - 1, C) the previous steps' g_B (0 unless centered).
-      grad_scaled_history: (window - 1, C) the previous steps' psi_B.
-      count: int32, training batches folded in (drives the ring and the warm-up).
-      backward_count: int32, backward statistics folded in.
-      skipped: int32, training batches left out because their statistics were not finite.
-
-    Example:
-      >>> state = moving_average_batch_norm_state(3, window=4)
-      >>> state.var_history.shape, state.var.tolist()
-      ((3, 3), [1.0, 1.0, 1.0])
-    """
-
-    mean: Array
-    var: Array
-    mean_history: Array
-    var_history: Array
-    grad_mean_history: Array
-    grad_scaled_history: Array
-    count: Array
-    backward_count: Array
-    skipped: Array
-
-    @property
-    def window(self) -> int:
-        """m: the number of steps the simple moving averages span (the history + 1)."""
-        return self.mean_history.shape[0] + 1
-
-    def as_batch_norm_state(self) -> BatchNormState:
-        """The evaluation statistics as a BatchNormState (for folding, recalibration, ...)."""
-        return BatchNormState(self.mean, self.var, self.count, self.skipped)
-
-
-def moving_average_batch_norm_state(
-    num_features: int | Sequence[int], *, window: int = 16, dtype=None
-) -> MovingAverageBatchNormState:
-    """A fresh state: mean 0, var 1, empty histories for moving averages over `window` steps.
-
-    Args:
-      num_features: channels C, or the feature shape.
-      window: m, the steps each simple moving average spans (>= 1; 1 uses the current batch).
-      dtype: statistics dtype; float32 by default (float64 under x64).
-    """
-    if isinstance(num_features, (list, tuple)):
-        shape = tuple(checks.as_int(n, "num_features") for n in num_features)
-    else:
-        shape = (checks.as_int(num_features, "num_features"),)
-    if any(n < 0 for n in shape):
-        raise ValueError(f"`num_features` must be non-negative, got {num_features!r}.")
-    window = checks.as_int(window, "window")
-    if window < 1:
-        raise ValueError(f"`window` (steps of the moving averages) must be >= 1, got {window}.")
-    dtype = jax.dtypes.canonicalize_dtype(jnp.float64 if dtype is None else dtype)
-    if dtype not in checks.STATISTICS_DTYPES[:2]:
-        raise TypeError(f"`dtype` of the statistics must be float32 or float64, got {dtype}.")
-
-    # A new array per field: one buffer shared by several leaves cannot be donated.
-    def history():
-        return jnp.zeros((window - 1, *shape), dtype)
-
-    def zero():
-        return jnp.zeros((), jnp.int32)
-
-    return MovingAverageBatchNormState(
-        mean=jnp.zeros(shape, dtype),
-        var=jnp.ones(shape, dtype),
-        mean_history=history(),
-        var_history=history(),
-        grad_mean_history=history(),
-        grad_scaled_history=history(),
-        count=zero(),
-        backward_count=zero(),
-        skipped=zero(),
-    )
-
-
-def moving_average_batch_norm_probe(state: MovingAverageBatchNormState) -> Array:
-    """The zero `probe` input for `state`: (2, *feature_shape), whose gradient is (g_B, psi_B)."""
-    return jnp.zeros((2, *state.var.shape), state.var.dtype)
-
-
-_HISTORIES = ("mean_history", "var_history", "grad_mean_history", "grad_scaled_history")
-
-
-def _check_state(state, feature_shape, axis) -> MovingAverageBatchNormState:
-    if not isinstance(state, MovingAverageBatchNormState):
-        raise TypeError(
-            "`state` must be a MovingAverageBatchNormState (from "
-            f"bnjax.moving_average_batch_norm_state), got {type(state).__name__}."
-        )
-    factory = "moving_average_batch_norm_state"
-    checks.check_statistics(state, ("mean", "var"), feature_shape, axis, factory)
-    for name in _HISTORIES:
-        value = getattr(state, name)
-        if tuple(jnp.shape(value)) != (state.window - 1, *feature_shape):
-            raise ValueError(
-                f"`state.{name}` has shape {tuple(jnp.shape(value))}, expected "
-                f"{(state.window - 1, *feature_shape)} (window - 1 past steps of "
-                f"{feature_shape} features); create it with bnjax.{factory}."
-            )
-    return checks.as_counters(state, ("count", "backward_count", "skipped"), factory)
-
-
-def _past_sum(history: Array, stored: Array) -> tuple[Array, Array]:
-    """(sum of the filled slots of a ring `history`, their number) after `stored` writes."""
-    slots = history.shape[0]
-    filled = jnp.minimum(stored, slots)
-    valid = jnp.arange(slots) < filled
-    valid = valid.reshape((slots,) + (1,) * (history.ndim - 1))
-    return jnp.sum(jnp.where(valid, history, 0), axis=0), filled.astype(history.dtype)
-
-
-def _written(history: Array, stored: Array, value: Array) -> Array:
-    """`history` with `value` in the ring slot of write number `stored`."""
-    if history.shape[0] == 0:
-        return history
-    return lax.dynamic_update_index_in_dim(
-        history, value.astype(history.dtype), stored % history.shape[0], axis=0
-    )
 
 
 class _Kernel(NamedTuple):
@@ -241,26 +120,33 @@ def _backward_sums(config: _Kernel, valid_grad, x_hat, count):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _averaged_normalize(config, x, mask, mean, inv, r, d, count, past, probe):
-    """z = r * (x - mean) * inv + d, with MABN's gradient (see the module docstring).
+def _averaged_normalize(config, x, scale, bias, mask, mean, inv, r, d, count, past, probe):
+    """y = scale * (r * (x - mean) * inv + d) + bias in x's dtype, with MABN's gradient.
 
-    mean, inv, r, d, count: per-channel (size 1 on the reduction axes), no gradient.
-    past: (sum of past g_B, sum of past psi_B, their number), per channel. probe: unused
-    in the value; its cotangent is (g_B, psi_B) in its own shape.
+    scale, bias: per-channel parameters (size 1 on the reduction axes), differentiated.
+    mean, inv, r, d, count: per-channel, no gradient. past: (sum of past g_B, sum of past
+    psi_B, their number), per channel. probe: unused in the value; its cotangent is
+    (g_B, psi_B) in its own shape.
     """
     del config, mask, count, past, probe
-    return r * (x.astype(mean.dtype) - mean) * inv + d
+    z = r * (x.astype(mean.dtype) - mean) * inv + d
+    return (z * scale + bias).astype(x.dtype)
 
 
-def _averaged_normalize_fwd(config, x, mask, mean, inv, r, d, count, past, probe):
-    z = _averaged_normalize(config, x, mask, mean, inv, r, d, count, past, probe)
-    return z, (x, mask, mean, inv, r, count, past, probe)
+def _averaged_normalize_fwd(config, x, scale, bias, mask, mean, inv, r, d, count, past, probe):
+    y = _averaged_normalize(config, x, scale, bias, mask, mean, inv, r, d, count, past, probe)
+    # Only x and per-channel values are kept: x_hat is recomputed in the backward's loops.
+    return y, (x, scale, mask, mean, inv, r, d, count, past, probe)
 
 
-def _averaged_normalize_bwd(config, residuals, dz):
-    x, mask, mean, inv, r, count, past, probe = residuals
+def _averaged_normalize_bwd(config, residuals, dy):
+    x, scale, mask, mean, inv, r, d, count, past, probe = residuals
+    dy = dy.astype(mean.dtype)
     x_hat = (x.astype(mean.dtype) - mean) * inv
-    grad = r * dz  # dL/dx_hat
+    axes = config.reduction_axes
+    dscale = jnp.sum(dy * (r * x_hat + d), axis=axes, keepdims=True)
+    dbias = jnp.sum(dy, axis=axes, keepdims=True)
+    grad = (r * scale) * dy  # dL/dx_hat
     valid_grad = grad if mask is None else jnp.where(mask, grad, 0)
     grad_mean, grad_scaled = _backward_sums(config, valid_grad, x_hat, count)
     past_grad_mean, past_grad_scaled, stored = past
@@ -275,8 +161,8 @@ def _averaged_normalize_bwd(config, residuals, dz):
     dx = (inv * (grad - correction)).astype(x.dtype)
     probe_grad = jnp.stack([grad_mean, grad_scaled]).reshape(probe.shape).astype(probe.dtype)
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
-    return (dx, None, zeros(mean), zeros(inv), zeros(r), zeros(r), zeros(count), zeros(past),
-            probe_grad)  # fmt: skip
+    return (dx, dscale, dbias, None, zeros(mean), zeros(inv), zeros(r), zeros(d), zeros(count),
+            zeros(past), probe_grad)  # fmt: skip
 
 
 _averaged_normalize.defvjp(_averaged_normalize_fwd, _averaged_normalize_bwd)
@@ -376,7 +262,7 @@ def moving_average_batch_norm(
             f"for a single feature vector use x[None]."
         )
     layout = batch_layout(x, axis, None)
-    state = _check_state(state, layout.feature_shape, axis)
+    state = check_state(state, layout.feature_shape, axis)
     scale, bias = checks.as_param(scale, "scale"), checks.as_param(bias, "bias")
     checks.check_param_shape(scale, layout.feature_shape, "scale", "axis", input_dtype=x.dtype)
     checks.check_param_shape(bias, layout.feature_shape, "bias", "axis", input_dtype=x.dtype)
@@ -415,7 +301,7 @@ def moving_average_batch_norm(
         return as_param(value, layout, 0.0, dtype)
 
     def averaged(batch, history, stored):
-        past, filled = _past_sum(history.astype(dtype), stored)
+        past, filled = past_sum(history.astype(dtype), stored)
         return (batch + param(past)) / (1 + filled)
 
     mean_bar = averaged(batch_mean, state.mean_history, state.count)
@@ -429,16 +315,26 @@ def moving_average_batch_norm(
         shift = jnp.clip((mean_bar - param(state.mean)) * running_inv, -d_max, d_max)
         d = jnp.where(renorm, shift, 0)
     grad_past = (
-        *(param(_past_sum(getattr(state, name).astype(dtype), state.backward_count)[0])
+        *(param(past_sum(getattr(state, name).astype(dtype), state.backward_count)[0])
           for name in ("grad_mean_history", "grad_scaled_history")),
         jnp.minimum(state.backward_count, state.window - 1).astype(dtype),
     )  # fmt: skip
     if probe is None:
         probe = jnp.zeros(probe_shape, state.var.dtype)
-    z = _averaged_normalize(
-        config, grouped_x, mask_, mean_bar, inv, lax.stop_gradient(r), d, count, grad_past, probe
+    y = _averaged_normalize(
+        config,
+        grouped_x,
+        as_param(scale, layout, 1.0, dtype),
+        as_param(bias, layout, 0.0, dtype),
+        mask_,
+        mean_bar,
+        inv,
+        lax.stop_gradient(r),
+        lax.stop_gradient(d),
+        count,
+        grad_past,
+        probe,
     )
-    y = z * as_param(scale, layout, 1.0, dtype) + as_param(bias, layout, 0.0, dtype)
 
     feature_shape = layout.feature_shape
 
@@ -462,57 +358,13 @@ def moving_average_batch_norm(
         mean=jnp.where(folded, new_mean, state.mean).astype(state.mean.dtype),
         var=jnp.where(folded, new_var, state.var).astype(state.var.dtype),
         mean_history=jnp.where(
-            folded, _written(state.mean_history, state.count, slot_mean), state.mean_history
+            folded, written(state.mean_history, state.count, slot_mean), state.mean_history
         ),
         var_history=jnp.where(
-            folded, _written(state.var_history, state.count, slot_var), state.var_history
+            folded, written(state.var_history, state.count, slot_var), state.var_history
         ),
         count=state.count + folded.astype(jnp.int32),
         skipped=state.skipped + (~folded).astype(jnp.int32),
     )
     new_state = jax.tree.map(lax.stop_gradient, new_state)
-    return y.reshape(x.shape).astype(x.dtype), new_state
-
-
-def moving_average_batch_norm_backward_update(
-    state: MovingAverageBatchNormState, probe_grad: Array
-) -> MovingAverageBatchNormState:
-    """Folds one step's backward statistics (the gradient of `probe`) into the state.
-
-    `probe_grad` is (2, *feature_shape): (g_B, psi_B) of the step. Call it once per training
-    step, after the step's forward update. Non-finite statistics are left out (the state is
-    returned unchanged).
-
-    Example:
-      >>> state = moving_average_batch_norm_state(2, window=3)
-      >>> state = moving_average_batch_norm_backward_update(state, jnp.ones((2, 2)))
-      >>> state.grad_scaled_history.tolist(), int(state.backward_count)
-      ([[1.0, 1.0], [0.0, 0.0]], 1)
-    """
-    if not isinstance(state, MovingAverageBatchNormState):
-        raise TypeError(
-            f"`state` must be a MovingAverageBatchNormState, got {type(state).__name__}."
-        )
-    probe_grad = jnp.asarray(probe_grad)
-    expected = (2, *jnp.shape(state.var))
-    if tuple(probe_grad.shape) != expected:
-        raise ValueError(
-            f"`probe_grad` has shape {tuple(probe_grad.shape)}, expected {expected}: the "
-            f"gradient of the probe from bnjax.moving_average_batch_norm_probe(state)."
-        )
-    state = checks.as_counters(
-        state, ("count", "backward_count", "skipped"), "moving_average_batch_norm_state"
-    )
-    folded = all_finite(probe_grad)
-    stored = state.backward_count
-    return state._replace(
-        grad_mean_history=jnp.where(
-            folded, _written(state.grad_mean_history, stored, probe_grad[0]),
-            state.grad_mean_history,
-        ),
-        grad_scaled_history=jnp.where(
-            folded, _written(state.grad_scaled_history, stored, probe_grad[1]),
-            state.grad_scaled_history,
-        ),
-        backward_count=stored + folded.astype(jnp.int32),
-    )  # fmt: skip
+    return y.reshape(x.shape), new_state
