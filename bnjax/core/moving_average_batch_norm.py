@@ -106,19 +106,6 @@ class _Kernel(NamedTuple):
     axis_index_groups: tuple[tuple[int, ...], ...] | None
 
 
-def _backward_sums(config: _Kernel, valid_grad, x_hat, count):
-    """(g_B, psi_B): means of dL/dx_hat and dL/dx_hat * x_hat over the valid (global) values."""
-    axes = config.reduction_axes
-    sums = (
-        jnp.sum(valid_grad, axis=axes, keepdims=True),
-        jnp.sum(valid_grad * x_hat, axis=axes, keepdims=True),
-    )
-    if config.axis_name is not None:
-        sums = lax.psum(sums, config.axis_name, axis_index_groups=config.axis_index_groups)
-    safe = jnp.maximum(count, 1)
-    return sums[0] / safe, sums[1] / safe
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _averaged_normalize(config, x, scale, bias, mask, mean, inv, r, d, count, past, probe):
     """y = scale * (r * (x - mean) * inv + d) + bias in x's dtype, with MABN's gradient.
@@ -143,12 +130,30 @@ def _averaged_normalize_bwd(config, residuals, dy):
     x, scale, mask, mean, inv, r, d, count, past, probe = residuals
     dy = dy.astype(mean.dtype)
     x_hat = (x.astype(mean.dtype) - mean) * inv
+    # A second x_hat from barrier-separated statistics: one copy feeds the reductions, the
+    # other the elementwise dx, so XLA fuses each into its consumer instead of storing one
+    # full-size x_hat for both (as the batch-norm kernel does).
+    barrier_mean, barrier_inv = lax.optimization_barrier((mean, inv))
+    x_hat_for_sums = (x.astype(mean.dtype) - barrier_mean) * barrier_inv
     axes = config.reduction_axes
-    dscale = jnp.sum(dy * (r * x_hat + d), axis=axes, keepdims=True)
-    dbias = jnp.sum(dy, axis=axes, keepdims=True)
-    grad = (r * scale) * dy  # dL/dx_hat
-    valid_grad = grad if mask is None else jnp.where(mask, grad, 0)
-    grad_mean, grad_scaled = _backward_sums(config, valid_grad, x_hat, count)
+
+    def sums(values):  # (sum dy, sum dy * x_hat) over the reduction axes
+        return (
+            jnp.sum(values, axis=axes, keepdims=True),
+            jnp.sum(values * x_hat_for_sums, axis=axes, keepdims=True),
+        )
+
+    dy_sum, dy_x_hat_sum = sums(dy)
+    dscale = r * dy_x_hat_sum + d * dy_sum
+    # dL/dx_hat = r * scale * dy, so its statistics over the valid values are per-channel
+    # multiples of the same two sums.
+    valid = (dy_sum, dy_x_hat_sum) if mask is None else sums(jnp.where(mask, dy, 0))
+    gain = r * scale
+    backward = (gain * valid[0], gain * valid[1])
+    if config.axis_name is not None:
+        backward = lax.psum(backward, config.axis_name, axis_index_groups=config.axis_index_groups)
+    safe = jnp.maximum(count, 1)
+    grad_mean, grad_scaled = backward[0] / safe, backward[1] / safe
     past_grad_mean, past_grad_scaled, stored = past
     grad_scaled_bar = (grad_scaled + past_grad_scaled) / (1 + stored)
     correction = x_hat * grad_scaled_bar
@@ -158,10 +163,10 @@ def _averaged_normalize_bwd(config, residuals, dy):
         grad_mean = jnp.zeros_like(grad_mean)
     if mask is not None:  # masked values are not in the statistics: no statistics term
         correction = jnp.where(mask, correction, 0)
-    dx = (inv * (grad - correction)).astype(x.dtype)
+    dx = (inv * (gain * dy - correction)).astype(x.dtype)
     probe_grad = jnp.stack([grad_mean, grad_scaled]).reshape(probe.shape).astype(probe.dtype)
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
-    return (dx, dscale, dbias, None, zeros(mean), zeros(inv), zeros(r), zeros(d), zeros(count),
+    return (dx, dscale, dy_sum, None, zeros(mean), zeros(inv), zeros(r), zeros(d), zeros(count),
             zeros(past), probe_grad)  # fmt: skip
 
 
