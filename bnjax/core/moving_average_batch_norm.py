@@ -318,7 +318,7 @@ def moving_average_batch_norm(
     d = jnp.zeros_like(r)
     if centered:
         shift = jnp.clip((mean_bar - param(state.mean)) * running_inv, -d_max, d_max)
-        d = jnp.where(renorm, shift, 0)
+        d = jnp.where(renorm & estimated, shift, 0)  # an unestimated channel outputs its bias
     grad_past = (
         *(param(past_sum(getattr(state, name).astype(dtype), state.backward_count)[0])
           for name in ("grad_mean_history", "grad_scaled_history")),
