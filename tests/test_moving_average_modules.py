@@ -138,3 +138,32 @@ def test_nnx_module_equals_linen(centered):
     )
     layer.eval()
     chex.assert_trees_all_close(layer(X), linen_layer.apply(variables, X, use_running_average=True))
+
+
+def test_a_channel_without_valid_values_outputs_its_bias_with_a_finite_gradient():
+    state = bnjax.moving_average_batch_norm_state(2, window=2)
+    x = jnp.array([[1.0, 2.0], [3.0, -1.0]])
+    mask = jnp.array([[True, False], [True, False]])  # channel 1 has no valid value
+    bias = jnp.array([0.5, -0.5])
+
+    def f(x):
+        return bnjax.moving_average_batch_norm(x, state, None, bias, training=True, mask=mask)
+
+    y, vjp, new = jax.vjp(f, x, has_aux=True)
+    np.testing.assert_allclose(y[:, 1], [-0.5, -0.5])
+    assert float(new.var[1]) == 1.0  # kept
+    (dx,) = vjp(jnp.ones_like(y))
+    assert bool(jnp.all(jnp.isfinite(dx)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_parallel_modes_train(tmp_path, mode):
+    from bnjax.train import loop
+    from tests.train.helpers import tiny_config
+
+    config = tiny_config(
+        norm="moving_average", parallel=mode, num_devices=None, num_steps=4, eval_every=4,
+        log_every=2, checkpoint_every=4, warmup_steps=1, progress=False,
+    )  # fmt: skip
+    assert np.isfinite(loop.train_and_evaluate(config, str(tmp_path))["loss"])

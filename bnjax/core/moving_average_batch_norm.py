@@ -106,6 +106,23 @@ class _Kernel(NamedTuple):
     axis_index_groups: tuple[tuple[int, ...], ...] | None
 
 
+def _varying_axes(value) -> frozenset:
+    """The shard_map axes over which `value` may differ between devices (none elsewhere)."""
+    return frozenset(jax.typeof(value).mat.varying)
+
+
+def _varying_like(cotangent, primal):
+    """`cotangent` with the device-variance type of `primal`, as a custom VJP must return it
+    under `jax.shard_map`: summed over the axes where only the cotangent varies (the
+    transpose of broadcasting an invariant value), cast to varying over those where only the
+    primal does (the backward statistics are already the same on every device)."""
+    summed = tuple(_varying_axes(cotangent) - _varying_axes(primal))
+    if summed:
+        cotangent = lax.psum(cotangent, summed)
+    cast = tuple(_varying_axes(primal) - _varying_axes(cotangent))
+    return lax.pcast(cotangent, cast, to="varying") if cast else cotangent
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _averaged_normalize(config, x, scale, bias, mask, mean, inv, r, d, count, past, probe):
     """y = scale * (r * (x - mean) * inv + d) + bias in x's dtype, with MABN's gradient.
@@ -166,6 +183,12 @@ def _averaged_normalize_bwd(config, residuals, dy):
     dx = (inv * (gain * dy - correction)).astype(x.dtype)
     probe_grad = jnp.stack([grad_mean, grad_scaled]).reshape(probe.shape).astype(probe.dtype)
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    dx, dscale, dy_sum, probe_grad = (
+        _varying_like(cotangent, primal)
+        for cotangent, primal in zip(
+            (dx, dscale, dy_sum, probe_grad), (x, scale, scale, probe), strict=True
+        )
+    )
     return (dx, dscale, dy_sum, None, zeros(mean), zeros(inv), zeros(r), zeros(d), zeros(count),
             zeros(past), probe_grad)  # fmt: skip
 

@@ -270,7 +270,6 @@ def test_eight_devices_equal_one():
             mesh=mesh,
             in_specs=P("batch"),
             out_specs=(P("batch"), P("batch"), P(), P()),
-            check_vma=False,
         )
     )(*jax.device_put((x, cotangent, mask), NamedSharding(mesh, P("batch"))))
     chex.assert_trees_all_close(sharded, whole, atol=2e-5, rtol=2e-5)
