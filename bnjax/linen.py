@@ -675,7 +675,15 @@ def backward_probes(batch_stats) -> dict:
 def apply_backward_statistics(batch_stats, probe_grads) -> dict:
     """'batch_stats' with each moving-average layer's backward statistics (its probe's
     gradient, from `backward_probes`' tree) folded in
-    (`bnjax.moving_average_batch_norm_backward_update`); other layers unchanged."""
+    (`bnjax.moving_average_batch_norm_backward_update`); other layers unchanged.
+
+    Example:
+      >>> layer = MovingAverageBatchNorm(use_running_average=False, window=2)
+      >>> stats = layer.init(jax.random.key(0), jnp.ones((4, 3)))["batch_stats"]
+      >>> grads = jax.tree.map(jnp.ones_like, backward_probes(stats))
+      >>> apply_backward_statistics(stats, grads)["grad_scaled_history"].tolist()
+      [[1.0, 1.0, 1.0]]
+    """
 
     def walk(node, grads):
         if _is_moving_average_stats(node):

@@ -548,7 +548,13 @@ class InstanceNorm(_WithBias):
 
 class BackwardProbe(nnx.Variable):
     """A zero input whose gradient is a `MovingAverageBatchNorm`'s backward batch statistics
-    (g_B, psi_B), shape (2, *feature_shape)."""
+    (g_B, psi_B), shape (2, *feature_shape).
+
+    Example:
+      >>> layer = MovingAverageBatchNorm(4, rngs=nnx.Rngs(0))
+      >>> type(layer.probe).__name__, layer.probe[...].shape
+      ('BackwardProbe', (2, 4))
+    """
 
 
 @dataclasses.dataclass(eq=False, repr=False, kw_only=True)

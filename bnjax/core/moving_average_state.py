@@ -25,12 +25,9 @@ from bnjax.core.running_update import all_finite
 
 __all__ = [
     "MovingAverageBatchNormState",
-    "check_state",
     "moving_average_batch_norm_backward_update",
     "moving_average_batch_norm_probe",
     "moving_average_batch_norm_state",
-    "past_sum",
-    "written",
 ]
 
 Array = jax.Array
@@ -87,6 +84,11 @@ def moving_average_batch_norm_state(
       num_features: channels C, or the feature shape.
       window: m, the steps each simple moving average spans (>= 1; 1 uses the current batch).
       dtype: statistics dtype; float32 by default (float64 under x64).
+
+    Example:
+      >>> state = moving_average_batch_norm_state(8, window=4)
+      >>> state.grad_scaled_history.shape, state.window, int(state.backward_count)
+      ((3, 8), 4, 0)
     """
     if isinstance(num_features, (list, tuple)):
         shape = tuple(checks.as_int(n, "num_features") for n in num_features)
@@ -122,7 +124,12 @@ def moving_average_batch_norm_state(
 
 
 def moving_average_batch_norm_probe(state: MovingAverageBatchNormState) -> Array:
-    """The zero `probe` input for `state`: (2, *feature_shape), whose gradient is (g_B, psi_B)."""
+    """The zero `probe` input for `state`: (2, *feature_shape), whose gradient is (g_B, psi_B).
+
+    Example:
+      >>> moving_average_batch_norm_probe(moving_average_batch_norm_state(5)).shape
+      (2, 5)
+    """
     return jnp.zeros((2, *state.var.shape), state.var.dtype)
 
 
@@ -130,6 +137,8 @@ _HISTORIES = ("mean_history", "var_history", "grad_mean_history", "grad_scaled_h
 
 
 def check_state(state, feature_shape, axis) -> MovingAverageBatchNormState:
+    """Raises unless `state` is a MovingAverageBatchNormState for `feature_shape` (each
+    error names the field and the fix); returns it with Python-int counters as int32."""
     if not isinstance(state, MovingAverageBatchNormState):
         raise TypeError(
             "`state` must be a MovingAverageBatchNormState (from "
