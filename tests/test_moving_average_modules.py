@@ -167,3 +167,18 @@ def test_parallel_modes_train(tmp_path, mode):
         log_every=2, checkpoint_every=4, warmup_steps=1, progress=False,
     )  # fmt: skip
     assert np.isfinite(loop.train_and_evaluate(config, str(tmp_path))["loss"])
+
+
+def test_recalibrate_sets_the_population_second_moment():
+    """The reduced form evaluates with (mean 0, var = mean x^2): recalibration estimates that."""
+    model = _ConvNet()
+    variables = model.init(jax.random.key(2), X)
+    batches = [X[:4] + 1.0, X[4:] - 0.5]
+    recalibrated = bnjax.lifecycle.recalibrate(model, variables, batches, mode="full_batch")
+    stats = recalibrated["batch_stats"]["norm"]
+    conv = nn.Conv(5, (3, 3), use_bias=False)
+    z = jnp.concatenate(
+        [conv.apply({"params": variables["params"]["conv"]}, b) for b in batches]
+    ).reshape(-1, 5)
+    np.testing.assert_allclose(stats["mean"], jnp.zeros(5))
+    np.testing.assert_allclose(stats["var"], jnp.mean(z**2, axis=0), rtol=1e-5)
