@@ -82,8 +82,9 @@ import bnjax.linen
 MOMENTUM = 0.99
 BN_EPSILON = 1e-5
 GN_GROUPS = 32
+MABN_WINDOW = 16
 MIB = 2.0**20
-OPS = ("bn_train", "bn_train_grad", "bn_eval", "gn", "ln", "ws_conv")
+OPS = ("bn_train", "bn_train_grad", "bn_eval", "gn", "ln", "ws_conv", "mabn_train_grad")
 # A conv's compute dwarfs a norm's: ws_conv (minutes on 2 CPU cores) runs when asked for.
 DEFAULT_OPS = tuple(op for op in OPS if op != "ws_conv")
 OP_LABELS = {
@@ -93,6 +94,7 @@ OP_LABELS = {
     "gn": f"gn fwd ({GN_GROUPS} groups)",
     "ln": "ln fwd (last axis)",
     "ws_conv": "ws conv fwd+bwd (3x3)",
+    "mabn_train_grad": f"mabn train fwd+bwd, window {MABN_WINDOW} (vs plain jnp)",
 }
 DEFAULT_SHAPES = ("128x32x32x64", "32x56x56x128")
 
@@ -328,6 +330,8 @@ def build_cases(shape, dtype, ops, key) -> list[Case]:
         )
     if "ws_conv" in ops:
         cases.append(ws_conv_case(x, ct, fdt, k_m))
+    if "mabn_train_grad" in ops:
+        cases.append(moving_average_case(x, ct, scale, bias, key))
     return cases
 
 
@@ -361,6 +365,70 @@ def ws_conv_case(x, ct, fdt, key) -> Case:
             Impl("bnjax", grad(bnjax_loss), (x, kernel, ct)),
             Impl("plain", grad(plain_loss), (x, kernel, ct)),
         ],
+        pairs,
+    )
+
+
+def moving_average_case(x, ct, scale, bias, key) -> Case:
+    """Moving average batch norm (reduced form, full history, no renormalization yet), forward
+    and backward with the probe, against the same formula written out in plain jnp."""
+    channels = x.shape[-1]
+    fresh = bnjax.moving_average_batch_norm_state(channels, window=MABN_WINDOW)
+    k_var, k_psi = jax.random.split(key)
+    history = (MABN_WINDOW - 1, channels)
+    state = fresh._replace(
+        var_history=jax.random.uniform(k_var, history, jnp.float32, 3.0, 6.0),
+        grad_scaled_history=0.01 * jax.random.normal(k_psi, history, jnp.float32),
+        count=jnp.asarray(MABN_WINDOW, jnp.int32),
+        backward_count=jnp.asarray(MABN_WINDOW, jnp.int32),
+    )
+    probe = bnjax.moving_average_batch_norm_probe(state)
+
+    def bnjax_loss(x, scale, bias, probe, state, ct):
+        y, new_state = bnjax.moving_average_batch_norm(
+            x, state, scale, bias, probe, training=True, epsilon=BN_EPSILON
+        )
+        return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32)), new_state
+
+    bnjax_grad = jax.value_and_grad(bnjax_loss, argnums=(0, 1, 2, 3), has_aux=True)
+
+    def plain_grad(x, scale, bias, probe, state, ct):
+        del probe
+        axes = tuple(range(x.ndim - 1))
+        xf, ctf = x.astype(jnp.float32), ct.astype(jnp.float32)
+        chi = jnp.mean(xf * xf, axis=axes)
+        chi_bar = (chi + state.var_history.sum(0)) / MABN_WINDOW
+        inv = jax.lax.rsqrt(chi_bar + BN_EPSILON)
+        x_hat = xf * inv
+        loss = jnp.sum((x_hat * scale + bias) * ctf)
+        grad = ctf * scale
+        psi = jnp.mean(grad * x_hat, axis=axes)
+        psi_bar = (psi + state.grad_scaled_history.sum(0)) / MABN_WINDOW
+        dx = (inv * (grad - x_hat * psi_bar)).astype(x.dtype)
+        slot = state.count % (MABN_WINDOW - 1)
+        new_state = state._replace(
+            var=0.98 * state.var + 0.02 * chi_bar,
+            var_history=state.var_history.at[slot].set(chi),
+            count=state.count + 1,
+        )
+        grads = (dx, jnp.sum(ctf * x_hat, axis=axes), jnp.sum(ctf, axis=axes))
+        return (loss, new_state), (*grads, jnp.stack([jnp.zeros_like(psi), psi]))
+
+    def pairs(b, f):
+        (b_loss, b_state), b_grads = b
+        (f_loss, f_state), f_grads = f
+        names = ("dx", "dscale", "dbias", "probe grad (g, psi)")
+        return [
+            ("loss", b_loss, f_loss),
+            ("running var", b_state.var, f_state.var),
+            ("var history", b_state.var_history, f_state.var_history),
+            *((n, bg, fg) for n, bg, fg in zip(names, b_grads, f_grads, strict=True)),
+        ]
+
+    args = (x, scale, bias, probe, state, ct)
+    return Case(
+        "mabn_train_grad",
+        [Impl("bnjax", bnjax_grad, args), Impl("plain jnp", plain_grad, args)],
         pairs,
     )
 

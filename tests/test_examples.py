@@ -32,6 +32,8 @@ MODULES = [
     "bnjax.core.batch_norm",
     "bnjax.core.batch_renorm",
     "bnjax.core.group_norm",
+    "bnjax.core.moving_average_batch_norm",
+    "bnjax.core.moving_average_state",
     "bnjax.core.stats",
     "bnjax.core.weight_standardization",
     "bnjax.linen",

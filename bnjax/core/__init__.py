@@ -8,6 +8,13 @@ from bnjax.core.batch_renorm import (
     batch_renorm_state,
 )
 from bnjax.core.group_norm import group_norm, instance_norm, layer_norm, rms_norm
+from bnjax.core.moving_average_batch_norm import (
+    MovingAverageBatchNormState,
+    moving_average_batch_norm,
+    moving_average_batch_norm_backward_update,
+    moving_average_batch_norm_probe,
+    moving_average_batch_norm_state,
+)
 from bnjax.core.stats import Moments
 from bnjax.core.weight_standardization import centralize_weight, standardize_weight
 
@@ -15,6 +22,7 @@ __all__ = [
     "BatchNormState",
     "BatchRenormState",
     "Moments",
+    "MovingAverageBatchNormState",
     "RenormSchedule",
     "batch_norm",
     "batch_norm_state",
@@ -24,6 +32,10 @@ __all__ = [
     "group_norm",
     "instance_norm",
     "layer_norm",
+    "moving_average_batch_norm",
+    "moving_average_batch_norm_backward_update",
+    "moving_average_batch_norm_probe",
+    "moving_average_batch_norm_state",
     "rms_norm",
     "standardize_weight",
 ]

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 from flax import nnx, traverse_util
 
+from bnjax import linen as bnn
 from bnjax.core import stats
 from bnjax.lifecycle.layers import (
     RENORM_STATS,
@@ -65,13 +66,27 @@ def _stored(get) -> dict:
 # --------------------------------------------------------------------------- linen
 
 
+def _estimated_moments(module, moments: stats.Moments) -> stats.Moments:
+    """The moments a layer's ('mean', 'var') estimate: about the mean for batch norms; about
+    zero for a moving-average batch norm in its reduced form, whose 'mean' is 0 and whose
+    'var' is the second moment (so its population 'var' is mean(x^2))."""
+    if isinstance(module, bnn.MovingAverageBatchNorm) and not module.centered:
+        return stats.Moments(
+            moments.count,
+            jax.numpy.zeros_like(moments.mean),
+            moments.m2 + moments.count * stats.abs_square(moments.mean),
+        )
+    return moments
+
+
 def _linen_interceptor(training: bool, unbiased: dict):
     def interceptor(next_fun, args, kwargs, context):
         if not is_linen_batch_norm_call(context):
             return next_fun(*args, **kwargs)
         module = context.module
         unbiased[tuple(module.path)] = unbiased_of(module)
-        module.sow(SOW_NAME, "moments", feature_moments(args[0], module.axis, kwargs.get("mask")))
+        moments = feature_moments(args[0], module.axis, kwargs.get("mask"))
+        module.sow(SOW_NAME, "moments", _estimated_moments(module, moments))
         return call_in_mode(next_fun, module, args, kwargs, use_running_average=not training)
 
     return interceptor

@@ -89,7 +89,7 @@ COUNTER_NAMES = ("count", "skipped")
 RENORM_STATS = ("renorm_mean", "renorm_var")
 """BatchRenorm's second pair of statistics (beside 'mean' and 'var')."""
 
-LINEN_BATCH_NORMS = (bnn.BatchNorm, bnn.BatchRenorm, nn.BatchNorm)
+LINEN_BATCH_NORMS = (bnn.BatchNorm, bnn.BatchRenorm, nn.BatchNorm, bnn.MovingAverageBatchNorm)
 NNX_BATCH_NORMS = (bnnx.BatchNorm, bnnx.BatchRenorm, nnx.BatchNorm)
 STATE_TYPES = (BatchNormState, BatchRenormState)
 

@@ -16,6 +16,8 @@ field: bnjax's BatchNorm and BatchRenorm, ``flax.linen.BatchNorm``) also receive
     'layer'         bnjax.linen.LayerNorm      per example, over every non-batch axis
     'instance'      bnjax.linen.InstanceNorm   per example and channel, over space
     'none'          None: no norm              (layers before it then carry a bias)
+    'moving_average' bnjax.linen.MovingAverageBatchNorm  batch statistics of both passes
+                    averaged over steps (MABN); pair with conv='centered'
 
 A model given a name builds the partial itself, with its `norm_groups` and `norm_options`. In
 training mode batch-statistics norms update 'batch_stats', so apply with
@@ -63,6 +65,10 @@ def _instance(spatial, groups, **options):
     return functools.partial(bnn.InstanceNorm, **options)
 
 
+def _moving_average(spatial, groups, **options):
+    return functools.partial(bnn.MovingAverageBatchNorm, **options)
+
+
 def _none(spatial, groups, **options):
     return None
 
@@ -76,8 +82,9 @@ NORMS: dict[str, Callable[..., NormFactory | None]] = {
     "layer": _layer,
     "instance": _instance,
     "none": _none,
+    "moving_average": _moving_average,
 }
-BATCH_STATISTICS_NORMS = ("batch", "batch_renorm")
+BATCH_STATISTICS_NORMS = ("batch", "batch_renorm", "moving_average")
 
 
 def check_norm(norm: str) -> None:

@@ -26,6 +26,7 @@ from flax import traverse_util
 from jax import lax
 
 from bnjax import RenormSchedule, diagnostics, models, parallel
+from bnjax import linen as bnn
 
 STATE_COLLECTIONS = ("batch_stats",)
 
@@ -227,11 +228,14 @@ def make_train_step(
     """
     mutable = list(STATE_COLLECTIONS)
 
-    def loss_fn(params, state, batch, axis_name):
+    def loss_fn(params, state, batch, axis_name, probes=None):
         record = telemetry and axis_name is None
         names = mutable + (["bn_telemetry"] if record else [])
+        variables = _variables(state, params)
+        if probes:
+            variables[bnn.PROBE_COLLECTION] = probes
         apply = lambda: model.apply(  # noqa: E731
-            _variables(state, params),
+            variables,
             batch["image"],
             train=True,
             mutable=names,
@@ -245,8 +249,25 @@ def make_train_step(
         return loss, (logits, updates)
 
     def train_step(state, batch, axis_name):
-        grad_fn = parallel.data_parallel_value_and_grad(loss_fn, axis_name, has_aux=True)
-        (loss, (logits, updates)), grads = grad_fn(state["params"], state, batch, axis_name)
+        # Moving-average batch norms pass their backward statistics out through the gradient
+        # of zero probes; other models have none and take the plain path.
+        probes = bnn.backward_probes(state.get("batch_stats", {}))
+        if probes:
+            grad_fn = parallel.data_parallel_value_and_grad(
+                lambda both, *args: loss_fn(both[0], *args, probes=both[1]),
+                axis_name,
+                has_aux=True,
+            )
+            (loss, (logits, updates)), (grads, probe_grads) = grad_fn(
+                (state["params"], probes), state, batch, axis_name
+            )
+            updates = dict(updates)
+            updates["batch_stats"] = bnn.apply_backward_statistics(
+                updates["batch_stats"], probe_grads
+            )
+        else:
+            grad_fn = parallel.data_parallel_value_and_grad(loss_fn, axis_name, has_aux=True)
+            (loss, (logits, updates)), grads = grad_fn(state["params"], state, batch, axis_name)
         changes, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new_state = dict(state)
         new_state.update(
