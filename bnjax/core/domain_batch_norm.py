@@ -1,0 +1,386 @@
+"""Domain-specific batch normalization: one set of running statistics per domain.
+
+Every example n carries an integer domain index d_n in [0, D) (clean or adversarial, source or
+target, client or silo). In training, domain d is normalized with the statistics of its own
+valid examples only, per channel c, over the batch and the spatial axes:
+
+    B_d = {n : d_n = d and mask_n}                      (the examples of domain d)
+    mu_dc = sum_{n in B_d, s} x_nsc / n_dc              (n_dc: number of values of B_d in c)
+    var_dc = sum_{n in B_d, s} (x_nsc - mu_dc)^2 / n_dc (biased, as batch norm)
+    y_nsc = scale_(d_n)c * (x_nsc - mu_(d_n)c) / sqrt(var_(d_n)c + epsilon) + bias_(d_n)c
+
+Evaluation uses the running statistics of each example's domain instead. Each domain keeps
+its own running average (momentum = decay, flax's convention; None: cumulative average over
+the batches in which that domain appeared):
+
+    running_d = momentum * running_d + (1 - momentum) * batch_d       (domains in the batch)
+    running_d unchanged                                               (domains not in it)
+
+`scale` and `bias` are shared, shape (C,) (SiloBN's and AdvProp-as-a-mixture's choice), or per
+domain, shape (D, C) (DSBN's gamma_d, beta_d; FedBN keeps them local, AdvProp's auxiliary BN
+has its own).
+
+How it is computed: the batch is seen as D copies, x of shape (N, ..., C) as (N, D, ..., C),
+where copy d keeps only domain d's examples in its mask. Batch norm over the feature axes
+(D, C) of that view is exactly the per-domain formula above, so the same kernel computes it:
+masked two-pass moments, the exact (count, mean, M2) merge across devices (a device without
+examples of domain d contributes count 0, nothing else), the hand-written derivative and the
+per-feature update guard. Each example then takes its own domain's output. The cost is D
+elementwise passes instead of one; the statistics are D times larger.
+
+References:
+  Chang, You, Seo, Kwak & Han (2019), Domain-Specific Batch Normalization for Unsupervised
+  Domain Adaptation, CVPR, arXiv:1906.03950 (Section 3.2, Eq. (2): per-domain statistics and
+  per-domain gamma_d, beta_d).
+  Xie, Tan, Gong, Wang, Yuille & Le (2020), Adversarial Examples Improve Image Recognition,
+  CVPR, arXiv:1911.09665 (AdvProp, Section 3 and Algorithm 1: a main BN for clean and an
+  auxiliary BN for adversarial examples; only the main BN at test time).
+  Li, Jiang, Zhang, Kamp & Dou (2021), FedBN: Federated Learning on Non-IID Features via
+  Local Batch Normalization, ICLR, arXiv:2102.07623 (Algorithm 1: BN layers never averaged).
+  Andreux, du Terrail, Beguier & Tramel (2020), Siloed Federated Learning for Multi-Centric
+  Histopathology Datasets, DART workshop, arXiv:2008.07424 (SiloBN: statistics local to each
+  silo, affine parameters shared).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bnjax.core import checks, stats
+from bnjax.core.batch_layout import as_param, batch_layout, grouped_mask
+from bnjax.core.batch_norm import batch_norm_state, plan_training
+from bnjax.core.batch_normalize import normalize
+from bnjax.core.running_update import batch_statistics_for_update, updated_statistics
+from bnjax.core.state_guard import check_known_statistics, guard_statistics
+
+__all__ = [
+    "DomainBatchNormState",
+    "domain_batch_norm",
+    "domain_batch_norm_state",
+]
+
+Array = jax.Array
+_FUNCTION = "domain_batch_norm"
+_FACTORY = "domain_batch_norm_state"
+
+
+class DomainBatchNormState(NamedTuple):
+    """Running statistics of a domain-specific batch norm, stacked over domains (a pytree).
+
+    Attributes:
+      mean: (D, *features) running means, row d for domain d; float32 (float64 under x64).
+      var: (D, *features) running variances (biased unless the layer stores unbiased ones).
+      count: (D,) int32, batches folded into each domain's statistics.
+      skipped: (D,) int32, training batches whose statistics for that domain were not finite
+        and were left out. A batch without (two valid values of) a domain moves neither.
+
+    Example:
+      >>> x = jnp.array([[1.0], [3.0], [10.0], [20.0]])
+      >>> domain = jnp.array([0, 0, 1, 1])
+      >>> _, state = domain_batch_norm(x, domain_batch_norm_state(2, 1), domain=domain,
+      ...                              training=True, momentum=0.0)
+      >>> state.mean.tolist(), state.var.tolist(), state.count.tolist()
+      ([[2.0], [15.0]], [[1.0], [25.0]], [1, 1])
+    """
+
+    mean: Array
+    var: Array
+    count: Array
+    skipped: Array
+
+
+def domain_batch_norm_state(
+    num_domains: int, num_features: int | Sequence[int], dtype=None
+) -> DomainBatchNormState:
+    """A fresh state: mean 0, variance 1 in every domain, nothing counted.
+
+    Args:
+      num_domains: D, the number of domains (>= 1).
+      num_features: channels C, or the feature shape for several feature axes.
+      dtype: statistics dtype; default float32 (float64 when x64 is enabled).
+
+    Example:
+      >>> state = domain_batch_norm_state(2, 64)
+      >>> state.mean.shape, state.count.shape
+      ((2, 64), (2,))
+    """
+    num_domains = checks.as_int(num_domains, "num_domains")
+    if num_domains < 1:
+        raise ValueError(f"`num_domains` must be a positive int, got {num_domains!r}.")
+    single = batch_norm_state(num_features, dtype)  # checks num_features and dtype
+    stacked = lambda a: jnp.broadcast_to(a, (num_domains, *a.shape))  # noqa: E731
+    counter = jnp.zeros((num_domains,), jnp.int32)
+    return DomainBatchNormState(stacked(single.mean), stacked(single.var), counter, counter)
+
+
+def _check_state(state, feature_shape, axis) -> DomainBatchNormState:
+    if not isinstance(state, DomainBatchNormState):
+        raise TypeError(
+            f"`state` must be a DomainBatchNormState (from bnjax.domain_batch_norm_state), "
+            f"got {type(state).__name__}."
+        )
+    mean_shape = tuple(np.shape(state.mean))
+    if len(mean_shape) != len(feature_shape) + 1 or mean_shape[0] < 1:
+        raise ValueError(
+            f"`state.mean` has shape {mean_shape}, but a domain batch norm of {feature_shape} "
+            f"features keeps (num_domains, *{feature_shape}); create it with "
+            f"bnjax.domain_batch_norm_state(num_domains, {feature_shape})."
+        )
+    num_domains = mean_shape[0]
+    checks.check_statistics(
+        state, ("mean", "var"), (num_domains, *feature_shape), axis, _FACTORY
+    )
+    converted = {}
+    for field in ("count", "skipped"):
+        value = getattr(state, field)
+        if not (hasattr(value, "dtype") and jnp.issubdtype(value.dtype, jnp.integer)):
+            raise TypeError(
+                f"`state.{field}` must be an int32 array of shape ({num_domains},), got "
+                f"{value!r}; create the state with bnjax.{_FACTORY}."
+            )
+        if tuple(np.shape(value)) != (num_domains,):
+            raise ValueError(
+                f"`state.{field}` must have shape ({num_domains},), one counter per domain, "
+                f"got {tuple(np.shape(value))}; create the state with bnjax.{_FACTORY}."
+            )
+        converted[field] = jnp.asarray(value, jnp.int32)
+    return state._replace(**converted)
+
+
+def check_domain(domain, batch: int, num_domains: int) -> Array:
+    """`domain` as an int32 (N,) array: an integer array of shape (N,), or a scalar (every
+    example in that domain). Raises naming `domain` for a wrong dtype or shape, and, when its
+    values are known, for an index outside [0, num_domains)."""
+    if domain is None:
+        raise TypeError(
+            "`domain` is required: an int array of shape (N,) with each example's domain index "
+            "in [0, num_domains), or one int for the whole batch."
+        )
+    domain = jnp.asarray(domain) if not isinstance(domain, jax.core.Tracer) else domain
+    if not jnp.issubdtype(domain.dtype, jnp.integer) or domain.dtype == jnp.bool_:
+        raise TypeError(
+            f"`domain` must hold integer domain indices, got dtype {domain.dtype}; pass e.g. "
+            f"`domain.astype(jnp.int32)` (a boolean is_adversarial flag becomes domain 1)."
+        )
+    if domain.ndim == 0:
+        domain = jnp.broadcast_to(domain, (batch,))
+    if tuple(domain.shape) != (batch,):
+        raise ValueError(
+            f"`domain` must have shape ({batch},), one index per example of x's axis 0, or be a "
+            f"scalar; got shape {tuple(domain.shape)}."
+        )
+    known = checks.known_values(domain)
+    if known is not None and known[0].size:
+        low, high = int(known[0].min()), int(known[0].max())
+        if low < 0 or high >= num_domains:
+            raise ValueError(
+                f"`domain` holds indices in [{low}, {high}], outside [0, {num_domains}) for a "
+                f"state of {num_domains} domains: create the state with "
+                f"bnjax.domain_batch_norm_state({max(high + 1, num_domains)}, ...) or fix the "
+                f"indices."
+            )
+    return domain.astype(jnp.int32)
+
+
+def _check_param(param, name, feature_shape, num_domains, x_dtype):
+    """A shared (features) or per-domain (D, *features) scale or bias; returns it broadcast
+    to (D, *features), or None."""
+    param = checks.as_param(param, name)
+    if param is None:
+        return None
+    per_domain = (num_domains, *feature_shape)
+    expected = per_domain if tuple(param.shape) == per_domain else feature_shape
+    if tuple(param.shape) not in (per_domain, tuple(feature_shape)):
+        raise ValueError(
+            f"`{name}` has shape {tuple(param.shape)}; a domain batch norm takes a shared "
+            f"{name} of shape {tuple(feature_shape)} or one per domain of shape {per_domain}."
+        )
+    checks.check_param_shape(param, expected, name, "axis", input_dtype=x_dtype)
+    return jnp.broadcast_to(param, per_domain)
+
+
+def _per_example(table: Array, domain: Array, view: list[int]) -> Array:
+    """Row `domain[n]` of a (D, *features) table for every example, shaped to broadcast
+    against x (`view`); NaN for an index outside the table (a traced bad index shows)."""
+    rows = table.at[domain].get(mode="fill", fill_value=jnp.nan)
+    return rows.reshape(view)
+
+
+def _evaluate(x, state, scale, bias, domain, feature_axes, epsilon) -> Array:
+    check_known_statistics(state, ("var",), _FUNCTION, finite=False)
+    dtype = stats.stats_dtype(x.dtype)
+    view = [x.shape[a] if a == 0 or a in feature_axes else 1 for a in range(x.ndim)]
+    inv = lax.rsqrt(state.var.astype(stats.real_dtype(dtype)) + epsilon)
+    if scale is not None:
+        inv = inv * scale.astype(dtype)
+    mean = state.mean.astype(dtype)
+    y = (x.astype(dtype) - _per_example(mean, domain, view)) * _per_example(inv, domain, view)
+    if bias is not None:
+        y = y + _per_example(bias.astype(dtype), domain, view)
+    return y.astype(x.dtype)
+
+
+def _domain_update(state, batch, momentum, guard) -> DomainBatchNormState:
+    """Folds each domain's batch statistics into its row, per domain: a domain the batch
+    did not estimate (fewer than two valid values in every feature) keeps its row and its
+    counters; one whose new statistics are not finite keeps its row and counts a skip."""
+    feature_axes = tuple(range(1, state.mean.ndim))
+    count = state.count.reshape((-1,) + (1,) * len(feature_axes))
+    new_mean, new_var = updated_statistics(state.mean, state.var, batch, count, momentum)
+    finite = jnp.all(jnp.isfinite(new_mean) & jnp.isfinite(new_var), axis=feature_axes)
+    present = jnp.any(batch.estimated, axis=feature_axes)
+    folded = finite & present & guard.finite
+    keep = folded.reshape(count.shape)
+    skip = present & ~finite & guard.finite
+    return state._replace(
+        mean=jnp.where(keep, new_mean, state.mean),
+        var=jnp.where(keep, new_var, state.var),
+        count=state.count + folded.astype(jnp.int32),
+        skipped=state.skipped + skip.astype(jnp.int32) + guard.alert,
+    )
+
+
+def domain_batch_norm(
+    x: Array,
+    state: DomainBatchNormState,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    domain,
+    training: bool,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    axis: int | Sequence[int] = -1,
+    axis_name=None,
+    axis_index_groups=None,
+    ghost_batch_size: int | None = None,
+    mask: Array | None = None,
+    use_unbiased_running_var: bool = False,
+) -> tuple[Array, DomainBatchNormState]:
+    """Batch normalization with the statistics (and optionally the affine) of each example's
+    domain: ``y_n = scale_d * (x_n - mu_d) / sqrt(var_d + epsilon) + bias_d``, d = domain[n].
+
+    Args:
+      x: input (N, ..., C) (any feature `axis` but 0, which indexes the examples). Statistics
+        in float32 (float64 for float64 x); `y` has x's dtype.
+      state: DomainBatchNormState with (D, *features) statistics (`domain_batch_norm_state`).
+      scale: None (1), a shared (C,) scale, or one per domain, (D, C).
+      bias: None (0), a shared (C,) bias, or one per domain, (D, C).
+      domain: int array (N,) of domain indices in [0, D), or one int for the whole batch.
+        Known indices are checked; a traced index outside [0, D) enters no statistics and
+        gets a NaN output.
+      training: True normalizes each domain with its batch statistics and updates its running
+        statistics; False uses each example's domain's running statistics, state unchanged.
+      momentum: decay of the running averages (None: cumulative average per domain).
+      epsilon: added to the variance before the square root.
+      axis: feature axis or axes.
+      axis_name: inside pmap/shard_map, the axis whose devices share each domain's statistics
+        (exact merge with counts: a device without examples of a domain adds nothing to it).
+        None keeps statistics per device. For federated local statistics (FedBN, SiloBN) give
+        each client its own domain index: syncing then changes no number.
+      axis_index_groups: sub-groups of devices that share statistics (pmap only).
+      ghost_batch_size: statistics per consecutive group of this many examples and domain, as
+        in `batch_norm`; local under `axis_name` (only the running update is averaged).
+      mask: booleans broadcastable to x, as `batch_norm`: False values are left out of their
+        domain's statistics but still normalized by them.
+      use_unbiased_running_var: store ``var * n / (n - 1)`` per domain, like PyTorch.
+
+    Returns:
+      (y, new_state). Per domain, in training: a domain with fewer than two valid values in
+      every feature keeps its statistics and counters (features with fewer than two keep
+      theirs); one whose statistics are not finite keeps them and counts in `skipped[d]`; the
+      others are folded in and counted in `count[d]`. Non-finite incoming statistics are
+      handled as in `batch_norm` (error when known, unchanged state when traced).
+
+    Example:
+      >>> x = jnp.array([[0.0], [2.0], [10.0], [30.0]])
+      >>> y, _ = domain_batch_norm(x, domain_batch_norm_state(2, 1), domain=jnp.array(
+      ...     [0, 0, 1, 1]), training=True, epsilon=0.0)
+      >>> y[:, 0].tolist()                            # each pair normalized on its own
+      [-1.0, 1.0, -1.0, 1.0]
+    """
+    given_state = state
+    x = jnp.asarray(x)
+    checks.check_floating(x, "x")
+    training = checks.check_training(training)
+    checks.check_epsilon(epsilon)
+    checks.check_momentum(momentum)
+    checks.check_axis_name(axis_name, axis_index_groups)
+    if x.ndim < 2:
+        raise ValueError(
+            f"`x` must have a batch axis and a feature axis, got shape {tuple(x.shape)}; "
+            f"for a single feature vector use x[None]."
+        )
+    feature_axes = checks.normalize_axes(axis, x.ndim, "axis")
+    if 0 in feature_axes:
+        raise ValueError(
+            f"`axis`={axis!r} includes axis 0, which holds the examples that `domain` indexes; "
+            f"pick feature axes among 1..{x.ndim - 1}."
+        )
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    state = _check_state(state, feature_shape, axis)
+    num_domains = state.mean.shape[0]
+    domain = check_domain(domain, x.shape[0], num_domains)
+    scale = _check_param(scale, "scale", feature_shape, num_domains, x.dtype)
+    bias = _check_param(bias, "bias", feature_shape, num_domains, x.dtype)
+    use_unbiased_running_var = checks.check_option_flag(
+        use_unbiased_running_var, "use_unbiased_running_var"
+    )
+    if not training:
+        return _evaluate(x, state, scale, bias, domain, feature_axes, epsilon), given_state
+
+    # The (N, D, ...) view: copy d of every example, valid only for domain d's examples.
+    # Other domains' copies are zeros (not x), so a NaN of one domain reaches no other
+    # domain's statistics or gradients.
+    spread = (x.shape[0], 1, *x.shape[1:])
+    routed = jnp.arange(num_domains) == domain[:, None]  # (N, D)
+    routed = routed.reshape(routed.shape + (1,) * (x.ndim - 1))
+    if num_domains == 1 and mask is None:
+        # One domain is plain batch norm: the same reductions, bit for bit.
+        expanded, valid = x.reshape(spread), None
+    else:
+        expanded = jnp.where(routed, x.reshape(spread), jnp.zeros((), x.dtype))
+        valid = routed if mask is None else routed & checks.broadcast_mask(mask, x).reshape(spread)
+    expanded_axis = (1, *(a + 1 for a in feature_axes))
+    layout = batch_layout(expanded, expanded_axis, ghost_batch_size)
+    guard = guard_statistics(state, ("mean", "var"), _FUNCTION)
+    dtype = stats.stats_dtype(x.dtype)
+    plan = plan_training(
+        x,
+        layout,
+        function=_FUNCTION,
+        axis=axis,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        ghost_batch_size=ghost_batch_size,
+    )
+    grouped_y, mean, var, count = normalize(
+        expanded.reshape(layout.grouped_shape),
+        as_param(scale, layout, 1.0, dtype),
+        as_param(bias, layout, 0.0, dtype),
+        grouped_mask(valid, expanded, layout),
+        plan.kernel,
+        plan.epsilon,
+    )
+    update = batch_statistics_for_update(
+        lax.stop_gradient(mean),
+        lax.stop_gradient(var),
+        count,
+        layout,
+        plan,
+        use_unbiased_running_var=use_unbiased_running_var,
+    )
+    new_state = _domain_update(state, update, momentum, guard)
+    y = grouped_y.reshape(expanded.shape)
+    # Each example takes its own domain's copy: a sum of one value and zeros, exact.
+    y = jnp.sum(jnp.where(routed, y, jnp.zeros((), y.dtype)), axis=1)
+    in_range = (domain >= 0) & (domain < num_domains)
+    y = jnp.where(in_range.reshape(spread[:1] + (1,) * (x.ndim - 1)), y, jnp.nan)
+    return y.astype(x.dtype), new_state
