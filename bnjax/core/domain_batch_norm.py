@@ -133,9 +133,7 @@ def _check_state(state, feature_shape, axis) -> DomainBatchNormState:
             f"bnjax.domain_batch_norm_state(num_domains, {feature_shape})."
         )
     num_domains = mean_shape[0]
-    checks.check_statistics(
-        state, ("mean", "var"), (num_domains, *feature_shape), axis, _FACTORY
-    )
+    checks.check_statistics(state, ("mean", "var"), (num_domains, *feature_shape), axis, _FACTORY)
     converted = {}
     for field in ("count", "skipped"):
         value = getattr(state, field)
