@@ -56,7 +56,11 @@ from bnjax.core import (
     rms_norm,
 )
 from bnjax.core.checks import as_int, normalize_axes
-from bnjax.core.domain_batch_norm import DomainBatchNormState, domain_batch_norm
+from bnjax.core.domain_batch_norm import (
+    DomainBatchNormState,
+    domain_batch_norm,
+    domain_moments,
+)
 from bnjax.module_common import check_instance_feature_axes, check_use_running_average, promote
 
 __all__ = [
@@ -570,6 +574,19 @@ class DomainBatchNorm(_RunningStats):
                 )
             return jnp.full((x.shape[0],), self.default_domain, jnp.int32)
         return domain
+
+    def input_moments(self, x, use_running_average=None, *, domain=None, mask=None):
+        """Per-domain moments (D, *features) of a call's input, as `__call__` would route it
+        (what `bnjax.lifecycle.recalibrate` accumulates)."""
+        del use_running_average  # the same routing in both modes
+        x = jnp.asarray(x)
+        return domain_moments(
+            x,
+            self._domain(x, domain),
+            as_int(self.num_domains, "num_domains"),
+            axis=self.axis,
+            mask=mask,
+        )
 
     @nn.compact
     def __call__(self, x, use_running_average: bool | None = None, *, domain=None, mask=None):

@@ -63,6 +63,7 @@ __all__ = [
     "DomainBatchNormState",
     "domain_batch_norm",
     "domain_batch_norm_state",
+    "domain_moments",
 ]
 
 Array = jax.Array
@@ -210,6 +211,55 @@ def _per_example(table: Array, domain: Array, view: list[int]) -> Array:
     return rows.reshape(view)
 
 
+class _RoutedView(NamedTuple):
+    routed: Array  # (N, D, 1, ..., 1) bool: example n belongs to domain d
+    expanded: Array  # (N, D, ...): copy d of every example, zeros outside domain d
+    valid: Array | None  # (N, D, ...) bool: enters domain d's statistics (None: all)
+
+
+def _routed_view(x, domain, num_domains: int, mask) -> _RoutedView:
+    """The (N, D, ...) view in which batch norm over features (D, C) is per-domain batch norm.
+
+    Other domains' copies are zeros (not x), so a NaN of one domain reaches no other domain's
+    statistics or gradients; the mask keeps them out of the statistics.
+    """
+    spread = (x.shape[0], 1, *x.shape[1:])
+    routed = jnp.arange(num_domains) == domain[:, None]  # (N, D)
+    routed = routed.reshape(routed.shape + (1,) * (x.ndim - 1))
+    if num_domains == 1 and mask is None:
+        # One domain is plain batch norm: the same reductions, bit for bit.
+        return _RoutedView(routed, x.reshape(spread), None)
+    expanded = jnp.where(routed, x.reshape(spread), jnp.zeros((), x.dtype))
+    valid = routed if mask is None else routed & checks.broadcast_mask(mask, x).reshape(spread)
+    return _RoutedView(routed, expanded, valid)
+
+
+def domain_moments(x, domain, num_domains: int, *, axis=-1, mask=None) -> stats.Moments:
+    """Per-domain moments of x: `Moments` whose fields have shape (D, *features), row d
+    summarising the valid values of domain d's examples (count 0 for an absent domain).
+
+    What precise recalibration of a domain batch norm accumulates (`bnjax.lifecycle`).
+
+    Example:
+      >>> x = jnp.array([[1.0], [3.0], [10.0]])
+      >>> m = domain_moments(x, jnp.array([0, 0, 1]), 3)
+      >>> m.count[:, 0].tolist(), m.mean[:, 0].tolist(), m.m2[:, 0].tolist()
+      ([2.0, 1.0, 0.0], [2.0, 10.0, 0.0], [2.0, 0.0, 0.0])
+    """
+    x = jnp.asarray(x)
+    feature_axes = checks.normalize_axes(axis, x.ndim, "axis")
+    if 0 in feature_axes:
+        raise ValueError(f"`axis`={axis!r} includes axis 0, which holds the examples.")
+    num_domains = checks.as_int(num_domains, "num_domains")
+    domain = check_domain(domain, x.shape[0], num_domains)
+    view = _routed_view(x, domain, num_domains, mask)
+    expanded_features = (1, *(a + 1 for a in feature_axes))
+    reduction = tuple(a for a in range(x.ndim + 1) if a not in expanded_features)
+    moments = stats.moments(view.expanded, reduction, view.valid)
+    shape = (num_domains, *(x.shape[a] for a in feature_axes))
+    return stats.Moments(*(field.reshape(shape) for field in moments))
+
+
 def _evaluate(x, state, scale, bias, domain, feature_axes, epsilon) -> Array:
     check_known_statistics(state, ("var",), _FUNCTION, finite=False)
     dtype = stats.stats_dtype(x.dtype)
@@ -333,18 +383,7 @@ def domain_batch_norm(
     if not training:
         return _evaluate(x, state, scale, bias, domain, feature_axes, epsilon), given_state
 
-    # The (N, D, ...) view: copy d of every example, valid only for domain d's examples.
-    # Other domains' copies are zeros (not x), so a NaN of one domain reaches no other
-    # domain's statistics or gradients.
-    spread = (x.shape[0], 1, *x.shape[1:])
-    routed = jnp.arange(num_domains) == domain[:, None]  # (N, D)
-    routed = routed.reshape(routed.shape + (1,) * (x.ndim - 1))
-    if num_domains == 1 and mask is None:
-        # One domain is plain batch norm: the same reductions, bit for bit.
-        expanded, valid = x.reshape(spread), None
-    else:
-        expanded = jnp.where(routed, x.reshape(spread), jnp.zeros((), x.dtype))
-        valid = routed if mask is None else routed & checks.broadcast_mask(mask, x).reshape(spread)
+    routed, expanded, valid = _routed_view(x, domain, num_domains, mask)
     expanded_axis = (1, *(a + 1 for a in feature_axes))
     layout = batch_layout(expanded, expanded_axis, ghost_batch_size)
     guard = guard_statistics(state, ("mean", "var"), _FUNCTION)
@@ -380,5 +419,5 @@ def domain_batch_norm(
     # Each example takes its own domain's copy: a sum of one value and zeros, exact.
     y = jnp.sum(jnp.where(routed, y, jnp.zeros((), y.dtype)), axis=1)
     in_range = (domain >= 0) & (domain < num_domains)
-    y = jnp.where(in_range.reshape(spread[:1] + (1,) * (x.ndim - 1)), y, jnp.nan)
+    y = jnp.where(in_range.reshape((-1,) + (1,) * (x.ndim - 1)), y, jnp.nan)
     return y.astype(x.dtype), new_state

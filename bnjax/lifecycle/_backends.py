@@ -20,10 +20,11 @@ from bnjax.lifecycle.layers import (
     STATS,
     Path,
     call_in_mode,
+    call_moments,
     call_parent,
     feature_moments,
     get_path,
-    is_linen_batch_norm_call,
+    is_linen_recalibrated_call,
     is_state,
     merge_calls,
     nnx_batch_norms,
@@ -67,11 +68,11 @@ def _stored(get) -> dict:
 
 def _linen_interceptor(training: bool, unbiased: dict):
     def interceptor(next_fun, args, kwargs, context):
-        if not is_linen_batch_norm_call(context):
+        if not is_linen_recalibrated_call(context):
             return next_fun(*args, **kwargs)
         module = context.module
         unbiased[tuple(module.path)] = unbiased_of(module)
-        module.sow(SOW_NAME, "moments", feature_moments(args[0], module.axis, kwargs.get("mask")))
+        module.sow(SOW_NAME, "moments", call_moments(module, args, kwargs))
         return call_in_mode(next_fun, module, args, kwargs, use_running_average=not training)
 
     return interceptor
