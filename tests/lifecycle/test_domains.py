@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from bnjax import lifecycle, models
+from bnjax import nnx as bnnx
 
 X = jax.random.normal(jax.random.key(0), (32, 3)) * 2.0 + 1.0
 DOMAIN = jnp.array([0, 2] * 16)  # domain 1 never appears
@@ -42,6 +44,25 @@ def test_recalibrate_sets_each_domains_population_statistics():
     strict_variables = strict.init(jax.random.key(1), X, train=False, domain=DOMAIN % 2)
     with pytest.raises(TypeError, match="needs `domain`"):
         lifecycle.recalibrate(strict, strict_variables, [X], apply_kwargs={"train": False})
+
+
+def test_recalibrate_counters_per_domain_and_nnx_refuses_clearly():
+    model = models.MLP(
+        features=(4,),
+        num_classes=2,
+        norm="domain_batch",
+        norm_options={"num_domains": 3, "track_counters": True},
+    )
+    variables = model.init(jax.random.key(1), X, train=False)
+    batches = [(X[:16], DOMAIN[:16]), (X[16:], DOMAIN[16:])]
+    with pytest.warns(UserWarning, match="no valid value"):
+        new = lifecycle.recalibrate(model, variables, batches, apply_kwargs={"method": _by_domain})
+    assert new["batch_stats"]["norm0"]["count"].tolist() == [2, 2, 2]
+    nnx_model = nnx.Sequential(
+        nnx.Linear(3, 4, rngs=nnx.Rngs(0)), bnnx.DomainBatchNorm(4, rngs=nnx.Rngs(0))
+    )
+    with pytest.raises(ValueError, match="recalibrate_nnx does not set the per-domain"):
+        lifecycle.recalibrate_nnx(nnx_model, [X])
 
 
 def test_fold_model_keeps_domain_norms_and_select_domain_folds_one():
