@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import platform
 import statistics
@@ -75,14 +76,16 @@ MOMENTUM = 0.99
 BN_EPSILON = 1e-5
 GN_GROUPS = 32
 MIB = 2.0**20
-OPS = ("bn_train", "bn_train_grad", "bn_eval", "gn", "ln")
+OPS = ("bn_train", "bn_train_grad", "bn_eval", "gn", "ln", "domain_bn_train_grad")
 OP_LABELS = {
     "bn_train": "bn train fwd",
     "bn_train_grad": "bn train fwd+bwd",
     "bn_eval": "bn eval fwd",
     "gn": f"gn fwd ({GN_GROUPS} groups)",
     "ln": "ln fwd (last axis)",
+    "domain_bn_train_grad": "domain bn train fwd+bwd (2 domains; vs plain jnp, not flax)",
 }
+NUM_DOMAINS = 2
 DEFAULT_SHAPES = ("128x32x32x64", "32x56x56x128")
 
 
@@ -315,7 +318,74 @@ def build_cases(shape, dtype, ops, key) -> list[Case]:
                 lambda b, f: [("y", b, f)],
             )
         )
+    if "domain_bn_train_grad" in ops:
+        cases.append(domain_batch_norm_case(x, ct, scale, bias))
     return cases
+
+
+def domain_batch_norm_case(x, ct, scale, bias) -> Case:
+    """bnjax.domain_batch_norm (per-domain affine) against the same formula in plain jnp: one
+    masked two-pass reduction and one normalization per domain, autodiff for the gradient.
+    Flax has no domain batch norm, so the second column is that plain version."""
+    channels = x.shape[-1]
+    domain = jnp.arange(x.shape[0], dtype=jnp.int32) % NUM_DOMAINS  # mixed in every batch
+    scales = jnp.stack([scale, 2.0 - scale])
+    biases = jnp.stack([bias, -bias])
+    state = bnjax.domain_batch_norm_state(NUM_DOMAINS, channels)
+    axes = tuple(range(x.ndim - 1))
+
+    def bnjax_loss(x, scales, biases, state, ct):
+        y, new_state = bnjax.domain_batch_norm(
+            x,
+            state,
+            scales,
+            biases,
+            domain=domain,
+            training=True,
+            momentum=MOMENTUM,
+            epsilon=BN_EPSILON,
+        )
+        return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32)), (
+            new_state.mean,
+            new_state.var,
+        )
+
+    def plain_loss(x, scales, biases, state, ct):
+        values = x.astype(jnp.float32)
+        y = jnp.zeros_like(values)
+        means, variances = [], []
+        for d in range(NUM_DOMAINS):
+            member = (domain == d).reshape((-1,) + (1,) * (x.ndim - 1))
+            count = jnp.sum(member) * (values.size // (x.shape[0] * channels))
+            mean = jnp.sum(jnp.where(member, values, 0.0), axes) / count
+            var = jnp.sum(jnp.where(member, jnp.square(values - mean), 0.0), axes) / count
+            y_d = (values - mean) * jax.lax.rsqrt(var + BN_EPSILON) * scales[d] + biases[d]
+            y = jnp.where(member, y_d, y)
+            means.append(MOMENTUM * state.mean[d] + (1 - MOMENTUM) * jax.lax.stop_gradient(mean))
+            variances.append(MOMENTUM * state.var[d] + (1 - MOMENTUM) * jax.lax.stop_gradient(var))
+        loss = jnp.sum(y.astype(x.dtype).astype(jnp.float32) * ct.astype(jnp.float32))
+        return loss, (jnp.stack(means), jnp.stack(variances))
+
+    def pairs(b, f):
+        (b_loss, b_stats), b_grads = b
+        (f_loss, f_stats), f_grads = f
+        return [
+            ("loss", b_loss, f_loss),
+            ("running mean", b_stats[0], f_stats[0]),
+            ("running var", b_stats[1], f_stats[1]),
+            *(
+                (name, bg, fg)
+                for name, bg, fg in zip(("dx", "dscale", "dbias"), b_grads, f_grads, strict=True)
+            ),
+        ]
+
+    args = (x, scales, biases, state, ct)
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2), has_aux=True)
+    return Case(
+        "domain_bn_train_grad",
+        [Impl("bnjax", grad(bnjax_loss), args), Impl("jnp", grad(plain_loss), args)],
+        pairs,
+    )
 
 
 # ----------------------------------------------------------------------------- torch (optional)

@@ -20,13 +20,14 @@ the batches in which that domain appeared):
 domain, shape (D, C) (DSBN's gamma_d, beta_d; FedBN keeps them local, AdvProp's auxiliary BN
 has its own).
 
-How it is computed: the batch is seen as D copies, x of shape (N, ..., C) as (N, D, ..., C),
-where copy d keeps only domain d's examples in its mask. Batch norm over the feature axes
-(D, C) of that view is exactly the per-domain formula above, so the same kernel computes it:
-masked two-pass moments, the exact (count, mean, M2) merge across devices (a device without
-examples of domain d contributes count 0, nothing else), the hand-written derivative and the
-per-feature update guard. Each example then takes its own domain's output. The cost is D
-elementwise passes instead of one; the statistics are D times larger.
+How it is computed: each example is summarised over its spatial positions (two-pass
+`stats.moments`: count, mean, M2 per channel), then the summaries of each domain's examples
+merge exactly (`stats.combine`, Chan et al.), and across devices with
+`stats.merge_across_devices` (counts included: a device without examples of domain d adds
+nothing to it). The normalization reads each example's row of the (D, C) statistics. That is
+two passes over x, as batch norm, plus merges over (N, D, C) summaries; the gradient is
+autodiff of these steps. The running update reuses batch norm's (`batch_statistics_for_update`:
+per-feature guard, ghost batches), per domain. With one domain it is `batch_norm` itself.
 
 References:
   Chang, You, Seo, Kwak & Han (2019), Domain-Specific Batch Normalization for Unsupervised
@@ -53,9 +54,8 @@ import numpy as np
 from jax import lax
 
 from bnjax.core import checks, stats
-from bnjax.core.batch_layout import as_param, batch_layout, grouped_mask
-from bnjax.core.batch_norm import batch_norm_state, plan_training
-from bnjax.core.batch_normalize import normalize
+from bnjax.core.batch_layout import batch_layout
+from bnjax.core.batch_norm import BatchNormState, batch_norm, batch_norm_state, plan_training
 from bnjax.core.running_update import batch_statistics_for_update, updated_statistics
 from bnjax.core.state_guard import check_known_statistics, guard_statistics
 
@@ -205,33 +205,46 @@ def _check_param(param, name, feature_shape, num_domains, x_dtype):
 
 
 def _per_example(table: Array, domain: Array, view: list[int]) -> Array:
-    """Row `domain[n]` of a (D, *features) table for every example, shaped to broadcast
-    against x (`view`); NaN for an index outside the table (a traced bad index shows)."""
-    rows = table.at[domain].get(mode="fill", fill_value=jnp.nan)
-    return rows.reshape(view)
+    """Each example's row of a (G, D, *features) table (G ghost groups of consecutive
+    examples; G = 1 without ghost batches), shaped to broadcast against x (`view`); NaN for a
+    domain index outside [0, D) (a traced bad index shows).
 
-
-class _RoutedView(NamedTuple):
-    routed: Array  # (N, D, 1, ..., 1) bool: example n belongs to domain d
-    expanded: Array  # (N, D, ...): copy d of every example, zeros outside domain d
-    valid: Array | None  # (N, D, ...) bool: enters domain d's statistics (None: all)
-
-
-def _routed_view(x, domain, num_domains: int, mask) -> _RoutedView:
-    """The (N, D, ...) view in which batch norm over features (D, C) is per-domain batch norm.
-
-    Other domains' copies are zeros (not x), so a NaN of one domain reaches no other domain's
-    statistics or gradients; the mask keeps them out of the statistics.
+    A select and a sum over D of per-example rows (a sum of one value and zeros, exact), not a
+    gather: it needs no collective when the batch is sharded over devices.
     """
-    spread = (x.shape[0], 1, *x.shape[1:])
-    routed = jnp.arange(num_domains) == domain[:, None]  # (N, D)
-    routed = routed.reshape(routed.shape + (1,) * (x.ndim - 1))
-    if num_domains == 1 and mask is None:
-        # One domain is plain batch norm: the same reductions, bit for bit.
-        return _RoutedView(routed, x.reshape(spread), None)
-    expanded = jnp.where(routed, x.reshape(spread), jnp.zeros((), x.dtype))
-    valid = routed if mask is None else routed & checks.broadcast_mask(mask, x).reshape(spread)
-    return _RoutedView(routed, expanded, valid)
+    groups, num_domains = table.shape[:2]
+    rows = jnp.broadcast_to(table[:, None], (groups, domain.shape[0] // groups, *table.shape[1:]))
+    rows = rows.reshape((domain.shape[0], *table.shape[1:]))
+    member = jnp.arange(num_domains) == domain[:, None]
+    member = member.reshape(member.shape + (1,) * (rows.ndim - 2))
+    chosen = jnp.sum(jnp.where(member, rows, jnp.zeros((), rows.dtype)), axis=1)
+    in_range = (domain >= 0) & (domain < num_domains)
+    chosen = jnp.where(in_range.reshape((-1,) + (1,) * (chosen.ndim - 1)), chosen, jnp.nan)
+    return chosen.reshape(view)
+
+
+def _domain_moments_by_group(x, domain, num_domains, feature_axes, mask, group_size):
+    """Exact moments per (ghost group, domain): Moments of shape (G, D, *features).
+
+    Each example is summarised over its own spatial positions first (two-pass
+    `stats.moments`), then the examples of one domain merge exactly (`stats.combine`, Chan);
+    the other domains' examples enter with count 0 (selected away, so their NaN cannot leak).
+    Two passes over x, as batch norm; the merges run on (N, D, *features) summaries.
+    """
+    spatial = tuple(a for a in range(1, x.ndim) if a not in feature_axes)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    per_example = stats.moments(x, spatial, checks.broadcast_mask(mask, x))
+    kept = (x.shape[0], *(x.shape[a] if a in feature_axes else 1 for a in range(1, x.ndim)))
+    member = (jnp.arange(num_domains) == domain[:, None]).reshape(
+        (x.shape[0], num_domains) + (1,) * len(feature_shape)
+    )
+    grouped = (x.shape[0] // group_size, group_size, num_domains, *feature_shape)
+
+    def spread(field):
+        field = jnp.broadcast_to(field, kept).reshape((x.shape[0], 1, *feature_shape))
+        return jnp.where(member, field, 0).reshape(grouped)
+
+    return stats.combine(stats.Moments(*(spread(f) for f in per_example)), axis=1)
 
 
 def domain_moments(x, domain, num_domains: int, *, axis=-1, mask=None) -> stats.Moments:
@@ -252,12 +265,10 @@ def domain_moments(x, domain, num_domains: int, *, axis=-1, mask=None) -> stats.
         raise ValueError(f"`axis`={axis!r} includes axis 0, which holds the examples.")
     num_domains = checks.as_int(num_domains, "num_domains")
     domain = check_domain(domain, x.shape[0], num_domains)
-    view = _routed_view(x, domain, num_domains, mask)
-    expanded_features = (1, *(a + 1 for a in feature_axes))
-    reduction = tuple(a for a in range(x.ndim + 1) if a not in expanded_features)
-    moments = stats.moments(view.expanded, reduction, view.valid)
-    shape = (num_domains, *(x.shape[a] for a in feature_axes))
-    return stats.Moments(*(field.reshape(shape) for field in moments))
+    moments = _domain_moments_by_group(
+        x, domain, num_domains, feature_axes, mask, max(x.shape[0], 1)
+    )
+    return stats.Moments(*(field[0] for field in moments))
 
 
 def _evaluate(x, state, scale, bias, domain, feature_axes, epsilon) -> Array:
@@ -268,10 +279,28 @@ def _evaluate(x, state, scale, bias, domain, feature_axes, epsilon) -> Array:
     if scale is not None:
         inv = inv * scale.astype(dtype)
     mean = state.mean.astype(dtype)
-    y = (x.astype(dtype) - _per_example(mean, domain, view)) * _per_example(inv, domain, view)
+    y = (x.astype(dtype) - _per_example(mean[None], domain, view)) * _per_example(
+        inv[None], domain, view
+    )
     if bias is not None:
-        y = y + _per_example(bias.astype(dtype), domain, view)
+        y = y + _per_example(bias.astype(dtype)[None], domain, view)
     return y.astype(x.dtype)
+
+
+def _as_batch_norm(x, state, scale, bias, domain, **options):
+    """One domain: `batch_norm` itself on row 0 (its numbers and its counters' rules, bit for
+    bit); a traced index other than 0 still gets a NaN output."""
+    row = BatchNormState(state.mean[0], state.var[0], state.count[0], state.skipped[0])
+    y, new = batch_norm(
+        x,
+        row,
+        None if scale is None else scale[0],
+        None if bias is None else bias[0],
+        training=True,
+        **options,
+    )
+    y = jnp.where((domain == 0).reshape((-1,) + (1,) * (x.ndim - 1)), y, jnp.nan)
+    return y.astype(x.dtype), DomainBatchNormState(*(jnp.expand_dims(f, 0) for f in new))
 
 
 def _domain_update(state, batch, momentum, guard) -> DomainBatchNormState:
@@ -382,12 +411,21 @@ def domain_batch_norm(
     )
     if not training:
         return _evaluate(x, state, scale, bias, domain, feature_axes, epsilon), given_state
+    options = dict(
+        momentum=momentum,
+        epsilon=epsilon,
+        axis=axis,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        ghost_batch_size=ghost_batch_size,
+        mask=mask,
+        use_unbiased_running_var=use_unbiased_running_var,
+    )
 
-    routed, expanded, valid = _routed_view(x, domain, num_domains, mask)
-    expanded_axis = (1, *(a + 1 for a in feature_axes))
-    layout = batch_layout(expanded, expanded_axis, ghost_batch_size)
+    if num_domains == 1:
+        return _as_batch_norm(x, state, scale, bias, domain, **options)
+    layout = batch_layout(x, axis, ghost_batch_size)
     guard = guard_statistics(state, ("mean", "var"), _FUNCTION)
-    dtype = stats.stats_dtype(x.dtype)
     plan = plan_training(
         x,
         layout,
@@ -398,26 +436,36 @@ def domain_batch_norm(
         axis_index_groups=axis_index_groups,
         ghost_batch_size=ghost_batch_size,
     )
-    grouped_y, mean, var, count = normalize(
-        expanded.reshape(layout.grouped_shape),
-        as_param(scale, layout, 1.0, dtype),
-        as_param(bias, layout, 0.0, dtype),
-        grouped_mask(valid, expanded, layout),
-        plan.kernel,
-        plan.epsilon,
-    )
+    group_size = layout.grouped_shape[1]
+    batch = _domain_moments_by_group(x, domain, num_domains, feature_axes, mask, group_size)
+    if plan.kernel.axis_name is not None:
+        batch = stats.merge_across_devices(
+            batch, plan.kernel.axis_name, plan.kernel.axis_index_groups
+        )
+    var = batch.m2 / jnp.maximum(batch.count, 1)
+    eps = epsilon if plan.epsilon is None else plan.epsilon
+    inv = stats.inverse_root(batch.count, var, jnp.asarray(eps, var.dtype))
     update = batch_statistics_for_update(
-        lax.stop_gradient(mean),
+        lax.stop_gradient(batch.mean),
         lax.stop_gradient(var),
-        count,
-        layout,
+        batch.count,
+        layout._replace(feature_shape=(num_domains, *feature_shape)),
         plan,
         use_unbiased_running_var=use_unbiased_running_var,
     )
     new_state = _domain_update(state, update, momentum, guard)
-    y = grouped_y.reshape(expanded.shape)
-    # Each example takes its own domain's copy: a sum of one value and zeros, exact.
-    y = jnp.sum(jnp.where(routed, y, jnp.zeros((), y.dtype)), axis=1)
-    in_range = (domain >= 0) & (domain < num_domains)
-    y = jnp.where(in_range.reshape((-1,) + (1,) * (x.ndim - 1)), y, jnp.nan)
+    # Each example reads the row of its ghost group and domain (NaN outside [0, D)).
+    dtype = stats.stats_dtype(x.dtype)
+
+    def rows(table):  # (G, D, *features), or a (D, *features) parameter broadcast to it
+        return jnp.broadcast_to(table.astype(dtype), batch.count.shape)
+
+    view = [x.shape[a] if a == 0 or a in feature_axes else 1 for a in range(x.ndim)]
+    gain = inv if scale is None else inv * scale.astype(dtype)
+    # (x - mu) first: x and mu are close when |mu| >> std, so the difference is exact.
+    y = (x.astype(dtype) - _per_example(rows(batch.mean), domain, view)) * _per_example(
+        rows(gain), domain, view
+    )
+    if bias is not None:
+        y = y + _per_example(rows(bias), domain, view)
     return y.astype(x.dtype), new_state
