@@ -224,7 +224,9 @@ def _per_example(table: Array, domain: Array, view: list[int]) -> Array:
 
 
 def _domain_moments_by_group(x, domain, num_domains, feature_axes, mask, group_size):
-    """Exact moments per (ghost group, domain): Moments of shape (G, D, *features).
+    """Exact moments per (ghost group, domain): (shift, Moments of x - shift), each of shape
+    (G, D, *features); the mean of the values is ``shift + moments.mean``. The shift is one
+    value of x per channel (`stats.merge_across_devices` takes it as it is).
 
     Each example is summarised over its own spatial positions first (two-pass
     `stats.moments`), then the examples of one domain merge exactly (`stats.combine`, Chan);
@@ -233,18 +235,29 @@ def _domain_moments_by_group(x, domain, num_domains, feature_axes, mask, group_s
     """
     spatial = tuple(a for a in range(1, x.ndim) if a not in feature_axes)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
-    per_example = stats.moments(x, spatial, checks.broadcast_mask(mask, x))
-    kept = (x.shape[0], *(x.shape[a] if a in feature_axes else 1 for a in range(1, x.ndim)))
+    groups = x.shape[0] // group_size
+    values = x.astype(stats.stats_dtype(x.dtype)).reshape((groups, group_size, *x.shape[1:]))
+    mask = checks.broadcast_mask(mask, x)
+    mask = None if mask is None else mask.reshape(values.shape)
+    within = tuple(a + 1 for a in spatial)
+    # Moments of x minus one of its own values per channel (and ghost group): per-example
+    # means are then small numbers, exact even when |mean| >> std (each would otherwise round
+    # at the scale of the mean). Per group, so a batch sharded over devices needs no traffic.
+    base = lax.stop_gradient(stats._shift(values, (1, *within), mask))
+    per_example = stats.moments(values - base, within, mask)
+    kept = (groups, group_size, *(x.shape[a] if a in feature_axes else 1 for a in range(1, x.ndim)))
     member = (jnp.arange(num_domains) == domain[:, None]).reshape(
         (x.shape[0], num_domains) + (1,) * len(feature_shape)
     )
-    grouped = (x.shape[0] // group_size, group_size, num_domains, *feature_shape)
+    grouped = (groups, group_size, num_domains, *feature_shape)
 
     def spread(field):
         field = jnp.broadcast_to(field, kept).reshape((x.shape[0], 1, *feature_shape))
         return jnp.where(member, field, 0).reshape(grouped)
 
-    return stats.combine(stats.Moments(*(spread(f) for f in per_example)), axis=1)
+    merged = stats.combine(stats.Moments(*(spread(f) for f in per_example)), axis=1)
+    shift = jnp.broadcast_to(base.reshape((groups, 1, *feature_shape)), merged.mean.shape)
+    return shift, merged
 
 
 def domain_moments(x, domain, num_domains: int, *, axis=-1, mask=None) -> stats.Moments:
@@ -265,9 +278,10 @@ def domain_moments(x, domain, num_domains: int, *, axis=-1, mask=None) -> stats.
         raise ValueError(f"`axis`={axis!r} includes axis 0, which holds the examples.")
     num_domains = checks.as_int(num_domains, "num_domains")
     domain = check_domain(domain, x.shape[0], num_domains)
-    moments = _domain_moments_by_group(
+    shift, moments = _domain_moments_by_group(
         x, domain, num_domains, feature_axes, mask, max(x.shape[0], 1)
     )
+    moments = moments._replace(mean=moments.mean + shift)
     return stats.Moments(*(field[0] for field in moments))
 
 
@@ -437,10 +451,12 @@ def domain_batch_norm(
         ghost_batch_size=ghost_batch_size,
     )
     group_size = layout.grouped_shape[1]
-    batch = _domain_moments_by_group(x, domain, num_domains, feature_axes, mask, group_size)
-    if plan.kernel.axis_name is not None:
+    shift, batch = _domain_moments_by_group(x, domain, num_domains, feature_axes, mask, group_size)
+    if plan.kernel.axis_name is None:
+        batch = batch._replace(mean=batch.mean + shift)
+    else:  # exact over devices; a device without examples of a domain adds count 0
         batch = stats.merge_across_devices(
-            batch, plan.kernel.axis_name, plan.kernel.axis_index_groups
+            batch, plan.kernel.axis_name, plan.kernel.axis_index_groups, shift
         )
     var = batch.m2 / jnp.maximum(batch.count, 1)
     eps = epsilon if plan.epsilon is None else plan.epsilon

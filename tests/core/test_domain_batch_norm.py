@@ -289,3 +289,23 @@ def test_traced_out_of_range_domain_gives_nan_and_enters_no_statistics():
     y, new = run(jnp.array([0, 0, 0, 1, 1, 5]))
     assert bool(jnp.all(jnp.isnan(y[5]))) and bool(jnp.all(jnp.isfinite(y[:5])))
     np.testing.assert_allclose(new.mean[1], 0.01 * np.asarray(x)[3:5].mean(0), rtol=1e-5)
+
+
+def test_variance_stays_exact_when_the_mean_is_ten_thousand_stds():
+    x = np.random.RandomState(0).randn(32, 4, 4, C) + 1e4
+    x32 = jnp.asarray(x, jnp.float32)
+    domain = np.arange(32) % 2
+    mask = (np.arange(32) % 7 != 3).reshape(-1, 1, 1, 1)
+    _, new = bnjax.domain_batch_norm(
+        x32,
+        bnjax.domain_batch_norm_state(2, C),
+        domain=domain,
+        training=True,
+        momentum=0.0,
+        mask=mask,
+    )
+    values = np.asarray(x32, np.float64)
+    for d in range(2):
+        chosen = values[(domain == d) & mask[:, 0, 0, 0]].reshape(-1, C)
+        np.testing.assert_allclose(new.var[d], chosen.var(0), rtol=2e-6)
+        np.testing.assert_allclose(new.mean[d], chosen.mean(0), rtol=1e-7)
