@@ -281,7 +281,7 @@ def domain_moments(x, domain, num_domains: int, *, axis=-1, mask=None) -> stats.
     shift, moments = _domain_moments_by_group(
         x, domain, num_domains, feature_axes, mask, max(x.shape[0], 1)
     )
-    moments = moments._replace(mean=moments.mean + shift)
+    moments = moments._replace(mean=jnp.where(moments.count > 0, moments.mean + shift, 0))
     return stats.Moments(*(field[0] for field in moments))
 
 
@@ -453,7 +453,7 @@ def domain_batch_norm(
     group_size = layout.grouped_shape[1]
     shift, batch = _domain_moments_by_group(x, domain, num_domains, feature_axes, mask, group_size)
     if plan.kernel.axis_name is None:
-        batch = batch._replace(mean=batch.mean + shift)
+        batch = batch._replace(mean=jnp.where(batch.count > 0, batch.mean + shift, 0))
     else:  # exact over devices; a device without examples of a domain adds count 0
         batch = stats.merge_across_devices(
             batch, plan.kernel.axis_name, plan.kernel.axis_index_groups, shift
