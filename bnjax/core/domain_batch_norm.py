@@ -244,6 +244,8 @@ def _domain_moments_by_group(x, domain, num_domains, feature_axes, mask, group_s
     # means are then small numbers, exact even when |mean| >> std (each would otherwise round
     # at the scale of the mean). Per group, so a batch sharded over devices needs no traffic.
     base = lax.stop_gradient(stats._shift(values, (1, *within), mask))
+    # A non-finite value of one domain must not become every domain's shift.
+    base = jnp.where(jnp.isfinite(base), base, jnp.zeros((), base.dtype))
     per_example = stats.moments(values - base, within, mask)
     kept = (groups, group_size, *(x.shape[a] if a in feature_axes else 1 for a in range(1, x.ndim)))
     member = (jnp.arange(num_domains) == domain[:, None]).reshape(

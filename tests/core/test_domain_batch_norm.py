@@ -231,11 +231,17 @@ def test_bfloat16_input_keeps_float32_statistics():
 
 def test_non_finite_domain_is_skipped_and_others_update():
     x = np.array(_random((8, C), 16))
-    x[5, 0] = np.nan  # an example of domain 1
-    domain = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    x[0, 0] = np.nan  # the first example, of domain 1
+    domain = np.array([1, 0, 0, 0, 0, 1, 1, 1])
     state = bnjax.domain_batch_norm_state(2, C)
     y, new = bnjax.domain_batch_norm(x, state, domain=domain, training=True)
-    assert bool(jnp.all(jnp.isfinite(y[:4])))  # domain 0 never sees domain 1's NaN
+    assert bool(jnp.all(jnp.isfinite(y[1:5])))  # domain 0 never sees domain 1's NaN
+    grads = jax.grad(
+        lambda x: jnp.sum(
+            bnjax.domain_batch_norm(x, state, domain=domain, training=True)[0][1:5] ** 2
+        )
+    )(jnp.asarray(x))
+    assert bool(jnp.all(jnp.isfinite(grads[1:5])))  # nor in its gradients
     np.testing.assert_array_equal(new.mean[1], state.mean[1])
     assert new.count.tolist() == [1, 0] and new.skipped.tolist() == [0, 1]
     assert bool(jnp.all(jnp.isfinite(new.mean))) and bool(jnp.all(jnp.isfinite(new.var)))
