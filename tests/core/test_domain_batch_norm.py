@@ -175,6 +175,7 @@ def test_shared_affine_equals_per_domain_copies_and_momentum_none_counts_per_dom
 
 @pytest.mark.parametrize("shared", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_gradients_check_grads_float64_and_match_reference_autodiff(shared):
+    # order 2 (second derivatives) with the shared affine, under -m slow
     with jax.enable_x64(True):
         x = _random((10, 3, C), 11, loc=1.0, scale=2.0, dtype=jnp.float64)
         domain = jnp.array([0, 1, 1, 0, 2, 2, 0, 1, 2, 0])
@@ -202,7 +203,7 @@ def test_gradients_check_grads_float64_and_match_reference_autodiff(shared):
             return y
 
         chex.assert_trees_all_close(ours(x, scale, bias), plain(x, scale, bias), atol=1e-12)
-        check_grads(ours, (x, scale, bias), order=2, modes=("fwd", "rev"))
+        check_grads(ours, (x, scale, bias), order=2 if shared else 1, modes=("fwd", "rev"))
         cotangent = _random(x.shape, 14, dtype=jnp.float64)
         grads = jax.grad(lambda *a: jnp.sum(ours(*a) * cotangent), (0, 1, 2))(x, scale, bias)
         expected = jax.grad(lambda *a: jnp.sum(plain(*a) * cotangent), (0, 1, 2))(x, scale, bias)
