@@ -84,7 +84,16 @@ BN_EPSILON = 1e-5
 GN_GROUPS = 32
 MABN_WINDOW = 16
 MIB = 2.0**20
-OPS = ("bn_train", "bn_train_grad", "bn_eval", "gn", "ln", "ws_conv", "mabn_train_grad")
+OPS = (
+    "bn_train",
+    "bn_train_grad",
+    "bn_eval",
+    "gn",
+    "ln",
+    "ws_conv",
+    "mabn_train_grad",
+    "domain_bn_train_grad",
+)
 # A conv's compute dwarfs a norm's: ws_conv (minutes on 2 CPU cores) runs when asked for.
 DEFAULT_OPS = tuple(op for op in OPS if op != "ws_conv")
 OP_LABELS = {
@@ -95,7 +104,9 @@ OP_LABELS = {
     "ln": "ln fwd (last axis)",
     "ws_conv": "ws conv fwd+bwd (3x3)",
     "mabn_train_grad": f"mabn train fwd+bwd, window {MABN_WINDOW} (vs plain jnp)",
+    "domain_bn_train_grad": "domain bn train fwd+bwd (2 domains; vs plain jnp, not flax)",
 }
+NUM_DOMAINS = 2
 DEFAULT_SHAPES = ("128x32x32x64", "32x56x56x128")
 
 
@@ -332,6 +343,8 @@ def build_cases(shape, dtype, ops, key) -> list[Case]:
         cases.append(ws_conv_case(x, ct, fdt, k_m))
     if "mabn_train_grad" in ops:
         cases.append(moving_average_case(x, ct, scale, bias, key))
+    if "domain_bn_train_grad" in ops:
+        cases.append(domain_batch_norm_case(x, ct, scale, bias))
     return cases
 
 
@@ -429,6 +442,71 @@ def moving_average_case(x, ct, scale, bias, key) -> Case:
     return Case(
         "mabn_train_grad",
         [Impl("bnjax", bnjax_grad, args), Impl("plain jnp", plain_grad, args)],
+        pairs,
+    )
+
+
+def domain_batch_norm_case(x, ct, scale, bias) -> Case:
+    """bnjax.domain_batch_norm (per-domain affine) against the same formula in plain jnp: one
+    masked two-pass reduction and one normalization per domain, autodiff for the gradient.
+    Flax has no domain batch norm, so the second column is that plain version."""
+    channels = x.shape[-1]
+    domain = jnp.arange(x.shape[0], dtype=jnp.int32) % NUM_DOMAINS  # mixed in every batch
+    scales = jnp.stack([scale, 2.0 - scale])
+    biases = jnp.stack([bias, -bias])
+    state = bnjax.domain_batch_norm_state(NUM_DOMAINS, channels)
+    axes = tuple(range(x.ndim - 1))
+
+    def bnjax_loss(x, scales, biases, state, ct):
+        y, new_state = bnjax.domain_batch_norm(
+            x,
+            state,
+            scales,
+            biases,
+            domain=domain,
+            training=True,
+            momentum=MOMENTUM,
+            epsilon=BN_EPSILON,
+        )
+        return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32)), (
+            new_state.mean,
+            new_state.var,
+        )
+
+    def plain_loss(x, scales, biases, state, ct):
+        values = x.astype(jnp.float32)
+        y = jnp.zeros_like(values)
+        means, variances = [], []
+        for d in range(NUM_DOMAINS):
+            member = (domain == d).reshape((-1,) + (1,) * (x.ndim - 1))
+            count = jnp.sum(member) * (values.size // (x.shape[0] * channels))
+            mean = jnp.sum(jnp.where(member, values, 0.0), axes) / count
+            var = jnp.sum(jnp.where(member, jnp.square(values - mean), 0.0), axes) / count
+            y_d = (values - mean) * jax.lax.rsqrt(var + BN_EPSILON) * scales[d] + biases[d]
+            y = jnp.where(member, y_d, y)
+            means.append(MOMENTUM * state.mean[d] + (1 - MOMENTUM) * jax.lax.stop_gradient(mean))
+            variances.append(MOMENTUM * state.var[d] + (1 - MOMENTUM) * jax.lax.stop_gradient(var))
+        loss = jnp.sum(y.astype(x.dtype).astype(jnp.float32) * ct.astype(jnp.float32))
+        return loss, (jnp.stack(means), jnp.stack(variances))
+
+    def pairs(b, f):
+        (b_loss, b_stats), b_grads = b
+        (f_loss, f_stats), f_grads = f
+        return [
+            ("loss", b_loss, f_loss),
+            ("running mean", b_stats[0], f_stats[0]),
+            ("running var", b_stats[1], f_stats[1]),
+            *(
+                (name, bg, fg)
+                for name, bg, fg in zip(("dx", "dscale", "dbias"), b_grads, f_grads, strict=True)
+            ),
+        ]
+
+    args = (x, scales, biases, state, ct)
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1, 2), has_aux=True)
+    return Case(
+        "domain_bn_train_grad",
+        [Impl("bnjax", grad(bnjax_loss), args), Impl("jnp", grad(plain_loss), args)],
         pairs,
     )
 

@@ -8,6 +8,7 @@
 from bnjax.core import (
     BatchNormState,
     BatchRenormState,
+    DomainBatchNormState,
     Moments,
     MovingAverageBatchNormState,
     RenormSchedule,
@@ -16,6 +17,8 @@ from bnjax.core import (
     batch_renorm,
     batch_renorm_state,
     centralize_weight,
+    domain_batch_norm,
+    domain_batch_norm_state,
     group_norm,
     instance_norm,
     layer_norm,
@@ -32,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNormState",
     "BatchRenormState",
+    "DomainBatchNormState",
     "Moments",
     "MovingAverageBatchNormState",
     "RenormSchedule",
@@ -40,6 +44,8 @@ __all__ = [
     "batch_renorm",
     "batch_renorm_state",
     "centralize_weight",
+    "domain_batch_norm",
+    "domain_batch_norm_state",
     "group_norm",
     "instance_norm",
     "layer_norm",

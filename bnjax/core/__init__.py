@@ -7,6 +7,11 @@ from bnjax.core.batch_renorm import (
     batch_renorm,
     batch_renorm_state,
 )
+from bnjax.core.domain_batch_norm import (
+    DomainBatchNormState,
+    domain_batch_norm,
+    domain_batch_norm_state,
+)
 from bnjax.core.group_norm import group_norm, instance_norm, layer_norm, rms_norm
 from bnjax.core.moving_average_batch_norm import (
     MovingAverageBatchNormState,
@@ -21,6 +26,7 @@ from bnjax.core.weight_standardization import centralize_weight, standardize_wei
 __all__ = [
     "BatchNormState",
     "BatchRenormState",
+    "DomainBatchNormState",
     "Moments",
     "MovingAverageBatchNormState",
     "RenormSchedule",
@@ -29,6 +35,8 @@ __all__ = [
     "batch_renorm",
     "batch_renorm_state",
     "centralize_weight",
+    "domain_batch_norm",
+    "domain_batch_norm_state",
     "group_norm",
     "instance_norm",
     "layer_norm",

@@ -7,7 +7,8 @@
   `trainable_filter`: fresh statistics; fine-tuning with batch norm frozen.
 - `fold`: evaluation-mode batch norm folded into the Conv/Dense before it, for serving, by the
   bundled models' layer names; `fold_model` folds any linen or nnx model, with the pairs
-  `trace_pairs` reads from the traced computation (`bnjax.export` writes it for serving).
+  `trace_pairs` reads from the traced computation (`bnjax.export` writes it for serving);
+  `select_domain` turns one domain of a domain batch norm into a plain batch norm to fold.
 - `validate_statistics`, `load_checkpoint` and ``python -m bnjax.lifecycle validate DIR``:
   missing, non-finite, negative, never-updated or mis-shaped statistics; checkpoints of
   `bnjax.train.Checkpointer` read back through their checksums, whatever the path names.
@@ -19,6 +20,7 @@ ones) is in `bnjax.diagnostics`.
 """
 
 from bnjax.lifecycle.checkpoint_reading import UnverifiedCheckpointWarning, load_checkpoint
+from bnjax.lifecycle.domains import select_domain
 from bnjax.lifecycle.folded_model import FoldedModel, fold_model
 from bnjax.lifecycle.folding import (
     evaluation_affine,
@@ -79,6 +81,7 @@ __all__ = [
     "recalibrate_nnx",
     "recalibrate_states",
     "reset_statistics",
+    "select_domain",
     "trace_pairs",
     "trainable_filter",
     "unfreeze",

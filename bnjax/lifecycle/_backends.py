@@ -21,10 +21,11 @@ from bnjax.lifecycle.layers import (
     STATS,
     Path,
     call_in_mode,
+    call_moments,
     call_parent,
     feature_moments,
     get_path,
-    is_linen_batch_norm_call,
+    is_linen_recalibrated_call,
     is_state,
     merge_calls,
     nnx_batch_norms,
@@ -81,11 +82,11 @@ def _estimated_moments(module, moments: stats.Moments) -> stats.Moments:
 
 def _linen_interceptor(training: bool, unbiased: dict):
     def interceptor(next_fun, args, kwargs, context):
-        if not is_linen_batch_norm_call(context):
+        if not is_linen_recalibrated_call(context):
             return next_fun(*args, **kwargs)
         module = context.module
         unbiased[tuple(module.path)] = unbiased_of(module)
-        moments = feature_moments(args[0], module.axis, kwargs.get("mask"))
+        moments = call_moments(module, args, kwargs)
         module.sow(SOW_NAME, "moments", _estimated_moments(module, moments))
         return call_in_mode(next_fun, module, args, kwargs, use_running_average=not training)
 
@@ -214,7 +215,11 @@ class Linen:
                     total.moments, layer["renorm_mean"], layer["renorm_var"], False
                 )
             if "count" in layer:  # counters kept (track_counters=True): batches merged/left out
-                layer["count"], layer["skipped"] = total.batches, total.skipped
+                # in the counters' shape: (D,) for a domain batch norm, the same for every row
+                layer["count"], layer["skipped"] = (
+                    jax.numpy.broadcast_to(value, jax.numpy.shape(layer[name]))
+                    for name, value in (("count", total.batches), ("skipped", total.skipped))
+                )
             set_path(new[STATS], path, layer)
         return new
 
@@ -243,6 +248,17 @@ class Nnx:
     def __init__(self, model, forward, axis_name):
         self.model, self.axis_name, self.mode = model, axis_name, "train"
         self.forward = forward or (lambda m, b: m(*b) if isinstance(b, tuple) else m(b))
+        domain_norms = [
+            path_str(tuple(p)) for p, m in nnx.iter_modules(model) if hasattr(m, "num_domains")
+        ]
+        if domain_norms:
+            raise ValueError(
+                f"recalibrate_nnx does not set the per-domain statistics of DomainBatchNorm "
+                f"layers ({', '.join(domain_norms)}): recalibrate the linen model with "
+                f"bnjax.lifecycle.recalibrate (batches of (x, domain) and a `method` that "
+                f"passes the domain), or run training passes with momentum=None and "
+                f"track_counters=True (a per-domain average of batch statistics)."
+            )
         self.graphdef, self.state = nnx.split(model)
         self.unbiased = {p: unbiased_of(m) for p, m in nnx_batch_norms(model).items()}
         self.all_layers = list(self.unbiased)

@@ -48,6 +48,7 @@ from bnjax.core.checks import broadcast_mask, normalize_axes
 __all__ = [
     "COUNTER_NAMES",
     "LINEN_BATCH_NORMS",
+    "LINEN_DOMAIN_BATCH_NORMS",
     "NNX_BATCH_NORMS",
     "PARAMS",
     "RENORM_STATS",
@@ -56,10 +57,12 @@ __all__ = [
     "Path",
     "Selection",
     "call_in_mode",
+    "call_moments",
     "call_parent",
     "feature_moments",
     "get_path",
     "is_linen_batch_norm_call",
+    "is_linen_recalibrated_call",
     "is_state",
     "layer_filter",
     "merge_calls",
@@ -224,6 +227,27 @@ def feature_moments(x, axis, mask=None) -> stats.Moments:
     moments = stats.moments(x, reduction, mask)
     shape = tuple(x.shape[a] for a in features)
     return stats.Moments(*(field.reshape(shape) for field in moments))
+
+
+LINEN_DOMAIN_BATCH_NORMS = (bnn.DomainBatchNorm,)
+"""Linen batch norms with one row of statistics per domain: `recalibrate` sets them (from
+the per-example `domain` of each call); `fold_model` leaves them as they are."""
+
+
+def is_linen_recalibrated_call(context) -> bool:
+    """Whether an ``intercept_methods`` context is the ``__call__`` of a linen layer whose
+    running statistics `recalibrate` sets (a batch norm, or a domain batch norm)."""
+    return is_linen_batch_norm_call(context) or (
+        context.method_name == "__call__" and isinstance(context.module, LINEN_DOMAIN_BATCH_NORMS)
+    )
+
+
+def call_moments(module, args, kwargs) -> stats.Moments:
+    """The moments of one call's input in the shape of the layer's statistics: per feature,
+    or per domain and feature for a domain batch norm (its `input_moments`)."""
+    if isinstance(module, LINEN_DOMAIN_BATCH_NORMS):
+        return module.input_moments(*args, **kwargs)
+    return feature_moments(args[0], module.axis, kwargs.get("mask"))
 
 
 def merge_calls(calls) -> stats.Moments:

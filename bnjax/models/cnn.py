@@ -48,9 +48,10 @@ class SmallCNN(nn.Module):
     conv: str | ConvFactory = "plain"  # see bnjax.models.convs
 
     @nn.compact
-    def __call__(self, x, *, train: bool, mask=None):
+    def __call__(self, x, *, train: bool, mask=None, domain=None):
         """x (N, H, W, C) -> logits (N, classes); `mask` (N,) marks the examples that enter
-        batch statistics (None: all)."""
+        batch statistics (None: all); `domain` (N,) ints pick each example's statistics in
+        'domain_batch' norms (None: their `default_domain`)."""
         check_widths(self.features, "features")
         factory = norm_factory(
             self.norm, spatial=True, groups=self.norm_groups, options=self.norm_options
@@ -65,7 +66,7 @@ class SmallCNN(nn.Module):
                 name=f"conv{i}",
             )(x)
             norm = make_layer(factory, train=train, name=f"norm{i}", dtype=self.dtype)
-            x = apply_norm(norm, x, mask)
+            x = apply_norm(norm, x, mask, domain)
             x = nn.relu(x)
             if x.shape[1] > 1 and x.shape[2] > 1:
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))

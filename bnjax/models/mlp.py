@@ -62,9 +62,10 @@ class MLP(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool, mask=None):
+    def __call__(self, x, *, train: bool, mask=None, domain=None):
         """x (N, ...) -> logits (N, classes); `mask` (N,) marks the examples that enter
-        batch statistics (None: all)."""
+        batch statistics (None: all); `domain` (N,) ints pick each example's statistics in
+        'domain_batch' norms (None: their `default_domain`)."""
         check_widths(self.features, "features")
         factory = norm_factory(
             self.norm, spatial=False, groups=self.norm_groups, options=self.norm_options
@@ -78,6 +79,6 @@ class MLP(nn.Module):
                 name=f"dense{i}",
             )(x)
             norm = make_layer(factory, train=train, name=f"norm{i}", dtype=self.dtype)
-            x = apply_norm(norm, x, mask)
+            x = apply_norm(norm, x, mask, domain)
             x = nn.relu(x)
         return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)

@@ -18,6 +18,8 @@ field: bnjax's BatchNorm and BatchRenorm, ``flax.linen.BatchNorm``) also receive
     'none'          None: no norm              (layers before it then carry a bias)
     'moving_average' bnjax.linen.MovingAverageBatchNorm  batch statistics of both passes
                     averaged over steps (MABN); pair with conv='centered'
+    'domain_batch'  bnjax.linen.DomainBatchNorm  'batch' per domain: the models' optional
+                                               per-example `domain` (N,) picks the statistics
 
 A model given a name builds the partial itself, with its `norm_groups` and `norm_options`. In
 training mode batch-statistics norms update 'batch_stats', so apply with
@@ -73,6 +75,10 @@ def _none(spatial, groups, **options):
     return None
 
 
+def _domain_batch(spatial, groups, **options):
+    return functools.partial(bnn.DomainBatchNorm, **options)
+
+
 # The registry: name -> build(spatial, groups, **module options) -> a norm factory (None: no
 # norm). Its keys are the valid `norm` names.
 NORMS: dict[str, Callable[..., NormFactory | None]] = {
@@ -83,8 +89,9 @@ NORMS: dict[str, Callable[..., NormFactory | None]] = {
     "instance": _instance,
     "none": _none,
     "moving_average": _moving_average,
+    "domain_batch": _domain_batch,
 }
-BATCH_STATISTICS_NORMS = ("batch", "batch_renorm", "moving_average")
+BATCH_STATISTICS_NORMS = ("batch", "batch_renorm", "moving_average", "domain_batch")
 
 
 def check_norm(norm: str) -> None:
@@ -182,9 +189,10 @@ def _identity(x, **unused):
     return x
 
 
-def apply_norm(layer, x, mask=None):
+def apply_norm(layer, x, mask=None, domain=None):
     """`layer(x)` for a layer from `make_norm`, with the per-example `mask` (N,) of booleans
-    passed to batch-statistics norms as an (N, 1, ..., 1) mask (per-example norms need none).
+    passed to batch-statistics norms as an (N, 1, ..., 1) mask (per-example norms need none),
+    and the per-example `domain` (N,) of ints passed to norms that take one ('domain_batch').
 
     Example:
       >>> layer = make_norm("batch", train=True, spatial=False)
@@ -196,15 +204,16 @@ def apply_norm(layer, x, mask=None):
       >>> y[:2, 0].round(3).tolist()                    # statistics of the first two rows
       [-1.0, 1.0]
     """
+    by_domain = {} if domain is None or not hasattr(layer, "num_domains") else {"domain": domain}
     if mask is None or not hasattr(layer, "use_running_average"):
-        return layer(x)
+        return layer(x, **by_domain)
     mask = jnp.asarray(mask)
     if mask.shape != x.shape[:1] or mask.dtype != jnp.bool_:
         raise ValueError(
             f"`mask` must be a boolean array of shape ({x.shape[0]},), one flag per example, "
             f"got {mask.dtype} {tuple(mask.shape)}."
         )
-    return layer(x, mask=mask.reshape(mask.shape + (1,) * (x.ndim - 1)))
+    return layer(x, mask=mask.reshape(mask.shape + (1,) * (x.ndim - 1)), **by_domain)
 
 
 def make_norm(

@@ -53,13 +53,14 @@ class _NormSettings(nn.Module):
             name=name,
         )
 
-    def normalize(self, x, mask, train: bool, name: str, zero_scale: bool = False):
-        """The block's norm `name` applied to x (`mask`: see `bnjax.models.norms.apply_norm`)."""
+    def normalize(self, x, mask, train: bool, name: str, zero_scale: bool = False, domain=None):
+        """The block's norm `name` applied to x (`mask`, `domain`: see
+        `bnjax.models.norms.apply_norm`)."""
         factory = norm_factory(
             self.norm, spatial=True, groups=self.norm_groups, options=self.norm_options
         )
         layer = make_layer(factory, train=train, name=name, dtype=self.dtype, zero_scale=zero_scale)
-        return apply_norm(layer, x, mask)
+        return apply_norm(layer, x, mask, domain)
 
 
 class BasicBlock(_NormSettings):
@@ -80,14 +81,16 @@ class BasicBlock(_NormSettings):
     zero_init_residual: bool = False
 
     @nn.compact
-    def __call__(self, x, *, train: bool, mask=None):
+    def __call__(self, x, *, train: bool, mask=None, domain=None):
         y = self.conv_layer(self.features, 3, self.strides, name="conv1")(x)
-        y = nn.relu(self.normalize(y, mask, train, "norm1"))
+        y = nn.relu(self.normalize(y, mask, train, "norm1", domain=domain))
         y = self.conv_layer(self.features, 3, name="conv2")(y)
-        y = self.normalize(y, mask, train, "norm2", zero_scale=self.zero_init_residual)
+        y = self.normalize(
+            y, mask, train, "norm2", zero_scale=self.zero_init_residual, domain=domain
+        )
         if x.shape != y.shape:
             x = self.conv_layer(self.features, 1, self.strides, name="shortcut_conv")(x)
-            x = self.normalize(x, mask, train, "shortcut_norm")
+            x = self.normalize(x, mask, train, "shortcut_norm", domain=domain)
         return nn.relu(x + y)
 
 
@@ -109,9 +112,10 @@ class ResNet(_NormSettings):
     zero_init_residual: bool = False
 
     @nn.compact
-    def __call__(self, x, *, train: bool, mask=None):
+    def __call__(self, x, *, train: bool, mask=None, domain=None):
         """x (N, H, W, C) -> logits (N, classes); `mask` (N,) marks the examples that enter
-        batch statistics (None: all)."""
+        batch statistics (None: all); `domain` (N,) ints pick each example's statistics in
+        'domain_batch' norms (None: their `default_domain`)."""
         norm_factory(self.norm, spatial=True, groups=self.norm_groups, options=self.norm_options)
         check_widths(self.stage_features, "stage_features")
         if len(self.stage_sizes) != len(self.stage_features):
@@ -121,7 +125,7 @@ class ResNet(_NormSettings):
             )
         x = x.astype(self.dtype)
         x = self.conv_layer(self.stage_features[0], 3, name="stem_conv")(x)
-        x = nn.relu(self.normalize(x, mask, train, "stem_norm"))
+        x = nn.relu(self.normalize(x, mask, train, "stem_norm", domain=domain))
         for stage, (blocks, width) in enumerate(
             zip(self.stage_sizes, self.stage_features, strict=True)
         ):
@@ -136,7 +140,7 @@ class ResNet(_NormSettings):
                     dtype=self.dtype,
                     conv=self.conv,
                     name=f"stage{stage}_block{block}",
-                )(x, train=train, mask=mask)
+                )(x, train=train, mask=mask, domain=domain)
         features = jnp.mean(x, axis=(1, 2))
         self.sow("intermediates", "features", features)
         return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(features)
