@@ -14,10 +14,10 @@ exact global moments, and no step ever forms ``E[x^2] - E[x]^2``, which loses ev
 Moments are computed with two passes over the data: the mean, then the squared deviations
 from it. `centered_moments` (batch norm's statistics on one device) sums the mean around the
 median of three values of the data, ``mean = s + sum(x - s) / n``: exact for a constant
-channel and within about an ulp at |mean| = 1000 std. On XLA:CPU
-both passes fuse into plain reductions, each as fast as one of the two reductions of the
-one-pass ``E[x^2] - E[x]^2`` (which XLA:CPU does not fuse into one read of x either), and the
-result is within float32 rounding of a float64 reference. Across devices
+channel and within about an ulp at |mean| = 1000 std. On XLA:CPU both passes fuse into plain
+reductions, each as fast as one of the two reductions of the one-pass ``E[x^2] - E[x]^2``
+(which XLA:CPU does not fuse into one read of x either), and the result is within float32
+rounding of a float64 reference. Across devices
 (`reduce_moments` with an `axis_name`) each device summarises x minus one of its own values
 and one collective gathers the summaries (`merge_across_devices`), which every device merges.
 
