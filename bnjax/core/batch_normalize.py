@@ -71,7 +71,13 @@ class KernelConfig(NamedTuple):
 
 
 def batch_moments(x: Array, mask: Array | None, config: KernelConfig) -> stats.Moments:
-    """Moments over the reduction axes, merged across devices when `config.axis_name` is set."""
+    """Moments over the reduction axes, merged across devices when `config.axis_name` is set.
+
+    On one device the mean is summed around a value of the data (`stats.centered_moments`):
+    exact for a constant channel, about an ulp of |mean| at |mean| = 1000 std.
+    """
+    if config.axis_name is None:
+        return stats.centered_moments(x, config.reduction_axes, mask)
     return stats.reduce_moments(
         x, config.reduction_axes, mask, config.axis_name, config.axis_index_groups
     )
@@ -104,11 +110,21 @@ def _normalized(x, mean, inv):
     return (x.astype(mean.dtype) - mean) * inv
 
 
+def _output(x, mean, inv, scale, bias):
+    """``y = (x - mu) * (scale * inv) + bias`` in x's dtype.
+
+    The gain ``scale * inv`` is a per-channel product, so the full-size loop does one subtract,
+    one multiply and one add per value (as flax's); ``x_hat * scale`` would add a second
+    full-size multiply, measurably slower on CPU (about 6% of the forward). Both round the
+    same number of times per value.
+    """
+    return _normalized(x, mean, scale * inv) + bias
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _normalize_with_batch_stats(x, scale, bias, mask, epsilon, config: KernelConfig):
     mean, var, inv, count = _statistics(x, mask, epsilon, config)
-    y = _normalized(x, mean, inv) * scale + bias
-    return y.astype(x.dtype), mean, var, count
+    return _output(x, mean, inv, scale, bias).astype(x.dtype), mean, var, count
 
 
 @_normalize_with_batch_stats.defjvp
@@ -117,6 +133,8 @@ def _normalize_jvp(config, primals, tangents):
     t_x, t_scale, t_bias, _, t_epsilon = tangents
     mean, var, inv, count = _statistics(x, mask, epsilon, config)
     x_hat = _normalized(x, mean, inv)
+    # y from x_hat itself, not `_output`: a second full-size expression of x would make XLA
+    # keep a float32 copy of x_hat for the backward pass (measured: 32 MiB at 128x32x32x64).
     y = (x_hat * scale + bias).astype(x.dtype)
 
     t_x = t_x.astype(inv.dtype)
@@ -170,7 +188,7 @@ def normalize(x, scale, bias, mask, config: KernelConfig, epsilon=None):
         # Complex inputs (flax's semantics: variance E|x - mean|^2, real) take plain autodiff;
         # the hand-written derivative above is for real values.
         mean, var, inv, count = _statistics(x, mask, epsilon, config)
-        return (_normalized(x, mean, inv) * scale + bias).astype(x.dtype), mean, var, count
+        return _output(x, mean, inv, scale, bias).astype(x.dtype), mean, var, count
     return _remat(x, scale, bias, mask, epsilon, config)
 
 
