@@ -31,8 +31,9 @@ def test_resnet20_forward_in_both_modes_with_every_norm(norm):
     if norm in models.BATCH_STATISTICS_NORMS:
         # Training mode normalizes with batch statistics and moves the running ones.
         assert not np.allclose(logits, eval_logits)
-        before = variables["batch_stats"]["stem_norm"]["mean"]
-        assert not np.allclose(updates["batch_stats"]["stem_norm"]["mean"], before)
+        before = variables["batch_stats"]["stem_norm"]  # 'mean' and 'var', or B0's 'var'
+        after = updates["batch_stats"]["stem_norm"]
+        assert all(not np.allclose(after[name], before[name]) for name in before)
     else:
         # No batch statistics: the two modes are one function, and there is no state.
         chex.assert_trees_all_close(logits, eval_logits, atol=1e-5)
