@@ -31,6 +31,8 @@ MODULES = [
     "bnjax.extras",
     "bnjax.core.batch_norm",
     "bnjax.core.batch_renorm",
+    "bnjax.core.evonorm",
+    "bnjax.core.filter_response_norm",
     "bnjax.core.group_norm",
     "bnjax.core.stats",
     "bnjax.linen",
