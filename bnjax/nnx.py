@@ -552,6 +552,8 @@ class InstanceNorm(_WithBias):
 
 # ------------------------------------------------------------ normalization-activation layers
 
+_LEARNED_EPSILON_INIT = initializers.constant(1e-4)
+
 
 @dataclasses.dataclass(eq=False, repr=False, kw_only=True)
 class _NormActivation(_WithBias):
@@ -611,7 +613,7 @@ class FilterResponseNorm(_NormActivation):
     """Learn ``learned_epsilon`` (scalar): epsilon + |learned_epsilon|."""
     threshold_init: dataclasses.InitVar[Initializer] = initializers.zeros
     """Initializer of the TLU ``threshold``."""
-    learned_epsilon_init: dataclasses.InitVar[Initializer] = initializers.constant(1e-4)
+    learned_epsilon_init: dataclasses.InitVar[Initializer] = _LEARNED_EPSILON_INIT
     """Initializer of ``learned_epsilon``."""
 
     def _create_extra(self, rngs, threshold_init, learned_epsilon_init):

@@ -23,7 +23,9 @@ def _random_params(variables, seed=1):
     """Params drawn away from their initial values, so a swapped parameter shows."""
     leaves, tree = jax.tree.flatten(variables["params"])
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [jax.random.uniform(k, p.shape, p.dtype, 0.3, 1.5) for k, p in zip(keys, leaves)]
+    leaves = [
+        jax.random.uniform(k, p.shape, p.dtype, 0.3, 1.5) for k, p in zip(keys, leaves, strict=True)
+    ]
     return {**variables, "params": jax.tree.unflatten(tree, leaves)}
 
 

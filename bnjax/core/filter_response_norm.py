@@ -126,7 +126,7 @@ def filter_response_norm(
     Example:
       >>> x = jnp.array([[[3.0], [-4.0]]])                  # N=1, two positions, C=1
       >>> z = filter_response_norm(x, threshold=jnp.array([-0.5]), epsilon=1e-12)
-      >>> z[0, :, 0].round(4).tolist()                      # x / rms(x) = 0.8485, -1.1314
+      >>> [round(value, 4) for value in z[0, :, 0].tolist()]   # x / rms(x): 0.8485, -1.1314
       [0.8485, -0.5]
     """
     x = jnp.asarray(x)

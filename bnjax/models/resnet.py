@@ -62,7 +62,12 @@ class _NormSettings(nn.Module):
             self.norm, spatial=True, groups=self.norm_groups, options=self.norm_options
         )
         layer = make_layer(
-            factory, train=train, name=name, dtype=self.dtype, zero_scale=zero_scale, activation=relu
+            factory,
+            train=train,
+            name=name,
+            dtype=self.dtype,
+            zero_scale=zero_scale,
+            activation=relu,
         )
         y = apply_norm(layer, x, mask)
         return activation_after(factory, nn.relu)(y) if relu else y

@@ -242,8 +242,12 @@ def test_b0_axis_index_groups_share_the_variance_within_each_group():
     y, state = jax.pmap(step, axis_name="batch")(x.reshape(DEVICES, 2, *x.shape[1:]))
     for group, devices in enumerate(groups):
         rows = x[group * 8 : (group + 1) * 8]
-        y_h, state_h = bnjax.evonorm_b0(rows, bnjax.evonorm_b0_state(8), scale, bias, v, training=True)
-        chex.assert_trees_all_close(y[devices[0] : devices[-1] + 1].reshape(rows.shape), y_h, atol=1e-5)
+        y_h, state_h = bnjax.evonorm_b0(
+            rows, bnjax.evonorm_b0_state(8), scale, bias, v, training=True
+        )
+        chex.assert_trees_all_close(
+            y[devices[0] : devices[-1] + 1].reshape(rows.shape), y_h, atol=1e-5
+        )
         np.testing.assert_allclose(state.var[devices[0]], state_h.var, rtol=1e-6)
 
 

@@ -73,7 +73,8 @@ def test_without_threshold_is_the_normalization_alone_and_defaults_are_identity_
         atol=2e-6,
     )
     np.testing.assert_allclose(
-        bnjax.filter_response_norm(x), frn_reference(x, np.ones(6), np.zeros(6), None, 1e-6),
+        bnjax.filter_response_norm(x),
+        frn_reference(x, np.ones(6), np.zeros(6), None, 1e-6),
         atol=2e-6,
     )
 
