@@ -190,3 +190,15 @@ def test_fold_model_keeps_them_as_they_are_and_reports_them(norm):
     chex.assert_trees_all_close(folded(X), folded.evaluate(X), atol=1e-6)
     net.eval()
     chex.assert_trees_all_close(folded(X), net(X), atol=1e-6)
+
+
+def test_functional_states_recalibrate_and_reset():
+    def layer_inputs(states, batch, training):
+        return {"b0": batch}
+
+    states = {"b0": bnjax.evonorm_b0_state(8)}
+    new = lifecycle.recalibrate_states(layer_inputs, states, [X[:4], X[4:]])
+    np.testing.assert_allclose(new["b0"].var, np.asarray(X, np.float64).var((0, 1, 2)), rtol=1e-5)
+    assert int(new["b0"].count) == 2
+    reset = lifecycle.reset_statistics(new)["b0"]
+    chex.assert_trees_all_equal(reset, bnjax.evonorm_b0_state(8))

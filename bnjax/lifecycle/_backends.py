@@ -339,7 +339,9 @@ class Functional:
         paths = jax.tree_util.tree_flatten_with_path(states, is_leaf=is_state)[0]
         self.names = {i: path_str(path) for i, (path, _) in enumerate(paths)}
         if not self.positions:
-            raise ValueError("`states` holds no BatchNormState or BatchRenormState.")
+            raise ValueError(
+                "`states` holds no BatchNormState, BatchRenormState or EvoNormB0State."
+            )
         self.unbiased = unbiased
         self.all_layers = self.positions
 
@@ -390,4 +392,4 @@ class Functional:
 
     def statistics(self, current):
         leaves = jax.tree.flatten(current, is_leaf=is_state)[0]
-        return {p: (leaves[p].mean, leaves[p].var) for p in self.positions}
+        return {p: (getattr(leaves[p], "mean", None), leaves[p].var) for p in self.positions}

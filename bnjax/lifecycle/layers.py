@@ -42,7 +42,7 @@ from flax import nnx, traverse_util
 
 from bnjax import linen as bnn
 from bnjax import nnx as bnnx
-from bnjax.core import BatchNormState, BatchRenormState, stats
+from bnjax.core import BatchNormState, BatchRenormState, EvoNormB0State, stats
 from bnjax.core.checks import broadcast_mask, normalize_axes
 
 __all__ = [
@@ -104,7 +104,7 @@ LINEN_KEPT_NORMS = (bnn.FilterResponseNorm, bnn.EvoNormB0, bnn.EvoNormS0)
 NNX_KEPT_NORMS = (bnnx.FilterResponseNorm, bnnx.EvoNormB0, bnnx.EvoNormS0)
 """Norms that include a nonlinear activation, so no evaluation-mode affine map: `fold_model`
 runs them as they are (in evaluation mode) and lists them in ``plan.kept``."""
-STATE_TYPES = (BatchNormState, BatchRenormState)
+STATE_TYPES = (BatchNormState, BatchRenormState, EvoNormB0State)
 
 
 def is_state(node) -> bool:
