@@ -592,9 +592,9 @@ class FilterResponseNorm(_NormActivation):
     Args:
       num_features: channels C.
       epsilon: the fixed epsilon (1e-6).
-      learned_epsilon: learn a scalar ``learned_epsilon`` param, used as ``epsilon +
-        |learned_epsilon|`` (the paper's variant; needed for inputs without spatial extent,
-        which the core refuses otherwise).
+      learned_epsilon: learn a scalar ``nnx.Param`` ``learned_epsilon_param`` (linen's
+        'learned_epsilon'), used as ``epsilon + |learned_epsilon_param|`` (the paper's
+        variant; needed for inputs without spatial extent, which the core refuses otherwise).
       learned_epsilon_init: its initializer (the constant 1e-4).
       threshold_init: initializer of the TLU's ``threshold`` (zeros).
       activation, axis: see `_NormActivation`; dtype, param_dtype, use_bias, use_scale,
