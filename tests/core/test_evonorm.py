@@ -180,6 +180,20 @@ def test_b0_low_precision_input_has_float32_statistics(dtype):
     np.testing.assert_allclose(state.var, 0.99 + 0.01 * batch_var, rtol=1e-5)
 
 
+def test_variances_stay_exact_when_the_mean_is_a_thousand_stds():
+    """E[x^2] - E[x]^2 in float32 keeps about one digit here; two-pass moments keep ~all."""
+    x = _normal(NHWC, seed=20, loc=1000.0, scale=1.0)
+    scale, bias, v = _params(8)
+    y, state = bnjax.evonorm_b0(
+        x, bnjax.evonorm_b0_state(8), scale, bias, v, training=True, momentum=0.0
+    )
+    expected, batch_var = b0_reference(x, scale, bias, v, 1e-5)
+    np.testing.assert_allclose(state.var, batch_var, rtol=1e-4)
+    np.testing.assert_allclose(y, expected, rtol=1e-4)
+    s0 = bnjax.evonorm_s0(x, scale, bias, v, num_groups=4)
+    np.testing.assert_allclose(s0, s0_reference(x, scale, bias, v, 1e-5, 4), rtol=1e-4)
+
+
 DEVICES = 8
 
 
