@@ -15,6 +15,13 @@ What is measured, per input shape (NHWC, channels last) and dtype:
                     plain jnp (mean, var, rsqrt) followed by lax.conv_general_dilated (the
                     "flax" column of this row). Only with ``--ops ws_conv``: the conv's
                     compute takes minutes on a small CPU.
+  frn + tlu fwd     filter response normalization with its TLU (epsilon 1e-6).
+  evonorm-b0 train  EvoNorm-B0 in training mode: y and the updated running variance.
+  evonorm-s0 fwd    EvoNorm-S0, 32 groups.
+
+flax has no FRN or EvoNorm: their "flax" column is a plain jnp transcription of the same
+formula (float32 statistics with jnp.mean / jnp.var, no fusion tricks), named "jnp" in the
+details table.
 
 bnjax (``bnjax.batch_norm``, ``bnjax.group_norm``, ``bnjax.layer_norm``) is compared with the
 flax.linen modules at their defaults: ``BatchNorm(momentum=0.99, epsilon=1e-5)``,
@@ -96,6 +103,7 @@ OPS = (
 )
 # A conv's compute dwarfs a norm's: ws_conv (minutes on 2 CPU cores) runs when asked for.
 DEFAULT_OPS = tuple(op for op in OPS if op != "ws_conv")
+OPS = ("bn_train", "bn_train_grad", "bn_eval", "gn", "ln", "frn", "evonorm_b0", "evonorm_s0")
 OP_LABELS = {
     "bn_train": "bn train fwd",
     "bn_train_grad": "bn train fwd+bwd",
@@ -105,6 +113,9 @@ OP_LABELS = {
     "ws_conv": "ws conv fwd+bwd (3x3)",
     "mabn_train_grad": f"mabn train fwd+bwd, window {MABN_WINDOW} (vs plain jnp)",
     "domain_bn_train_grad": "domain bn train fwd+bwd (2 domains; vs plain jnp, not flax)",
+    "frn": "frn + tlu fwd",
+    "evonorm_b0": "evonorm-b0 train fwd",
+    "evonorm_s0": f"evonorm-s0 fwd ({GN_GROUPS} groups)",
 }
 NUM_DOMAINS = 2
 DEFAULT_SHAPES = ("128x32x32x64", "32x56x56x128")
@@ -345,6 +356,84 @@ def build_cases(shape, dtype, ops, key) -> list[Case]:
         cases.append(moving_average_case(x, ct, scale, bias, key))
     if "domain_bn_train_grad" in ops:
         cases.append(domain_batch_norm_case(x, ct, scale, bias))
+    cases.extend(norm_activation_cases(x, scale, bias, dtype, ops))
+    return cases
+
+
+def norm_activation_cases(x, scale, bias, dtype, ops) -> list[Case]:
+    """FRN + TLU, EvoNorm-B0 (training), EvoNorm-S0 against plain jnp versions of the same
+    formulas (flax has none); the second per-channel parameter (tau, v) is `bias` - 0.5."""
+    second = bias - 0.5
+    cases = []
+
+    def f32(a):
+        return a.astype(jnp.float32)
+
+    if "frn" in ops:
+
+        def jnp_frn(x, scale, bias, tau):
+            nu2 = jnp.mean(jnp.square(f32(x)), axis=(1, 2), keepdims=True)
+            y = f32(x) * jax.lax.rsqrt(nu2 + 1e-6) * scale + bias
+            return jnp.maximum(y, tau).astype(x.dtype)
+
+        cases.append(
+            Case(
+                "frn",
+                [
+                    Impl("bnjax", bnjax.filter_response_norm, (x, scale, bias, second)),
+                    Impl("jnp", jnp_frn, (x, scale, bias, second)),
+                ],
+                lambda b, f: [("y", b, f)],
+            )
+        )
+    if "evonorm_b0" in ops:
+        state = bnjax.evonorm_b0_state(x.shape[-1])
+
+        def bnjax_b0(x, state, scale, bias, v):
+            return bnjax.evonorm_b0(x, state, scale, bias, v, training=True, momentum=MOMENTUM)
+
+        def jnp_b0(x, running_var, scale, bias, v):
+            batch_var = jnp.var(f32(x), axis=(0, 1, 2))
+            instance_var = jnp.var(f32(x), axis=(1, 2), keepdims=True)
+            denominator = jnp.maximum(
+                jnp.sqrt(batch_var + BN_EPSILON), v * f32(x) + jnp.sqrt(instance_var + BN_EPSILON)
+            )
+            y = (f32(x) / denominator * scale + bias).astype(x.dtype)
+            return y, MOMENTUM * running_var + (1 - MOMENTUM) * batch_var
+
+        cases.append(
+            Case(
+                "evonorm_b0",
+                [
+                    Impl("bnjax", bnjax_b0, (x, state, scale, bias, second)),
+                    Impl("jnp", jnp_b0, (x, state.var, scale, bias, second)),
+                ],
+                lambda b, f: [("y", b[0], f[0]), ("running var", b[1].var, f[1])],
+            )
+        )
+    if "evonorm_s0" in ops and x.shape[-1] % GN_GROUPS == 0:
+
+        def bnjax_s0(x, scale, bias, v):
+            return bnjax.evonorm_s0(x, scale, bias, v, num_groups=GN_GROUPS)
+
+        def jnp_s0(x, scale, bias, v):
+            n, h, w, c = x.shape
+            grouped = f32(x).reshape(n, h, w, GN_GROUPS, c // GN_GROUPS)
+            var = jnp.var(grouped, axis=(1, 2, 4), keepdims=True)
+            std = jnp.broadcast_to(jnp.sqrt(var + BN_EPSILON), grouped.shape).reshape(x.shape)
+            y = f32(x) * jax.nn.sigmoid(v * f32(x)) / std * scale + bias
+            return y.astype(x.dtype)
+
+        cases.append(
+            Case(
+                "evonorm_s0",
+                [
+                    Impl("bnjax", bnjax_s0, (x, scale, bias, second)),
+                    Impl("jnp", jnp_s0, (x, scale, bias, second)),
+                ],
+                lambda b, f: [("y", b, f)],
+            )
+        )
     return cases
 
 

@@ -32,6 +32,8 @@ MODULES = [
     "bnjax.core.batch_norm",
     "bnjax.core.batch_renorm",
     "bnjax.core.domain_batch_norm",
+    "bnjax.core.evonorm",
+    "bnjax.core.filter_response_norm",
     "bnjax.core.group_norm",
     "bnjax.core.moving_average_batch_norm",
     "bnjax.core.moving_average_state",

@@ -12,6 +12,8 @@ from bnjax.core.domain_batch_norm import (
     domain_batch_norm,
     domain_batch_norm_state,
 )
+from bnjax.core.evonorm import EvoNormB0State, evonorm_b0, evonorm_b0_state, evonorm_s0
+from bnjax.core.filter_response_norm import filter_response_norm
 from bnjax.core.group_norm import group_norm, instance_norm, layer_norm, rms_norm
 from bnjax.core.moving_average_batch_norm import (
     MovingAverageBatchNormState,
@@ -27,6 +29,7 @@ __all__ = [
     "BatchNormState",
     "BatchRenormState",
     "DomainBatchNormState",
+    "EvoNormB0State",
     "Moments",
     "MovingAverageBatchNormState",
     "RenormSchedule",
@@ -37,6 +40,10 @@ __all__ = [
     "centralize_weight",
     "domain_batch_norm",
     "domain_batch_norm_state",
+    "evonorm_b0",
+    "evonorm_b0_state",
+    "evonorm_s0",
+    "filter_response_norm",
     "group_norm",
     "instance_norm",
     "layer_norm",

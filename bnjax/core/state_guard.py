@@ -25,7 +25,8 @@ Array = jax.Array
 
 
 def _factory(function: str) -> str:
-    return "batch_renorm_state" if function == "batch_renorm" else "batch_norm_state"
+    factories = {"batch_renorm": "batch_renorm_state", "evonorm_b0": "evonorm_b0_state"}
+    return factories.get(function, "batch_norm_state")
 
 
 def _poisoned_message(function: str, names) -> str:

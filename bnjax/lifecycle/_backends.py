@@ -17,6 +17,7 @@ from flax import nnx, traverse_util
 from bnjax import linen as bnn
 from bnjax.core import stats
 from bnjax.lifecycle.layers import (
+    NNX_RUNNING_VARIANCE_NORMS,
     RENORM_STATS,
     STATS,
     Path,
@@ -38,6 +39,7 @@ from bnjax.lifecycle.layers import (
     swap_class,
     to_dict,
     unbiased_of,
+    variance_layer_paths,
     write_variable,
 )
 from bnjax.lifecycle.population import LayerInput, population, population_state
@@ -173,7 +175,10 @@ class Linen:
             )
         self.model, self.apply_kwargs, self.rngs = model, dict(apply_kwargs or {}), rngs
         self.axis_name, self.unbiased, self.mode = axis_name, {}, "train"
-        self.all_layers = stats_layer_paths(variables[STATS])
+        self.all_layers = [
+            *stats_layer_paths(variables[STATS]),
+            *variance_layer_paths(variables[STATS]),
+        ]
 
     def moments(self, current, batch, index):
         rngs = None
@@ -207,9 +212,12 @@ class Linen:
         for path, total in totals.items():
             layer = dict(get_path(new[STATS], path))
             unbiased = final and self.unbiased.get(path, False)
+            # A running-variance layer (EvoNorm-B0) holds no mean: only its 'var' is set.
             layer["mean"], layer["var"] = population(
-                total.moments, layer["mean"], layer["var"], unbiased
+                total.moments, layer.get("mean", layer["var"]), layer["var"], unbiased
             )
+            if "mean" not in get_path(current[STATS], path):
+                del layer["mean"]
             if all(name in layer for name in RENORM_STATS):
                 layer["renorm_mean"], layer["renorm_var"] = population(
                     total.moments, layer["renorm_mean"], layer["renorm_var"], False
@@ -260,14 +268,14 @@ class Nnx:
                 f"track_counters=True (a per-domain average of batch statistics)."
             )
         self.graphdef, self.state = nnx.split(model)
-        self.unbiased = {p: unbiased_of(m) for p, m in nnx_batch_norms(model).items()}
+        self.unbiased = {p: unbiased_of(m) for p, m in _recalibrated(model).items()}
         self.all_layers = list(self.unbiased)
 
     def moments(self, current, batch, index):
         del index
         copy = nnx.merge(self.graphdef, current)
         call = _RECORDING_CALLS[self.mode == "train"]
-        for module in nnx_batch_norms(copy).values():
+        for module in _recalibrated(copy).values():
             base = original_class(type(module))  # recalibrate frozen layers too
             swap_class(module, subclass(base, "Recording", call))
         _, captured = nnx.capture(self.forward, nnx.Intermediate)(copy, batch)
@@ -278,7 +286,7 @@ class Nnx:
         return moments
 
     def check(self, current, shapes) -> None:
-        layers = nnx_batch_norms(nnx.merge(self.graphdef, current))
+        layers = _recalibrated(nnx.merge(self.graphdef, current))
         for path, moments in shapes.items():
             module = layers[path]
 
@@ -295,7 +303,7 @@ class Nnx:
 
     def write(self, current, totals, *, final: bool):
         copy = nnx.merge(self.graphdef, current)
-        layers = nnx_batch_norms(copy)
+        layers = _recalibrated(copy)
         for path, total in totals.items():
             module = layers[path]
             unbiased = final and self.unbiased[path]
@@ -305,14 +313,15 @@ class Nnx:
             ):
                 if not isinstance(getattr(module, var_name, None), nnx.Variable):
                     continue
-                mean_var, var_var = getattr(module, mean_name), getattr(module, var_name)
+                mean_var, var_var = getattr(module, mean_name, None), getattr(module, var_name)
                 mean, var = population(
                     total.moments,
-                    read_variable(mean_var),
+                    read_variable(var_var if mean_var is None else mean_var),
                     read_variable(var_var),
                     use_unbiased,
                 )
-                write_variable(mean_var, mean)
+                if mean_var is not None:  # a running-variance layer (EvoNorm-B0) has none
+                    write_variable(mean_var, mean)
                 write_variable(var_var, var)
             for name, value in (("count", total.batches), ("skipped", total.skipped)):
                 if isinstance(getattr(module, name, None), nnx.Variable):
@@ -322,9 +331,26 @@ class Nnx:
     def statistics(self, current):
         copy = nnx.merge(self.graphdef, current)
         return {
-            path: (read_variable(module.mean), read_variable(module.var))
-            for path, module in nnx_batch_norms(copy).items()
+            path: tuple(
+                read_variable(getattr(module, name))
+                for name in ("mean", "var")
+                if isinstance(getattr(module, name, None), nnx.Variable)
+            )
+            for path, module in _recalibrated(copy).items()
         }
+
+
+def _recalibrated(model) -> dict:
+    """{path: module} of the nnx layers `recalibrate_nnx` sets: the batch norms and the
+    running-variance norms (EvoNorm-B0), the batch norms first."""
+    return {
+        **nnx_batch_norms(model),
+        **{
+            tuple(path): module
+            for path, module in nnx.iter_modules(model)
+            if isinstance(module, NNX_RUNNING_VARIANCE_NORMS)
+        },
+    }
 
 
 # --------------------------------------------------------------------------- functional
@@ -340,7 +366,9 @@ class Functional:
         paths = jax.tree_util.tree_flatten_with_path(states, is_leaf=is_state)[0]
         self.names = {i: path_str(path) for i, (path, _) in enumerate(paths)}
         if not self.positions:
-            raise ValueError("`states` holds no BatchNormState or BatchRenormState.")
+            raise ValueError(
+                "`states` holds no BatchNormState, BatchRenormState or EvoNormB0State."
+            )
         self.unbiased = unbiased
         self.all_layers = self.positions
 
@@ -391,4 +419,4 @@ class Functional:
 
     def statistics(self, current):
         leaves = jax.tree.flatten(current, is_leaf=is_state)[0]
-        return {p: (leaves[p].mean, leaves[p].var) for p in self.positions}
+        return {p: (getattr(leaves[p], "mean", None), leaves[p].var) for p in self.positions}

@@ -9,7 +9,9 @@ the pairs `trace_pairs` reads from the traced computation:
   ``g = scale / sqrt(var + epsilon)`` (`fold_into`, the norm's own epsilon);
 - every other batch norm (after an addition or a pooling, ...) is its evaluation-mode affine
   map ``x * g + (beta - mean * g)`` over its feature axes (`evaluation_affine`), listed in
-  ``plan.unfoldable`` with the reason.
+  ``plan.unfoldable`` with the reason;
+- a norm that is not affine in evaluation because it includes an activation (FRN + TLU,
+  EvoNorm) runs as it is, EvoNorm-B0 in evaluation mode, and is listed in ``plan.kept``.
 
 Either way a norm never sees batch statistics: the folded model is batch independent, and
 equals the unfolded model in evaluation mode to float32 rounding. A model without batch norm
@@ -51,6 +53,8 @@ from flax import nnx
 from bnjax.lifecycle.folding import _refuse, _unfoldable, evaluation_affine, fold_into
 from bnjax.lifecycle.layers import (
     LINEN_BATCH_NORMS,
+    LINEN_RUNNING_VARIANCE_NORMS,
+    NNX_RUNNING_VARIANCE_NORMS,
     PARAMS,
     STATS,
     call_in_mode,
@@ -208,10 +212,15 @@ def _linen(model, variables, inputs, kwargs) -> FoldedModel:
             if path in affines:
                 return _affine(args[0], *affines[path], plan.norms[path])
             return call_in_mode(next_fun, module, args, call_kwargs, use_running_average=True)
+        if isinstance(module, LINEN_RUNNING_VARIANCE_NORMS):  # kept, in evaluation mode
+            return call_in_mode(next_fun, module, args, call_kwargs, use_running_average=True)
         return next_fun(*args, **call_kwargs)
 
     def evaluating(next_fun, args, call_kwargs, context):
-        if is_linen_batch_norm_call(context):
+        if is_linen_batch_norm_call(context) or (
+            context.method_name == "__call__"
+            and isinstance(context.module, LINEN_RUNNING_VARIANCE_NORMS)
+        ):
             return call_in_mode(
                 next_fun, context.module, args, call_kwargs, use_running_average=True
             )
@@ -307,10 +316,17 @@ def _nnx(model, inputs, kwargs) -> FoldedModel:
             write_variable(layer.bias, new_bias)
         _replace_norm(module, "Folded", _folded_call, folded_info=info)
 
+    # Norms that are not affine in evaluation (plan.kept) run as they are, in evaluation mode.
+    running_variance = [m for m in modules.values() if isinstance(m, NNX_RUNNING_VARIANCE_NORMS)]
+    for module in running_variance:
+        module.use_running_average = True
     # Both run functionally (merged at each call): a closed-over module that runs an nnx
     # transform (nnx.remat, ...) under jit would be updated from the wrong trace.
     folded_graph, folded_state = nnx.split(clone)
-    norms = nnx_batch_norms(model).values()
+    norms = [
+        *nnx_batch_norms(model).values(),
+        *(m for _, m in nnx.iter_modules(model) if isinstance(m, NNX_RUNNING_VARIANCE_NORMS)),
+    ]
     with swapped_classes(norms, lambda cls: subclass(cls, "Evaluating", _evaluating_call)):
         reference_graph, reference_state = nnx.split(model)
 

@@ -42,14 +42,18 @@ from flax import nnx, traverse_util
 
 from bnjax import linen as bnn
 from bnjax import nnx as bnnx
-from bnjax.core import BatchNormState, BatchRenormState, stats
+from bnjax.core import BatchNormState, BatchRenormState, EvoNormB0State, stats
 from bnjax.core.checks import broadcast_mask, normalize_axes
 
 __all__ = [
     "COUNTER_NAMES",
     "LINEN_BATCH_NORMS",
     "LINEN_DOMAIN_BATCH_NORMS",
+    "LINEN_KEPT_NORMS",
+    "LINEN_RUNNING_VARIANCE_NORMS",
     "NNX_BATCH_NORMS",
+    "NNX_KEPT_NORMS",
+    "NNX_RUNNING_VARIANCE_NORMS",
     "PARAMS",
     "RENORM_STATS",
     "STATE_TYPES",
@@ -77,6 +81,7 @@ __all__ = [
     "swapped_classes",
     "to_dict",
     "unbiased_of",
+    "variance_layer_paths",
     "write_variable",
 ]
 
@@ -94,7 +99,15 @@ RENORM_STATS = ("renorm_mean", "renorm_var")
 
 LINEN_BATCH_NORMS = (bnn.BatchNorm, bnn.BatchRenorm, nn.BatchNorm, bnn.MovingAverageBatchNorm)
 NNX_BATCH_NORMS = (bnnx.BatchNorm, bnnx.BatchRenorm, nnx.BatchNorm)
-STATE_TYPES = (BatchNormState, BatchRenormState)
+LINEN_RUNNING_VARIANCE_NORMS = (bnn.EvoNormB0,)
+NNX_RUNNING_VARIANCE_NORMS = (bnnx.EvoNormB0,)
+"""Norms with a running variance of their input but no running mean (EvoNorm-B0): not batch
+norms (they are not affine in evaluation), but `recalibrate` sets their 'var'."""
+LINEN_KEPT_NORMS = (bnn.FilterResponseNorm, bnn.EvoNormB0, bnn.EvoNormS0)
+NNX_KEPT_NORMS = (bnnx.FilterResponseNorm, bnnx.EvoNormB0, bnnx.EvoNormS0)
+"""Norms that include a nonlinear activation, so no evaluation-mode affine map: `fold_model`
+runs them as they are (in evaluation mode) and lists them in ``plan.kept``."""
+STATE_TYPES = (BatchNormState, BatchRenormState, EvoNormB0State)
 
 
 def is_state(node) -> bool:
@@ -236,9 +249,11 @@ the per-example `domain` of each call); `fold_model` leaves them as they are."""
 
 def is_linen_recalibrated_call(context) -> bool:
     """Whether an ``intercept_methods`` context is the ``__call__`` of a linen layer whose
-    running statistics `recalibrate` sets (a batch norm, or a domain batch norm)."""
+    running statistics `recalibrate` sets (a batch norm, a domain batch norm, or a norm with a
+    running variance alone such as EvoNorm-B0)."""
+    recalibrated = (*LINEN_DOMAIN_BATCH_NORMS, *LINEN_RUNNING_VARIANCE_NORMS)
     return is_linen_batch_norm_call(context) or (
-        context.method_name == "__call__" and isinstance(context.module, LINEN_DOMAIN_BATCH_NORMS)
+        context.method_name == "__call__" and isinstance(context.module, recalibrated)
     )
 
 
@@ -329,6 +344,18 @@ def stats_layer_paths(collection) -> list[Path]:
     """
     flat = traverse_util.flatten_dict(to_dict(collection))
     return [path[:-1] for path in flat if path[-1] == "mean" and (*path[:-1], "var") in flat]
+
+
+def variance_layer_paths(collection) -> list[Path]:
+    """Paths of the layers in a 'batch_stats' collection that hold a 'var' but no 'mean' (the
+    running variance of an EvoNorm-B0).
+
+    Example:
+      >>> variance_layer_paths({"b0": {"var": jnp.ones(2)}, "bn": {"mean": 0.0, "var": 1.0}})
+      [('b0',)]
+    """
+    flat = traverse_util.flatten_dict(to_dict(collection))
+    return [path[:-1] for path in flat if path[-1] == "var" and (*path[:-1], "mean") not in flat]
 
 
 # --------------------------------------------------------------------------- nnx

@@ -48,6 +48,7 @@ import collections
 import contextlib
 import contextvars
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -60,7 +61,10 @@ from jax.interpreters import batching
 from bnjax.core.checks import normalize_axes
 from bnjax.lifecycle.layers import (
     LINEN_BATCH_NORMS,
+    LINEN_KEPT_NORMS,
+    LINEN_RUNNING_VARIANCE_NORMS,
     NNX_BATCH_NORMS,
+    NNX_KEPT_NORMS,
     STATS,
     Path,
     call_in_mode,
@@ -70,7 +74,7 @@ from bnjax.lifecycle.layers import (
     swap_class,
 )
 
-__all__ = ["LINEN_LAYERS", "NNX_LAYERS", "FoldPlan", "NormInfo", "trace_pairs"]
+__all__ = ["LINEN_LAYERS", "NNX_LAYERS", "FoldPlan", "NormInfo", "kept_reason", "trace_pairs"]
 
 LINEN_LAYERS = (nn.Conv, nn.Dense)
 NNX_LAYERS = (nnx.Conv, nnx.Linear)
@@ -129,17 +133,23 @@ class FoldPlan(NamedTuple):
     unfoldable: dict[Path, str]
     norms: dict[Path, NormInfo]
     layers: dict[Path, int]
+    kept: Mapping[Path, str] = MappingProxyType({})
+    """{norm_path: reason} of the norms that are not affine in evaluation (FRN, EvoNorm: they
+    include an activation); they run as they are, in evaluation mode."""
 
     def format(self) -> str:
-        """One line per norm: 'norm <- layer (folded)' or 'norm: kept as affine (reason)'."""
+        """One line per norm: 'norm <- layer (folded)', 'norm: evaluation affine (reason)' or
+        'norm: kept as it is (reason)'."""
+        kept = [f"{path_str(norm)}: kept as it is ({why})" for norm, why in self.kept.items()]
         if not self.norms:
-            return "no batch norm: nothing to fold"
+            return "\n".join([*kept, "no batch norm: nothing to fold"])
         lines = []
         for norm in self.norms:
             if norm in self.pairs:
                 lines.append(f"{path_str(norm)} <- {path_str(self.pairs[norm])} (folded)")
             else:
                 lines.append(f"{path_str(norm)}: evaluation affine ({self.unfoldable[norm]})")
+        lines.extend(kept)
         lines.append(f"{len(self.pairs)} of {len(self.norms)} batch norm(s) folded")
         return "\n".join(lines)
 
@@ -149,6 +159,7 @@ class _Recorder:
 
     def __init__(self):
         self.calls: list[tuple[str, Path, NormInfo | None]] = []
+        self.kept: dict[Path, str] = {}
 
     def mark(self, x, kind: str, path: Path, info: NormInfo | None = None):
         self.calls.append((kind, tuple(path), info))
@@ -190,6 +201,11 @@ def _linen_interceptor(recorder: _Recorder, variables_present):
         path = tuple(module.path)
         if isinstance(module, LINEN_LAYERS):
             return recorder.mark(next_fun(*args, **kwargs), "layer", path)
+        if isinstance(module, LINEN_KEPT_NORMS):
+            recorder.kept.setdefault(path, kept_reason(module))
+            if isinstance(module, LINEN_RUNNING_VARIANCE_NORMS):
+                return call_in_mode(next_fun, module, args, kwargs, use_running_average=True)
+            return next_fun(*args, **kwargs)
         if isinstance(module, LINEN_BATCH_NORMS):
             variables_present(module)
             x = args[0]
@@ -204,6 +220,20 @@ def _linen_interceptor(recorder: _Recorder, variables_present):
         return next_fun(*args, **kwargs)
 
     return interceptor
+
+
+def kept_reason(module) -> str:
+    """Why `fold_model` keeps a norm of `LINEN_KEPT_NORMS` / `NNX_KEPT_NORMS` as it is."""
+    name = type(module).__name__
+    if getattr(module, "activation", True):
+        reason = f"{name} includes a nonlinear activation: not affine in evaluation"
+    elif hasattr(module, "use_running_average"):
+        reason = f"{name} with activation=False is not folded"
+    else:
+        reason = f"{name} normalizes with per-example statistics: not affine in evaluation"
+    if hasattr(module, "use_running_average"):
+        reason += "; it runs in evaluation mode, with its running variance"
+    return reason
 
 
 def _check_statistics_present(module) -> None:
@@ -384,4 +414,11 @@ def trace_pairs(model, *args, **kwargs) -> FoldPlan:
             unfoldable[path] = unfoldable.get(path, reason)
             pairs.pop(path, None)
     layers = {path: n for (kind, path), n in times.items() if kind == "layer"}
-    return FoldPlan(pairs, unfoldable, norms, layers)
+    kept = recorder.kept
+    if isinstance(model, nnx.Module):
+        kept = {
+            tuple(path): kept_reason(module)
+            for path, module in nnx.iter_modules(model)
+            if isinstance(module, NNX_KEPT_NORMS)
+        }
+    return FoldPlan(pairs, unfoldable, norms, layers, kept)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from bnjax.core import BatchNormState, BatchRenormState, batch_norm_state, stats
+from bnjax.core import BatchNormState, BatchRenormState, EvoNormB0State, batch_norm_state, stats
 from bnjax.lifecycle.layers import merge_calls
 
 __all__ = ["LayerInput", "Total", "accumulate", "empty_totals", "population_state"]
@@ -158,7 +158,8 @@ def population_state(
     Args:
       moments: per-feature `Moments` of a layer's inputs (e.g. merged over a data set).
       state: the state to update (its dtype and, for BatchRenormState, its renorm statistics
-        and step); None starts from ``batch_norm_state(moments.mean.shape)``.
+        and step; an EvoNormB0State gets its variance only); None starts from
+        ``batch_norm_state(moments.mean.shape)``.
       unbiased: store ``m2 / (n - 1)`` instead of ``m2 / n``, as the layer is configured.
       batches, skipped: the new counters (None keeps the state's).
 
@@ -174,8 +175,11 @@ def population_state(
     """
     if state is None:
         state = batch_norm_state(tuple(moments.mean.shape))
-    mean, var = population(moments, state.mean, state.var, unbiased)
-    updates = dict(mean=mean, var=var)
+    if isinstance(state, EvoNormB0State):  # a running variance only
+        updates = dict(var=population(moments, state.var, state.var, unbiased)[1])
+    else:
+        mean, var = population(moments, state.mean, state.var, unbiased)
+        updates = dict(mean=mean, var=var)
     if isinstance(state, BatchRenormState):
         renorm = population(moments, state.renorm_mean, state.renorm_var, False)
         updates.update(renorm_mean=renorm[0], renorm_var=renorm[1])

@@ -12,6 +12,7 @@ from bnjax.models.convs import ConvFactory, conv_class
 from bnjax.models.mlp import check_widths
 from bnjax.models.norms import (
     NormFactory,
+    activation_after,
     apply_norm,
     make_layer,
     norm_factory,
@@ -67,7 +68,7 @@ class SmallCNN(nn.Module):
             )(x)
             norm = make_layer(factory, train=train, name=f"norm{i}", dtype=self.dtype)
             x = apply_norm(norm, x, mask, domain)
-            x = nn.relu(x)
+            x = activation_after(factory, nn.relu)(x)  # none after FRN/EvoNorm
             if x.shape[1] > 1 and x.shape[2] > 1:
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         features = jnp.mean(x, axis=(1, 2))

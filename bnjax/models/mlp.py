@@ -11,6 +11,7 @@ import numpy as np
 
 from bnjax.models.norms import (
     NormFactory,
+    activation_after,
     apply_norm,
     make_layer,
     norm_factory,
@@ -80,5 +81,5 @@ class MLP(nn.Module):
             )(x)
             norm = make_layer(factory, train=train, name=f"norm{i}", dtype=self.dtype)
             x = apply_norm(norm, x, mask, domain)
-            x = nn.relu(x)
+            x = activation_after(factory, nn.relu)(x)  # none after FRN/EvoNorm
         return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)

@@ -20,6 +20,13 @@ field: bnjax's BatchNorm and BatchRenorm, ``flax.linen.BatchNorm``) also receive
                     averaged over steps (MABN); pair with conv='centered'
     'domain_batch'  bnjax.linen.DomainBatchNorm  'batch' per domain: the models' optional
                                                per-example `domain` (N,) picks the statistics
+    'frn'           bnjax.linen.FilterResponseNorm   per example and channel, + its TLU
+    'evonorm_b0'    bnjax.linen.EvoNormB0      batch variance + instance term, its activation
+    'evonorm_s0'    bnjax.linen.EvoNormS0      per example, `groups` channel groups, swish-like
+
+The last three include their activation (`includes_activation`): the models apply no ReLU
+after them, and a norm the models do not follow by an activation (before a residual addition)
+gets ``activation=False``.
 
 A model given a name builds the partial itself, with its `norm_groups` and `norm_options`. In
 training mode batch-statistics norms update 'batch_stats', so apply with
@@ -79,6 +86,20 @@ def _domain_batch(spatial, groups, **options):
     return functools.partial(bnn.DomainBatchNorm, **options)
 
 
+def _frn(spatial, groups, **options):
+    # learned_epsilon=None: learned exactly where a mean square covers one value (dense
+    # layers, 1x1 maps), as the paper recommends.
+    return functools.partial(bnn.FilterResponseNorm, **options)
+
+
+def _evonorm_b0(spatial, groups, **options):
+    return functools.partial(bnn.EvoNormB0, **options)
+
+
+def _evonorm_s0(spatial, groups, **options):
+    return functools.partial(bnn.EvoNormS0, num_groups=groups, **options)
+
+
 # The registry: name -> build(spatial, groups, **module options) -> a norm factory (None: no
 # norm). Its keys are the valid `norm` names.
 NORMS: dict[str, Callable[..., NormFactory | None]] = {
@@ -90,8 +111,11 @@ NORMS: dict[str, Callable[..., NormFactory | None]] = {
     "none": _none,
     "moving_average": _moving_average,
     "domain_batch": _domain_batch,
+    "frn": _frn,
+    "evonorm_b0": _evonorm_b0,
+    "evonorm_s0": _evonorm_s0,
 }
-BATCH_STATISTICS_NORMS = ("batch", "batch_renorm", "moving_average", "domain_batch")
+BATCH_STATISTICS_NORMS = ("batch", "batch_renorm", "moving_average", "domain_batch", "evonorm_b0")
 
 
 def check_norm(norm: str) -> None:
@@ -149,6 +173,25 @@ def is_batch_statistics(factory: NormFactory | None) -> bool:
     return any(field.name == "use_running_average" for field in dataclasses.fields(cls))
 
 
+def includes_activation(factory: NormFactory | None) -> bool:
+    """Whether modules from `factory` apply their own activation (FRN's TLU, EvoNorm's), so
+    that a model applies none after them (a class attribute ``includes_activation``).
+
+    Example:
+      >>> includes_activation(functools.partial(bnn.EvoNormS0, num_groups=4))
+      True
+      >>> includes_activation(bnn.BatchNorm), includes_activation(None)
+      (False, False)
+    """
+    return bool(getattr(_module_class(factory), "includes_activation", False))
+
+
+def activation_after(factory: NormFactory | None, activation):
+    """`activation` for the models to apply after a norm from `factory`: the identity when
+    the norm includes its own."""
+    return _identity if includes_activation(factory) else activation
+
+
 def uses_bias_before_norm(norm: str | NormFactory | None) -> bool:
     """A layer followed by a norm needs no bias: the norm's shift (or mean removal) absorbs it."""
     return norm is None or norm == "none"
@@ -161,6 +204,7 @@ def make_layer(
     name: str,
     dtype: Any = None,
     zero_scale: bool = False,
+    activation: bool = True,
 ):
     """The norm layer `name` from `factory` (None: the identity), in training or evaluation mode.
 
@@ -171,6 +215,9 @@ def make_layer(
       dtype: computation/output dtype unless the factory sets one (None: from the input).
       zero_scale: initialise the scale to 0 (last norm of a residual branch: the block starts
         as the identity, Goyal et al. 2017).
+      activation: False for a norm that no activation follows (before a residual addition):
+        a norm that includes its activation (`includes_activation`) then gets
+        ``activation=False``; other norms are unaffected.
     """
     if factory is None:
         return _identity
@@ -182,6 +229,8 @@ def make_layer(
         options["use_running_average"] = not train
     if zero_scale:
         options["scale_init"] = nn.initializers.zeros
+    if not activation and includes_activation(factory):
+        options["activation"] = False
     return factory(**options)
 
 

@@ -23,6 +23,7 @@ from bnjax.models.convs import ConvFactory, conv_class
 from bnjax.models.mlp import check_widths
 from bnjax.models.norms import (
     NormFactory,
+    activation_after,
     apply_norm,
     make_layer,
     norm_factory,
@@ -53,18 +54,41 @@ class _NormSettings(nn.Module):
             name=name,
         )
 
-    def normalize(self, x, mask, train: bool, name: str, zero_scale: bool = False, domain=None):
+    def normalize(
+        self,
+        x,
+        mask,
+        train: bool,
+        name: str,
+        zero_scale: bool = False,
+        relu: bool = False,
+        domain=None,
+    ):
         """The block's norm `name` applied to x (`mask`, `domain`: see
-        `bnjax.models.norms.apply_norm`)."""
+        `bnjax.models.norms.apply_norm`), then a ReLU when `relu`. A norm that includes its
+        activation (FRN, EvoNorm) replaces the norm-ReLU pair, and is built with
+        ``activation=False`` where no ReLU follows."""
         factory = norm_factory(
             self.norm, spatial=True, groups=self.norm_groups, options=self.norm_options
         )
-        layer = make_layer(factory, train=train, name=name, dtype=self.dtype, zero_scale=zero_scale)
-        return apply_norm(layer, x, mask, domain)
+        layer = make_layer(
+            factory,
+            train=train,
+            name=name,
+            dtype=self.dtype,
+            zero_scale=zero_scale,
+            activation=relu,
+        )
+        y = apply_norm(layer, x, mask, domain)
+        return activation_after(factory, nn.relu)(y) if relu else y
 
 
 class BasicBlock(_NormSettings):
     """x -> conv3x3 -> norm -> relu -> conv3x3 -> norm, plus the (projected) input, -> relu.
+
+    A norm that includes its activation (FRN + TLU, EvoNorm) replaces each norm-ReLU pair, as
+    in its papers; norm2 and the shortcut norm, which no ReLU follows, are that norm with
+    ``activation=False``; the ReLU after the addition follows no norm and stays.
 
     Example:
       >>> block = BasicBlock(features=8, strides=2)               # 4 -> 8 channels: projection
@@ -83,7 +107,7 @@ class BasicBlock(_NormSettings):
     @nn.compact
     def __call__(self, x, *, train: bool, mask=None, domain=None):
         y = self.conv_layer(self.features, 3, self.strides, name="conv1")(x)
-        y = nn.relu(self.normalize(y, mask, train, "norm1", domain=domain))
+        y = self.normalize(y, mask, train, "norm1", relu=True, domain=domain)
         y = self.conv_layer(self.features, 3, name="conv2")(y)
         y = self.normalize(
             y, mask, train, "norm2", zero_scale=self.zero_init_residual, domain=domain
@@ -125,7 +149,7 @@ class ResNet(_NormSettings):
             )
         x = x.astype(self.dtype)
         x = self.conv_layer(self.stage_features[0], 3, name="stem_conv")(x)
-        x = nn.relu(self.normalize(x, mask, train, "stem_norm", domain=domain))
+        x = self.normalize(x, mask, train, "stem_norm", relu=True, domain=domain)
         for stage, (blocks, width) in enumerate(
             zip(self.stage_sizes, self.stage_features, strict=True)
         ):

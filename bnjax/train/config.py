@@ -103,6 +103,11 @@ def check_config(config, num_devices: int) -> None:
             f"config.ghost_batch_size={ghost!r} must be a positive int dividing "
             f"config.batch_size={config.batch_size} (or None)."
         )
+    if ghost is not None and config.norm == "evonorm_b0":
+        raise ValueError(
+            "config.ghost_batch_size applies to batch norm; config.norm='evonorm_b0' takes its "
+            "batch variance over the whole (synchronised) batch: leave ghost_batch_size None."
+        )
     if config.warmup_steps >= config.num_steps:
         raise ValueError(
             f"config.warmup_steps={config.warmup_steps} must be below "

@@ -31,7 +31,8 @@ def test_resnet20_forward_in_both_modes_with_every_norm(norm):
     if norm in models.BATCH_STATISTICS_NORMS:
         # Training mode normalizes with batch statistics and moves the running ones.
         assert not np.allclose(logits, eval_logits)
-        # ('var': a moving-average batch norm keeps its mean at 0 in its reduced form.)
+        # 'var', which every such norm keeps (a moving-average batch norm keeps its mean at 0
+        # in its reduced form; EvoNorm-B0 keeps no mean).
         before = variables["batch_stats"]["stem_norm"]["var"]
         assert not np.allclose(updates["batch_stats"]["stem_norm"]["var"], before)
     else:

@@ -77,6 +77,7 @@ def test_rerun_of_a_finished_run_resumes_and_changes_nothing(tmp_path):
         (dict(sampler="stratified"), r"config.sampler='stratified' is invalid"),
         (dict(learning_rate=-1.0), r"config.learning_rate=-1.0 is invalid"),
         (dict(ghost_batch_size=5), r"config.ghost_batch_size=5 must be a positive int"),
+        (dict(norm="evonorm_b0", ghost_batch_size=4), r"config.ghost_batch_size applies to"),
         (dict(warmup_steps=12), r"config.warmup_steps=12 must be below"),
     ],
 )
