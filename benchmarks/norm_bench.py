@@ -100,10 +100,12 @@ OPS = (
     "ws_conv",
     "mabn_train_grad",
     "domain_bn_train_grad",
+    "frn",
+    "evonorm_b0",
+    "evonorm_s0",
 )
 # A conv's compute dwarfs a norm's: ws_conv (minutes on 2 CPU cores) runs when asked for.
 DEFAULT_OPS = tuple(op for op in OPS if op != "ws_conv")
-OPS = ("bn_train", "bn_train_grad", "bn_eval", "gn", "ln", "frn", "evonorm_b0", "evonorm_s0")
 OP_LABELS = {
     "bn_train": "bn train fwd",
     "bn_train_grad": "bn train fwd+bwd",
