@@ -22,6 +22,9 @@ _FACTORY = "domain_batch_norm_state"
 
 
 def check_state(state, feature_shape, axis) -> DomainBatchNormState:
+    """`state`, its counters as int32, when it is a `DomainBatchNormState` whose
+    statistics fit x's features along `axis`; otherwise a TypeError/ValueError naming `state`
+    and the constructor that makes a fitting one."""
     from bnjax.core.domain_batch_norm import DomainBatchNormState
 
     if not isinstance(state, DomainBatchNormState):
