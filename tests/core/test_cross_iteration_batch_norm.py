@@ -1,0 +1,228 @@
+"""Cross-iteration batch norm against a float64 NumPy reference of the paper's formulas.
+
+The reference works in the paper's own terms (Yao et al. 2021): per past step the mean mu, the
+raw second moment nu = E[y^2] and their kernel derivatives E[p] and 2 E[y p] from explicit
+input patches p; Taylor compensation to the current kernel; nu_bar = mean(max(nu, mu^2)),
+var_bar = nu_bar - mu_bar^2. The implementation keeps variances instead (stable algebra of the
+same numbers), so agreement checks that algebra as well.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
+
+import bnjax
+from bnjax.core.cross_iteration_batch_norm import (
+    cross_iteration_batch_norm,
+    cross_iteration_state,
+    dense,
+)
+
+EPS = 1e-5
+
+
+def conv3x3(x, kernel):
+    return lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def patches(x):
+    """(N, H, W, 3, 3, C_in) input patches of a 3x3 SAME stride-1 conv, in NumPy."""
+    n, h, w, c = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.zeros((n, h, w, 3, 3, c))
+    for i in range(3):
+        for j in range(3):
+            out[:, :, :, i, j, :] = padded[:, i : i + h, j : j + w, :]
+    return out
+
+
+def paper_statistics(x, kernel):
+    """mu, nu and their kernel derivatives (the paper's efficient form), float64."""
+    p = patches(np.asarray(x, np.float64))
+    y = np.einsum("nhwabi,abio->nhwo", p, kernel)
+    m = y.shape[0] * y.shape[1] * y.shape[2]
+    mu, nu = y.mean((0, 1, 2)), (y**2).mean((0, 1, 2))
+    d_mu = np.broadcast_to(p.mean((0, 1, 2))[..., None], kernel.shape)
+    d_nu = 2 * np.einsum("nhwabi,nhwo->abio", p, y) / m
+    return y, dict(mu=mu, nu=nu, d_mu=d_mu, d_nu=d_nu, kernel=kernel)
+
+
+def paper_step(x, kernel, past, step, burn_in, scale, bias):
+    """One training step of the reference: (out, pooled mean, pooled variance, this step)."""
+    y, current = paper_statistics(x, kernel)
+    terms = [(current["mu"], current["nu"])]
+    if step >= burn_in:
+        for old in past:
+            delta = kernel - old["kernel"]
+            mu = old["mu"] + np.sum(old["d_mu"] * delta, axis=(0, 1, 2))
+            nu = old["nu"] + np.sum(old["d_nu"] * delta, axis=(0, 1, 2))
+            terms.append((mu, nu))
+    mu_bar = np.mean([mu for mu, _ in terms], axis=0)
+    nu_bar = np.mean([np.maximum(nu, mu**2) for mu, nu in terms], axis=0)
+    var_bar = nu_bar - mu_bar**2
+    out = scale * (y - mu_bar) / np.sqrt(var_bar + EPS) + bias
+    return out, mu_bar, var_bar, current
+
+
+def _data(steps, key=0, shape=(3, 5, 5, 2), channels=3, drift=0.05):
+    keys = jax.random.split(jax.random.key(key), 2 * steps + 1)
+    kernel = np.asarray(jax.random.normal(keys[0], (3, 3, shape[-1], channels)), np.float64)
+    xs, kernels = [], []
+    for t in range(steps):
+        xs.append(np.asarray(jax.random.normal(keys[2 * t + 1], shape), np.float64) + 0.5)
+        kernels.append(kernel)
+        kernel = kernel + drift * np.asarray(jax.random.normal(keys[2 * t + 2], kernel.shape))
+    return xs, kernels
+
+
+def test_matches_the_paper_formulas_step_by_step_in_float64():
+    window, burn_in, momentum = 3, 2, 0.9
+    xs, kernels = _data(6)
+    scale, bias = np.array([1.0, 2.0, 0.5]), np.array([0.1, -0.2, 0.3])
+    with jax.enable_x64(True):
+        state = cross_iteration_state(kernels[0].shape, window=window)
+        past, running_mean, running_var = [], np.zeros(3), np.ones(3)
+        for t, (x, kernel) in enumerate(zip(xs, kernels, strict=True)):
+            out, state = cross_iteration_batch_norm(
+                jnp.asarray(x), jnp.asarray(kernel), state, jnp.asarray(scale),
+                jnp.asarray(bias), conv=conv3x3, training=True, burn_in=burn_in,
+                momentum=momentum, epsilon=EPS,
+            )  # fmt: skip
+            want, mu_bar, var_bar, current = paper_step(x, kernel, past, t, burn_in, scale, bias)
+            np.testing.assert_allclose(out, want, rtol=1e-10, atol=1e-10)
+            running_mean = momentum * running_mean + (1 - momentum) * mu_bar
+            running_var = momentum * running_var + (1 - momentum) * var_bar
+            np.testing.assert_allclose(state.mean, running_mean, rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(state.var, running_var, rtol=1e-10, atol=1e-12)
+            past = [current, *past][: window - 1]
+            # The state's slot 0 is this step, kept as (mean, variance) and their derivatives.
+            np.testing.assert_allclose(state.past_mean[0], current["mu"], rtol=1e-10)
+            np.testing.assert_allclose(
+                state.past_var[0], current["nu"] - current["mu"] ** 2, rtol=1e-9
+            )
+            np.testing.assert_allclose(state.past_mean_grad[0], current["d_mu"], atol=1e-12)
+            np.testing.assert_allclose(
+                state.past_var_grad[0],
+                current["d_nu"] - 2 * current["mu"] * current["d_mu"],
+                rtol=1e-9,
+                atol=1e-12,
+            )
+            assert int(state.step) == t + 1
+
+
+def test_pooling_changes_the_output_after_burn_in_only():
+    xs, kernels = _data(4, drift=0.3)
+    with jax.enable_x64(True):
+        state = cross_iteration_state(kernels[0].shape, window=3)
+        for t, (x, kernel) in enumerate(zip(xs, kernels, strict=True)):
+            out, state = cross_iteration_batch_norm(
+                x, kernel, state, conv=conv3x3, training=True, burn_in=2, epsilon=EPS
+            )
+            y = conv3x3(x, kernel)
+            plain = (y - y.mean((0, 1, 2))) / jnp.sqrt(y.var((0, 1, 2)) + EPS)
+            # Burn-in (steps 0, 1) is plain batch norm; pooling from step 2 on differs.
+            assert bool(jnp.allclose(out, plain, atol=1e-10)) == (t < 2), t
+        assert int(state.step) == 4
+
+
+def test_the_compensated_mean_is_the_past_batch_mean_under_the_current_kernel():
+    """The mean is linear in the kernel: its Taylor term is exact for any kernel change. The
+    second moment's is first order: its error falls as the square of the change."""
+    xs, kernels = _data(1)
+    x, old = xs[0], kernels[0]
+    direction = np.asarray(jax.random.normal(jax.random.key(7), old.shape))
+    with jax.enable_x64(True):
+        state = cross_iteration_state(old.shape, window=2)
+        _, state = cross_iteration_batch_norm(x, old, state, conv=conv3x3, training=True)
+        errors = []
+        for size in (0.2, 0.1, 0.05):
+            new = old + size * direction
+            y = np.asarray(conv3x3(x, new))
+            delta = new - np.asarray(state.past_kernel[0])
+            mean = state.past_mean[0] + np.sum(state.past_mean_grad[0] * delta, axis=(0, 1, 2))
+            np.testing.assert_allclose(mean, y.mean((0, 1, 2)), rtol=1e-12, atol=1e-12)
+            _, reference = paper_statistics(x, old)
+            nu = reference["nu"] + np.sum(reference["d_nu"] * delta, axis=(0, 1, 2))
+            errors.append(np.max(np.abs(nu - (y**2).mean((0, 1, 2)))))
+        assert 3.9 < errors[0] / errors[1] < 4.1 and 3.9 < errors[1] / errors[2] < 4.1
+
+
+def test_window_one_is_batch_norm():
+    xs, kernels = _data(3)
+    state = cross_iteration_state(kernels[0].shape, window=1)
+    bn_state = bnjax.batch_norm_state(3)
+    for x, kernel in zip(xs, kernels, strict=True):
+        x, kernel = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
+        out, state = cross_iteration_batch_norm(
+            x, kernel, state, conv=conv3x3, training=True, burn_in=0, momentum=0.8
+        )
+        want, bn_state = bnjax.batch_norm(conv3x3(x, kernel), bn_state, training=True, momentum=0.8)
+        chex.assert_trees_all_close(out, want, atol=2e-6)
+        chex.assert_trees_all_close((state.mean, state.var), (bn_state.mean, bn_state.var))
+    # Evaluation is batch norm's evaluation with the running statistics.
+    out, same = cross_iteration_batch_norm(x, kernel, state, conv=conv3x3, training=False)
+    want, _ = bnjax.batch_norm(conv3x3(x, kernel), bn_state, training=False)
+    chex.assert_trees_all_close(out, want, atol=2e-6)
+    assert same is state
+
+
+def _filled_state(window=3, dtype=jnp.float64):
+    xs, kernels = _data(window + 1)
+    state = cross_iteration_state(kernels[0].shape, window=window, dtype=dtype)
+    for x, kernel in zip(xs[:-1], kernels[:-1], strict=True):
+        _, state = cross_iteration_batch_norm(x, kernel, state, conv=conv3x3, training=True)
+    return xs[-1], kernels[-1], state
+
+
+def test_gradients_in_float64():
+    with jax.enable_x64(True):
+        x, kernel, state = _filled_state()
+        scale, bias = jnp.array([1.0, 2.0, 0.5]), jnp.array([0.1, -0.2, 0.3])
+        weights = jnp.sin(jnp.arange(x.size // 2 * 3).reshape(x.shape[:-1] + (3,)))
+
+        def loss(x, kernel, scale, bias, state=state):
+            out, _ = cross_iteration_batch_norm(
+                x, kernel, state, scale, bias, conv=conv3x3, training=True
+            )
+            return jnp.sum(jnp.tanh(out) * weights)
+
+        # The past statistics do not depend on x, scale or bias: the full derivative, 2 orders.
+        check_grads(lambda x, s, b: loss(x, kernel, s, b), (x, scale, bias), order=2)
+        # During burn-in the layer is batch norm of conv(x, kernel): all arguments.
+        fresh = cross_iteration_state(kernel.shape, window=3)
+        check_grads(functools.partial(loss, state=fresh), (x, kernel, scale, bias), order=2)
+
+        # After burn-in the compensated past statistics are constants: the kernel gradient is
+        # that of the paper's formula with those constants (computed in NumPy, fed back in).
+        past = []
+        for t in range(3):
+            old_x, old_kernel = _data(4)[0][t], _data(4)[1][t]
+            past.insert(0, paper_statistics(old_x, old_kernel)[1])
+        constants = []
+        for old in past[:2]:
+            delta = np.asarray(kernel) - old["kernel"]
+            mu = old["mu"] + np.sum(old["d_mu"] * delta, axis=(0, 1, 2))
+            nu = old["nu"] + np.sum(old["d_nu"] * delta, axis=(0, 1, 2))
+            constants.append((mu, np.maximum(nu, mu**2)))
+
+        def paper_loss(kernel):
+            y = conv3x3(x, kernel)
+            mu = jnp.mean(y, (0, 1, 2))
+            nu = jnp.mean(y**2, (0, 1, 2))
+            mu_bar = (mu + sum(m for m, _ in constants)) / 3
+            nu_bar = (nu + sum(n for _, n in constants)) / 3
+            out = scale * (y - mu_bar) / jnp.sqrt(nu_bar - mu_bar**2 + EPS) + bias
+            return jnp.sum(jnp.tanh(out) * weights)
+
+        chex.assert_trees_all_close(
+            jax.grad(loss, 1)(x, kernel, scale, bias), jax.grad(paper_loss)(kernel), rtol=1e-9
+        )
