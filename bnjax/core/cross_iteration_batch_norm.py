@@ -193,6 +193,21 @@ def _fan_in_dot(grad: Array, delta: Array) -> Array:
     return jnp.sum(grad * delta, axis=tuple(range(1, grad.ndim - 1)))
 
 
+def _as_device_varying(kernel: Array, axis_name) -> Array:
+    """`kernel` typed as differing between the devices of `axis_name`.
+
+    Inside `jax.shard_map` a replicated kernel's cotangent is summed over every device by
+    autodiff itself (the transpose of the implicit cast to varying), which would add the
+    devices' sums twice and ignore `axis_index_groups`; cast first, so the backward pass stays
+    per device and the one explicit psum below does the merge. Under pmap there is no such
+    type and nothing to cast.
+    """
+    axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    varying = frozenset(jax.typeof(kernel).mat.varying)
+    missing = tuple(a for a in axes if a not in varying)
+    return lax.pcast(kernel, missing, to="varying") if missing else kernel
+
+
 def _kernel_derivatives(conv, inputs, kernel, centered, valid, count, axis_name, groups):
     """(d mean / d kernel, d var / d kernel) of the current batch: the kernel cotangents of the
     conv for the per-position weights ``valid / n`` and ``2 (y - mean) valid / n``.
@@ -204,6 +219,8 @@ def _kernel_derivatives(conv, inputs, kernel, centered, valid, count, axis_name,
     """
     dtype = stats.stats_dtype(jnp.result_type(inputs, kernel))
     inputs, kernel = inputs.astype(dtype), kernel.astype(dtype)
+    if axis_name is not None:
+        kernel = _as_device_varying(kernel, axis_name)
     _, pullback = jax.vjp(lambda w: conv(inputs, w), kernel)
     weights = valid.astype(dtype)
     (mean_sum,) = pullback(weights)
