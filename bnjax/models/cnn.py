@@ -12,6 +12,7 @@ from bnjax.models.mlp import check_widths
 from bnjax.models.norms import (
     NormFactory,
     apply_norm,
+    conv_layer,
     make_layer,
     norm_factory,
     uses_bias_before_norm,
@@ -55,13 +56,14 @@ class SmallCNN(nn.Module):
         )
         x = x.astype(self.dtype)
         for i, width in enumerate(self.features):
-            x = nn.Conv(
+            conv = nn.Conv(
                 width,
                 (3, 3),
                 use_bias=uses_bias_before_norm(self.norm),
                 dtype=self.dtype,
                 name=f"conv{i}",
-            )(x)
+            )
+            x = conv_layer(conv, factory)(x)  # a norm that owns its conv takes x itself
             norm = make_layer(factory, train=train, name=f"norm{i}", dtype=self.dtype)
             x = apply_norm(norm, x, mask)
             x = nn.relu(x)

@@ -15,6 +15,9 @@ field: bnjax's BatchNorm and BatchRenorm, ``flax.linen.BatchNorm``) also receive
     'group'         bnjax.linen.GroupNorm      per example, `groups` channel groups + space
     'layer'         bnjax.linen.LayerNorm      per example, over every non-batch axis
     'instance'      bnjax.linen.InstanceNorm   per example and channel, over space
+    'cross_iteration' bnjax.linen.CrossIterationConvBatchNorm  conv + batch norm whose
+                    statistics pool the last `window` steps (Taylor-compensated); it owns the
+                    conv before it, so the models hand it that conv's input (`conv_layer`)
     'none'          None: no norm              (layers before it then carry a bias)
 
 A model given a name builds the partial itself, with its `norm_groups` and `norm_options`. In
@@ -27,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -67,6 +70,15 @@ def _none(spatial, groups, **options):
     return None
 
 
+def _cross_iteration(spatial, groups, **options):
+    if not spatial:
+        raise ValueError(
+            "`norm`='cross_iteration' is built fused with the conv before it (its statistics "
+            "need that conv's kernel and input); the mlp has no conv: use 'batch' there."
+        )
+    return functools.partial(bnn.CrossIterationConvBatchNorm, **options)
+
+
 # The registry: name -> build(spatial, groups, **module options) -> a norm factory (None: no
 # norm). Its keys are the valid `norm` names.
 NORMS: dict[str, Callable[..., NormFactory | None]] = {
@@ -76,8 +88,9 @@ NORMS: dict[str, Callable[..., NormFactory | None]] = {
     "layer": _layer,
     "instance": _instance,
     "none": _none,
+    "cross_iteration": _cross_iteration,
 }
-BATCH_STATISTICS_NORMS = ("batch", "batch_renorm")
+BATCH_STATISTICS_NORMS = ("batch", "batch_renorm", "cross_iteration")
 
 
 def check_norm(norm: str) -> None:
@@ -135,6 +148,33 @@ def is_batch_statistics(factory: NormFactory | None) -> bool:
     return any(field.name == "use_running_average" for field in dataclasses.fields(cls))
 
 
+def fuses_conv(factory: NormFactory | None) -> bool:
+    """Whether modules from `factory` own the conv before them (they take its input)."""
+    return bool(getattr(_module_class(factory), "fuses_conv", False))
+
+
+class DeferredConv(NamedTuple):
+    """A conv's input and the (never called) conv module whose options a fused norm takes."""
+
+    inputs: Any
+    conv: nn.Conv
+
+
+def conv_layer(conv: nn.Conv, factory: NormFactory | None):
+    """`conv` itself, or, when the norm after it owns its conv (`fuses_conv`), a function that
+    hands the conv's input and options to that norm: `apply_norm` then builds the fused layer
+    (named as the norm) and `conv` is never called (it creates no variables)."""
+    if not fuses_conv(factory):
+        return conv
+    return lambda x: DeferredConv(x, conv)
+
+
+def _conv_options(conv: nn.Conv) -> dict[str, Any]:
+    names = ("features", "kernel_size", "strides", "padding", "input_dilation")
+    names += ("kernel_dilation", "feature_group_count", "kernel_init")
+    return {name: getattr(conv, name) for name in names}
+
+
 def uses_bias_before_norm(norm: str | NormFactory | None) -> bool:
     """A layer followed by a norm needs no bias: the norm's shift (or mean removal) absorbs it."""
     return norm is None or norm == "none"
@@ -168,6 +208,8 @@ def make_layer(
         options["use_running_average"] = not train
     if zero_scale:
         options["scale_init"] = nn.initializers.zeros
+    if fuses_conv(factory):  # built by `apply_norm`, once the conv's options are known
+        return functools.partial(factory, **options)
     return factory(**options)
 
 
@@ -189,6 +231,8 @@ def apply_norm(layer, x, mask=None):
       >>> y[:2, 0].round(3).tolist()                    # statistics of the first two rows
       [-1.0, 1.0]
     """
+    if isinstance(x, DeferredConv):  # a norm that owns its conv (see `conv_layer`)
+        layer, x = layer(**_conv_options(x.conv)), x.inputs
     if mask is None or not hasattr(layer, "use_running_average"):
         return layer(x)
     mask = jnp.asarray(mask)

@@ -23,6 +23,7 @@ from bnjax.models.mlp import check_widths
 from bnjax.models.norms import (
     NormFactory,
     apply_norm,
+    conv_layer,
     make_layer,
     norm_factory,
     uses_bias_before_norm,
@@ -40,7 +41,7 @@ class _NormSettings(nn.Module):
     dtype: Any = jnp.float32
 
     def conv(self, features, kernel, strides=1, name=None):
-        return nn.Conv(
+        conv = nn.Conv(
             features,
             (kernel, kernel),
             strides=(strides, strides),
@@ -50,6 +51,11 @@ class _NormSettings(nn.Module):
             dtype=self.dtype,
             name=name,
         )
+        # A norm that owns its conv (cross-iteration BN) takes the conv's input instead.
+        factory = norm_factory(
+            self.norm, spatial=True, groups=self.norm_groups, options=self.norm_options
+        )
+        return conv_layer(conv, factory)
 
     def normalize(self, x, mask, train: bool, name: str, zero_scale: bool = False):
         """The block's norm `name` applied to x (`mask`: see `bnjax.models.norms.apply_norm`)."""

@@ -15,7 +15,7 @@ import pytest
 
 from bnjax import data, parallel
 from bnjax.checkpoints import Checkpointer
-from bnjax.models import NORMS
+from bnjax.models import BATCH_STATISTICS_NORMS, NORMS
 from bnjax.train import loop, steps
 from bnjax.train.defaults import DESCRIPTIONS, base_config
 from bnjax.train.workdir import ConfigChangedError, WorkdirBusyError, WorkdirLock
@@ -43,7 +43,7 @@ def test_every_norm_trains(tmp_path, norm):
     final = loop.train_and_evaluate(_tiny(norm=norm), str(tmp_path))
     assert np.isfinite(final["loss"]) and final["eval/examples"] == 2000
     step, state = _final(tmp_path)
-    assert step == 4 and ("batch_stats" in state) == (norm in ("batch", "batch_renorm"))
+    assert step == 4 and ("batch_stats" in state) == (norm in BATCH_STATISTICS_NORMS)
 
 
 @pytest.mark.parametrize(
