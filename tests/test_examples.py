@@ -31,6 +31,7 @@ MODULES = [
     "bnjax.extras",
     "bnjax.core.batch_norm",
     "bnjax.core.batch_renorm",
+    "bnjax.core.cross_iteration_batch_norm",
     "bnjax.core.group_norm",
     "bnjax.core.stats",
     "bnjax.linen",

@@ -418,11 +418,12 @@ def cross_iteration_batch_norm(
       >>> state = cross_iteration_state(kernel.shape, window=2)
       >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [2.0, 1.0]])
       >>> y, state = cross_iteration_batch_norm(x, kernel, state, training=True, burn_in=0)
-      >>> y.mean(axis=0).round(5).tolist(), int(state.step)                 # one batch so far
-      ([0.0, 0.0], 1)
+      >>> bool(jnp.abs(y.mean(axis=0)).max() < 1e-6), int(state.step)       # one batch so far
+      (True, 1)
       >>> y, state = cross_iteration_batch_norm(x, kernel * 1.1, state, training=True)
-      >>> y.mean(axis=0).round(5).tolist()              # pooled with the compensated first
-      [0.0, 0.0]
+      >>> # The mean of the first batch, carried to the new kernel, is exact (linear in W):
+      >>> bool(jnp.abs(y.mean(axis=0)).max() < 1e-6), state.past_kernel.shape
+      (True, (1, 2, 2))
     """
     inputs, kernel, state, scale, bias, training, burn_in = _check_call(
         inputs,
