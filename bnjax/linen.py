@@ -622,14 +622,7 @@ class CrossIterationConvBatchNorm(_AffineMixin, nn.Module):
         initializing = self.is_initializing()
         if initializing:
             training = False  # init only needs shapes (and may get a batch of one)
-        conv = convolution(
-            len(window_shape),
-            strides=self.strides,
-            padding=self.padding,
-            input_dilation=self.input_dilation,
-            kernel_dilation=self.kernel_dilation,
-            feature_group_count=self.feature_group_count,
-        )
+        conv = self._conv(len(window_shape))
         state = CrossIterationState(**{f: v.value for f, v in variables.items()})
         y, new_state = cross_iteration_batch_norm(
             x.astype(out_dtype),
@@ -650,3 +643,22 @@ class CrossIterationConvBatchNorm(_AffineMixin, nn.Module):
             for field, variable in variables.items():
                 variable.value = getattr(new_state, field)
         return y.astype(out_dtype)
+
+    def _conv(self, spatial: int):
+        return convolution(
+            spatial,
+            strides=self.strides,
+            padding=self.padding,
+            input_dilation=self.input_dilation,
+            kernel_dilation=self.kernel_dilation,
+            feature_group_count=self.feature_group_count,
+        )
+
+    def conv_output(self, x):
+        """The conv's output for `x`, before the norm: what the statistics describe (used by
+        `bnjax.lifecycle.recalibrate`). Needs the module's variables."""
+        kernel = self.get_variable("params", "kernel")
+        scale = self.get_variable("params", "scale") if self.use_scale else None
+        bias = self.get_variable("params", "bias") if self.use_bias else None
+        dtype = canonicalize_dtype(x, kernel, scale, bias, dtype=self.dtype)
+        return self._conv(kernel.ndim - 2)(jnp.asarray(x).astype(dtype), kernel.astype(dtype))

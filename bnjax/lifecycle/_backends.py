@@ -24,6 +24,7 @@ from bnjax.lifecycle.layers import (
     feature_moments,
     get_path,
     is_linen_batch_norm_call,
+    is_linen_conv_norm_call,
     is_state,
     merge_calls,
     nnx_batch_norms,
@@ -67,6 +68,12 @@ def _stored(get) -> dict:
 
 def _linen_interceptor(training: bool, unbiased: dict):
     def interceptor(next_fun, args, kwargs, context):
+        if is_linen_conv_norm_call(context):  # a norm that owns its conv: that conv's output
+            module = context.module
+            unbiased[tuple(module.path)] = False
+            y = module.conv_output(args[0])
+            module.sow(SOW_NAME, "moments", feature_moments(y, -1, kwargs.get("mask")))
+            return call_in_mode(next_fun, module, args, kwargs, use_running_average=not training)
         if not is_linen_batch_norm_call(context):
             return next_fun(*args, **kwargs)
         module = context.module

@@ -54,6 +54,7 @@ from bnjax.lifecycle.layers import (
     STATS,
     call_in_mode,
     call_parent,
+    check_no_conv_norms,
     get_path,
     is_linen_batch_norm_call,
     nnx_batch_norms,
@@ -134,6 +135,7 @@ def _norm_arrays(path, mean, var, scale, bias, info: NormInfo):
 
 
 def _linen(model, variables, inputs, kwargs) -> FoldedModel:
+    check_no_conv_norms(variables.get(STATS, {}), "bnjax.lifecycle.fold_model")
     plan = trace_pairs(model, variables, *inputs, **kwargs)
     params, stats = to_dict(variables.get(PARAMS, {})), variables.get(STATS, {})
     statistics, affines, added_bias = {}, {}, {}

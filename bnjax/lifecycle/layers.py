@@ -48,6 +48,7 @@ from bnjax.core.checks import broadcast_mask, normalize_axes
 __all__ = [
     "COUNTER_NAMES",
     "LINEN_BATCH_NORMS",
+    "LINEN_CONV_NORMS",
     "NNX_BATCH_NORMS",
     "PARAMS",
     "RENORM_STATS",
@@ -57,9 +58,11 @@ __all__ = [
     "Selection",
     "call_in_mode",
     "call_parent",
+    "check_no_conv_norms",
     "feature_moments",
     "get_path",
     "is_linen_batch_norm_call",
+    "is_linen_conv_norm_call",
     "is_state",
     "layer_filter",
     "merge_calls",
@@ -92,6 +95,10 @@ RENORM_STATS = ("renorm_mean", "renorm_var")
 LINEN_BATCH_NORMS = (bnn.BatchNorm, bnn.BatchRenorm, nn.BatchNorm)
 NNX_BATCH_NORMS = (bnnx.BatchNorm, bnnx.BatchRenorm, nnx.BatchNorm)
 STATE_TYPES = (BatchNormState, BatchRenormState)
+LINEN_CONV_NORMS = (bnn.CrossIterationConvBatchNorm,)
+"""Batch norms that own the conv before them: their statistics are of that conv's output."""
+CONV_NORM_MARK = "past_kernel"
+"""The 'batch_stats' entry that marks a conv-owning norm (cross-iteration batch norm)."""
 
 
 def is_state(node) -> bool:
@@ -268,6 +275,32 @@ def call_in_mode(next_fun, module, args, kwargs, *, use_running_average: bool):
 def is_linen_batch_norm_call(context) -> bool:
     """Whether an ``intercept_methods`` context is the ``__call__`` of a linen batch norm."""
     return context.method_name == "__call__" and isinstance(context.module, LINEN_BATCH_NORMS)
+
+
+def is_linen_conv_norm_call(context) -> bool:
+    """Whether an ``intercept_methods`` context is the ``__call__`` of a norm that owns its
+    conv (`LINEN_CONV_NORMS`: its statistics are those of ``module.conv_output(x)``)."""
+    return context.method_name == "__call__" and isinstance(context.module, LINEN_CONV_NORMS)
+
+
+def check_no_conv_norms(collection, function: str) -> None:
+    """Raises a ValueError naming the layers of a 'batch_stats' collection that own their
+    conv (cross-iteration batch norm): folding pairs a norm with a separate conv, and theirs
+    is inside the module."""
+    owners = [
+        path
+        for path in stats_layer_paths(collection)
+        if CONV_NORM_MARK in get_path(collection, path)
+    ]
+    if owners:
+        names = ", ".join(path_str(path) for path in owners)
+        raise ValueError(
+            f"{function} cannot fold {names}: a cross-iteration batch norm owns its conv, so "
+            f"there is no separate conv to fold it into. Its evaluation is the affine of its "
+            f"conv's output: fold it by hand with bnjax.lifecycle.fold_into(kernel, None, "
+            f"mean, var, scale, bias, epsilon=...) from its 'params' and 'batch_stats', and "
+            f"serve a conv with the folded kernel and bias."
+        )
 
 
 def to_dict(tree):
