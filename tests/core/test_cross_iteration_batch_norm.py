@@ -360,3 +360,32 @@ def test_window_and_kernel_shape_checks():
         cross_iteration_state((2, 3), window=0)
     with pytest.raises(ValueError, match="`kernel_shape` must have"):
         cross_iteration_state((3,))
+
+
+def test_pmap_with_axis_index_groups_equals_each_group_on_one_device():
+    xs, kernels = _data(2, shape=(2 * DEVICES, 3, 3, 2))
+    kernel = jnp.asarray(kernels[0], jnp.float32)
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+    def step(x, state):
+        return cross_iteration_batch_norm(
+            x, kernel, state, conv=conv3x3, training=True, burn_in=0, axis_name="batch",
+            axis_index_groups=groups,
+        )  # fmt: skip
+
+    run = jax.pmap(step, axis_name="batch")
+    fresh = cross_iteration_state(kernel.shape, window=2)
+    states = jax.tree.map(lambda a: jnp.stack([a] * DEVICES), fresh)
+    references = [fresh, fresh]  # one per group: its 8 examples on one device
+    for x in xs:
+        x = jnp.asarray(x, jnp.float32)
+        out, states = run(x.reshape(DEVICES, 2, *x.shape[1:]), states)
+        for g in range(2):
+            want, references[g] = cross_iteration_batch_norm(
+                x[8 * g : 8 * g + 8], kernel, references[g], conv=conv3x3, training=True,
+                burn_in=0,
+            )  # fmt: skip
+            chex.assert_trees_all_close(out[4 * g : 4 * g + 4].reshape(want.shape), want, atol=2e-5)
+            for device in groups[g]:
+                got = jax.tree.map(lambda a, d=device: a[d], states)
+                chex.assert_trees_all_close(got, references[g], atol=2e-5, rtol=2e-5)
