@@ -362,17 +362,18 @@ def cross_iteration_case(x, ct, scale, bias, key) -> Case:
     kernel = jax.random.normal(k_w, (3, 3, channels, channels), jnp.float32) / (3 * channels**0.5)
     # A full window from earlier steps under nearby kernels.
     state = bnjax.cross_iteration_state(kernel.shape, window=CBN_WINDOW)
+    used = []
     for i in range(CBN_WINDOW - 1):
-        drift = 0.01 * jax.random.normal(jax.random.fold_in(k_p, i), kernel.shape)
+        used.insert(0, kernel + 0.01 * jax.random.normal(jax.random.fold_in(k_p, i), kernel.shape))
         _, state = bnjax.cross_iteration_batch_norm(
-            x, kernel + drift, state, conv=_conv3x3, training=True, momentum=MOMENTUM
+            x, used[0], state, conv=_conv3x3, training=True, momentum=MOMENTUM
         )
     past = (
         state.past_mean,
         state.past_var + state.past_mean**2,
         state.past_mean_grad,
         state.past_var_grad + 2 * state.past_mean[:, None, None, None, :] * state.past_mean_grad,
-        state.past_kernel,
+        jnp.stack(used),  # newest first, as the state's slots
     )
 
     def bnjax_loss(x, kernel, scale, bias, state, ct):

@@ -536,8 +536,8 @@ class CrossIterationConvBatchNorm(_AffineMixin, nn.Module):
 
     Variables: 'params' 'kernel' (*kernel_size, C_in / groups, features), 'scale' and 'bias'
     (features,); 'batch_stats' 'mean' and 'var' (features,), the window ('past_mean',
-    'past_var' (window - 1, features), 'past_mean_grad', 'past_var_grad', 'past_kernel'
-    (window - 1, *kernel shape)) and int32 'step', 'count', 'skipped'. Train with
+    'past_var', 'past_mean_offset', 'past_var_offset' (window - 1, features), 'past_mean_grad',
+    'past_var_grad' (window - 1, *kernel shape)) and int32 'step', 'count', 'skipped'. Train with
     ``mutable=['batch_stats']``.
 
     Attributes:
@@ -552,7 +552,7 @@ class CrossIterationConvBatchNorm(_AffineMixin, nn.Module):
       >>> layer = CrossIterationConvBatchNorm(8, (3, 3), use_running_average=False)
       >>> x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
       >>> variables = layer.init(jax.random.key(1), x)
-      >>> variables["batch_stats"]["past_kernel"].shape                  # window 4: 3 past
+      >>> variables["batch_stats"]["past_mean_grad"].shape               # window 4: 3 past
       (3, 3, 3, 3, 8)
       >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
       >>> y.shape, int(updates["batch_stats"]["step"])

@@ -559,14 +559,15 @@ class CrossIterationConvBatchNorm(nnx.Module):
 
     State: ``nnx.Param`` ``kernel`` (*kernel_size, in_features / groups, out_features),
     ``scale``, ``bias`` (out_features,); ``nnx.BatchStat`` ``mean``, ``var`` and the window
-    (``past_mean``, ``past_var``, ``past_mean_grad``, ``past_var_grad``, ``past_kernel``) with
+    (``past_mean``, ``past_var``, ``past_mean_grad``, ``past_var_grad``, ``past_mean_offset``,
+    ``past_var_offset``) with
     int32 ``step``, ``count``, ``skipped`` (`bnjax.CrossIterationState`'s fields).
 
     Example:
       >>> layer = CrossIterationConvBatchNorm(3, 8, (3, 3), rngs=nnx.Rngs(0))
       >>> x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
       >>> y = layer(x)                                      # training: fills the window
-      >>> y.shape, int(layer.step[...]), layer.past_kernel[...].shape
+      >>> y.shape, int(layer.step[...]), layer.past_mean_grad[...].shape
       ((4, 6, 6, 8), 1, (3, 3, 3, 3, 8))
     """
 

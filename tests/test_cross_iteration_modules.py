@@ -132,7 +132,7 @@ def test_recalibrate_sets_the_population_statistics_of_the_conv_output():
     chex.assert_trees_all_close(stats["var"], h.var((0, 1, 2)), rtol=1e-5)
     # The window is the training state; recalibration leaves it as it was.
     chex.assert_trees_all_close(
-        stats["past_kernel"], variables["batch_stats"]["norm0"]["past_kernel"]
+        stats["past_mean_grad"], variables["batch_stats"]["norm0"]["past_mean_grad"]
     )
 
 

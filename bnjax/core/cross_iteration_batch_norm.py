@@ -86,7 +86,9 @@ class CrossIterationState(NamedTuple):
       past_var: (window - 1, C) its biased variance.
       past_mean_grad: (window - 1, *K) d mean / d kernel of that batch, E[p] per channel.
       past_var_grad: (window - 1, *K) d var / d kernel of that batch, 2 E[(y - mean) p].
-      past_kernel: (window - 1, *K) the kernel that batch was computed with.
+      past_mean_offset: (window - 1, C) <past_mean_grad, W_past> over the fan-in, with W_past
+        the kernel that batch was computed with (so the Taylor term needs no past kernel).
+      past_var_offset: (window - 1, C) <past_var_grad, W_past>.
       mean: (C,) running mean for evaluation.
       var: (C,) running (biased) variance for evaluation.
       step: int32 scalar, training steps whose statistics entered the window (burn-in clock).
@@ -95,15 +97,16 @@ class CrossIterationState(NamedTuple):
 
     Example:
       >>> state = cross_iteration_state((3, 3, 16, 32), window=4)
-      >>> state.past_kernel.shape, state.mean.shape, int(state.step)
-      ((3, 3, 3, 16, 32), (32,), 0)
+      >>> state.past_mean_grad.shape, state.past_mean_offset.shape, int(state.step)
+      ((3, 3, 3, 16, 32), (3, 32), 0)
     """
 
     past_mean: Array
     past_var: Array
     past_mean_grad: Array
     past_var_grad: Array
-    past_kernel: Array
+    past_mean_offset: Array
+    past_var_offset: Array
     mean: Array
     var: Array
     step: Array
@@ -126,7 +129,7 @@ def cross_iteration_state(
       window: k, the number of steps pooled (k = 1 is plain batch norm).
       dtype: statistics dtype; default float32 (float64 under x64).
 
-    Memory: ``(window - 1) * (2 C + 3 prod(K)) + 2 C`` floats and three int32 counters.
+    Memory: ``(window - 1) * (4 C + 2 prod(K)) + 2 C`` floats and three int32 counters.
     """
     shape = tuple(checks.as_int(n, "kernel_shape") for n in kernel_shape)
     if len(shape) < 2 or any(n < 1 for n in shape):
@@ -147,7 +150,8 @@ def cross_iteration_state(
         past_var=jnp.zeros((past, channels), dtype),
         past_mean_grad=zeros,
         past_var_grad=zeros,
-        past_kernel=zeros,
+        past_mean_offset=jnp.zeros((past, channels), dtype),
+        past_var_offset=jnp.zeros((past, channels), dtype),
         mean=jnp.zeros((channels,), dtype),
         var=jnp.ones((channels,), dtype),
         step=jnp.zeros((), jnp.int32),
@@ -235,7 +239,8 @@ def _check_state(state, kernel_shape: tuple[int, ...]) -> CrossIterationState:
         past_var=(past, channels),
         past_mean_grad=(past, *kernel_shape),
         past_var_grad=(past, *kernel_shape),
-        past_kernel=(past, *kernel_shape),
+        past_mean_offset=(past, channels),
+        past_var_offset=(past, channels),
         mean=(channels,),
         var=(channels,),
     )
@@ -250,13 +255,13 @@ def _check_state(state, kernel_shape: tuple[int, ...]) -> CrossIterationState:
     return checks.as_counters(state, ("step", "count", "skipped"), "cross_iteration_state")
 
 
-def _fan_in_dot(grad: Array, delta: Array) -> Array:
-    """<grad, delta> per slot and output channel: (past, *K) x (past, *K) -> (past, C)."""
-    return jnp.sum(grad * delta, axis=tuple(range(1, grad.ndim - 1)))
+def _fan_in_dot(grad: Array, kernel: Array) -> Array:
+    """<grad, kernel> per slot and output channel: (past, *K) x K -> (past, C)."""
+    return jnp.sum(grad * kernel.astype(grad.dtype), axis=tuple(range(1, grad.ndim - 1)))
 
 
 def _as_device_varying(kernel: Array, axis_name) -> Array:
-    """`kernel` typed as differing between the devices of `axis_name`.
+    """`kernel` (or a cotangent) typed as differing between the devices of `axis_name`.
 
     Inside `jax.shard_map` a replicated kernel's cotangent is summed over every device by
     autodiff itself (the transpose of the implicit cast to varying), which would add the
@@ -285,8 +290,12 @@ def _kernel_derivatives(conv, inputs, kernel, centered, valid, count, axis_name,
         kernel = _as_device_varying(kernel, axis_name)
     _, pullback = jax.vjp(lambda w: conv(inputs, w), kernel)
     weights = valid.astype(dtype)
-    (mean_sum,) = pullback(weights)
-    (var_sum,) = pullback(2 * centered.astype(dtype) * weights)
+    mean_cotangent, var_cotangent = weights, 2 * centered.astype(dtype) * weights
+    if axis_name is not None:  # cotangents typed as the conv's (device-varying) output
+        mean_cotangent = _as_device_varying(mean_cotangent, axis_name)
+        var_cotangent = _as_device_varying(var_cotangent, axis_name)
+    (mean_sum,) = pullback(mean_cotangent)
+    (var_sum,) = pullback(var_cotangent)
     if axis_name is not None:
         mean_sum, var_sum = lax.psum((mean_sum, var_sum), axis_name, axis_index_groups=groups)
     safe = jnp.maximum(count, 1)
@@ -305,14 +314,33 @@ def _pooled(mean, var, past_mean, past_var, past_valid):
     return pooled_mean, jnp.sum(weights[:, None] * variances, axis=0) / total + spread
 
 
-def _compensated_past(state: CrossIterationState, kernel: Array):
-    """Each past slot's (mean, var) carried to the current kernel by its Taylor term."""
-    delta = kernel.astype(state.past_kernel.dtype)[None] - state.past_kernel
-    mean_shift = _fan_in_dot(state.past_mean_grad, delta)
-    past_mean = state.past_mean + mean_shift
+def _compensated_past(state: CrossIterationState, kernel: Array, axis_name):
+    """Each past slot's (mean, var) carried to the current kernel by its Taylor term.
+
+    ``<grad, W_t - W_past> = <grad, W_t> - offset``: the state keeps the offset, not W_past.
+    Inside shard_map a kernel typed device-varying (as a data-parallel step casts its
+    parameters for autodiff) makes these (window - 1, C) values varying too, though every
+    device has the same ones; one small mean over the devices makes the state replicated.
+    """
+    mean_shift = _fan_in_dot(state.past_mean_grad, kernel) - state.past_mean_offset
+    var_shift = _fan_in_dot(state.past_var_grad, kernel) - state.past_var_offset
+    mean_shift, var_shift = _replicated((mean_shift, var_shift), axis_name)
     # var(W) = nu(W) - mu(W)^2 with both Taylor-compensated: exact algebra, stable terms.
-    past_var = state.past_var + _fan_in_dot(state.past_var_grad, delta) - jnp.square(mean_shift)
-    return past_mean, past_var
+    return state.past_mean + mean_shift, state.past_var + var_shift - jnp.square(mean_shift)
+
+
+def _replicated(values, axis_name):
+    """`values` typed as equal on every device of `axis_name` (a pmean where JAX's type says
+    they may differ: inside shard_map with a device-varying kernel); unchanged elsewhere."""
+    if axis_name is None:
+        return values
+    axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+    def replicate(value):
+        varying = tuple(a for a in axes if a in frozenset(jax.typeof(value).mat.varying))
+        return lax.pmean(value, varying) if varying else value
+
+    return jax.tree.map(replicate, values)
 
 
 def _check_call(
@@ -422,7 +450,7 @@ def cross_iteration_batch_norm(
       (True, 1)
       >>> y, state = cross_iteration_batch_norm(x, kernel * 1.1, state, training=True)
       >>> # The mean of the first batch, carried to the new kernel, is exact (linear in W):
-      >>> bool(jnp.abs(y.mean(axis=0)).max() < 1e-6), state.past_kernel.shape
+      >>> bool(jnp.abs(y.mean(axis=0)).max() < 1e-6), state.past_mean_grad.shape
       (True, (1, 2, 2))
     """
     inputs, kernel, state, scale, bias, training, burn_in = _check_call(
@@ -468,7 +496,7 @@ def cross_iteration_batch_norm(
     mean, var = moments.mean.reshape(-1), (moments.m2 / jnp.maximum(moments.count, 1)).reshape(-1)
 
     # The past, carried to the current kernel, enters as constants (the paper's gradients).
-    past_mean, past_var = _compensated_past(state, lax.stop_gradient(kernel))
+    past_mean, past_var = _compensated_past(state, lax.stop_gradient(kernel), axis_name)
     past_valid = jnp.arange(state.window - 1) < state.step
     pooled_mean, pooled_var = _pooled(
         mean, var, lax.stop_gradient(past_mean), lax.stop_gradient(past_var), past_valid
@@ -491,6 +519,9 @@ def cross_iteration_batch_norm(
         axis_name,
         groups,
     )
+    mean_offset, var_offset = _replicated(
+        _fan_in_dot(jnp.stack([mean_grad, var_grad]), lax.stop_gradient(kernel)), axis_name
+    )
     # A batch with non-finite statistics would spoil the next window - 1 steps: left out.
     entering = jnp.all(jnp.isfinite(jnp.stack([mean, var])))
     entering &= jnp.all(jnp.isfinite(mean_grad)) & jnp.all(jnp.isfinite(var_grad))
@@ -505,7 +536,8 @@ def cross_iteration_batch_norm(
         past_var=push(state.past_var, var),
         past_mean_grad=push(state.past_mean_grad, mean_grad),
         past_var_grad=push(state.past_var_grad, var_grad),
-        past_kernel=push(state.past_kernel, lax.stop_gradient(kernel)),
+        past_mean_offset=push(state.past_mean_offset, mean_offset),
+        past_var_offset=push(state.past_var_offset, var_offset),
         step=state.step + entering.astype(jnp.int32),
     )
     update = BatchUpdate(use_mean, use_var, count >= MIN_VALUES_PER_ESTIMATE)

@@ -97,7 +97,7 @@ NNX_BATCH_NORMS = (bnnx.BatchNorm, bnnx.BatchRenorm, nnx.BatchNorm)
 STATE_TYPES = (BatchNormState, BatchRenormState)
 LINEN_CONV_NORMS = (bnn.CrossIterationConvBatchNorm,)
 """Batch norms that own the conv before them: their statistics are of that conv's output."""
-CONV_NORM_MARK = "past_kernel"
+CONV_NORM_MARK = "past_mean_grad"
 """The 'batch_stats' entry that marks a conv-owning norm (cross-iteration batch norm)."""
 
 

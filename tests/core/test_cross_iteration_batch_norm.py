@@ -116,6 +116,11 @@ def test_matches_the_paper_formulas_step_by_step_in_float64():
                 rtol=1e-9,
                 atol=1e-12,
             )
+            np.testing.assert_allclose(
+                state.past_mean_offset[0],
+                np.sum(current["d_mu"] * kernel, axis=(0, 1, 2)),
+                rtol=1e-10,
+            )
             assert int(state.step) == t + 1
 
 
@@ -147,8 +152,10 @@ def test_the_compensated_mean_is_the_past_batch_mean_under_the_current_kernel():
         for size in (0.2, 0.1, 0.05):
             new = old + size * direction
             y = np.asarray(conv3x3(x, new))
-            delta = new - np.asarray(state.past_kernel[0])
-            mean = state.past_mean[0] + np.sum(state.past_mean_grad[0] * delta, axis=(0, 1, 2))
+            delta = new - old
+            # The state's Taylor term: <grad, new> - offset, with offset = <grad, old>.
+            shift = np.sum(state.past_mean_grad[0] * new, axis=(0, 1, 2))
+            mean = state.past_mean[0] + shift - state.past_mean_offset[0]
             np.testing.assert_allclose(mean, y.mean((0, 1, 2)), rtol=1e-12, atol=1e-12)
             _, reference = paper_statistics(x, old)
             nu = reference["nu"] + np.sum(reference["d_nu"] * delta, axis=(0, 1, 2))
@@ -415,3 +422,32 @@ def test_second_order_gradients_in_float64():
             return jnp.sum(jnp.tanh(out) * jnp.cos(out))
 
         check_grads(loss, (x, scale, bias), order=2)
+
+
+def test_a_device_varying_kernel_still_gives_one_replicated_state():
+    """A data-parallel step casts its parameters to device-varying for autodiff; the window
+    (kernel-sized derivatives and per-channel Taylor terms) must still come back replicated."""
+    xs, kernels = _data(3, shape=(DEVICES, 3, 3, 2))
+    mesh = jax.make_mesh((DEVICES,), ("batch",))
+
+    def local(x, kernel, state):
+        kernel = lax.pcast(kernel, "batch", to="varying")
+        return cross_iteration_batch_norm(
+            x, kernel, state, conv=conv3x3, training=True, burn_in=0, axis_name="batch"
+        )
+
+    run = jax.jit(
+        jax.shard_map(
+            local, mesh=mesh, in_specs=(P("batch"), P(), P()), out_specs=(P("batch"), P())
+        )
+    )
+    state = one = cross_iteration_state(kernels[0].shape, window=3)
+    for x, kernel in zip(xs, kernels, strict=True):
+        x, kernel = jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)
+        sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("batch")))
+        out, state = run(sharded, kernel, state)
+        want, one = cross_iteration_batch_norm(
+            x, kernel, one, conv=conv3x3, training=True, burn_in=0
+        )
+        chex.assert_trees_all_close(out, want, atol=2e-5)
+        chex.assert_trees_all_close(state, one, atol=2e-5, rtol=2e-5)

@@ -85,6 +85,7 @@ def test_every_model_with_every_norm_trains(tmp_path, model, norm):
         "group",
         "batch_renorm",
         *(pytest.param(n, marks=pytest.mark.slow) for n in ("batch", "layer", "instance", "none")),
+        pytest.param("cross_iteration", marks=pytest.mark.slow),
     ],
 )
 def test_parallel_modes_train_every_kind_of_norm(tmp_path, mode, norm):
