@@ -191,3 +191,33 @@ def test_running_statistics_feed_on_the_pooled_statistics():
     # Same kernel: compensation is nothing, the pooled statistics are the two batches' merge.
     np.testing.assert_allclose(state.mean, y.mean(0), rtol=1e-6)
     np.testing.assert_allclose(state.var, y.var(0), rtol=1e-5)
+
+
+def test_freeze_runs_the_fused_layers_on_their_running_statistics():
+    model = models.SmallCNN(features=(4,), norm="cross_iteration")
+    variables = model.init(jax.random.key(0), X[0], train=False)
+    _, variables = _train_model(model, variables, X[:2])
+    logits, updates = lifecycle.freeze(model.apply)(
+        variables, X[2], train=True, mutable=["batch_stats"]
+    )
+    chex.assert_trees_all_close(logits, model.apply(variables, X[2], train=False))
+    chex.assert_trees_all_close(updates["batch_stats"], variables["batch_stats"])
+
+
+def test_nnx_lifecycle_tools_refuse_the_fused_module_naming_it():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.cbn = bnnx.CrossIterationConvBatchNorm(3, 4, (3, 3), rngs=rngs)
+
+        def __call__(self, x):
+            return self.cbn(x)
+
+    net = Net(nnx.Rngs(0))
+    for call in (
+        lambda: lifecycle.recalibrate_nnx(net, [X[0]]),
+        lambda: lifecycle.fold_model(net, X[0]),
+        lambda: lifecycle.freeze(net),
+        lambda: lifecycle.reset_statistics(net),
+    ):
+        with pytest.raises(ValueError, match=r"does not handle the cross-iteration.*cbn"):
+            call()

@@ -21,6 +21,7 @@ from bnjax.lifecycle.layers import (
     Path,
     call_in_mode,
     call_parent,
+    check_no_nnx_conv_norms,
     feature_moments,
     get_path,
     is_linen_batch_norm_call,
@@ -233,6 +234,7 @@ class Nnx:
     batch norms record their inputs (a subclass swapped in on the copy only)."""
 
     def __init__(self, model, forward, axis_name):
+        check_no_nnx_conv_norms(model, "bnjax.lifecycle.recalibrate_nnx")
         self.model, self.axis_name, self.mode = model, axis_name, "train"
         self.forward = forward or (lambda m, b: m(*b) if isinstance(b, tuple) else m(b))
         self.graphdef, self.state = nnx.split(model)

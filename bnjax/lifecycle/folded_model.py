@@ -55,6 +55,7 @@ from bnjax.lifecycle.layers import (
     call_in_mode,
     call_parent,
     check_no_conv_norms,
+    check_no_nnx_conv_norms,
     get_path,
     is_linen_batch_norm_call,
     nnx_batch_norms,
@@ -237,6 +238,7 @@ def _value(module, name):
 
 
 def _nnx(model, inputs, kwargs) -> FoldedModel:
+    check_no_nnx_conv_norms(model, "bnjax.lifecycle.fold_model")
     plan = trace_pairs(model, *inputs, **kwargs)
     clone = nnx.clone(model)
     modules = {tuple(path): module for path, module in nnx.iter_modules(clone)}

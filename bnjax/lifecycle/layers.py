@@ -59,6 +59,7 @@ __all__ = [
     "call_in_mode",
     "call_parent",
     "check_no_conv_norms",
+    "check_no_nnx_conv_norms",
     "feature_moments",
     "get_path",
     "is_linen_batch_norm_call",
@@ -96,6 +97,7 @@ LINEN_BATCH_NORMS = (bnn.BatchNorm, bnn.BatchRenorm, nn.BatchNorm)
 NNX_BATCH_NORMS = (bnnx.BatchNorm, bnnx.BatchRenorm, nnx.BatchNorm)
 STATE_TYPES = (BatchNormState, BatchRenormState)
 LINEN_CONV_NORMS = (bnn.CrossIterationConvBatchNorm,)
+NNX_CONV_NORMS = (bnnx.CrossIterationConvBatchNorm,)
 """Batch norms that own the conv before them: their statistics are of that conv's output."""
 CONV_NORM_MARK = "past_mean_grad"
 """The 'batch_stats' entry that marks a conv-owning norm (cross-iteration batch norm)."""
@@ -300,6 +302,24 @@ def check_no_conv_norms(collection, function: str) -> None:
             f"conv's output: fold it by hand with bnjax.lifecycle.fold_into(kernel, None, "
             f"mean, var, scale, bias, epsilon=...) from its 'params' and 'batch_stats', and "
             f"serve a conv with the folded kernel and bias."
+        )
+
+
+def check_no_nnx_conv_norms(model, function: str) -> None:
+    """Raises a ValueError naming the cross-iteration conv + norm modules of an nnx model,
+    which `function` does not handle (it would otherwise pass over them without a word)."""
+    owners = [
+        tuple(path)
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, NNX_CONV_NORMS)
+    ]
+    if owners:
+        names = ", ".join(path_str(path) for path in owners)
+        raise ValueError(
+            f"{function} does not handle the cross-iteration conv + norm module(s) {names} of "
+            f"an nnx model. Use the linen module (bnjax.linen.CrossIterationConvBatchNorm), "
+            f"which bnjax.lifecycle.recalibrate, freeze and frozen_statistics handle, or set "
+            f"their mean/var (nnx.BatchStat) yourself."
         )
 
 
