@@ -221,3 +221,19 @@ def test_nnx_lifecycle_tools_refuse_the_fused_module_naming_it():
     ):
         with pytest.raises(ValueError, match=r"does not handle the cross-iteration.*cbn"):
             call()
+
+
+def test_telemetry_reports_the_fused_layers_on_their_conv_output():
+    from bnjax import diagnostics
+
+    model = models.SmallCNN(features=(4,), norm="cross_iteration")
+    variables = model.init(jax.random.key(0), X[0], train=False)
+    with diagnostics.telemetry():
+        _, updates = model.apply(
+            variables, X[0], train=True, mutable=["batch_stats", diagnostics.COLLECTION]
+        )
+    (layer,) = updates[diagnostics.COLLECTION]["norm0"]["telemetry"]
+    kernel = variables["params"]["norm0"]["kernel"]
+    h = nn.Conv(4, (3, 3), use_bias=False).apply({"params": {"kernel": kernel}}, X[0])
+    # Fresh running statistics (mean 0, var 1): the batch variance of the conv output.
+    np.testing.assert_allclose(layer.batch_var, h.var((0, 1, 2)).mean(), rtol=1e-5)
