@@ -43,10 +43,11 @@ bias`` of the conv's output, foldable into the conv.
 
 References:
   Yao, Cao, Zheng, Huang & Lin (2021), Cross-Iteration Batch Normalization, CVPR,
-  arXiv:2002.05712 (v3): the Taylor compensation of the statistics of past iterations,
-  Eqs. (3)-(5) (restricted to the layer's own weights, Sec. 3.2); their efficient derivatives
-  for a conv, Eqs. (6)-(7); the pooled statistics with the max with the squared mean,
-  Eq. (8); the normalization, Eq. (9); the burn-in period (Sec. 3.3, Sec. 4).
+  arXiv:2002.05712: Sec. 3.2, the first-order Taylor compensation of a past iteration's mean
+  and second moment, restricted to the layer's own weights, and the efficient per-channel
+  derivatives of a conv's statistics; Sec. 3.3, the statistics pooled over k iterations with
+  the max of each compensated second moment and the squared mean, the normalization with
+  them, and the burn-in period of plain batch norm.
 """
 
 from __future__ import annotations
