@@ -32,6 +32,7 @@ MODULES = [
     "bnjax.core.batch_norm",
     "bnjax.core.batch_renorm",
     "bnjax.core.cross_iteration_batch_norm",
+    "bnjax.core.channels_last_conv",
     "bnjax.core.group_norm",
     "bnjax.core.stats",
     "bnjax.linen",
