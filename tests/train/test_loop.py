@@ -78,6 +78,8 @@ def test_rerun_of_a_finished_run_resumes_and_changes_nothing(tmp_path):
         (dict(learning_rate=-1.0), r"config.learning_rate=-1.0 is invalid"),
         (dict(ghost_batch_size=5), r"config.ghost_batch_size=5 must be a positive int"),
         (dict(warmup_steps=12), r"config.warmup_steps=12 must be below"),
+        (dict(model="mlp", norm="cross_iteration"), r"config.norm='cross_iteration' is fused"),
+        (dict(norm="cross_iteration", ghost_batch_size=8), r"config.ghost_batch_size must be None"),
     ],
 )
 def test_invalid_configs_fail_fast_naming_the_key(tmp_path, override, pattern):
