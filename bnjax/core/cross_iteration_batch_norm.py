@@ -210,11 +210,12 @@ def _as_device_varying(kernel: Array, axis_name) -> Array:
     autodiff itself (the transpose of the implicit cast to varying), which would add the
     devices' sums twice and ignore `axis_index_groups`; cast first, so the backward pass stays
     per device and the one explicit psum below does the merge. Under pmap there is no such
-    type and nothing to cast.
+    type (nor under vmap with an axis name) and nothing to cast.
     """
     axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     varying = frozenset(jax.typeof(kernel).mat.varying)
-    missing = tuple(a for a in axes if a not in varying)
+    manual = frozenset(jax.sharding.get_abstract_mesh().manual_axes)  # shard_map's axes
+    missing = tuple(a for a in axes if a in manual and a not in varying)
     return lax.pcast(kernel, missing, to="varying") if missing else kernel
 
 

@@ -451,3 +451,22 @@ def test_a_device_varying_kernel_still_gives_one_replicated_state():
         )
         chex.assert_trees_all_close(out, want, atol=2e-5)
         chex.assert_trees_all_close(state, one, atol=2e-5, rtol=2e-5)
+
+
+def test_vmap_with_an_axis_name_equals_the_whole_batch():
+    kernel = jax.random.normal(jax.random.key(0), (3, 4))
+    x = jax.random.normal(jax.random.key(1), (4, 5, 3))
+    state = cross_iteration_state(kernel.shape, window=2)
+
+    def step(x, state):
+        return cross_iteration_batch_norm(x, kernel, state, training=True, burn_in=0, axis_name="b")
+
+    run = jax.vmap(step, axis_name="b", in_axes=(0, None), out_axes=(0, None))
+    whole = state
+    for scale in (1.0, 1.5):
+        out, state = run(x * scale, state)
+        want, whole = cross_iteration_batch_norm(
+            x.reshape(20, 3) * scale, kernel, whole, training=True, burn_in=0
+        )
+        chex.assert_trees_all_close(out.reshape(20, 4), want, atol=1e-5)
+        chex.assert_trees_all_close(state, whole, atol=1e-5, rtol=1e-5)
