@@ -9,6 +9,12 @@ What is measured, per input shape (NHWC, channels last) and dtype:
   bn eval fwd       batch norm with the running statistics.
   gn fwd            group norm, 32 groups.
   ln fwd            layer norm over the last axis.
+  cbn conv fwd+bwd  cross-iteration batch norm fused with a 3x3 conv C -> C (window 4, full),
+                    on the first 8 examples: value_and_grad of sum(y * cotangent) w.r.t. x,
+                    the kernel, scale and bias, the new state as aux. Its reference (the
+                    "flax" column) is a plain jnp implementation of the paper's formulas
+                    (raw second moments, max(nu, mu^2), nu_bar - mu_bar^2); flax has no CBN.
+
   ws conv fwd+bwd   a 3x3 conv (C -> C channels, no bias) with a weight-standardized kernel:
                     jit of jax.value_and_grad of sum(y * cotangent) with respect to x and the
                     stored kernel. bnjax.linen.StandardizedConv against the same formula in
@@ -103,6 +109,7 @@ OPS = (
     "frn",
     "evonorm_b0",
     "evonorm_s0",
+    "cbn_train_grad",
 )
 # A conv's compute dwarfs a norm's: ws_conv (minutes on 2 CPU cores) runs when asked for.
 DEFAULT_OPS = tuple(op for op in OPS if op != "ws_conv")
@@ -118,7 +125,9 @@ OP_LABELS = {
     "frn": "frn + tlu fwd",
     "evonorm_b0": "evonorm-b0 train fwd",
     "evonorm_s0": f"evonorm-s0 fwd ({GN_GROUPS} groups)",
+    "cbn_train_grad": "cbn conv fwd+bwd (vs plain jnp)",
 }
+CBN_WINDOW = 4
 NUM_DOMAINS = 2
 DEFAULT_SHAPES = ("128x32x32x64", "32x56x56x128")
 
@@ -359,6 +368,8 @@ def build_cases(shape, dtype, ops, key) -> list[Case]:
     if "domain_bn_train_grad" in ops:
         cases.append(domain_batch_norm_case(x, ct, scale, bias))
     cases.extend(norm_activation_cases(x, scale, bias, dtype, ops))
+    if "cbn_train_grad" in ops:
+        cases.append(cross_iteration_case(x[:8], ct[:8], scale, bias, key))
     return cases
 
 
@@ -598,6 +609,91 @@ def domain_batch_norm_case(x, ct, scale, bias) -> Case:
     return Case(
         "domain_bn_train_grad",
         [Impl("bnjax", grad(bnjax_loss), args), Impl("jnp", grad(plain_loss), args)],
+        pairs,
+    )
+
+
+def _conv3x3(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def plain_cross_iteration(x, kernel, past, scale, bias):
+    """The paper's CBN step written directly in jnp: (y, new past) with past = (mu, nu,
+    d mu / dW, d nu / dW, W) stacked over the window - 1 previous steps (all full)."""
+    y = _conv3x3(x, kernel)
+    yf = y.astype(jnp.float32)
+    mu, nu = jnp.mean(yf, (0, 1, 2)), jnp.mean(yf * yf, (0, 1, 2))
+    past_mu, past_nu, past_dmu, past_dnu, past_w = past
+    delta = jax.lax.stop_gradient(kernel.astype(jnp.float32))[None] - past_w
+    comp_mu = past_mu + jnp.sum(past_dmu * delta, axis=(1, 2, 3))
+    comp_nu = past_nu + jnp.sum(past_dnu * delta, axis=(1, 2, 3))
+    mu_bar = (mu + jnp.sum(comp_mu, 0)) / CBN_WINDOW
+    nu_bar = (nu + jnp.sum(jnp.maximum(comp_nu, comp_mu**2), 0)) / CBN_WINDOW
+    out = (yf - mu_bar) * jax.lax.rsqrt(nu_bar - mu_bar**2 + BN_EPSILON) * scale + bias
+    m = y.shape[0] * y.shape[1] * y.shape[2]
+    xs, ws = jax.lax.stop_gradient(x.astype(jnp.float32)), jax.lax.stop_gradient(kernel)
+    _, pullback = jax.vjp(lambda w: _conv3x3(xs, w), ws.astype(jnp.float32))
+    (dmu,) = pullback(jnp.full(y.shape, 1.0 / m))
+    (dnu,) = pullback(2.0 * jax.lax.stop_gradient(yf) / m)
+    new = [jax.lax.stop_gradient(a) for a in (mu, nu, dmu, dnu, ws.astype(jnp.float32))]
+    new_past = tuple(jnp.concatenate([n[None], p[:-1]]) for n, p in zip(new, past, strict=True))
+    return out.astype(x.dtype), new_past
+
+
+def cross_iteration_case(x, ct, scale, bias, key) -> Case:
+    channels = x.shape[-1]
+    k_w, k_p = jax.random.split(key)
+    kernel = jax.random.normal(k_w, (3, 3, channels, channels), jnp.float32) / (3 * channels**0.5)
+    # A full window from earlier steps under nearby kernels.
+    state = bnjax.cross_iteration_state(kernel.shape, window=CBN_WINDOW)
+    used = []
+    for i in range(CBN_WINDOW - 1):
+        used.insert(0, kernel + 0.01 * jax.random.normal(jax.random.fold_in(k_p, i), kernel.shape))
+        _, state = bnjax.cross_iteration_batch_norm(
+            x, used[0], state, conv=_conv3x3, training=True, momentum=MOMENTUM
+        )
+    past = (
+        state.past_mean,
+        state.past_var + state.past_mean**2,
+        state.past_mean_grad,
+        state.past_var_grad + 2 * state.past_mean[:, None, None, None, :] * state.past_mean_grad,
+        jnp.stack(used),  # newest first, as the state's slots
+    )
+
+    def bnjax_loss(x, kernel, scale, bias, state, ct):
+        y, new_state = bnjax.cross_iteration_batch_norm(
+            x, kernel, state, scale, bias, conv=_conv3x3, training=True, momentum=MOMENTUM,
+            epsilon=BN_EPSILON,
+        )  # fmt: skip
+        return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32)), new_state
+
+    def plain_loss(x, kernel, scale, bias, past, ct):
+        y, new_past = plain_cross_iteration(x, kernel, past, scale, bias)
+        return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32)), new_past
+
+    argnums = (0, 1, 2, 3)
+    bnjax_grad = jax.value_and_grad(bnjax_loss, argnums=argnums, has_aux=True)
+    plain_grad = jax.value_and_grad(plain_loss, argnums=argnums, has_aux=True)
+    kernel = kernel.astype(x.dtype)
+
+    def pairs(b, f):
+        (b_loss, b_state), b_grads = b
+        (f_loss, f_past), f_grads = f
+        named = [("loss", b_loss, f_loss), ("past mean", b_state.past_mean, f_past[0])]
+        for name, bg, fg in zip(
+            ("dx", "dkernel", "dscale", "dbias"), b_grads, f_grads, strict=True
+        ):
+            named.append((name, bg, fg))
+        return named
+
+    return Case(
+        "cbn_train_grad",
+        [
+            Impl("bnjax", bnjax_grad, (x, kernel, scale, bias, state, ct)),
+            Impl("flax", plain_grad, (x, kernel, scale, bias, past, ct)),
+        ],
         pairs,
     )
 

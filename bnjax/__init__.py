@@ -8,6 +8,7 @@
 from bnjax.core import (
     BatchNormState,
     BatchRenormState,
+    CrossIterationState,
     DomainBatchNormState,
     EvoNormB0State,
     Moments,
@@ -18,6 +19,8 @@ from bnjax.core import (
     batch_renorm,
     batch_renorm_state,
     centralize_weight,
+    cross_iteration_batch_norm,
+    cross_iteration_state,
     domain_batch_norm,
     domain_batch_norm_state,
     evonorm_b0,
@@ -40,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchNormState",
     "BatchRenormState",
+    "CrossIterationState",
     "DomainBatchNormState",
     "EvoNormB0State",
     "Moments",
@@ -50,6 +54,8 @@ __all__ = [
     "batch_renorm",
     "batch_renorm_state",
     "centralize_weight",
+    "cross_iteration_batch_norm",
+    "cross_iteration_state",
     "domain_batch_norm",
     "domain_batch_norm_state",
     "evonorm_b0",

@@ -46,6 +46,7 @@ from bnjax.lifecycle.layers import (
     call_parent,
     feature_moments,
     is_linen_batch_norm_call,
+    is_linen_conv_norm_call,
     nnx_batch_norms,
     path_str,
     read_variable,
@@ -157,7 +158,8 @@ def telemetry(collection: str = COLLECTION):
     """
 
     def interceptor(next_fun, args, kwargs, context):
-        if not is_linen_batch_norm_call(context):
+        owns_conv = is_linen_conv_norm_call(context)  # its statistics: of its conv's output
+        if not (is_linen_batch_norm_call(context) or owns_conv):
             return next_fun(*args, **kwargs)
         module = context.module
         if not module.is_mutable_collection(collection) or module.is_initializing():
@@ -173,9 +175,9 @@ def telemetry(collection: str = COLLECTION):
             collection,
             "telemetry",
             layer_telemetry(
-                args[0],
+                module.conv_output(args[0]) if owns_conv else args[0],
                 running,
-                axis=module.axis,
+                axis=-1 if owns_conv else module.axis,
                 epsilon=module.epsilon,
                 mask=kwargs.get("mask"),
                 counters=counters,

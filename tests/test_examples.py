@@ -34,6 +34,8 @@ MODULES = [
     "bnjax.core.domain_batch_norm",
     "bnjax.core.evonorm",
     "bnjax.core.filter_response_norm",
+    "bnjax.core.cross_iteration_batch_norm",
+    "bnjax.core.channels_last_conv",
     "bnjax.core.group_norm",
     "bnjax.core.moving_average_batch_norm",
     "bnjax.core.moving_average_state",

@@ -7,6 +7,11 @@ from bnjax.core.batch_renorm import (
     batch_renorm,
     batch_renorm_state,
 )
+from bnjax.core.cross_iteration_batch_norm import (
+    CrossIterationState,
+    cross_iteration_batch_norm,
+    cross_iteration_state,
+)
 from bnjax.core.domain_batch_norm import (
     DomainBatchNormState,
     domain_batch_norm,
@@ -28,6 +33,7 @@ from bnjax.core.weight_standardization import centralize_weight, standardize_wei
 __all__ = [
     "BatchNormState",
     "BatchRenormState",
+    "CrossIterationState",
     "DomainBatchNormState",
     "EvoNormB0State",
     "Moments",
@@ -38,6 +44,8 @@ __all__ = [
     "batch_renorm",
     "batch_renorm_state",
     "centralize_weight",
+    "cross_iteration_batch_norm",
+    "cross_iteration_state",
     "domain_batch_norm",
     "domain_batch_norm_state",
     "evonorm_b0",

@@ -24,8 +24,10 @@ from bnjax.lifecycle.layers import (
     call_in_mode,
     call_moments,
     call_parent,
+    check_no_nnx_conv_norms,
     feature_moments,
     get_path,
+    is_linen_conv_norm_call,
     is_linen_recalibrated_call,
     is_state,
     merge_calls,
@@ -84,6 +86,12 @@ def _estimated_moments(module, moments: stats.Moments) -> stats.Moments:
 
 def _linen_interceptor(training: bool, unbiased: dict):
     def interceptor(next_fun, args, kwargs, context):
+        if is_linen_conv_norm_call(context):  # a norm that owns its conv: that conv's output
+            module = context.module
+            unbiased[tuple(module.path)] = False
+            y = module.conv_output(args[0])
+            module.sow(SOW_NAME, "moments", feature_moments(y, -1, kwargs.get("mask")))
+            return call_in_mode(next_fun, module, args, kwargs, use_running_average=not training)
         if not is_linen_recalibrated_call(context):
             return next_fun(*args, **kwargs)
         module = context.module
@@ -254,6 +262,7 @@ class Nnx:
     batch norms record their inputs (a subclass swapped in on the copy only)."""
 
     def __init__(self, model, forward, axis_name):
+        check_no_nnx_conv_norms(model, "bnjax.lifecycle.recalibrate_nnx")
         self.model, self.axis_name, self.mode = model, axis_name, "train"
         self.forward = forward or (lambda m, b: m(*b) if isinstance(b, tuple) else m(b))
         domain_norms = [

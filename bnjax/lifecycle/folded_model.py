@@ -59,6 +59,8 @@ from bnjax.lifecycle.layers import (
     STATS,
     call_in_mode,
     call_parent,
+    check_no_conv_norms,
+    check_no_nnx_conv_norms,
     get_path,
     is_linen_batch_norm_call,
     nnx_batch_norms,
@@ -162,6 +164,7 @@ def _linen_kernel_maps(model, variables, inputs, kwargs) -> dict:
 
 
 def _linen(model, variables, inputs, kwargs) -> FoldedModel:
+    check_no_conv_norms(variables.get(STATS, {}), "bnjax.lifecycle.fold_model")
     plan = trace_pairs(model, variables, *inputs, **kwargs)
     params, stats = to_dict(variables.get(PARAMS, {})), variables.get(STATS, {})
     # A standardized (or centered) conv's folded kernel is its mapped kernel times the norm's
@@ -274,6 +277,7 @@ def _value(module, name):
 
 
 def _nnx(model, inputs, kwargs) -> FoldedModel:
+    check_no_nnx_conv_norms(model, "bnjax.lifecycle.fold_model")
     plan = trace_pairs(model, *inputs, **kwargs)
     clone = nnx.clone(model)
     modules = {tuple(path): module for path, module in nnx.iter_modules(clone)}

@@ -38,6 +38,7 @@ from bnjax.lifecycle.layers import (
     PARAMS,
     STATS,
     Path,
+    check_no_conv_norms,
     get_path,
     is_linen_batch_norm_call,
     path_str,
@@ -229,6 +230,7 @@ def fold(variables, *, epsilon: float | Mapping = 1e-5, pairs: Mapping | None = 
       >>> sorted(folded["params"]["conv0"]), "norm0" in folded["params"]
       (['bias', 'kernel'], False)
     """
+    check_no_conv_norms(variables.get(STATS, {}), "bnjax.lifecycle.fold")
     if STATS not in variables or PARAMS not in variables:
         raise ValueError("`variables` needs 'params' and 'batch_stats' (the full model.init tree).")
     pairs = (

@@ -45,8 +45,10 @@ from bnjax.lifecycle.layers import (
     Selection,
     call_in_mode,
     call_parent,
+    check_no_nnx_conv_norms,
     get_path,
     is_linen_batch_norm_call,
+    is_linen_conv_norm_call,
     is_state,
     layer_filter,
     nnx_batch_norms,
@@ -113,6 +115,7 @@ def reset_statistics(target, layers=None):
       ([0.0, 0.0], [1.0, 1.0], 0, 0)
     """
     if isinstance(target, nnx.Module):
+        check_no_nnx_conv_norms(target, "bnjax.lifecycle.reset_statistics")
         norms = nnx_batch_norms(target)
         select = layer_filter(layers, norms)
         for path, module in norms.items():
@@ -198,7 +201,7 @@ def _frozen(select: Selection, *, check_calls: bool):
     called = []
 
     def interceptor(next_fun, args, kwargs, context):
-        if not is_linen_batch_norm_call(context):
+        if not (is_linen_batch_norm_call(context) or is_linen_conv_norm_call(context)):
             return next_fun(*args, **kwargs)
         path = tuple(context.module.path)
         called.append(path)
@@ -236,6 +239,7 @@ def freeze(target, layers=None):
       (True, [0.0])
     """
     if isinstance(target, nnx.Module):
+        check_no_nnx_conv_norms(target, "bnjax.lifecycle.freeze")
         norms = nnx_batch_norms(target)
         select = layer_filter(layers, norms)
         for path, module in norms.items():

@@ -48,6 +48,7 @@ from bnjax.core.checks import broadcast_mask, normalize_axes
 __all__ = [
     "COUNTER_NAMES",
     "LINEN_BATCH_NORMS",
+    "LINEN_CONV_NORMS",
     "LINEN_DOMAIN_BATCH_NORMS",
     "LINEN_KEPT_NORMS",
     "LINEN_RUNNING_VARIANCE_NORMS",
@@ -63,9 +64,12 @@ __all__ = [
     "call_in_mode",
     "call_moments",
     "call_parent",
+    "check_no_conv_norms",
+    "check_no_nnx_conv_norms",
     "feature_moments",
     "get_path",
     "is_linen_batch_norm_call",
+    "is_linen_conv_norm_call",
     "is_linen_recalibrated_call",
     "is_state",
     "layer_filter",
@@ -108,6 +112,11 @@ NNX_KEPT_NORMS = (bnnx.FilterResponseNorm, bnnx.EvoNormB0, bnnx.EvoNormS0)
 """Norms that include a nonlinear activation, so no evaluation-mode affine map: `fold_model`
 runs them as they are (in evaluation mode) and lists them in ``plan.kept``."""
 STATE_TYPES = (BatchNormState, BatchRenormState, EvoNormB0State)
+LINEN_CONV_NORMS = (bnn.CrossIterationConvBatchNorm,)
+NNX_CONV_NORMS = (bnnx.CrossIterationConvBatchNorm,)
+"""Batch norms that own the conv before them: their statistics are of that conv's output."""
+CONV_NORM_MARK = "past_mean_grad"
+"""The 'batch_stats' entry that marks a conv-owning norm (cross-iteration batch norm)."""
 
 
 def is_state(node) -> bool:
@@ -307,6 +316,50 @@ def call_in_mode(next_fun, module, args, kwargs, *, use_running_average: bool):
 def is_linen_batch_norm_call(context) -> bool:
     """Whether an ``intercept_methods`` context is the ``__call__`` of a linen batch norm."""
     return context.method_name == "__call__" and isinstance(context.module, LINEN_BATCH_NORMS)
+
+
+def is_linen_conv_norm_call(context) -> bool:
+    """Whether an ``intercept_methods`` context is the ``__call__`` of a norm that owns its
+    conv (`LINEN_CONV_NORMS`: its statistics are those of ``module.conv_output(x)``)."""
+    return context.method_name == "__call__" and isinstance(context.module, LINEN_CONV_NORMS)
+
+
+def check_no_conv_norms(collection, function: str) -> None:
+    """Raises a ValueError naming the layers of a 'batch_stats' collection that own their
+    conv (cross-iteration batch norm): folding pairs a norm with a separate conv, and theirs
+    is inside the module."""
+    owners = [
+        path
+        for path in stats_layer_paths(collection)
+        if CONV_NORM_MARK in get_path(collection, path)
+    ]
+    if owners:
+        names = ", ".join(path_str(path) for path in owners)
+        raise ValueError(
+            f"{function} cannot fold {names}: a cross-iteration batch norm owns its conv, so "
+            f"there is no separate conv to fold it into. Its evaluation is the affine of its "
+            f"conv's output: fold it by hand with bnjax.lifecycle.fold_into(kernel, None, "
+            f"mean, var, scale, bias, epsilon=...) from its 'params' and 'batch_stats', and "
+            f"serve a conv with the folded kernel and bias."
+        )
+
+
+def check_no_nnx_conv_norms(model, function: str) -> None:
+    """Raises a ValueError naming the cross-iteration conv + norm modules of an nnx model,
+    which `function` does not handle (it would otherwise pass over them without a word)."""
+    owners = [
+        tuple(path)
+        for path, module in nnx.iter_modules(model)
+        if isinstance(module, NNX_CONV_NORMS)
+    ]
+    if owners:
+        names = ", ".join(path_str(path) for path in owners)
+        raise ValueError(
+            f"{function} does not handle the cross-iteration conv + norm module(s) {names} of "
+            f"an nnx model. Use the linen module (bnjax.linen.CrossIterationConvBatchNorm), "
+            f"which bnjax.lifecycle.recalibrate, freeze and frozen_statistics handle, or set "
+            f"their mean/var (nnx.BatchStat) yourself."
+        )
 
 
 def to_dict(tree):

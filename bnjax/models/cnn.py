@@ -14,6 +14,7 @@ from bnjax.models.norms import (
     NormFactory,
     activation_after,
     apply_norm,
+    conv_or_fused,
     make_layer,
     norm_factory,
     uses_bias_before_norm,
@@ -59,13 +60,14 @@ class SmallCNN(nn.Module):
         )
         x = x.astype(self.dtype)
         for i, width in enumerate(self.features):
-            x = conv_class(self.conv)(
+            conv = conv_class(self.conv)(
                 width,
                 (3, 3),
                 use_bias=uses_bias_before_norm(self.norm),
                 dtype=self.dtype,
                 name=f"conv{i}",
-            )(x)
+            )
+            x = conv_or_fused(conv, factory)(x)  # a norm that owns its conv takes x itself
             norm = make_layer(factory, train=train, name=f"norm{i}", dtype=self.dtype)
             x = apply_norm(norm, x, mask, domain)
             x = activation_after(factory, nn.relu)(x)  # none after FRN/EvoNorm

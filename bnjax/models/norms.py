@@ -23,8 +23,11 @@ field: bnjax's BatchNorm and BatchRenorm, ``flax.linen.BatchNorm``) also receive
     'frn'           bnjax.linen.FilterResponseNorm   per example and channel, + its TLU
     'evonorm_b0'    bnjax.linen.EvoNormB0      batch variance + instance term, its activation
     'evonorm_s0'    bnjax.linen.EvoNormS0      per example, `groups` channel groups, swish-like
+    'cross_iteration' bnjax.linen.CrossIterationConvBatchNorm  conv + batch norm whose
+                    statistics pool the last `window` steps (Taylor-compensated); it owns the
+                    conv before it, so the models hand it that conv's input (`conv_or_fused`)
 
-The last three include their activation (`includes_activation`): the models apply no ReLU
+'frn', 'evonorm_b0' and 'evonorm_s0' include their activation (`includes_activation`): the models apply no ReLU
 after them, and a norm the models do not follow by an activation (before a residual addition)
 gets ``activation=False``.
 
@@ -38,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -100,6 +103,15 @@ def _evonorm_s0(spatial, groups, **options):
     return functools.partial(bnn.EvoNormS0, num_groups=groups, **options)
 
 
+def _cross_iteration(spatial, groups, **options):
+    if not spatial:
+        raise ValueError(
+            "`norm`='cross_iteration' is built fused with the conv before it (its statistics "
+            "need that conv's kernel and input); the mlp has no conv: use 'batch' there."
+        )
+    return functools.partial(bnn.CrossIterationConvBatchNorm, **options)
+
+
 # The registry: name -> build(spatial, groups, **module options) -> a norm factory (None: no
 # norm). Its keys are the valid `norm` names.
 NORMS: dict[str, Callable[..., NormFactory | None]] = {
@@ -114,8 +126,16 @@ NORMS: dict[str, Callable[..., NormFactory | None]] = {
     "frn": _frn,
     "evonorm_b0": _evonorm_b0,
     "evonorm_s0": _evonorm_s0,
+    "cross_iteration": _cross_iteration,
 }
-BATCH_STATISTICS_NORMS = ("batch", "batch_renorm", "moving_average", "domain_batch", "evonorm_b0")
+BATCH_STATISTICS_NORMS = (
+    "batch",
+    "batch_renorm",
+    "moving_average",
+    "domain_batch",
+    "evonorm_b0",
+    "cross_iteration",
+)
 
 
 def check_norm(norm: str) -> None:
@@ -192,6 +212,39 @@ def activation_after(factory: NormFactory | None, activation):
     return _identity if includes_activation(factory) else activation
 
 
+def fuses_conv(factory: NormFactory | None) -> bool:
+    """Whether modules from `factory` own the conv before them (they take its input)."""
+    return bool(getattr(_module_class(factory), "fuses_conv", False))
+
+
+class DeferredConv(NamedTuple):
+    """A conv's input and the (never called) conv module whose options a fused norm takes."""
+
+    inputs: Any
+    conv: nn.Conv
+
+
+def conv_or_fused(conv: nn.Conv, factory: NormFactory | None):
+    """`conv` itself, or, when the norm after it owns its conv (`fuses_conv`), a function that
+    hands the conv's input and options to that norm: `apply_norm` then builds the fused layer
+    (named as the norm) and `conv` is never called (it creates no variables). A fused norm's
+    conv is a plain one, so a conv with another kernel map (`conv='standardized'`) is refused."""
+    if not fuses_conv(factory):
+        return conv
+    if type(conv) is not nn.Conv:
+        raise ValueError(
+            f"`norm`={_module_class(factory).__name__} owns the conv before it, which is a plain "
+            f"convolution; it cannot use {type(conv).__name__} (`conv` must be 'plain')."
+        )
+    return lambda x: DeferredConv(x, conv)
+
+
+def _conv_options(conv: nn.Conv) -> dict[str, Any]:
+    names = ("features", "kernel_size", "strides", "padding", "input_dilation")
+    names += ("kernel_dilation", "feature_group_count", "kernel_init")
+    return {name: getattr(conv, name) for name in names}
+
+
 def uses_bias_before_norm(norm: str | NormFactory | None) -> bool:
     """A layer followed by a norm needs no bias: the norm's shift (or mean removal) absorbs it."""
     return norm is None or norm == "none"
@@ -231,6 +284,8 @@ def make_layer(
         options["scale_init"] = nn.initializers.zeros
     if not activation and includes_activation(factory):
         options["activation"] = False
+    if fuses_conv(factory):  # built by `apply_norm`, once the conv's options are known
+        return functools.partial(factory, **options)
     return factory(**options)
 
 
@@ -253,6 +308,8 @@ def apply_norm(layer, x, mask=None, domain=None):
       >>> y[:2, 0].round(3).tolist()                    # statistics of the first two rows
       [-1.0, 1.0]
     """
+    if isinstance(x, DeferredConv):  # a norm that owns its conv (see `conv_or_fused`)
+        layer, x = layer(**_conv_options(x.conv)), x.inputs
     by_domain = {} if domain is None or not hasattr(layer, "num_domains") else {"domain": domain}
     if mask is None or not hasattr(layer, "use_running_average"):
         return layer(x, **by_domain)

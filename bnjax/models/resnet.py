@@ -25,6 +25,7 @@ from bnjax.models.norms import (
     NormFactory,
     activation_after,
     apply_norm,
+    conv_or_fused,
     make_layer,
     norm_factory,
     uses_bias_before_norm,
@@ -43,7 +44,7 @@ class _NormSettings(nn.Module):
     conv: str | ConvFactory = "plain"  # see bnjax.models.convs
 
     def conv_layer(self, features, kernel, strides=1, name=None):
-        return conv_class(self.conv)(
+        conv = conv_class(self.conv)(
             features,
             (kernel, kernel),
             strides=(strides, strides),
@@ -53,6 +54,11 @@ class _NormSettings(nn.Module):
             dtype=self.dtype,
             name=name,
         )
+        # A norm that owns its conv (cross-iteration BN) takes the conv's input instead.
+        factory = norm_factory(
+            self.norm, spatial=True, groups=self.norm_groups, options=self.norm_options
+        )
+        return conv_or_fused(conv, factory)
 
     def normalize(
         self,

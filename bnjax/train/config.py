@@ -120,6 +120,13 @@ def check_config(config, num_devices: int) -> None:
         )
     if config.model == "mlp" and config.norm == "instance":
         raise ValueError("config.norm='instance' needs spatial axes; the mlp has none.")
+    if config.model == "mlp" and config.norm == "cross_iteration":
+        raise ValueError("config.norm='cross_iteration' is fused with a conv; the mlp has none.")
+    if config.norm == "cross_iteration" and config.ghost_batch_size is not None:
+        raise ValueError(
+            "config.ghost_batch_size must be None with config.norm='cross_iteration' (its "
+            "statistics pool whole batches over steps, not ghost batches)."
+        )
     if config.norm == "group":
         _check_groups(config)
     if config.norm in BATCH_STATISTICS_NORMS and config.eval_batch_size < 2:

@@ -79,6 +79,8 @@ def test_rerun_of_a_finished_run_resumes_and_changes_nothing(tmp_path):
         (dict(ghost_batch_size=5), r"config.ghost_batch_size=5 must be a positive int"),
         (dict(norm="evonorm_b0", ghost_batch_size=4), r"config.ghost_batch_size applies to"),
         (dict(warmup_steps=12), r"config.warmup_steps=12 must be below"),
+        (dict(model="mlp", norm="cross_iteration"), r"config.norm='cross_iteration' is fused"),
+        (dict(norm="cross_iteration", ghost_batch_size=8), r"config.ghost_batch_size must be None"),
     ],
 )
 def test_invalid_configs_fail_fast_naming_the_key(tmp_path, override, pattern):
