@@ -27,9 +27,9 @@ field: bnjax's BatchNorm and BatchRenorm, ``flax.linen.BatchNorm``) also receive
                     statistics pool the last `window` steps (Taylor-compensated); it owns the
                     conv before it, so the models hand it that conv's input (`conv_or_fused`)
 
-'frn', 'evonorm_b0' and 'evonorm_s0' include their activation (`includes_activation`): the models apply no ReLU
-after them, and a norm the models do not follow by an activation (before a residual addition)
-gets ``activation=False``.
+'frn', 'evonorm_b0' and 'evonorm_s0' include their activation (`includes_activation`): the
+models apply no ReLU after them, and a norm the models do not follow by an activation (before
+a residual addition) gets ``activation=False``.
 
 A model given a name builds the partial itself, with its `norm_groups` and `norm_options`. In
 training mode batch-statistics norms update 'batch_stats', so apply with
