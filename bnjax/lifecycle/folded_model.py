@@ -142,6 +142,16 @@ def _norm_arrays(path, mean, var, scale, bias, info: NormInfo):
     return {"mean": np.asarray(mean), "var": np.asarray(var)}
 
 
+def _has_evaluation_mode(context) -> bool:
+    """Whether an ``intercept_methods`` context is the ``__call__`` of a linen layer with running
+    statistics (a batch norm, or a norm with a running variance such as EvoNorm-B0): the
+    folded model and its reference run those in evaluation mode, with nothing written."""
+    return is_linen_batch_norm_call(context) or (
+        context.method_name == "__call__"
+        and isinstance(context.module, LINEN_RUNNING_VARIANCE_NORMS)
+    )
+
+
 def _linen_kernel_maps(model, variables, inputs, kwargs) -> dict:
     """{layer path: kernel map} of the convs that reparametrize their kernel (weight
     standardization, centering), read from one shapes-only trace of the model."""
@@ -152,7 +162,7 @@ def _linen_kernel_maps(model, variables, inputs, kwargs) -> dict:
             kernel_fn = kernel_map(context.module)
             if kernel_fn is not None:
                 maps[tuple(context.module.path)] = kernel_fn
-        if is_linen_batch_norm_call(context):
+        if _has_evaluation_mode(context):
             return call_in_mode(
                 next_fun, context.module, args, call_kwargs, use_running_average=True
             )
@@ -220,10 +230,7 @@ def _linen(model, variables, inputs, kwargs) -> FoldedModel:
         return next_fun(*args, **call_kwargs)
 
     def evaluating(next_fun, args, call_kwargs, context):
-        if is_linen_batch_norm_call(context) or (
-            context.method_name == "__call__"
-            and isinstance(context.module, LINEN_RUNNING_VARIANCE_NORMS)
-        ):
+        if _has_evaluation_mode(context):
             return call_in_mode(
                 next_fun, context.module, args, call_kwargs, use_running_average=True
             )
