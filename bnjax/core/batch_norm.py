@@ -39,7 +39,7 @@ from bnjax.core import checks, stats
 from bnjax.core.batch_layout import BatchLayout, as_param, batch_layout, grouped_mask
 from bnjax.core.batch_normalize import KernelConfig, normalize
 from bnjax.core.running_update import batch_statistics_for_update, running_update
-from bnjax.core.state_guard import check_known_statistics, guard_statistics
+from bnjax.core.state_guard import check_known_statistics, deferred_guard_statistics
 
 __all__ = [
     "BatchNormState",
@@ -350,7 +350,7 @@ def batch_norm(
         y = evaluate(x, state, scale, bias, epsilon=epsilon, layout=layout, function="batch_norm")
         return y, given_state
 
-    guard = guard_statistics(state, ("mean", "var"), "batch_norm")
+    guard = deferred_guard_statistics(state, ("mean", "var"), "batch_norm")
     dtype = stats.stats_dtype(x.dtype)
     plan = plan_training(
         x,

@@ -16,14 +16,13 @@ are replaced (`BatchNormState`, `BatchRenormState`).
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from bnjax.core.state_guard import StateGuard
+from bnjax.core.state_guard import DeferredGuard, StateGuard, all_of, all_true, finite_flags
 
 if TYPE_CHECKING:
     from bnjax.core.batch_norm import BatchLayout, BatchNormState, TrainingPlan
@@ -109,8 +108,9 @@ def averaged_statistics(mean, var, batch_mean, batch_var, count, momentum):
 
 
 def all_finite(*arrays) -> Array:
-    """One boolean: every value of every array is finite."""
-    return functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(a)) for a in arrays])
+    """One boolean: every value of every array is finite (one reduction for arrays of one
+    shape, `state_guard.finite_flags`)."""
+    return all_true(finite_flags(*arrays))
 
 
 def updated_statistics(
@@ -138,7 +138,10 @@ def counters_after(state, folded: Array, guard: StateGuard) -> dict[str, Array]:
 
 
 def running_update(
-    state: BatchNormState, batch: BatchUpdate, momentum: float | None, guard: StateGuard
+    state: BatchNormState,
+    batch: BatchUpdate,
+    momentum: float | None,
+    guard: StateGuard | DeferredGuard,
 ) -> BatchNormState:
     """Folds one batch's statistics into the state, per feature, unless they are not finite.
 
@@ -146,10 +149,25 @@ def running_update(
     (`updated_statistics`). A batch whose estimated statistics are not finite, or that
     estimated no feature at all, is left out and counted in `skipped`. A state that is itself
     not finite (`guard.finite` False) cannot be updated: it is returned unchanged, with
-    neither `count` nor `skipped` advanced (`counters_after`).
+    neither `count` nor `skipped` advanced (`counters_after`). A `DeferredGuard` (traced
+    incoming statistics) is checked here, in the same reduction as the new statistics.
     """
     new_mean, new_var = updated_statistics(state.mean, state.var, batch, state.count, momentum)
-    folded = all_finite(new_mean, new_var) & batch.any_estimated
+    # One reduction for every flag of the update (a deferred guard's incoming statistics,
+    # the new statistics, which features were estimated): see `state_guard.all_of`.
+    incoming = guard.masks(state) if isinstance(guard, DeferredGuard) else []
+    new = [jnp.isfinite(new_mean), jnp.isfinite(new_var)]
+    none_estimated = (
+        [~batch.estimated]
+        if batch.estimated.size and batch.estimated.shape == new_mean.shape
+        else []
+    )
+    flags = all_of(*incoming, *new, *none_estimated)
+    if isinstance(guard, DeferredGuard):
+        guard = guard.guard(state, flags[: len(incoming)])
+    finite = all_true(flags[len(incoming) : len(incoming) + len(new)])
+    any_estimated = ~flags[-1] if none_estimated else batch.any_estimated
+    folded = finite & any_estimated
     return state._replace(
         mean=jnp.where(folded, new_mean, state.mean),
         var=jnp.where(folded, new_var, state.var),
