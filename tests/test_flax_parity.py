@@ -16,7 +16,8 @@ parametrized case each), against flax.linen and flax.nnx:
 
 flax runs with ``use_fast_variance=False`` (bnjax's statistics are always exact two-pass float32),
 except in the cases named ``fast-variance``, whose data suit the one-pass formula. The documented
-deliberate differences (see bnjax/linen.py) are avoided, or checked as such. Nothing is fetched.
+deliberate differences (see bnjax/linen/__init__.py) are avoided, or checked as such. Nothing is
+fetched.
 """
 
 from __future__ import annotations

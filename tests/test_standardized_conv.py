@@ -254,7 +254,7 @@ def test_nnx_fold_model_uses_the_standardized_kernel():
     np.testing.assert_allclose(folded(x), expected, rtol=1e-5, atol=1e-5 * scale)
     np.testing.assert_allclose(folded.evaluate(x), expected, rtol=1e-6, atol=1e-6)
     # The user's model still standardizes (the folded one is a clone).
-    assert isinstance(model.ws.promote_dtype, bnjax.nnx_standardized_conv.KernelFirst)
+    assert isinstance(model.ws.promote_dtype, bnjax.nnx.standardized_conv.KernelFirst)
 
 
 def test_linen_fields_are_flax_conv_fields_with_flax_defaults():

@@ -75,8 +75,8 @@ from bnjax.lifecycle.layers import (
     write_variable,
 )
 from bnjax.lifecycle.pairing import FoldPlan, NormInfo, trace_pairs
-from bnjax.linen_standardized_conv import kernel_map, stored_kernels
-from bnjax.nnx_standardized_conv import KernelFirst
+from bnjax.linen.standardized_conv import kernel_map, stored_kernels
+from bnjax.nnx.standardized_conv import KernelFirst
 
 __all__ = ["FoldedModel", "fold_model"]
 
