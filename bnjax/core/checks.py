@@ -368,3 +368,30 @@ def as_counters(state, fields, factory: str):
                 f"map over the stacked states instead of passing them whole)."
             )
     return state._replace(**converted) if converted else state
+
+
+def group_count(channels: int, num_groups, group_size, axis) -> int:
+    """The number of channel groups from exactly one of `num_groups` and `group_size` (group
+    norm's and EvoNorm-S0's options), each of which must divide the `channels` of `axis`;
+    otherwise a ValueError naming the argument and the divisors."""
+    if (num_groups is None) == (group_size is None):
+        raise ValueError(
+            f"Give exactly one of `num_groups` and `group_size` (got num_groups={num_groups}, "
+            f"group_size={group_size}); e.g. num_groups=None to use group_size."
+        )
+    divisors = [d for d in range(1, channels + 1) if channels % d == 0]
+    if group_size is not None:
+        group_size = as_int(group_size, "group_size")
+        if group_size < 1 or channels % group_size:
+            raise ValueError(
+                f"`group_size`={group_size} must divide the {channels} channels of axis "
+                f"{axis}; divisors are {divisors}."
+            )
+        num_groups = channels // group_size
+    num_groups = as_int(num_groups, "num_groups")
+    if num_groups < 1 or channels % num_groups:
+        raise ValueError(
+            f"`num_groups`={num_groups} must divide the {channels} channels of axis {axis}; "
+            f"divisors are {divisors}."
+        )
+    return num_groups

@@ -174,26 +174,7 @@ def group_norm(
                 f"(axis={axis!r}): each group's statistics run over its channels."
             )
     channels = x.shape[channel_axis]
-    if (num_groups is None) == (group_size is None):
-        raise ValueError(
-            f"Give exactly one of `num_groups` and `group_size` (got num_groups={num_groups}, "
-            f"group_size={group_size}); e.g. num_groups=None to use group_size."
-        )
-    divisors = [d for d in range(1, channels + 1) if channels % d == 0]
-    if group_size is not None:
-        group_size = checks.as_int(group_size, "group_size")
-        if group_size < 1 or channels % group_size:
-            raise ValueError(
-                f"`group_size`={group_size} must divide the {channels} channels of axis "
-                f"{axis}; divisors are {divisors}."
-            )
-        num_groups = channels // group_size
-    num_groups = checks.as_int(num_groups, "num_groups")
-    if num_groups < 1 or channels % num_groups:
-        raise ValueError(
-            f"`num_groups`={num_groups} must divide the {channels} channels of axis {axis}; "
-            f"divisors are {divisors}."
-        )
+    num_groups = checks.group_count(channels, num_groups, group_size, axis)
     scale, bias = _check_affine(scale, bias, (channels,), "axis", x.dtype)
     mask = checks.broadcast_mask(mask, x)
     spatial = tuple(a for a in reduce if a != channel_axis)
