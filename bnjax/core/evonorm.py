@@ -49,6 +49,7 @@ from bnjax.core.filter_response_norm import (
     check_channel_param,
     check_real,
 )
+from bnjax.core.group_norm import _inverse_std, group_moments, group_values_to_channels
 from bnjax.core.running_update import MIN_VALUES_PER_ESTIMATE, all_finite, counters_after
 from bnjax.core.state_guard import check_known_statistics, guard_statistics
 
@@ -231,36 +232,10 @@ def evonorm_b0(
 
 
 def _group_inverse_std(x, channel_axis, spatial, num_groups, epsilon, mask, axis_name, groups):
-    """1 / sqrt(group variance + eps) per example and group, broadcast to x's channels.
-
-    The per-channel moments over the spatial axes merge exactly (Chan) into each group's, as
-    in `bnjax.group_norm`; across devices each group's moments are reduced at once so the
-    one-round merge gets the shifted moments it needs.
-    """
-    channels = x.shape[channel_axis]
-    size = channels // num_groups
-    view = tuple(1 if a in spatial else n for a, n in enumerate(x.shape))
-    small = [*view[:channel_axis], num_groups, size, *view[channel_axis + 1 :]]
-    if axis_name is None:
-        per_channel = stats.moments(x, spatial, mask)
-        merged = stats.combine(
-            stats.Moments(*(f.reshape(small) for f in per_channel)), axis=channel_axis + 1
-        )
-    else:
-        grouped = (*x.shape[:channel_axis], num_groups, size, *x.shape[channel_axis + 1 :])
-        axes = (*(a if a < channel_axis else a + 1 for a in spatial), channel_axis + 1)
-        merged = stats.reduce_moments(
-            x.reshape(grouped),
-            tuple(sorted(axes)),
-            None if mask is None else mask.reshape(grouped),
-            axis_name,
-            groups,
-        )
-        merged = stats.Moments(*(jnp.squeeze(f, channel_axis + 1) for f in merged))
-    var = merged.m2 / jnp.maximum(merged.count, 1)
-    inv = stats.inverse_root(merged.count, var, epsilon)
-    inv = jnp.broadcast_to(jnp.expand_dims(inv, channel_axis + 1), small)
-    return inv.reshape(view)
+    """1 / sqrt(group variance + eps) per example and group, broadcast to x's channels (the
+    moments of `bnjax.group_norm`: per-channel moments merged exactly per group)."""
+    merged = group_moments(x, channel_axis, spatial, num_groups, mask, axis_name, groups)
+    return group_values_to_channels(_inverse_std(merged, epsilon), x.shape, channel_axis, spatial)
 
 
 def evonorm_s0(

@@ -106,6 +106,50 @@ def _inverse_std(moments: stats.Moments, epsilon) -> Array:
     return stats.inverse_root(moments.count, moments.m2 / jnp.maximum(moments.count, 1), epsilon)
 
 
+def group_moments(
+    x: Array, channel_axis: int, spatial, num_groups: int, mask, axis_name, axis_index_groups
+) -> stats.Moments:
+    """The moments of each example's channel groups: over the `spatial` axes and the channels
+    of each of `num_groups` groups of `channel_axis` (synchronised over `axis_name`).
+
+    Shapes: x's, with each `spatial` axis 1 and `channel_axis` of size `num_groups`.
+    """
+    size = x.shape[channel_axis] // num_groups
+    channel_view = tuple(1 if a in spatial else n for a, n in enumerate(x.shape))
+    small = [*channel_view[:channel_axis], num_groups, size, *channel_view[channel_axis + 1 :]]
+    if axis_name is None:
+        # Per-channel two-pass moments over the other reduction axes of the plain x, then an
+        # exact (Chan) merge of the channels of each group on the small arrays: every
+        # full-size pass is a plain per-channel reduction or elementwise loop, which XLA runs
+        # well, and no grouped copy of x is made.
+        per_channel = stats.moments(x, spatial, mask)
+        return stats.combine(
+            stats.Moments(*(f.reshape(small) for f in per_channel)), axis=channel_axis + 1
+        )
+    # Across devices: the moments of each group at once, so that the one-round merge gets
+    # the shifted moments it needs to stay exact (see `stats.merge_across_devices`).
+    grouped = (*x.shape[:channel_axis], num_groups, size, *x.shape[channel_axis + 1 :])
+    axes = (*(a if a < channel_axis else a + 1 for a in spatial), channel_axis + 1)
+    merged = stats.reduce_moments(
+        x.reshape(grouped),
+        tuple(sorted(axes)),
+        None if mask is None else mask.reshape(grouped),
+        axis_name,
+        axis_index_groups,
+    )
+    return stats.Moments(*(jnp.squeeze(f, channel_axis + 1) for f in merged))
+
+
+def group_values_to_channels(values: Array, x_shape, channel_axis: int, spatial) -> Array:
+    """Per-group `values` (shaped as `group_moments`' fields) repeated over each group's
+    channels: x's shape with each `spatial` axis 1."""
+    num_groups = values.shape[channel_axis]
+    size = x_shape[channel_axis] // num_groups
+    channel_view = tuple(1 if a in spatial else n for a, n in enumerate(x_shape))
+    small = [*channel_view[:channel_axis], num_groups, size, *channel_view[channel_axis + 1 :]]
+    return jnp.broadcast_to(jnp.expand_dims(values, channel_axis + 1), small).reshape(channel_view)
+
+
 def group_norm(
     x: Array,
     scale: Array | None = None,
@@ -182,36 +226,11 @@ def group_norm(
         channels // num_groups * math.prod(x.shape[a] for a in spatial),
         f"group_norm on x of shape {tuple(x.shape)} with {num_groups} groups",
     )
-    size = channels // num_groups
-    channel_view = tuple(1 if a in spatial else n for a, n in enumerate(x.shape))
-    small = [*channel_view[:channel_axis], num_groups, size, *channel_view[channel_axis + 1 :]]
-    if axis_name is None:
-        # Per-channel two-pass moments over the other reduction axes of the plain x, then an
-        # exact (Chan) merge of the channels of each group on the small arrays: every
-        # full-size pass is a plain per-channel reduction or elementwise loop, which XLA runs
-        # well, and no grouped copy of x is made.
-        per_channel = stats.moments(x, spatial, mask)
-        merged = stats.combine(
-            stats.Moments(*(f.reshape(small) for f in per_channel)), axis=channel_axis + 1
-        )
-    else:
-        # Across devices: the moments of each group at once, so that the one-round merge gets
-        # the shifted moments it needs to stay exact (see `stats.merge_across_devices`).
-        grouped = (*x.shape[:channel_axis], num_groups, size, *x.shape[channel_axis + 1 :])
-        axes = (*(a if a < channel_axis else a + 1 for a in spatial), channel_axis + 1)
-        merged = stats.reduce_moments(
-            x.reshape(grouped),
-            tuple(sorted(axes)),
-            None if mask is None else mask.reshape(grouped),
-            axis_name,
-            axis_index_groups,
-        )
-        merged = stats.Moments(*(jnp.squeeze(f, channel_axis + 1) for f in merged))
+    merged = group_moments(x, channel_axis, spatial, num_groups, mask, axis_name, axis_index_groups)
     inv = _inverse_std(merged, epsilon)
 
     def to_channels(v):
-        v = jnp.broadcast_to(jnp.expand_dims(v, channel_axis + 1), small)
-        return v.reshape(channel_view)
+        return group_values_to_channels(v, x.shape, channel_axis, spatial)
 
     y = (x.astype(merged.mean.dtype) - to_channels(merged.mean)) * to_channels(inv)
     return _affine(y, scale, bias, (channel_axis,), x.dtype)
