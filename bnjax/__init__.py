@@ -14,6 +14,7 @@ from bnjax.core import (
     Moments,
     MovingAverageBatchNormState,
     RenormSchedule,
+    StreamRenormState,
     batch_norm,
     batch_norm_state,
     batch_renorm,
@@ -36,6 +37,11 @@ from bnjax.core import (
     moving_average_batch_norm_state,
     rms_norm,
     standardize_weight,
+    stream_batch_renorm,
+    stream_renorm_state,
+    stream_renorm_state_from,
+    streaming_population_norm,
+    streaming_population_state,
 )
 
 __version__ = "0.1.0"
@@ -49,6 +55,7 @@ __all__ = [
     "Moments",
     "MovingAverageBatchNormState",
     "RenormSchedule",
+    "StreamRenormState",
     "batch_norm",
     "batch_norm_state",
     "batch_renorm",
@@ -71,4 +78,9 @@ __all__ = [
     "moving_average_batch_norm_state",
     "rms_norm",
     "standardize_weight",
+    "stream_batch_renorm",
+    "stream_renorm_state",
+    "stream_renorm_state_from",
+    "streaming_population_norm",
+    "streaming_population_state",
 ]

@@ -28,6 +28,14 @@ from bnjax.core.moving_average_batch_norm import (
     moving_average_batch_norm_state,
 )
 from bnjax.core.stats import Moments
+from bnjax.core.stream_norm import (
+    StreamRenormState,
+    stream_batch_renorm,
+    stream_renorm_state,
+    stream_renorm_state_from,
+    streaming_population_norm,
+    streaming_population_state,
+)
 from bnjax.core.weight_standardization import centralize_weight, standardize_weight
 
 __all__ = [
@@ -39,6 +47,7 @@ __all__ = [
     "Moments",
     "MovingAverageBatchNormState",
     "RenormSchedule",
+    "StreamRenormState",
     "batch_norm",
     "batch_norm_state",
     "batch_renorm",
@@ -61,4 +70,9 @@ __all__ = [
     "moving_average_batch_norm_state",
     "rms_norm",
     "standardize_weight",
+    "stream_batch_renorm",
+    "stream_renorm_state",
+    "stream_renorm_state_from",
+    "streaming_population_norm",
+    "streaming_population_state",
 ]

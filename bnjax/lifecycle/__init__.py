@@ -9,6 +9,10 @@
   bundled models' layer names; `fold_model` folds any linen or nnx model, with the pairs
   `trace_pairs` reads from the traced computation (`bnjax.export` writes it for serving);
   `select_domain` turns one domain of a domain batch norm into a plain batch norm to fold.
+- `adapter` (linen), `adapter_nnx`, `adapter_from_forward` (the functional core): test-time
+  adaptation to a shifted test stream as pure step functions (`METHODS`: source, test-batch
+  statistics, online AdaBN, TENT, DELTA's TBR and DOT); `adapt_statistics`: offline AdaBN
+  with a source-to-target blend.
 - `validate_statistics`, `load_checkpoint` and ``python -m bnjax.lifecycle validate DIR``:
   missing, non-finite, negative, never-updated or mis-shaped statistics; checkpoints of
   `bnjax.train.Checkpointer` read back through their checksums, whatever the path names.
@@ -19,6 +23,20 @@ tools built on top of them. Per-layer telemetry (batch statistics, drift from th
 ones) is in `bnjax.diagnostics`.
 """
 
+from bnjax.lifecycle.adaptation import (
+    METHODS,
+    AdaptationState,
+    Adapter,
+    adapter_from_forward,
+    balanced_entropy_loss,
+    entropy_loss,
+)
+from bnjax.lifecycle.adaptation_models import (
+    adapt_statistics,
+    adapter,
+    adapter_nnx,
+    blend_statistics,
+)
 from bnjax.lifecycle.checkpoint_reading import UnverifiedCheckpointWarning, load_checkpoint
 from bnjax.lifecycle.domains import select_domain
 from bnjax.lifecycle.folded_model import FoldedModel, fold_model
@@ -55,6 +73,9 @@ from bnjax.lifecycle.recalibration import (
 from bnjax.lifecycle.validation import LayerReport, ValidationReport, validate_statistics
 
 __all__ = [
+    "METHODS",
+    "AdaptationState",
+    "Adapter",
     "FoldPlan",
     "FoldedModel",
     "LayerInput",
@@ -63,8 +84,15 @@ __all__ = [
     "UnverifiedCheckpointWarning",
     "ValidationReport",
     "accumulate",
+    "adapt_statistics",
+    "adapter",
+    "adapter_from_forward",
+    "adapter_nnx",
+    "balanced_entropy_loss",
+    "blend_statistics",
     "bn_param_labels",
     "empty_totals",
+    "entropy_loss",
     "evaluation_affine",
     "fold",
     "fold_into",
