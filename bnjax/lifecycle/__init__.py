@@ -9,6 +9,8 @@
   bundled models' layer names; `fold_model` folds any linen or nnx model, with the pairs
   `trace_pairs` reads from the traced computation (`bnjax.export` writes it for serving);
   `select_domain` turns one domain of a domain batch norm into a plain batch norm to fold.
+- `ema`, `swa`, `averaged_variables`: averaged models (EMA, Polyak, SWA) whose batch
+  statistics are averaged alongside the weights or recalibrated for the averaged weights.
 - `validate_statistics`, `load_checkpoint` and ``python -m bnjax.lifecycle validate DIR``:
   missing, non-finite, negative, never-updated or mis-shaped statistics; checkpoints of
   `bnjax.train.Checkpointer` read back through their checksums, whatever the path names.
@@ -19,6 +21,13 @@ tools built on top of them. Per-layer telemetry (batch statistics, drift from th
 ones) is in `bnjax.diagnostics`.
 """
 
+from bnjax.lifecycle.averaging import (
+    AveragedState,
+    Averager,
+    averaged_variables,
+    ema,
+    swa,
+)
 from bnjax.lifecycle.checkpoint_reading import UnverifiedCheckpointWarning, load_checkpoint
 from bnjax.lifecycle.domains import select_domain
 from bnjax.lifecycle.folded_model import FoldedModel, fold_model
@@ -55,6 +64,8 @@ from bnjax.lifecycle.recalibration import (
 from bnjax.lifecycle.validation import LayerReport, ValidationReport, validate_statistics
 
 __all__ = [
+    "AveragedState",
+    "Averager",
     "FoldPlan",
     "FoldedModel",
     "LayerInput",
@@ -63,7 +74,9 @@ __all__ = [
     "UnverifiedCheckpointWarning",
     "ValidationReport",
     "accumulate",
+    "averaged_variables",
     "bn_param_labels",
+    "ema",
     "empty_totals",
     "evaluation_affine",
     "fold",
@@ -82,6 +95,7 @@ __all__ = [
     "recalibrate_states",
     "reset_statistics",
     "select_domain",
+    "swa",
     "trace_pairs",
     "trainable_filter",
     "unfreeze",
