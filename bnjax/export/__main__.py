@@ -9,8 +9,8 @@ Export rebuilds the run's model from ``WD/config.json``, restores the newest rea
 without batch norm is exported as it is), writes the artifact and verifies it on
 ``--examples`` held-out inputs of the run's dataset; the fold report and the checks are
 printed. ``--averaged`` exports the run's averaged model instead (``config.ema_decay > 0``,
-with its averaged batch statistics). A newest checkpoint that does not restore (truncated files, a missing checksum
-manifest) is passed over with a ``note:`` line, as a resumed training run does; an unreadable
+with its averaged batch statistics). A newest checkpoint that does not restore (truncated
+files, a missing checksum manifest) is passed over with a ``note:`` line, as a resumed training run does; an unreadable
 ``--step`` is an error. ``--out`` must not be the workdir, a directory above it, or an existing
 path inside it, and ``--overwrite`` replaces only an existing serving artifact.
 
@@ -84,7 +84,8 @@ def _check_out(workdir: str, out: str) -> None:
 
 def export_command(value: dict) -> int:
     """The export command for flag `value`s {workdir, out, format, step, examples, rtol,
-    overwrite, averaged (optional)}: prints the fold report and the checks; returns (or exits with) the status."""
+    overwrite, averaged (optional)}: prints the fold report and the checks; returns (or exits
+    with) the status."""
     workdir, out = value["workdir"], value["out"]
     if not workdir or not out:
         fail("export needs --workdir and --out (or: python -m bnjax.export verify ARTIFACT).")
