@@ -10,9 +10,10 @@ without batch norm is exported as it is), writes the artifact and verifies it on
 ``--examples`` held-out inputs of the run's dataset; the fold report and the checks are
 printed. ``--averaged`` exports the run's averaged model instead (``config.ema_decay > 0``,
 with its averaged batch statistics). A newest checkpoint that does not restore (truncated
-files, a missing checksum manifest) is passed over with a ``note:`` line, as a resumed training run does; an unreadable
-``--step`` is an error. ``--out`` must not be the workdir, a directory above it, or an existing
-path inside it, and ``--overwrite`` replaces only an existing serving artifact.
+files, a missing checksum manifest) is passed over with a ``note:`` line, as a resumed
+training run does; an unreadable ``--step`` is an error. ``--out`` must not be the workdir, a
+directory above it, or an existing path inside it, and ``--overwrite`` replaces only an
+existing serving artifact.
 
 Verify runs the checks of `bnjax.export.verify` from the artifact's files; ``--rtol`` raises
 the tolerance ceiling (default `bnjax.export.DEFAULT_RTOL`) for an artifact exported with a
