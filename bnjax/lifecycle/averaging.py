@@ -76,6 +76,11 @@ class AveragedState(NamedTuple):
       model without them.
     count: int32 scalar, the updates (EMA) or snapshots (SWA) folded in so far.
     step: int32 scalar, the calls to ``update`` so far (SWA folds in every `every`-th).
+
+    Example:
+      >>> average = swa(every=2).init({"params": {"w": jnp.zeros(3)}, "batch_stats": {}})
+      >>> average.params["w"].shape, int(average.count), int(average.step)
+      ((3,), 0, 0)
     """
 
     params: Any
@@ -86,7 +91,16 @@ class AveragedState(NamedTuple):
 
 class Averager(NamedTuple):
     """``init(variables) -> AveragedState`` and ``update(average, variables) -> AveragedState``
-    (pure, jittable), as made by `ema` and `swa`."""
+    (pure, jittable), as made by `ema` and `swa`.
+
+    Example:
+      >>> averager = ema(0.9)
+      >>> update = jax.jit(averager.update)
+      >>> average = averager.init({"params": {"w": jnp.ones(2)}})
+      >>> average = update(average, {"params": {"w": jnp.zeros(2)}})
+      >>> [round(v, 4) for v in average.params["w"].tolist()]
+      [0.9, 0.9]
+    """
 
     init: Callable[[Mapping[str, Any]], AveragedState]
     update: Callable[[AveragedState, Mapping[str, Any]], AveragedState]
