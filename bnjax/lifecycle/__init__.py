@@ -9,8 +9,9 @@
   bundled models' layer names; `fold_model` folds any linen or nnx model, with the pairs
   `trace_pairs` reads from the traced computation (`bnjax.export` writes it for serving);
   `select_domain` turns one domain of a domain batch norm into a plain batch norm to fold.
-- `ema`, `swa`, `averaged_variables`: averaged models (EMA, Polyak, SWA) whose batch
-  statistics are averaged alongside the weights or recalibrated for the averaged weights.
+- `ema`, `swa`, `averaged_variables` (linen), `nnx_variables` / `averaged_nnx` (nnx): averaged
+  models (EMA, Polyak, SWA) whose batch statistics are averaged alongside the weights or
+  recalibrated for the averaged weights.
 - `validate_statistics`, `load_checkpoint` and ``python -m bnjax.lifecycle validate DIR``:
   missing, non-finite, negative, never-updated or mis-shaped statistics; checkpoints of
   `bnjax.train.Checkpointer` read back through their checksums, whatever the path names.
@@ -24,8 +25,10 @@ ones) is in `bnjax.diagnostics`.
 from bnjax.lifecycle.averaging import (
     AveragedState,
     Averager,
+    averaged_nnx,
     averaged_variables,
     ema,
+    nnx_variables,
     swa,
 )
 from bnjax.lifecycle.checkpoint_reading import UnverifiedCheckpointWarning, load_checkpoint
@@ -74,6 +77,7 @@ __all__ = [
     "UnverifiedCheckpointWarning",
     "ValidationReport",
     "accumulate",
+    "averaged_nnx",
     "averaged_variables",
     "bn_param_labels",
     "ema",
@@ -88,6 +92,7 @@ __all__ = [
     "layer_epsilons",
     "layer_input_moments",
     "load_checkpoint",
+    "nnx_variables",
     "pair_by_name",
     "population_state",
     "recalibrate",

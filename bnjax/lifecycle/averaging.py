@@ -22,6 +22,10 @@ The averagers are optax-style pairs of pure functions over linen variables:
     eval_variables = averaged_variables(model, average, statistics="recalibrate",
                                         batches=batches)
 
+For nnx, average ``nnx_variables(model)`` (its ``nnx.Param`` and ``nnx.BatchStat`` state) and
+get the averaged model back with ``averaged_nnx(model, average, ...)`` (a copy; the model is
+left as it is; "recalibrate" through `bnjax.lifecycle.recalibrate_nnx`).
+
 EMA, decay d in [0, 1), starting from the variables given to `init`:
 
     avg_t = d_t * avg_{t-1} + (1 - d_t) * w_t,   d_t = d, or with ``warmup=True``
@@ -51,15 +55,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
-from bnjax.lifecycle.recalibration import recalibrate
+from bnjax.lifecycle.recalibration import recalibrate, recalibrate_nnx
 
 __all__ = [
     "STATISTICS",
     "AveragedState",
     "Averager",
+    "averaged_nnx",
     "averaged_variables",
     "ema",
+    "nnx_variables",
     "swa",
 ]
 
@@ -224,6 +231,36 @@ def swa(*, every: int = 1) -> Averager:
     return Averager(_init, update)
 
 
+def _averaged(average, statistics: str) -> dict:
+    """The average's variables ({"params", "batch_stats"}), after checking the arguments:
+    `statistics` known, and statistics to recalibrate where "recalibrate" asks for it."""
+    if not isinstance(average, AveragedState):
+        raise TypeError(
+            f"`average` must be an AveragedState (from ema(...).init / swa(...).init), got "
+            f"{type(average).__name__}."
+        )
+    if statistics not in STATISTICS:
+        raise ValueError(f"`statistics`={statistics!r} must be one of {STATISTICS}.")
+    variables = {"params": average.params}
+    if average.batch_stats is not None:
+        variables["batch_stats"] = average.batch_stats
+    elif statistics == "recalibrate":
+        raise ValueError(
+            "`statistics`='recalibrate': the averaged model has no batch statistics (no "
+            "'batch_stats' in the variables given to `init`); use statistics='average', "
+            "which returns its parameters."
+        )
+    return variables
+
+
+def _check_batches(batches) -> None:
+    if batches is None:
+        raise ValueError(
+            "`statistics`='recalibrate' needs `batches`: a few batches of model inputs (e.g. "
+            "[b['image'] for b in training batches]); or use statistics='average'."
+        )
+
+
 def averaged_variables(
     model: nn.Module | None,
     average: AveragedState,
@@ -264,30 +301,10 @@ def averaged_variables(
       >>> bool(jnp.allclose(fresh["batch_stats"]["norm0"]["var"], bn_input.var(0), rtol=1e-4))
       True
     """
-    if not isinstance(average, AveragedState):
-        raise TypeError(
-            f"`average` must be an AveragedState (from ema(...).init / swa(...).init), got "
-            f"{type(average).__name__}."
-        )
-    if statistics not in STATISTICS:
-        raise ValueError(f"`statistics`={statistics!r} must be one of {STATISTICS}.")
-    variables = {"params": average.params}
-    if average.batch_stats is None:
-        if statistics == "recalibrate":
-            raise ValueError(
-                "`statistics`='recalibrate': the averaged model has no batch statistics (no "
-                "'batch_stats' in the variables given to `init`); use statistics='average', "
-                "which returns its parameters."
-            )
-        return variables  # no batch norms: nothing to choose
-    variables["batch_stats"] = average.batch_stats
-    if statistics == "average":
+    variables = _averaged(average, statistics)
+    if statistics == "average" or "batch_stats" not in variables:
         return variables
-    if batches is None:
-        raise ValueError(
-            "`statistics`='recalibrate' needs `batches`: a few batches of model inputs (e.g. "
-            "[b['image'] for b in training batches]); or use statistics='average'."
-        )
+    _check_batches(batches)
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"`statistics`='recalibrate' needs the linen `model`, got {type(model).__name__}."
@@ -300,6 +317,75 @@ def averaged_variables(
         num_batches=num_batches,
         apply_kwargs={"train": False} if apply_kwargs is None else apply_kwargs,
         rngs=rngs,
+        axis_name=axis_name,
+        jit=jit,
+    )
+
+
+def nnx_variables(model: nnx.Module) -> dict:
+    """An nnx model's variables in the form the averagers take: ``{"params": its nnx.Param
+    state, "batch_stats": its nnx.BatchStat state}`` ('batch_stats' absent when it has none).
+
+    Example:
+      >>> rngs = nnx.Rngs(0)
+      >>> model = nnx.Sequential(nnx.Linear(3, 2, rngs=rngs), nnx.BatchNorm(2, rngs=rngs))
+      >>> sorted(nnx_variables(model))
+      ['batch_stats', 'params']
+    """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"`model` must be an nnx Module, got {type(model).__name__}.")
+    variables = {"params": nnx.state(model, nnx.Param)}
+    stats = nnx.state(model, nnx.BatchStat)
+    if jax.tree.leaves(stats):
+        variables["batch_stats"] = stats
+    return variables
+
+
+def averaged_nnx(
+    model: nnx.Module,
+    average: AveragedState,
+    *,
+    statistics: str = "average",
+    batches: Iterable | None = None,
+    mode: str = "train",
+    num_batches: int | None = None,
+    forward: Callable[[nnx.Module, Any], Any] | None = None,
+    axis_name=None,
+    jit: bool = True,
+) -> nnx.Module:
+    """A copy of the nnx `model` holding the averaged parameters and, as `statistics` says,
+    the averaged batch statistics or exact population statistics of the averaged weights
+    (`recalibrate_nnx` over `batches`; the other options as there). `average` is from an
+    averager's ``init(nnx_variables(model))``. `model` itself is left unchanged.
+
+    Example:
+      >>> rngs = nnx.Rngs(0)
+      >>> model = nnx.Sequential(nnx.Linear(3, 2, rngs=rngs), nnx.BatchNorm(2, rngs=rngs))
+      >>> averager = ema(0.9)
+      >>> average = averager.update(averager.init(nnx_variables(model)), nnx_variables(model))
+      >>> x = jax.random.normal(jax.random.key(0), (32, 3))
+      >>> averaged = averaged_nnx(model, average, statistics="recalibrate", batches=[x])
+      >>> bn_input = averaged.layers[0](x)
+      >>> bool(jnp.allclose(averaged.layers[1].var[...], bn_input.var(0), rtol=1e-4))
+      True
+    """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"`model` must be an nnx Module, got {type(model).__name__}.")
+    variables = _averaged(average, statistics)
+    copy = nnx.clone(model)
+    nnx.update(copy, variables["params"])
+    if "batch_stats" not in variables:
+        return copy
+    nnx.update(copy, variables["batch_stats"])
+    if statistics == "average":
+        return copy
+    _check_batches(batches)
+    return recalibrate_nnx(
+        copy,
+        batches,
+        mode=mode,
+        num_batches=num_batches,
+        forward=forward,
         axis_name=axis_name,
         jit=jit,
     )

@@ -5,8 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from bnjax import lifecycle
+from bnjax import nnx as bnnx
 from tests.lifecycle.helpers import BATCHES, initialised
 
 EPS = 1e-5
@@ -203,3 +205,48 @@ def test_bad_input_is_refused_naming_the_argument():
     plain = lifecycle.ema(0.9).init({"params": variables["params"]})
     with pytest.raises(ValueError, match="no batch statistics"):
         lifecycle.averaged_variables(model, plain, statistics="recalibrate", batches=BATCHES)
+
+
+def test_nnx_averaged_model_recalibrated_to_its_exact_population_statistics():
+    rngs = nnx.Rngs(0)
+    model = nnx.Sequential(
+        nnx.Linear(3, 4, rngs=rngs),
+        bnnx.BatchNorm(4, track_counters=True, rngs=rngs),
+        nnx.relu,
+        nnx.Linear(4, 5, rngs=rngs),
+        bnnx.BatchNorm(5, rngs=rngs),
+    )
+    x = np.asarray(jax.random.normal(jax.random.key(3), (64, 3))) * 2.0 + 1.0
+    batches = [x[:32], x[32:]]
+    averager = lifecycle.ema(0.5)
+    start = lifecycle.nnx_variables(model)
+    average = averager.init(start)
+    snapshots = _snapshots(start, 3, seed=4)
+    for snapshot in snapshots:
+        average = averager.update(average, snapshot)
+    kernel0 = np.asarray(model.layers[0].kernel[...])
+    averaged = lifecycle.averaged_nnx(model, average)
+    want = _ema_reference(start, snapshots, 0.5, warmup=False)
+    chex.assert_trees_all_close(
+        _floats64(nnx.state(averaged, nnx.Param)), want["params"], rtol=1e-6, atol=1e-6
+    )
+    fresh = lifecycle.averaged_nnx(model, average, statistics="recalibrate", batches=batches)
+    p = _floats64({"w0": fresh.layers[0].kernel[...], "b0": fresh.layers[0].bias[...]})
+    p |= _floats64({"s": fresh.layers[1].scale[...], "c": fresh.layers[1].bias[...]})
+    p |= _floats64({"w1": fresh.layers[3].kernel[...], "b1": fresh.layers[3].bias[...]})
+    first, second = [], []
+    for batch in batches:  # training mode, batch statistics, in float64
+        h = np.asarray(batch, np.float64) @ p["w0"] + p["b0"]
+        first.append(h)
+        h = np.maximum((h - h.mean(0)) / np.sqrt(h.var(0) + EPS) * p["s"] + p["c"], 0.0)
+        second.append(h @ p["w1"] + p["b1"])
+    for layer, values in ((fresh.layers[1], first), (fresh.layers[4], second)):
+        values = np.concatenate(values)
+        np.testing.assert_allclose(layer.mean[...], values.mean(0), rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(layer.var[...], values.var(0), rtol=2e-5)
+    assert int(fresh.layers[1].count[...]) == 2
+    np.testing.assert_array_equal(model.layers[0].kernel[...], kernel0)  # model untouched
+    with pytest.raises(TypeError, match="nnx Module"):
+        lifecycle.averaged_nnx({"params": {}}, average)
+    with pytest.raises(ValueError, match="needs `batches`"):
+        lifecycle.averaged_nnx(model, average, statistics="recalibrate")
