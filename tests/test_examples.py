@@ -72,6 +72,7 @@ MODULES = [
     "bnjax.checkpoints.checkpointer",
     "bnjax.checkpoints.orbax_noise",
     "bnjax.lifecycle._backends",
+    "bnjax.lifecycle.averaging",
     "bnjax.lifecycle.checkpoint_reading",
     "bnjax.lifecycle.domains",
     "bnjax.lifecycle.folded_model",

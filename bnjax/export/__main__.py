@@ -1,17 +1,19 @@
 """Command line: export a training run for serving, or verify an artifact.
 
     python -m bnjax.export --workdir=WD --format=stablehlo|onnx --out=PATH [--step=N]
-        [--examples=16] [--rtol=1e-4] [--overwrite]
+        [--examples=16] [--rtol=1e-4] [--overwrite] [--averaged]
     python -m bnjax.export verify ARTIFACT [--rtol=R]
 
 Export rebuilds the run's model from ``WD/config.json``, restores the newest readable (or the
 ``--step``) checkpoint, folds every batch norm it can (`bnjax.lifecycle.fold_model`; a model
 without batch norm is exported as it is), writes the artifact and verifies it on
 ``--examples`` held-out inputs of the run's dataset; the fold report and the checks are
-printed. A newest checkpoint that does not restore (truncated files, a missing checksum
-manifest) is passed over with a ``note:`` line, as a resumed training run does; an unreadable
-``--step`` is an error. ``--out`` must not be the workdir, a directory above it, or an existing
-path inside it, and ``--overwrite`` replaces only an existing serving artifact.
+printed. ``--averaged`` exports the run's averaged model instead (``config.ema_decay > 0``,
+with its averaged batch statistics). A newest checkpoint that does not restore (truncated
+files, a missing checksum manifest) is passed over with a ``note:`` line, as a resumed
+training run does; an unreadable ``--step`` is an error. ``--out`` must not be the workdir, a
+directory above it, or an existing path inside it, and ``--overwrite`` replaces only an
+existing serving artifact.
 
 Verify runs the checks of `bnjax.export.verify` from the artifact's files; ``--rtol`` raises
 the tolerance ceiling (default `bnjax.export.DEFAULT_RTOL`) for an artifact exported with a
@@ -45,6 +47,9 @@ def _define_flags():
         "examples": flags.DEFINE_integer("examples", 16, "held-out inputs to calibrate on"),
         "rtol": flags.DEFINE_float("rtol", 1e-4, "tolerance, a fraction of the output scale"),
         "overwrite": flags.DEFINE_bool("overwrite", False, "replace an existing --out"),
+        "averaged": flags.DEFINE_bool(
+            "averaged", False, "export the run's averaged (EMA) model (config.ema_decay > 0)"
+        ),
     }
 
 
@@ -80,7 +85,8 @@ def _check_out(workdir: str, out: str) -> None:
 
 def export_command(value: dict) -> int:
     """The export command for flag `value`s {workdir, out, format, step, examples, rtol,
-    overwrite}: prints the fold report and the checks; returns (or exits with) the status."""
+    overwrite, averaged (optional)}: prints the fold report and the checks; returns (or exits
+    with) the status."""
     workdir, out = value["workdir"], value["out"]
     if not workdir or not out:
         fail("export needs --workdir and --out (or: python -m bnjax.export verify ARTIFACT).")
@@ -96,7 +102,12 @@ def export_command(value: dict) -> int:
         with warnings.catch_warnings(record=True) as notes:
             warnings.simplefilter("always", CheckpointWarning)
             try:
-                run = load_workdir(workdir, step=value["step"], examples=value["examples"])
+                run = load_workdir(
+                    workdir,
+                    step=value["step"],
+                    examples=value["examples"],
+                    averaged=value.get("averaged", False),
+                )
             finally:
                 for note in notes:
                     print(f"note: {' '.join(str(note.message).split())}", file=sys.stderr)

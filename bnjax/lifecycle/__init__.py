@@ -13,6 +13,9 @@
   adaptation to a shifted test stream as pure step functions (`METHODS`: source, test-batch
   statistics, online AdaBN, TENT, DELTA's TBR and DOT); `adapt_statistics`: offline AdaBN
   with a source-to-target blend.
+- `ema`, `swa`, `averaged_variables` (linen), `nnx_variables` / `averaged_nnx` (nnx): averaged
+  models (EMA, Polyak, SWA) whose batch statistics are averaged alongside the weights or
+  recalibrated for the averaged weights.
 - `validate_statistics`, `load_checkpoint` and ``python -m bnjax.lifecycle validate DIR``:
   missing, non-finite, negative, never-updated or mis-shaped statistics; checkpoints of
   `bnjax.train.Checkpointer` read back through their checksums, whatever the path names.
@@ -36,6 +39,14 @@ from bnjax.lifecycle.adaptation_models import (
     adapter,
     adapter_nnx,
     blend_statistics,
+from bnjax.lifecycle.averaging import (
+    AveragedState,
+    Averager,
+    averaged_nnx,
+    averaged_variables,
+    ema,
+    nnx_variables,
+    swa,
 )
 from bnjax.lifecycle.checkpoint_reading import UnverifiedCheckpointWarning, load_checkpoint
 from bnjax.lifecycle.domains import select_domain
@@ -76,6 +87,8 @@ __all__ = [
     "METHODS",
     "AdaptationState",
     "Adapter",
+    "AveragedState",
+    "Averager",
     "FoldPlan",
     "FoldedModel",
     "LayerInput",
@@ -90,7 +103,10 @@ __all__ = [
     "adapter_nnx",
     "balanced_entropy_loss",
     "blend_statistics",
+    "averaged_nnx",
+    "averaged_variables",
     "bn_param_labels",
+    "ema",
     "empty_totals",
     "entropy_loss",
     "evaluation_affine",
@@ -103,6 +119,7 @@ __all__ = [
     "layer_epsilons",
     "layer_input_moments",
     "load_checkpoint",
+    "nnx_variables",
     "pair_by_name",
     "population_state",
     "recalibrate",
@@ -110,6 +127,7 @@ __all__ = [
     "recalibrate_states",
     "reset_statistics",
     "select_domain",
+    "swa",
     "trace_pairs",
     "trainable_filter",
     "unfreeze",

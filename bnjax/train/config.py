@@ -11,6 +11,7 @@ from typing import Any
 
 from bnjax.data import DATASETS, GROUPINGS, SAMPLERS
 from bnjax.models import BATCH_STATISTICS_NORMS, CONVS, DENSE_MODELS, MODELS, NORMS, layer_widths
+from bnjax.train.averaged_model import EMA_STATISTICS
 from bnjax.train.defaults import DESCRIPTIONS
 from bnjax.train.optim import OPTIMIZERS, SCHEDULES
 
@@ -92,6 +93,7 @@ def check_config(config, num_devices: int) -> None:
         if value is not None and not valid(value):
             raise ValueError(f"config.{key}={value!r} is invalid; expected {expected}.")
     _check_conv(config)
+    _check_ema(config)
     if config.batch_size % num_devices:
         raise ValueError(
             f"config.batch_size={config.batch_size} must divide evenly over the "
@@ -146,6 +148,26 @@ def _check_conv(config) -> None:
         raise ValueError(
             f"config.conv={conv!r} needs convolutions; config.model={config.model!r} has none "
             f"(use 'small_cnn', 'resnet20' or 'resnet18', or config.conv='plain')."
+        )
+
+
+def _check_ema(config) -> None:
+    """The averaged model's keys (absent in configs saved before them: off)."""
+    decay = config.get("ema_decay", 0.0)
+    if not _non_negative_number(decay) or decay >= 1:
+        raise ValueError(
+            f"config.ema_decay={decay!r} is invalid; expected a decay in [0, 1) (0: no averaged "
+            "model; e.g. 0.99)."
+        )
+    statistics = config.get("ema_statistics", "average")
+    if statistics not in EMA_STATISTICS:
+        raise ValueError(
+            f"config.ema_statistics={statistics!r} is invalid; expected one of {EMA_STATISTICS}."
+        )
+    batches = config.get("ema_recalibration_batches", 8)
+    if not _positive_int(batches):
+        raise ValueError(
+            f"config.ema_recalibration_batches={batches!r} is invalid; expected a positive int."
         )
 
 

@@ -47,6 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
     config.weight_decay = 5e-4
     config.schedule = "cosine"  # constant | cosine
     config.warmup_steps = 50
+    # Averaged model (bnjax.train.averaged_model): an EMA of the weights, evaluated and
+    # checkpointed beside the trained model; its batch statistics averaged or recalibrated.
+    config.ema_decay = 0.0  # 0: off; e.g. 0.99
+    config.ema_statistics = "average"  # average | recalibrate
+    config.ema_recalibration_batches = 8
     # Devices (bnjax.parallel).
     config.parallel = "jit"  # jit | shard_map | pmap
     config.num_devices = ml_collections.FieldReference(None, field_type=int)  # None: all
@@ -92,6 +97,9 @@ DESCRIPTIONS = {
     "weight_decay": "weight decay on kernels (not on norm scales and biases)",
     "schedule": "learning-rate schedule after warm-up: constant | cosine",
     "warmup_steps": "linear learning-rate warm-up steps",
+    "ema_decay": "decay of an EMA of the weights, evaluated and saved too, in [0, 1) (0: off)",
+    "ema_statistics": "the EMA model's BN statistics: average (with the weights) | recalibrate",
+    "ema_recalibration_batches": "ema_statistics=recalibrate: first training batches it uses",
     "parallel": "jit (sharded batch) | shard_map | pmap",
     "num_devices": "devices to use (None: all)",
     "log_every": "steps between training-metric records",

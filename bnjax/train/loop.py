@@ -58,6 +58,7 @@ import numpy as np
 from bnjax import data, models, parallel
 from bnjax.checkpoints import Checkpointer, CorruptCheckpointError
 from bnjax.progress import Progress
+from bnjax.train.averaged_model import AVERAGE, add_average, averaged_eval_state
 from bnjax.train.config import check_config
 from bnjax.train.interrupts import StopOnSignal, TrainingInterrupted
 from bnjax.train.metrics import MetricWriter
@@ -315,6 +316,41 @@ def evaluate(eval_step, state, test: data.Dataset, batch_size: int, mesh=None) -
     }
 
 
+def _averaged_model_evaluation(config, eval_model, train, sampler):
+    """`evaluate_average(eval_step, state, test, mesh)`: `evaluate`'s metrics of the averaged
+    model ('eval/ema_accuracy_running_stats', with the statistics of config.ema_statistics;
+    'eval/ema_accuracy_batch_stats'; its non-finite output counts), for a state holding one.
+
+    'recalibrate' uses the first config.ema_recalibration_batches training batches (epoch 0,
+    the sampler's order): always the same ones, so an evaluation is a pure function of the
+    state, as a resumed run's rebuilt record needs.
+    """
+    statistics = config.get("ema_statistics", "average")
+    if statistics == "recalibrate" and jax.process_count() > 1:
+        raise ValueError(
+            "config.ema_statistics='recalibrate' runs on one process (each process holds "
+            "only its rows of the training batches); use config.ema_statistics='average'."
+        )
+    recalibration_batches = []
+
+    def evaluate_average(eval_step, state, test, mesh) -> dict[str, float]:
+        if statistics == "recalibrate" and not recalibration_batches:
+            count = config.get("ema_recalibration_batches", 8)
+            stream = _training_batches(train, sampler, 0)
+            recalibration_batches.extend(b["image"] for b in itertools.islice(stream, count))
+        view = averaged_eval_state(
+            eval_model, state, statistics=statistics, batches=recalibration_batches
+        )
+        metrics = evaluate(eval_step, view, test, config.eval_batch_size, mesh)
+        return {
+            name.replace("eval/", "eval/ema_", 1): value
+            for name, value in metrics.items()
+            if name not in ("eval/examples", "eval/nonfinite_inputs")  # the same as the model's
+        }
+
+    return evaluate_average
+
+
 def _training_batches(train, sampler, start_step: int):
     """This process's batches from step `start_step` on (epoch, then offset in the epoch)."""
     epoch, offset = divmod(start_step, sampler.num_batches)
@@ -428,7 +464,7 @@ def _print_line(step: int, num_steps: int, scalars: dict, started: float) -> Non
     shown = " ".join(
         f"{name.split('/')[-1] if name.startswith('eval/') else name}={value:.4f}"
         for name, value in scalars.items()
-        if name in ("loss", "accuracy") or name.startswith("eval/accuracy")
+        if name in ("loss", "accuracy") or name.startswith(("eval/accuracy", "eval/ema_accuracy"))
     )
     print(
         f"step {step:>6}/{num_steps}  {shown}  ({time.perf_counter() - started:.0f} s)", flush=True
@@ -575,17 +611,28 @@ def train_and_evaluate(
     mesh, axis_name = _mesh_and_axis(config)
     model_options = model_settings(config, train.num_classes)
     model = make_model(**model_options, axis_name=axis_name)
+    ema_decay = config.get("ema_decay", 0.0)
     train_step = make_train_step(
-        model, optimizer, telemetry=config.get("telemetry", True), check_finite=True
+        model,
+        optimizer,
+        telemetry=config.get("telemetry", True),
+        check_finite=True,
+        ema_decay=ema_decay,
     )
     run = _runner(config, mesh, train_step)
     eval_model = make_model(**model_options, for_training=False)
     eval_step = make_eval_step(eval_model)
 
-    state = initial_state(eval_model, optimizer, train.images[:2], config.seed)
+    state = add_average(
+        initial_state(eval_model, optimizer, train.images[:2], config.seed), ema_decay
+    )
+    evaluate_average = _averaged_model_evaluation(config, eval_model, train, sampler)
 
     def evaluate_state(state) -> dict[str, float]:
-        return evaluate(eval_step, state, test, config.eval_batch_size, mesh)
+        metrics = evaluate(eval_step, state, test, config.eval_batch_size, mesh)
+        if AVERAGE in state:
+            metrics.update(evaluate_average(eval_step, state, test, mesh))
+        return metrics
 
     lock = WorkdirLock(workdir, jax.process_index())
     try:

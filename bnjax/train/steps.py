@@ -4,7 +4,8 @@ The state is a plain dict pytree, so it checkpoints as is:
 
     {"step": int32 scalar, "params": ..., "batch_stats": ..., "opt_state": ...}
 
-('batch_stats' is absent for norms without running statistics.) One
+('batch_stats' is absent for norms without running statistics; with an averaged model, the
+key 'ema' holds it: `bnjax.train.averaged_model`, updated by the step with `ema_decay` > 0.) One
 `train_step(state, batch, axis_name)` serves every parallel mode of `bnjax.parallel`: under
 `jit` (`axis_name=None`) batch norm's statistics are global by construction; under `shard_map`
 or `pmap` the model's norms sync over `axis_name` and the gradient is averaged over devices.
@@ -27,6 +28,7 @@ from jax import lax
 
 from bnjax import RenormSchedule, diagnostics, models, parallel
 from bnjax import linen as bnn
+from bnjax.train.averaged_model import update_average
 
 STATE_COLLECTIONS = ("batch_stats",)
 
@@ -212,6 +214,7 @@ def make_train_step(
     *,
     telemetry: bool = False,
     check_finite: bool = False,
+    ema_decay: float = 0.0,
 ):
     """`train_step(state, batch, axis_name) -> (state, metrics)` for `bnjax.parallel`.
 
@@ -220,7 +223,10 @@ def make_train_step(
     non-finite batch statistics ('bn/<layer>/nonfinite': > 0 means the layer skipped this
     batch's update) and, for layers that keep counters, its skipped-update count, from
     `bnjax.diagnostics` (jit mode only: under shard_map/pmap they would differ per device),
-    and with `check_finite` the `FINITE_CHECK` flags (the same on every device).
+    and with `check_finite` the `FINITE_CHECK` flags (the same on every device). With
+    `ema_decay` > 0 and a state holding an averaged model ('ema', from
+    `bnjax.train.averaged_model.add_average`) the step moves that average toward its new
+    parameters and statistics (`bnjax.lifecycle.ema`).
 
     Everything the step computes passes through `model.apply` (the forward pass) and
     `optimizer.update` (the gradient in, the parameters' change out): code that measures
@@ -276,6 +282,10 @@ def make_train_step(
             opt_state=opt_state,
         )
         new_state.update({c: updates[c] for c in STATE_COLLECTIONS if c in state})
+        if ema_decay:
+            # After the update: the average follows the weights (and synced statistics) that
+            # every device holds alike, so it is the same on every device too.
+            new_state = update_average(new_state, ema_decay)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         if axis_name is not None:
             accuracy = lax.pmean(accuracy, axis_name)

@@ -23,6 +23,7 @@ import numpy as np
 
 from bnjax import data, models
 from bnjax.checkpoints import Checkpointer, CheckpointMismatchError, root_cause
+from bnjax.train.averaged_model import AVERAGE, averaged_eval_state
 from bnjax.train.loop import model_settings
 from bnjax.train.steps import STATE_COLLECTIONS, make_model
 from bnjax.train.workdir import CONFIG_FILE, load_config
@@ -60,8 +61,14 @@ def _restore_step(checkpointer: Checkpointer, step: int, directory: str, steps: 
         ) from None
 
 
-def load_workdir(workdir: str, *, step: int | None = None, examples: int = 16) -> TrainedRun:
+def load_workdir(
+    workdir: str, *, step: int | None = None, examples: int = 16, averaged: bool = False
+) -> TrainedRun:
     """Restores the run in `workdir` (the newest step unless `step`) for export.
+
+    With `averaged` the variables are those of the run's averaged model (``config.ema_decay >
+    0``: the checkpoint's 'ema', with its averaged batch statistics) instead of the trained
+    ones; a ValueError when the run kept none.
 
     Raises FileNotFoundError when `workdir` holds no config.json or no readable checkpoint,
     and ValueError when the requested `step` does not restore or the checkpoint lacks the
@@ -101,8 +108,16 @@ def load_workdir(workdir: str, *, step: int | None = None, examples: int = 16) -
             state = _restore_step(checkpointer, step, directory, steps)
     finally:
         checkpointer.close()
-    variables = {"params": state["params"]}
-    variables.update({c: state[c] for c in STATE_COLLECTIONS if c in state})
+    if averaged:
+        if AVERAGE not in state:
+            raise ValueError(
+                f"step {step} of {directory} holds no averaged model: the run trained with "
+                "config.ema_decay=0; export it without --averaged."
+            )
+        variables = averaged_eval_state(model, state)
+    else:
+        variables = {"params": state["params"]}
+        variables.update({c: state[c] for c in STATE_COLLECTIONS if c in state})
     if config.norm in models.BATCH_STATISTICS_NORMS and "batch_stats" not in variables:
         raise ValueError(
             f"step {step} of {directory} has no 'batch_stats': the running statistics the "

@@ -59,13 +59,21 @@ BOOKKEEPING_KEYS = frozenset(
         "keep_checkpoints",
         "progress",
         "telemetry",
+        # How the averaged model is evaluated, not what is trained.
+        "ema_statistics",
+        "ema_recalibration_batches",
     }
 )
 
 # Keys added to the training config after runs were saved without them: a saved config that
 # lacks one trained with the value given here (the behaviour before the key existed), so
 # resuming such a run with that value is no change.
-ADDED_KEY_DEFAULTS = {"conv": "plain"}
+ADDED_KEY_DEFAULTS = {
+    "conv": "plain",
+    "ema_decay": 0.0,
+    "ema_statistics": "average",
+    "ema_recalibration_batches": 8,
+}
 
 
 class WorkdirBusyError(RuntimeError):

@@ -129,6 +129,8 @@ def _command(workdir, steps):
         "--config.eval_every=1000",
         "--config.log_every=5",
         "--config.num_devices=1",
+        # An averaged model in the state: its average must resume bit for bit too.
+        "--config.ema_decay=0.9",
     ]
 
 
@@ -178,6 +180,7 @@ def test_killed_runs_resume_to_the_bit_identical_final_state(tmp_path):
     whole_step, whole = _final_state(tmp_path / "whole")
     killed_step, resumed = _final_state(tmp_path / "killed")
     assert whole_step == killed_step == steps
+    assert "ema" in whole  # the averaged model is part of what must resume bit for bit
     chex.assert_trees_all_equal(resumed, whole)  # bitwise
     steps_logged = [
         json.loads(line)["step"] for line in open(tmp_path / "killed" / "metrics.jsonl")
