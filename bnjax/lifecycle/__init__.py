@@ -39,6 +39,7 @@ from bnjax.lifecycle.adaptation_models import (
     adapter,
     adapter_nnx,
     blend_statistics,
+)
 from bnjax.lifecycle.averaging import (
     AveragedState,
     Averager,
@@ -101,10 +102,10 @@ __all__ = [
     "adapter",
     "adapter_from_forward",
     "adapter_nnx",
-    "balanced_entropy_loss",
-    "blend_statistics",
     "averaged_nnx",
     "averaged_variables",
+    "balanced_entropy_loss",
+    "blend_statistics",
     "bn_param_labels",
     "ema",
     "empty_totals",
