@@ -18,7 +18,12 @@ DOCS = ROOT / "docs"
 DOC_FILES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 # Pages deliberately left out of the nav: the study's generated table and claim verdicts, linked
 # from study.md.
-NOT_IN_NAV = {"study/table.md", "study/verdicts.md"}
+NOT_IN_NAV = {
+    "study/table.md",
+    "study/verdicts.md",
+    "adaptation/table.md",
+    "adaptation/against_source.md",
+}
 
 
 def _nav_pages(entries) -> list[str]:

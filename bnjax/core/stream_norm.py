@@ -98,6 +98,11 @@ def _feature_shape(num_features: int | Sequence[int]) -> tuple[int, ...]:
 def stream_renorm_state(num_features: int | Sequence[int], dtype=None) -> StreamRenormState:
     """An uninitialized state: the first batch's statistics become mu_ema and sigma_ema (DELTA).
 
+    Example:
+      >>> state = stream_renorm_state(3)
+      >>> state.mean.shape, int(state.count)
+      ((3,), 0)
+
     Args:
       num_features: channels C, or the feature shape for several feature axes.
       dtype: statistics dtype, float32 by default (float64 under x64).
@@ -113,6 +118,11 @@ def stream_renorm_state_from(mean, var, *, epsilon: float = 1e-5) -> StreamRenor
 
     Starting from the source statistics (rather than the first test batch, as DELTA does)
     keeps a stream that begins with one class from setting every estimate to that class.
+
+    Example:
+      >>> state = stream_renorm_state_from(jnp.ones(2), jnp.full(2, 3.75), epsilon=0.25)
+      >>> state.mean.tolist(), state.std.tolist()
+      ([1.0, 1.0], [2.0, 2.0])
     """
     mean, var = jnp.asarray(mean), jnp.asarray(var)
     checks.check_floating(mean, "mean")

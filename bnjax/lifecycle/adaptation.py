@@ -108,6 +108,12 @@ class AdaptationState(NamedTuple):
       class_prior: (K,) DOT's moving class frequencies (uniform at the start).
       step: int32, batches seen since the last reset.
       skipped: int32, updates not applied because the loss or a gradient was not finite.
+
+    Example:
+      >>> adapter = adapter_from_forward(lambda p, s, x: (x * p, s), jnp.ones(2), {})
+      >>> state = adapter.init()
+      >>> int(state.step), state.params.tolist()
+      (0, [1.0, 1.0])
     """
 
     params: Any
@@ -126,6 +132,12 @@ class Adapter(NamedTuple):
       step: ``step(state, batch) -> (logits, state)``: predicts `batch`, then adapts.
       reset: ``reset(state) -> AdaptationState``, back to the source (same as `init`).
       method: the method's name (or "custom" from `adapter_from_forward`).
+
+    Example:
+      >>> adapter = adapter_from_forward(lambda p, s, x: (x * p, s), jnp.ones(2), {})
+      >>> logits, state = adapter.step(adapter.init(), jnp.ones((3, 2)))
+      >>> logits.shape, int(state.step), adapter.method
+      ((3, 2), 1, 'custom')
     """
 
     init: Callable[[], AdaptationState]
@@ -135,14 +147,23 @@ class Adapter(NamedTuple):
 
 
 def entropy_loss(logits: Array) -> Array:
-    """Mean prediction entropy of a batch of logits (N, K): TENT's loss."""
+    """Mean prediction entropy of a batch of logits (N, K): TENT's loss.
+
+    Example:
+      >>> round(float(entropy_loss(jnp.zeros((4, 2)))), 4)         # uniform: log 2
+      0.6931"""
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.mean(jnp.sum(jnp.exp(log_p) * log_p, axis=-1))
 
 
 def balanced_entropy_loss(logits: Array, class_prior: Array) -> Array:
     """DOT's class-balanced entropy (module docstring): examples whose predicted class is
-    frequent in the stream so far (`class_prior`, (K,)) weigh less."""
+    frequent in the stream so far (`class_prior`, (K,)) weigh less.
+
+    Example:
+      >>> logits = jnp.zeros((4, 2))
+      >>> round(float(balanced_entropy_loss(logits, jnp.array([0.5, 0.5]))), 4)
+      0.6931"""
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     entropy = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
     class_weight = 1.0 / class_prior

@@ -428,6 +428,17 @@ def adapt_statistics(
 
     Returns:
       New variables with adapted 'batch_stats' (the parameters unchanged).
+
+    Example:
+      >>> from bnjax import models
+      >>> model = models.MLP(features=(4,), num_classes=2)
+      >>> x = jax.random.normal(jax.random.key(0), (32, 3))
+      >>> variables = model.init(jax.random.key(1), x[:2], train=False)
+      >>> target = [x[:16] + 2.0, x[16:] + 2.0]                  # a shifted target domain
+      >>> adapted = adapt_statistics(model, variables, target, apply_kwargs={"train": False})
+      >>> h = (x + 2.0) @ adapted["params"]["dense0"]["kernel"]  # what reaches norm0
+      >>> bool(jnp.allclose(adapted["batch_stats"]["norm0"]["mean"], h.mean(0), atol=1e-4))
+      True
     """
     if not 0.0 <= float(target_weight) <= 1.0:
         raise ValueError(f"`target_weight` must be in [0, 1], got {target_weight!r}.")

@@ -266,6 +266,7 @@ def clean_accuracy(settings: Settings, name: str) -> list[float]:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
+    """Writes the table's rows (`run_table`) as a CSV file with a header."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -274,6 +275,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def read_csv(path: Path) -> list[dict]:
+    """The rows of a `write_csv` file, with numbers as numbers."""
     with Path(path).open() as f:
         rows = list(csv.DictReader(f))
     for row in rows:

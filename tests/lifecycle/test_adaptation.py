@@ -298,7 +298,9 @@ def _blobs(seed, n_per_class=80, shift=0.0):
 def test_delta_does_not_fall_below_the_source_on_a_one_class_stream():
     """The dependent-stream failure in a fixed tiny case: test-batch statistics of one class
     collapse the predictions; DELTA's moving statistics keep (here: improve on) the source's.
-    The 0.02 margin is below the narrowest interval of docs/adaptation/table.md."""
+    The margin, 0.015, is below the narrowest 95% half-width of DELTA's one-class cells in
+    docs/adaptation/table.md (0.018); on clusters at B <= 16 the table shows DELTA below the
+    source model by more than that, which this fixed case does not claim otherwise."""
     model = Tiny()
     x, y = _blobs(0)
     variables = model.init(jax.random.key(0), x[:2])
@@ -333,7 +335,7 @@ def test_delta_does_not_fall_below_the_source_on_a_one_class_stream():
     source = accuracy("source")
     delta = accuracy("delta", optimizer=optax.adam(1e-3), num_classes=3)
     test_batch = accuracy("test_batch")
-    assert delta >= source - 0.02, (delta, source)
+    assert delta >= source - 0.015, (delta, source)
     assert test_batch < source - 0.2, (test_batch, source)  # the case does discriminate
 
 
