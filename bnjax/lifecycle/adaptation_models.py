@@ -80,12 +80,9 @@ def _initial_states(statistics: str, layers: Mapping[str, tuple], options: dict)
 def _normalize(statistics, options, x, state, scale, bias, source, epsilon, axis, mask):
     """(y, new_state) of one batch-norm call under the method's statistics."""
     if statistics == "batch":
-        feature_shape = tuple(scale.shape) if scale is not None else None
-        if feature_shape is None:
-            feature_shape = source[0].shape
         y, _ = batch_norm(
             x,
-            batch_norm_state(feature_shape),
+            batch_norm_state(source[0].shape),  # the source mean has the feature shape
             scale,
             bias,
             training=True,
